@@ -1,0 +1,813 @@
+"""A fake of WeChat's backend HTTP API, served for real on loopback.
+
+Tests point wxgate's ``api_base`` at :attr:`FakeWeChat.url` and talk to it over real sockets,
+so the client's URL building, JSON encoding, timeouts and retries are all exercised; nothing
+patches ``urllib``. The fake follows PROTOCOL.md section 7 and keeps the quirks a client must
+cope with:
+
+- ``GET /cgi-bin/token`` mints a new token on every call; the previous one keeps working for a
+  grace period (5 minutes), then dies.
+- ``POST /cgi-bin/stable_token`` returns the same token until it is 5 minutes from expiry;
+  ``force_refresh`` kills the old token at once, at most 20 times a day, and a force refresh less
+  than 30 s after the last one returns the current token instead.
+- Token and session answers carry no ``errcode`` on success; business answers carry
+  ``errcode: 0``.
+- Business APIs answer 41001 without a token, 40001 for an unknown or dead token, 42001 for an
+  expired one.
+
+Tests steer it with an injectable clock (:class:`FakeClock`) and a few switches
+(:meth:`FakeWeChat.fail_next`, :meth:`FakeWeChat.hang`, :meth:`FakeWeChat.revoke`,
+:attr:`FakeWeChat.reject_all_tokens`), and inspect it through :attr:`FakeWeChat.calls`,
+:attr:`FakeWeChat.token_fetches`, :attr:`FakeWeChat.requests` and the lists of accepted
+messages. Standard library only.
+
+Sections: Constants, Clock, Token records, The fake, HTTP handler.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import http.server
+import json
+import math
+import secrets
+import threading
+import time
+import urllib.parse
+
+__all__ = ["FakeWeChat", "FakeClock", "Request", "DEFAULT_APPID", "DEFAULT_SECRET"]
+
+
+###############################################################################################
+# Constants ###################################################################################
+###############################################################################################
+
+# A well-formed but invented mini program: "wx" and 16 hex digits, a 32-hex-digit AppSecret.
+DEFAULT_APPID = "wxb1a2c3d4e5f60718"
+DEFAULT_SECRET = "0123456789abcdef0123456789abcdef"
+
+TOKEN_PATH = "/cgi-bin/token"
+STABLE_TOKEN_PATH = "/cgi-bin/stable_token"
+CUSTOM_SEND_PATH = "/cgi-bin/message/custom/send"
+TYPING_PATH = "/cgi-bin/message/custom/typing"
+SUBSCRIBE_SEND_PATH = "/cgi-bin/message/subscribe/send"
+CODE2SESSION_PATH = "/sns/jscode2session"
+
+# Fields each customer-service msgtype must carry in the object named after it. [O] KF-SEND
+CUSTOM_MSGTYPES = {
+    "text": ("content",),
+    "image": ("media_id",),
+    "link": ("title", "description", "url", "thumb_url"),
+    "miniprogrampage": ("title", "pagepath", "thumb_media_id"),
+}
+TYPING_COMMANDS = ("Typing", "CancelTyping")
+MINIPROGRAM_STATES = ("developer", "trial", "formal")
+LANGS = ("zh_CN", "en_US", "zh_HK", "zh_TW")
+
+# WeChat's wording, so a client that logs errmsg shows what production would show. The
+# messages on the token endpoints differ from the business ones on purpose: there, 40001
+# means a wrong AppSecret, not a bad token (PROTOCOL.md 7.1).
+ERRMSGS = {
+    -1: "system error",
+    0: "ok",
+    40001: "invalid credential, access_token is invalid or not latest",
+    40002: "invalid grant_type",
+    40003: "invalid openid",
+    40008: "invalid message type",
+    40013: "invalid appid",
+    40014: "invalid access_token",
+    40029: "invalid code",
+    40037: "invalid template_id",
+    40125: "invalid appsecret",
+    40163: "code been used",
+    41001: "access_token missing",
+    41002: "appid missing",
+    41004: "appsecret missing",
+    41008: "missing code",
+    42001: "access_token expired",
+    43001: "require GET method",
+    43002: "require POST method",
+    44004: "empty content",
+    45009: "reach max api daily quota limit",
+    45011: "api minute-quota reach limit  mustslower  retry next minute",
+    45072: "command invalid",
+    47001: "data format error",
+    47003: "argument invalid!",
+}
+TOKEN_SECRET_ERRMSG = "AppSecret error"
+
+# We read at most this much of a request body; the real API's limit is not documented and
+# no test needs more.
+MAX_BODY_BYTES = 1 << 20
+
+# Beijing time, UTC+8: WeChat's daily quotas reset at local midnight (assumed, unverified).
+DAY_OFFSET = 8 * 3600.0
+
+
+###############################################################################################
+# Clock #######################################################################################
+###############################################################################################
+
+
+class FakeClock:
+    """A settable clock to pass as ``clock=``, so tests move time without sleeping.
+
+    Calling it returns the current fake time in seconds since the epoch, like ``time.time``.
+    The default start is a fixed moment (2023-11-14 22:13:20 UTC), so daily quotas and
+    expiry times are the same on every run.
+    """
+
+    def __init__(self, start: float = 1_700_000_000.0):
+        self._now = float(start)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> float:
+        """Move time forward by *seconds* and return the new time."""
+        if seconds < 0:
+            raise ValueError(f"time only moves forward, got {seconds!r}")
+        with self._lock:
+            self._now += seconds
+            return self._now
+
+    def set(self, now: float) -> None:
+        """Jump to *now*; going backwards is allowed, for tests of clock skew."""
+        with self._lock:
+            self._now = float(now)
+
+
+###############################################################################################
+# Token records ###############################################################################
+###############################################################################################
+
+
+class _Token:
+    """One minted access_token and the two ways it stops working.
+
+    ``expires_at`` is its natural end (``expires_in`` after minting): past it WeChat answers
+    42001. ``dies_at`` is when it was replaced or revoked (plus any grace): past it WeChat
+    answers 40001, "not latest". A token never replaced has ``dies_at`` at infinity.
+    """
+
+    __slots__ = ("value", "appid", "kind", "issued_at", "expires_at", "dies_at")
+
+    def __init__(self, value, appid, kind, issued_at, expires_at):
+        self.value = value
+        self.appid = appid
+        self.kind = kind  # "classic" or "stable": the two kinds never affect each other
+        self.issued_at = issued_at
+        self.expires_at = expires_at
+        self.dies_at = math.inf
+
+    def kill(self, when: float) -> None:
+        # The earlier death wins: a revoked token that is then replaced must not get a
+        # grace period back.
+        self.dies_at = min(self.dies_at, when)
+
+
+Request = collections.namedtuple("Request", "method path query body")
+Request.__doc__ = """One request as the fake received it.
+
+``query`` is a dict of the first value of each parameter; ``body`` the decoded JSON, or None
+when the body was empty or not JSON (``raw`` bodies are not kept).
+"""
+
+
+class _Code:
+    """A js_code issued by a test, as a login on the phone would produce."""
+
+    __slots__ = ("openid", "session_key", "unionid", "appid", "expires_at", "used")
+
+    def __init__(self, openid, session_key, unionid, appid, expires_at):
+        self.openid = openid
+        self.session_key = session_key
+        self.unionid = unionid
+        self.appid = appid
+        self.expires_at = expires_at
+        self.used = False
+
+
+###############################################################################################
+# The fake ####################################################################################
+###############################################################################################
+
+
+class FakeWeChat:
+    """WeChat's backend API on ``127.0.0.1``, on a free port, in a daemon thread.
+
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`::
+
+        with FakeWeChat(clock=clock) as wechat:
+            manager = TokenManager(DEFAULT_APPID, DEFAULT_SECRET, api_base=wechat.url)
+
+    :param appid: an app registered from the start; ``None`` registers none (see
+        :meth:`add_app`).
+    :param secret: its AppSecret.
+    :param clock: returns the time in seconds; pass a :class:`FakeClock` to move time by hand.
+    :param expires_in: lifetime of every token minted, in seconds (WeChat: 7200).
+    :param grace: how long a classic token keeps working after a newer one is minted
+        (WeChat: 5 minutes).
+    :param stable_refresh_window: a stable token this close to expiry is replaced on the next
+        normal call (WeChat: 5 minutes, so a returned token always has 300 s left).
+    :param force_refresh_limit: effective ``force_refresh`` calls per app and day before 45009.
+    :param force_refresh_interval: a ``force_refresh`` sooner than this after the last effective
+        one returns the current token instead of a new one (WeChat: 30 s).
+    :param force_refresh_grace: how long the old stable token survives a force refresh;
+        WeChat's is unverified, and 0 (dies at once) is the strictest guess.
+    :param code_lifetime: how long an issued js_code can be exchanged (WeChat: about 5 min).
+    """
+
+    def __init__(
+        self,
+        appid: str | None = DEFAULT_APPID,
+        secret: str = DEFAULT_SECRET,
+        *,
+        clock=time.time,
+        expires_in: int = 7200,
+        grace: float = 300.0,
+        stable_refresh_window: float = 300.0,
+        force_refresh_limit: int = 20,
+        force_refresh_interval: float = 30.0,
+        force_refresh_grace: float = 0.0,
+        code_lifetime: float = 300.0,
+    ):
+        self.clock = clock
+        self.expires_in = expires_in
+        self.grace = grace
+        self.stable_refresh_window = stable_refresh_window
+        self.force_refresh_limit = force_refresh_limit
+        self.force_refresh_interval = force_refresh_interval
+        self.force_refresh_grace = force_refresh_grace
+        self.code_lifetime = code_lifetime
+        #: When true, every business call with a token answers 40001, as if WeChat had
+        #: invalidated all tokens; tests use it to prove the client's retry is bounded.
+        self.reject_all_tokens = False
+
+        # One lock guards every piece of state below. Handlers run in their own threads and a
+        # token call reads and writes several tables at once (mint a token, kill the previous
+        # one, count the refresh); doing all of that under one lock keeps each call atomic, so
+        # two concurrent calls can never both "replace" the same token.
+        self._lock = threading.Lock()
+        self._apps = {}
+        self._tokens = {}
+        self._issued = []
+        self._classic = {}  # appid -> latest classic _Token
+        self._stable = {}  # appid -> current stable _Token
+        self._last_force = {}  # appid -> time of the last effective force refresh
+        self._force_counts = collections.Counter()  # (appid, day) -> effective force refreshes
+        self._codes = {}
+        self._failures = collections.defaultdict(collections.deque)
+        self._hangs = {}
+        self._calls = collections.Counter()
+        self._requests = []
+        self._custom_messages = []
+        self._typing_commands = []
+        self._subscribe_messages = []
+        self._errors = []
+        self._next_msgid = 2_000_000_000_000_000_000
+
+        # Set by stop(), so handlers sleeping in hang() wake up and leave without answering.
+        self._stopping = threading.Event()
+        self._server = None
+        self._thread = None
+        if appid is not None:
+            self.add_app(appid, secret)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> FakeWeChat:
+        """Bind a free port on 127.0.0.1 and serve in a daemon thread; returns self."""
+        if self._server is not None:
+            raise RuntimeError("FakeWeChat is already running")
+        self._stopping.clear()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.fake = self
+        # A short poll interval because shutdown() waits for the serve loop to notice: the
+        # default 0.5 s would cost half a second per test.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name="fake-wechat",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; returns promptly even with hung handlers."""
+        if self._server is None:
+            return
+        # Wake hung handlers first: they would otherwise sleep on after the test ends. Handler
+        # threads are daemons and the server does not join them, so nothing here waits on them.
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> FakeWeChat:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """The base URL to use as wxgate's ``api_base``, e.g. ``http://127.0.0.1:41234``."""
+        if self._server is None:
+            raise RuntimeError("FakeWeChat is not running; call start() first")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # -- apps, tokens, codes ----------------------------------------------------------------
+
+    def add_app(self, appid: str, secret: str) -> None:
+        """Register an app, or change the secret of a registered one."""
+        with self._lock:
+            self._apps[appid] = secret
+
+    def issue_code(
+        self,
+        openid: str,
+        session_key: str | None = None,
+        unionid: str | None = None,
+        *,
+        appid: str | None = None,
+    ) -> str:
+        """Issue a single-use js_code that /sns/jscode2session exchanges for these values.
+
+        *session_key* defaults to a random one shaped like WeChat's (Base64 of 16 bytes).
+        *appid* binds the code to one app, as WeChat does; ``None`` accepts any registered app.
+        """
+        if session_key is None:
+            session_key = _b64_16()
+        code = secrets.token_hex(16)
+        with self._lock:
+            expires_at = self.clock() + self.code_lifetime
+            self._codes[code] = _Code(openid, session_key, unionid, appid, expires_at)
+        return code
+
+    def revoke(self, token: str) -> None:
+        """Kill *token* now: business calls with it answer 40001 from here on."""
+        with self._lock:
+            record = self._tokens.get(token)
+            if record is None:
+                raise KeyError(f"the fake never issued token {token[:8]!r}...")
+            record.kill(self.clock())
+
+    def token_errcode(self, token: str | None) -> int:
+        """What a business call with *token* would answer now: 0, 41001, 40001 or 42001.
+
+        ``reject_all_tokens`` is not taken into account; this is the token's own state.
+        """
+        with self._lock:
+            return self._check_token(token)
+
+    def current_stable_token(self, appid: str = DEFAULT_APPID) -> str | None:
+        """The stable token a normal call would consider current for *appid*, if any."""
+        with self._lock:
+            record = self._stable.get(appid)
+            return record.value if record is not None else None
+
+    # -- fault injection --------------------------------------------------------------------
+
+    def fail_next(
+        self, path: str, errcode: int, errmsg: str | None = None, *, times: int = 1,
+        status: int = 200,
+    ) -> None:
+        """Answer the next *times* calls to *path* with ``{"errcode", "errmsg"}``.
+
+        The call is counted and logged but has no other effect (no token minted, no message
+        recorded). WeChat answers errors with status 200; *status* lets a test imitate a proxy
+        in between. Failures queue: two ``fail_next`` calls fail the next two requests in order.
+        """
+        if errmsg is None:
+            errmsg = ERRMSGS.get(errcode, "fake error")
+        with self._lock:
+            queue = self._failures[_normal_path(path)]
+            for _ in range(times):
+                queue.append((status, errcode, errmsg))
+
+    def hang(self, path: str, seconds: float, *, times: int | None = 1) -> None:
+        """Sleep *seconds* before handling the next *times* calls to *path*.
+
+        ``times=None`` hangs every call until ``hang(path, 0)`` clears it. The request is
+        handled after the sleep (so a client that timed out may still have sent its message,
+        as with the real API), unless :meth:`stop` cuts the sleep short: then the connection is
+        closed without an answer.
+        """
+        with self._lock:
+            if seconds <= 0 or times == 0:
+                self._hangs.pop(_normal_path(path), None)
+            else:
+                self._hangs[_normal_path(path)] = [seconds, times]
+
+    # -- inspection -------------------------------------------------------------------------
+    # Each property returns a copy taken under the lock, so a test never iterates over a list
+    # that a handler thread is appending to.
+
+    @property
+    def calls(self) -> collections.Counter:
+        """Requests received per path (all of them, failed ones included); 0 for unseen paths."""
+        with self._lock:
+            return collections.Counter(self._calls)
+
+    @property
+    def token_fetches(self) -> int:
+        """Calls to /cgi-bin/token and /cgi-bin/stable_token together."""
+        with self._lock:
+            return self._calls[TOKEN_PATH] + self._calls[STABLE_TOKEN_PATH]
+
+    @property
+    def requests(self) -> list:
+        """Every request received, in order, as :class:`Request` tuples."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def issued_tokens(self) -> list:
+        """Every token minted, oldest first, classic and stable alike."""
+        with self._lock:
+            return [record.value for record in self._issued]
+
+    @property
+    def custom_messages(self) -> list:
+        """Bodies accepted by /cgi-bin/message/custom/send, in order."""
+        with self._lock:
+            return list(self._custom_messages)
+
+    @property
+    def typing_commands(self) -> list:
+        """Bodies accepted by /cgi-bin/message/custom/typing, in order."""
+        with self._lock:
+            return list(self._typing_commands)
+
+    @property
+    def subscribe_messages(self) -> list:
+        """Bodies accepted by /cgi-bin/message/subscribe/send, in order."""
+        with self._lock:
+            return list(self._subscribe_messages)
+
+    @property
+    def errors(self) -> list:
+        """Exceptions raised inside the fake's handlers: bugs in the fake, answered with 500."""
+        with self._lock:
+            return list(self._errors)
+
+    def clear_log(self) -> None:
+        """Forget calls, requests and recorded messages; tokens, codes and faults stay."""
+        with self._lock:
+            self._calls.clear()
+            self._requests.clear()
+            self._custom_messages.clear()
+            self._typing_commands.clear()
+            self._subscribe_messages.clear()
+
+    # -- request handling (called by _Handler) ----------------------------------------------
+
+    def _begin(self, request: Request):
+        """Count and log *request*; return the hang and the injected failure it gets, if any."""
+        with self._lock:
+            self._calls[request.path] += 1
+            self._requests.append(request)
+            hang = None
+            entry = self._hangs.get(request.path)
+            if entry is not None:
+                hang = entry[0]
+                if entry[1] is not None:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del self._hangs[request.path]
+            queue = self._failures.get(request.path)
+            failure = queue.popleft() if queue else None
+        return hang, failure
+
+    def _dispatch(self, request: Request):
+        """Answer *request*: return ``(status, body)``."""
+        route = _ROUTES.get(request.path)
+        if route is None:
+            return 404, {"errcode": 404, "errmsg": f"fake wechat: no api at {request.path}"}
+        method, handler = route
+        if request.method != method:
+            errcode = 43001 if method == "GET" else 43002
+            return 200, _error(errcode)
+        with self._lock:
+            return 200, handler(self, request)
+
+    def _record_error(self, exc: BaseException) -> None:
+        with self._lock:
+            self._errors.append(exc)
+
+    # Everything below runs with self._lock held.
+
+    def _check_credentials(self, grant_type, expected_grant, appid, secret, secret_errcode):
+        """The checks token and session endpoints share; an error body, or None when fine."""
+        if grant_type != expected_grant:
+            return _error(40002)
+        if not appid:
+            return _error(41002)
+        if appid not in self._apps:
+            return _error(40013)
+        if not secret:
+            return _error(41004)
+        if not secrets.compare_digest(secret.encode(), self._apps[appid].encode()):
+            if secret_errcode == 40001:
+                return _error(40001, TOKEN_SECRET_ERRMSG)
+            return _error(secret_errcode)
+        return None
+
+    def _mint(self, appid: str, kind: str, now: float) -> _Token:
+        # Real tokens are long opaque strings of letters, digits, "_" and "-" (PROTOCOL.md 7.1
+        # says keep room for 512); 128 such characters catch a client that truncates.
+        record = _Token(secrets.token_urlsafe(96), appid, kind, now, now + self.expires_in)
+        self._tokens[record.value] = record
+        self._issued.append(record)
+        return record
+
+    def _check_token(self, token) -> int:
+        if not token:
+            return 41001
+        record = self._tokens.get(token)
+        if record is None:
+            return 40001
+        now = self.clock()
+        # Death is checked before expiry: a token replaced and past its grace is "not latest"
+        # (40001) even once its natural lifetime is also over.
+        if now >= record.dies_at:
+            return 40001
+        if now >= record.expires_at:
+            return 42001
+        return 0
+
+    def _handle_token(self, request: Request) -> dict:
+        query = request.query
+        appid = query.get("appid", "")
+        error = self._check_credentials(
+            query.get("grant_type"), "client_credential", appid, query.get("secret", ""), 40001
+        )
+        if error is not None:
+            return error
+        # "The previous access_token stays valid for 5 minutes after a new one is fetched."
+        # [O] TOKEN
+        now = self.clock()
+        previous = self._classic.get(appid)
+        if previous is not None:
+            previous.kill(now + self.grace)
+        record = self._mint(appid, "classic", now)
+        self._classic[appid] = record
+        return {"access_token": record.value, "expires_in": self.expires_in}
+
+    def _handle_stable_token(self, request: Request) -> dict:
+        body = request.body
+        if not isinstance(body, dict):
+            return _error(47001)
+        appid = body.get("appid", "")
+        error = self._check_credentials(
+            body.get("grant_type"), "client_credential", appid, body.get("secret", ""), 40001
+        )
+        if error is not None:
+            return error
+        now = self.clock()
+        current = self._stable.get(appid)
+        alive = current is not None and now < current.dies_at
+
+        # The documented type is boolean; we refuse to read "true" or 1 as true, so a client
+        # that sends the wrong type gets normal mode and its test notices.
+        if body.get("force_refresh") is True:
+            # "Calls less than 30 s apart do not refresh": the current token comes back.
+            last = self._last_force.get(appid)
+            if alive and last is not None and now - last < self.force_refresh_interval:
+                return self._stable_answer(current, now)
+            day = (appid, int((now + DAY_OFFSET) // 86400))
+            if self._force_counts[day] >= self.force_refresh_limit:
+                return _error(45009)
+            self._force_counts[day] += 1
+            self._last_force[appid] = now
+            if current is not None:
+                current.kill(now + self.force_refresh_grace)
+            record = self._mint(appid, "stable", now)
+            self._stable[appid] = record
+            return self._stable_answer(record, now)
+
+        # Normal mode: the same token while it has more than the window left, so concurrent
+        # workers never invalidate each other; then a new one, the old living to its expiry.
+        if alive and now < current.expires_at - self.stable_refresh_window:
+            return self._stable_answer(current, now)
+        record = self._mint(appid, "stable", now)
+        self._stable[appid] = record
+        return self._stable_answer(record, now)
+
+    def _stable_answer(self, record: _Token, now: float) -> dict:
+        # The same token comes back with the time it has left, not the full lifetime.
+        return {"access_token": record.value, "expires_in": int(record.expires_at - now)}
+
+    def _business_error(self, request: Request):
+        """The token and body-shape checks every business API makes first."""
+        errcode = self._check_token(request.query.get("access_token"))
+        if errcode == 0 and self.reject_all_tokens:
+            errcode = 40001
+        if errcode:
+            return _error(errcode)
+        if not isinstance(request.body, dict):
+            return _error(47001)
+        if not _nonempty_str(request.body.get("touser")):
+            return _error(40003)
+        return None
+
+    def _handle_custom_send(self, request: Request) -> dict:
+        error = self._business_error(request)
+        if error is not None:
+            return error
+        body = request.body
+        msgtype = body.get("msgtype")
+        if msgtype not in CUSTOM_MSGTYPES:
+            return _error(40008)
+        payload = body.get(msgtype)
+        if not isinstance(payload, dict):
+            return _error(47001)
+        if msgtype == "text" and not _nonempty_str(payload.get("content")):
+            return _error(44004)
+        for field in CUSTOM_MSGTYPES[msgtype]:
+            if not _nonempty_str(payload.get(field)):
+                return _error(47001)
+        self._custom_messages.append(body)
+        return _error(0)
+
+    def _handle_typing(self, request: Request) -> dict:
+        error = self._business_error(request)
+        if error is not None:
+            return error
+        if request.body.get("command") not in TYPING_COMMANDS:
+            return _error(45072)
+        self._typing_commands.append(request.body)
+        return _error(0)
+
+    def _handle_subscribe_send(self, request: Request) -> dict:
+        error = self._business_error(request)
+        if error is not None:
+            return error
+        body = request.body
+        if not _nonempty_str(body.get("template_id")):
+            return _error(40037)
+        data = body.get("data")
+        if not isinstance(data, dict) or not data:
+            return _error(47003, "argument invalid! data is empty")
+        for keyword, item in data.items():
+            if not isinstance(item, dict) or not _nonempty_str(item.get("value")):
+                return _error(47003, f"argument invalid! data.{keyword}.value is empty")
+        state = body.get("miniprogram_state", "formal")
+        if state not in MINIPROGRAM_STATES:
+            return _error(47003, "argument invalid! miniprogram_state")
+        if body.get("lang", "zh_CN") not in LANGS:
+            return _error(47003, "argument invalid! lang")
+        self._subscribe_messages.append(body)
+        self._next_msgid += 1
+        answer = _error(0)
+        answer["msgid"] = self._next_msgid
+        return answer
+
+    def _handle_code2session(self, request: Request) -> dict:
+        query = request.query
+        appid = query.get("appid", "")
+        error = self._check_credentials(
+            query.get("grant_type"), "authorization_code", appid, query.get("secret", ""),
+            40125,
+        )
+        if error is not None:
+            return error
+        js_code = query.get("js_code")
+        if not js_code:
+            return _error(41008)
+        code = self._codes.get(js_code)
+        if code is None or (code.appid is not None and code.appid != appid):
+            return _error(40029)
+        # A used code stays "used" even after its lifetime, as that is the likelier mistake
+        # (a client retrying an exchange that already succeeded).
+        if code.used:
+            return _error(40163)
+        if self.clock() >= code.expires_at:
+            return _error(40029)
+        code.used = True
+        answer = {"openid": code.openid, "session_key": code.session_key}
+        if code.unionid is not None:
+            answer["unionid"] = code.unionid
+        return answer
+
+
+_ROUTES = {
+    TOKEN_PATH: ("GET", FakeWeChat._handle_token),
+    STABLE_TOKEN_PATH: ("POST", FakeWeChat._handle_stable_token),
+    CUSTOM_SEND_PATH: ("POST", FakeWeChat._handle_custom_send),
+    TYPING_PATH: ("POST", FakeWeChat._handle_typing),
+    SUBSCRIBE_SEND_PATH: ("POST", FakeWeChat._handle_subscribe_send),
+    CODE2SESSION_PATH: ("GET", FakeWeChat._handle_code2session),
+}
+
+
+def _error(errcode: int, errmsg: str | None = None) -> dict:
+    return {"errcode": errcode, "errmsg": errmsg if errmsg is not None else ERRMSGS[errcode]}
+
+
+def _nonempty_str(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _normal_path(path: str) -> str:
+    return "/" + path.lstrip("/")
+
+
+def _b64_16() -> str:
+    return base64.b64encode(secrets.token_bytes(16)).decode("ascii")
+
+
+###############################################################################################
+# HTTP handler ################################################################################
+###############################################################################################
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # Handler threads are daemons and server_close() must not join them: a hung handler
+    # would otherwise hold stop() for as long as it sleeps.
+    daemon_threads = True
+    block_on_close = False
+    fake = None
+
+    def handle_error(self, request, client_address):
+        # Errors inside a handler are recorded by the handler itself; what reaches here is a
+        # client that went away (a timeout test), which is not worth a traceback on stderr.
+        pass
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Turns HTTP into :class:`Request` tuples for the fake, and its answers into JSON."""
+
+    # A client that connects and never sends should not pin a thread for ever.
+    timeout = 10
+    server_version = "FakeWeChat/1.0"
+
+    def do_GET(self):
+        self._serve("GET")
+
+    def do_POST(self):
+        self._serve("POST")
+
+    def _serve(self, method: str) -> None:
+        fake = self.server.fake
+        split = urllib.parse.urlsplit(self.path)
+        query = {
+            name: values[0]
+            for name, values in urllib.parse.parse_qs(split.query, keep_blank_values=True).items()
+        }
+        request = Request(method, split.path, query, self._read_json())
+        try:
+            hang, failure = fake._begin(request)
+            if hang is not None and fake._stopping.wait(hang):
+                # stop() was called while we slept: leave without an answer, as a server
+                # going down would.
+                self.close_connection = True
+                return
+            if failure is not None:
+                status, errcode, errmsg = failure
+                self._send(status, {"errcode": errcode, "errmsg": errmsg})
+                return
+            status, body = fake._dispatch(request)
+        except Exception as exc:  # a bug in the fake: make it visible to the test
+            fake._record_error(exc)
+            status, body = 500, {"errcode": 500, "errmsg": f"fake wechat bug: {exc!r}"}
+        self._send(status, body)
+
+    def _read_json(self):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length <= 0:
+            return None
+        raw = self.rfile.read(min(length, MAX_BODY_BYTES))
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            # The parameter is "encoding", not "charset", in captured answers from
+            # api.weixin.qq.com (unverified); a client must not depend on either.
+            self.send_header("Content-Type", "application/json; encoding=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up (timeout tests); WeChat would not care either.
+            self.close_connection = True
+
+    def log_message(self, format, *args):
+        # Quiet: one line per request on stderr would bury test output.
+        pass

@@ -1,0 +1,2193 @@
+"""wxgate: the push endpoint of a WeChat Mini Program, as one WSGI module.
+
+WeChat pushes customer-service messages and events to a URL of yours. wxgate answers the URL
+verification handshake, checks signatures, decrypts and encrypts in the three modes (plaintext,
+compatible, safe), reads and writes XML and JSON, drops WeChat's retried duplicates, calls your
+handler, and replies inside WeChat's 5-second window. It also owns the access_token and the
+backend API calls that need it.
+
+Two commands on a fresh machine::
+
+    pip install . && wxgate serve example.ini               # the demo gateway on :8080
+    pip install '.[test]' && python -m pytest               # the whole test suite
+
+Under a real server::
+
+    WXGATE_CONFIG=/etc/wxgate.ini gunicorn -w 4 wxgate:application
+    # mod_wsgi:  WSGIScriptAlias / /path/to/wxgate.py   and   SetEnv WXGATE_CONFIG /etc/wxgate.ini
+
+The module is cut into sections (``grep -n '^# .* ####' wxgate.py``): Limits and constants,
+Errors, Configuration, Signatures and crypto, Message codec, Stores, Duplicate detection,
+access_token, WeChat API client, WSGI application, Command line. Each uses only those above it.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = [
+    "application",
+    "make_app",
+    "load_config",
+    "Config",
+    "AppConfig",
+    "Gateway",
+    "Message",
+    "WxgateError",
+    "ConfigError",
+    "SignatureError",
+    "ReplayError",
+    "DecryptError",
+    "MessageError",
+    "PayloadTooLarge",
+    "WeChatAPIError",
+    "WeChatConnectionError",
+    "Store",
+    "MemoryStore",
+    "SqliteStore",
+    "RedisStore",
+    "open_store",
+    "TokenManager",
+    "WeChatClient",
+    "sign",
+    "check_signature",
+    "encrypt_message",
+    "decrypt_message",
+    "demo_handler",
+    "main",
+]
+
+import base64
+import binascii
+import collections
+import collections.abc
+import configparser
+import dataclasses
+import hashlib
+import hmac
+import importlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import struct
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from xml.parsers import expat
+
+try:  # The only third-party import, and only encrypted apps need it.
+    from Crypto.Cipher import AES as _AES
+except ImportError:  # pragma: no cover - exercised by the "no pycryptodome" test in a subprocess
+    _AES = None
+
+logger = logging.getLogger("wxgate")
+
+
+###############################################################################
+# Limits and constants ########################################################
+###############################################################################
+
+# WeChat waits 5 s for the passive reply, then retries (the retry count is unverified).
+# https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/customer-message/receive.html
+REPLY_DEADLINE = 5.0
+# A claim on a dedup key lives this long without an answer. A worker killed mid-handler thus
+# blocks WeChat's retries for at most this long, and the next retry runs the handler again.
+IN_FLIGHT_TTL = REPLY_DEADLINE
+# WeChat pads to 32 bytes, not AES's 16: the doc's own safe-mode push ends in 19 pad bytes.
+PKCS7_BLOCK = 32
+# random (16) + msg_len (4): the shortest buffer that can hold an (empty) message.
+MIN_BUFFER_BYTES = 20
+RANDOM_PREFIX_BYTES = 16
+ENCODING_AES_KEY_LENGTH = 43
+
+DEFAULT_API_BASE = "https://api.weixin.qq.com"
+DEFAULT_TIMESTAMP_WINDOW = 300
+DEFAULT_MAX_BODY_BYTES = 65536
+DEFAULT_DEDUP_SIZE = 10000
+DEFAULT_DEDUP_TTL = 300
+# An API call must fit inside the 5-second push window, with room for the handler's own work.
+DEFAULT_API_TIMEOUT = 3.0
+# stable_token hands out a new token once the old one is 5 minutes from expiry, both valid
+# during that overlap; refreshing 300 s early lands exactly in it.
+DEFAULT_REFRESH_MARGIN = 300.0
+# force_refresh calls less than 30 s apart do not refresh (PROTOCOL.md §7.1).
+STABLE_FORCE_GAP = 30.0
+DEFAULT_ADMIN_PATH = "/_wxgate"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+# Business APIs answer these when the token is dead, replaced or expired.
+TOKEN_REJECTED_ERRCODES = frozenset({40001, 40014, 42001})
+# On the token endpoints themselves these mean the credentials are wrong: never retry.
+CREDENTIAL_ERRCODES = frozenset({40001, 40013, 40125})
+BUSY_ERRCODE = -1
+# "-1 system busy" gets a short bounded backoff; the sum stays well inside the push window.
+BUSY_BACKOFF = (0.2, 0.5)
+
+# Nested elements deeper than this are refused: WeChat's deepest push (wxa_media_check) has 3.
+MAX_XML_DEPTH = 16
+# How often a process waiting on another process's work looks at the shared store again.
+POLL_INTERVAL = 0.02
+
+MODES = ("plain", "compat", "safe")
+FORMATS = ("auto", "xml", "json")
+TOKEN_GRANTS = ("stable", "classic")
+
+# The official WXBizMsgCrypt sample's return codes (PROTOCOL.md §3.2).
+VALIDATE_SIGNATURE_ERROR = -40001
+PARSE_ERROR = -40002
+ILLEGAL_AES_KEY = -40004
+VALIDATE_APPID_ERROR = -40005
+DECRYPT_AES_ERROR = -40007
+ILLEGAL_BUFFER = -40008
+DECODE_BASE64_ERROR = -40010
+GEN_RETURN_ERROR = -40011
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class WxgateError(Exception):
+    """The root of wxgate's errors: a short message, the HTTP status to answer, WeChat's code.
+
+    :param message: what is wrong, where, and how to fix it; never a secret's value.
+    :param status: the HTTP status a request that caused it gets.
+    :param code: WeChat's official -400xx code, when one applies.
+    """
+
+    status = 400
+    code = None
+
+    def __init__(self, message, *, status=None, code=None):
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if self.code is not None and "(WeChat " not in message:
+            message = f"{message} (WeChat {self.code})"
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(WxgateError):
+    """The ini file is missing, unreadable or holds a bad value; raised when it loads."""
+
+    status = 500
+
+    def __init__(self, message, *, source=None, section=None, option=None, lineno=None,
+                 code=None):
+        where = " ".join(
+            part for part in (
+                f"{source}:{lineno}" if source and lineno else source,
+                f"[{section}]" if section else None,
+                f"{option}:" if option else None,
+            ) if part
+        )
+        super().__init__(f"{where} {message}" if where else message, code=code)
+        self.source, self.section, self.option, self.lineno = source, section, option, lineno
+
+
+class SignatureError(WxgateError):
+    """``signature`` or ``msg_signature`` does not match: the request is not from WeChat."""
+
+    status = 403
+    code = VALIDATE_SIGNATURE_ERROR
+
+
+class ReplayError(WxgateError):
+    """The request's ``timestamp`` is outside the configured window around our clock."""
+
+    status = 403
+
+
+class DecryptError(WxgateError):
+    """The ``Encrypt`` field cannot be decrypted into a message for this app."""
+
+    code = ILLEGAL_BUFFER
+
+
+class MessageError(WxgateError):
+    """The body (or the decrypted content) is not a push we can read."""
+
+    code = PARSE_ERROR
+
+
+class PayloadTooLarge(WxgateError):
+    """The body is longer than ``max_body_bytes``."""
+
+    status = 413
+
+
+class WeChatAPIError(WxgateError):
+    """WeChat's API answered with a non-zero ``errcode``.
+
+    :param errcode: WeChat's integer errcode (40001, 45009, -1, ...).
+    :param errmsg: WeChat's errmsg, or our explanation of it.
+    """
+
+    status = 502
+
+    def __init__(self, errcode, errmsg=""):
+        self.errcode = errcode
+        self.errmsg = errmsg
+        super().__init__(f"WeChat API error {errcode}: {errmsg}")
+
+
+class WeChatConnectionError(WxgateError):
+    """WeChat's API could not be reached, timed out, or answered something that is not JSON."""
+
+    status = 502
+
+
+def _redact(value):
+    """Name a secret without showing it: only whether it is set, and its length."""
+    return "<unset>" if not value else f"<{len(value)} chars>"
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    """One ``[app:NAME]`` section: a mini program served by this gateway.
+
+    Attributes keep the ini keys' spelling. Secrets are left out of ``repr()``.
+    """
+
+    name: str
+    path: str
+    appid: str
+    token: str = dataclasses.field(repr=False)
+    mode: str = "safe"
+    format: str = "auto"
+    encoding_aes_key: str = dataclasses.field(default="", repr=False)
+    appsecret: str = dataclasses.field(default="", repr=False)
+    handler: object = None
+    handler_spec: str = ""
+    token_grant: str = "stable"
+    token_refresh_margin: float = DEFAULT_REFRESH_MARGIN
+
+    @property
+    def aes_key(self):
+        """The 32-byte AES key, or None in plain mode without a key."""
+        return _decode_aes_key(self.encoding_aes_key) if self.encoding_aes_key else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole gateway configuration, as checked by :func:`load_config`.
+
+    :ivar source: the ini file it came from (for messages only).
+    :ivar apps: ``{name: AppConfig}`` in file order.
+    """
+
+    source: str = "<config>"
+    timestamp_window: int = DEFAULT_TIMESTAMP_WINDOW
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    dedup_size: int = DEFAULT_DEDUP_SIZE
+    dedup_ttl: float = DEFAULT_DEDUP_TTL
+    api_base: str = DEFAULT_API_BASE
+    api_timeout: float = DEFAULT_API_TIMEOUT
+    store: str = "memory"
+    store_prefix: str = "wxgate"
+    admin_secret: str = dataclasses.field(default="", repr=False)
+    admin_path: str = DEFAULT_ADMIN_PATH
+    listen: str = DEFAULT_LISTEN
+    apps: dict = dataclasses.field(default_factory=dict)
+
+
+_GATEWAY_OPTIONS = {
+    "timestamp_window", "max_body_bytes", "dedup_size", "dedup_ttl", "api_base", "api_timeout",
+    "store", "store_prefix", "admin_secret", "admin_path", "listen",
+}
+_APP_OPTIONS = {
+    "path", "appid", "appsecret", "token", "encoding_aes_key", "mode", "format", "handler",
+    "token_grant", "token_refresh_margin",
+}
+_SECRET_OPTIONS = {"appsecret", "token", "encoding_aes_key", "admin_secret"}
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def load_config(path, environ=None):
+    """Read and check an ini file; return a :class:`Config`.
+
+    :param path: the ini file. Relative ``sqlite://`` stores and handler modules are found
+        next to it.
+    :param environ: where ``${VAR}`` references are looked up; defaults to ``os.environ``.
+    :raises ConfigError: the file is missing or unreadable, or a value is wrong; the message
+        names the file, section and option, never a secret's value.
+    """
+    environ = os.environ if environ is None else environ
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", source=source) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config file is not UTF-8", source=source) from None
+    return _parse_config(text, environ, source)
+
+
+def _option_lines(text):
+    """Map ``(section, option)`` to its line number, so errors can point at the line."""
+    lines, section = {}, None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and "]" in stripped:
+            section = stripped[1:stripped.index("]")].strip()
+        elif section and stripped and stripped[0] not in ";#" and not line[0].isspace():
+            name = re.split(r"[=:]", stripped, 1)[0].strip().lower()
+            lines.setdefault((section, name), lineno)
+    return lines
+
+
+def _expand_env(value, environ, where):
+    """Replace each ``${NAME}`` by the environment variable; anything else stays as written."""
+    if "${" not in value:
+        return value
+
+    def substitute(match):
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"environment variable {name} is not set", **where)
+        return environ[name]
+
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
+class _SectionReader:
+    """Typed, checked access to one ini section; every error names file, section and option."""
+
+    def __init__(self, parser, section, environ, source, lines):
+        self.values = dict(parser.items(section)) if parser.has_section(section) else {}
+        self.section, self.environ, self.source, self.lines = section, environ, source, lines
+
+    def where(self, option):
+        return {"source": self.source, "section": self.section, "option": option,
+                "lineno": self.lines.get((self.section, option))}
+
+    def error(self, option, message, code=None):
+        return ConfigError(message, code=code, **self.where(option))
+
+    def check_known(self, known):
+        for option in self.values:
+            if option not in known:
+                raise self.error(option, f"unknown option; expected one of {sorted(known)}")
+
+    def text(self, option, default=None, *, required=False):
+        raw = self.values.get(option)
+        if raw is None or raw.strip() == "":
+            if required:
+                raise self.error(option, "is required")
+            return default
+        return _expand_env(raw.strip(), self.environ, self.where(option))
+
+    def number(self, option, default, *, kind=int, minimum=0, maximum=None):
+        raw = self.text(option)
+        if raw is None:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise self.error(option, f"expected a number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise self.error(option, f"expected a number {bounds}, got {raw!r}")
+        return value
+
+    def choice(self, option, choices):
+        value = self.text(option, choices[0]).lower()
+        if value not in choices:
+            raise self.error(option, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+
+def _parse_config(text, environ, source="<config>"):
+    """Build a :class:`Config` from ini text; pure apart from importing handler modules."""
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), default_section="\0none")
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as exc:
+        raise ConfigError(f"not a valid ini file: {exc}".replace("\n", " "),
+                          source=source) from None
+    lines = _option_lines(text)
+    base_dir = os.path.dirname(os.path.abspath(source)) if not source.startswith("<") else "."
+
+    for section in parser.sections():
+        if section != "wxgate" and not section.startswith("app:"):
+            raise ConfigError("unknown section; expected [wxgate] or [app:NAME]",
+                              source=source, section=section, lineno=lines.get((section, None)))
+
+    gateway = _SectionReader(parser, "wxgate", environ, source, lines)
+    gateway.check_known(_GATEWAY_OPTIONS)
+    api_base = gateway.text("api_base", DEFAULT_API_BASE).rstrip("/")
+    if not re.match(r"https?://[^/\s]+", api_base):
+        raise gateway.error("api_base", f"expected an http:// or https:// URL, got {api_base!r}")
+    admin_path = "/" + gateway.text("admin_path", DEFAULT_ADMIN_PATH).strip("/")
+    if admin_path == "/":
+        raise gateway.error("admin_path", "must not be '/'; the default is /_wxgate")
+    store = gateway.text("store", "memory")
+    try:
+        _parse_store_url(store, base_dir)
+    except ValueError as exc:
+        raise gateway.error("store", str(exc)) from None
+    listen = gateway.text("listen", DEFAULT_LISTEN)
+    try:
+        _parse_listen(listen)
+    except ValueError as exc:
+        raise gateway.error("listen", str(exc)) from None
+
+    apps, paths = {}, {}
+    for section in parser.sections():
+        if not section.startswith("app:"):
+            continue
+        app = _parse_app(_SectionReader(parser, section, environ, source, lines), base_dir)
+        if app.path in paths:
+            raise ConfigError(f"path {app.path!r} is already used by [app:{paths[app.path]}]",
+                              **_SectionReader(parser, section, environ, source, lines)
+                              .where("path"))
+        if app.path == admin_path or app.path.startswith(admin_path + "/"):
+            raise ConfigError(f"path {app.path!r} is inside admin_path {admin_path!r}",
+                              source=source, section=section, option="path",
+                              lineno=lines.get((section, "path")))
+        paths[app.path] = app.name
+        apps[app.name] = app
+    if not apps:
+        raise ConfigError("no [app:NAME] section: there is nothing to serve", source=source)
+
+    return Config(
+        source=source,
+        timestamp_window=gateway.number("timestamp_window", DEFAULT_TIMESTAMP_WINDOW),
+        max_body_bytes=gateway.number("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        dedup_size=gateway.number("dedup_size", DEFAULT_DEDUP_SIZE, minimum=1),
+        dedup_ttl=gateway.number("dedup_ttl", DEFAULT_DEDUP_TTL, kind=float, minimum=1),
+        api_base=api_base,
+        api_timeout=gateway.number("api_timeout", DEFAULT_API_TIMEOUT, kind=float,
+                                   minimum=0.1, maximum=60),
+        store=_parse_store_url(store, base_dir),
+        store_prefix=gateway.text("store_prefix", "wxgate"),
+        admin_secret=gateway.text("admin_secret", ""),
+        admin_path=admin_path,
+        listen=listen,
+        apps=apps,
+    )
+
+
+def _parse_app(reader, base_dir):
+    """Check one ``[app:NAME]`` section and return its :class:`AppConfig`."""
+    name = reader.section[len("app:"):].strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise reader.error(None, "app name must be letters, digits, '_', '.' or '-'")
+    reader.check_known(_APP_OPTIONS)
+    path = reader.text("path", required=True)
+    if not path.startswith("/") or any(c.isspace() or c in "?#" for c in path):
+        raise reader.error("path", f"expected a URL path such as /wechat, got {path!r}")
+    mode = reader.choice("mode", ("safe", "compat", "plain"))
+    key = reader.text("encoding_aes_key", "")
+    if mode != "plain" and not key:
+        raise reader.error("encoding_aes_key", f"is required in {mode} mode (43 characters "
+                           "from the console's 消息推送 page)")
+    if key:
+        try:
+            _decode_aes_key(key)
+        except WxgateError as exc:
+            raise reader.error("encoding_aes_key", exc.message.split(" (WeChat")[0],
+                               code=ILLEGAL_AES_KEY) from None
+    if mode != "plain" and _AES is None:
+        raise reader.error("mode", f"{mode} mode needs AES: pip install pycryptodome")
+    token = reader.text("token", required=True)
+    handler_spec = reader.text("handler", required=True)
+    try:
+        handler = _resolve_handler(handler_spec, base_dir)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise reader.error("handler", f"cannot load {handler_spec!r}: {exc}") from None
+    return AppConfig(
+        name=name,
+        path=path,
+        appid=reader.text("appid", required=True),
+        token=token,
+        mode=mode,
+        format=reader.choice("format", FORMATS),
+        encoding_aes_key=key,
+        appsecret=reader.text("appsecret", ""),
+        handler=handler,
+        handler_spec=handler_spec,
+        token_grant=reader.choice("token_grant", TOKEN_GRANTS),
+        token_refresh_margin=reader.number("token_refresh_margin", DEFAULT_REFRESH_MARGIN,
+                                           kind=float, maximum=3600),
+    )
+
+
+def _resolve_handler(spec, base_dir):
+    """Import ``module:callable``; the ini file's directory is searched after ``sys.path``."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError("expected module:callable, e.g. mypkg.bot:on_message")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] or base_dir in sys.path:
+            raise
+        # Handlers usually sit beside the ini file; servers rarely start in that directory.
+        sys.path.append(base_dir)
+        module = importlib.import_module(module_name)
+    target = module
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{spec} is not callable")
+    return target
+
+
+def _parse_store_url(url, base_dir="."):
+    """Normalise ``memory``, ``sqlite://PATH`` or ``redis[s]://...``; raise ValueError if none."""
+    if url == "memory":
+        return url
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if not path:
+            raise ValueError("sqlite store needs a path: sqlite:///var/lib/wxgate/wxgate.db")
+        return "sqlite://" + os.path.join(base_dir, path)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return url
+    raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
+                     f"got {url.split('://')[0]!r}")
+
+
+def _parse_listen(listen):
+    """``host:port`` → ``(host, port)``."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+###############################################################################
+# Signatures and crypto #######################################################
+###############################################################################
+
+
+def sign(token, timestamp, nonce, encrypt=None):
+    """Return WeChat's signature: lowercase hex SHA-1 of the sorted strings, joined.
+
+    With three arguments this is the URL ``signature``; with ``encrypt`` (the ``Encrypt``
+    field) it is ``msg_signature``. Strings sort as strings, not numbers.
+    https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
+    """
+    parts = [token, str(timestamp), str(nonce)]
+    if encrypt is not None:
+        parts.append(encrypt)
+    parts.sort()
+    return hashlib.sha1("".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def check_signature(signature, token, timestamp, nonce, encrypt=None):
+    """Raise :class:`SignatureError` unless ``signature`` matches; compare in constant time.
+
+    We compare bytes, not str: ``hmac.compare_digest`` raises TypeError on non-ASCII text,
+    which would turn a hostile query string into a crash.
+    """
+    expected = sign(token, timestamp, nonce, encrypt).encode("ascii")
+    given = (signature or "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(expected, given.lower()):
+        which = "msg_signature" if encrypt is not None else "signature"
+        raise SignatureError(f"{which} does not match: check the app's token")
+
+
+def _decode_aes_key(encoding_aes_key):
+    """The 32-byte AES key from the 43-character EncodingAESKey (or the 32 bytes themselves).
+
+    We do not demand that re-encoding gives the same text: the 43rd character carries two
+    unused bits, and official sample keys set them.
+    """
+    if isinstance(encoding_aes_key, (bytes, bytearray)):
+        if len(encoding_aes_key) != 32:
+            raise WxgateError(f"AES key must be 32 bytes, got {len(encoding_aes_key)}",
+                              code=ILLEGAL_AES_KEY)
+        return bytes(encoding_aes_key)
+    return _decode_key_text(encoding_aes_key)
+
+
+def _decode_key_text(text):
+    if len(text) != ENCODING_AES_KEY_LENGTH:
+        raise WxgateError(f"expected {ENCODING_AES_KEY_LENGTH} characters, got {len(text)}",
+                          code=ILLEGAL_AES_KEY)
+    try:
+        key = base64.b64decode(text + "=", validate=True)
+    except (binascii.Error, ValueError):
+        raise WxgateError("not Base64: use the 43 letters and digits from the console",
+                          code=ILLEGAL_AES_KEY) from None
+    if len(key) != 32:  # "A"*42 + "=" is 43 characters of valid Base64, for 31 bytes
+        raise WxgateError(f"decodes to {len(key)} bytes, not 32", code=ILLEGAL_AES_KEY)
+    return key
+
+
+_decode_key_text = __import__("functools").lru_cache(maxsize=64)(_decode_key_text)
+
+
+def _require_aes():
+    if _AES is None:
+        raise WxgateError("encrypted messages need AES: pip install pycryptodome", status=500)
+    return _AES
+
+
+def encrypt_message(plaintext, aes_key, appid, *, random_prefix=None):
+    """Encrypt a message the way WeChat does; return the Base64 ``Encrypt`` text.
+
+    Layout: random (16 bytes) | msg_len (4, big-endian) | msg | appid, PKCS#7-padded to 32,
+    AES-256-CBC with IV = key[:16].
+
+    :param plaintext: the message, ``str`` (sent as UTF-8) or ``bytes``.
+    :param aes_key: the 43-character EncodingAESKey, or its 32 decoded bytes.
+    :param appid: the mini program's AppID, appended to the buffer.
+    :param random_prefix: 16 bytes; by default 16 random lowercase hex characters, the shape
+        WeChat itself sends. Pinned only to reproduce published vectors.
+    """
+    key = _decode_aes_key(aes_key)
+    message = plaintext.encode("utf-8") if isinstance(plaintext, str) else bytes(plaintext)
+    if random_prefix is None:
+        random_prefix = os.urandom(RANDOM_PREFIX_BYTES // 2).hex().encode("ascii")
+    elif isinstance(random_prefix, str):
+        random_prefix = random_prefix.encode("utf-8")
+    if len(random_prefix) != RANDOM_PREFIX_BYTES:
+        raise ValueError(f"random_prefix must be {RANDOM_PREFIX_BYTES} bytes")
+    buffer = b"".join((random_prefix, struct.pack(">I", len(message)), message,
+                       appid.encode("utf-8")))
+    pad = PKCS7_BLOCK - len(buffer) % PKCS7_BLOCK
+    buffer += bytes((pad,)) * pad
+    cipher = _require_aes().new(key, _AES.MODE_CBC, key[:16])
+    return base64.b64encode(cipher.encrypt(buffer)).decode("ascii")
+
+
+def _decrypt_buffer(encrypt, aes_key):
+    """Strictly decrypt ``Encrypt``; return ``(random_prefix, message, appid)``.
+
+    Every failure is a :class:`DecryptError` with the official code (PROTOCOL.md §3.1).
+    """
+    key = _decode_aes_key(aes_key)
+    try:
+        ciphertext = base64.b64decode(encrypt, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise DecryptError("Encrypt is not valid Base64", code=DECODE_BASE64_ERROR) from None
+    if not ciphertext or len(ciphertext) % PKCS7_BLOCK:
+        raise DecryptError(f"ciphertext is {len(ciphertext)} bytes, not a non-zero multiple "
+                           f"of {PKCS7_BLOCK}", code=DECRYPT_AES_ERROR)
+    buffer = _require_aes().new(key, _AES.MODE_CBC, key[:16]).decrypt(ciphertext)
+    pad = buffer[-1]
+    # Every pad byte must equal the pad length; the official sample trusts the last byte alone.
+    if not 1 <= pad <= PKCS7_BLOCK or buffer[-pad:] != bytes((pad,)) * pad:
+        raise DecryptError("bad padding: wrong key, or the message was altered",
+                           code=ILLEGAL_BUFFER)
+    buffer = buffer[:-pad]
+    if len(buffer) < MIN_BUFFER_BYTES:
+        raise DecryptError(f"decrypted buffer is {len(buffer)} bytes, shorter than "
+                           f"{MIN_BUFFER_BYTES}", code=ILLEGAL_BUFFER)
+    (length,) = struct.unpack_from(">I", buffer, RANDOM_PREFIX_BYTES)
+    end = MIN_BUFFER_BYTES + length
+    if end > len(buffer):
+        raise DecryptError(f"length field {length} points past the end of the buffer",
+                           code=ILLEGAL_BUFFER)
+    try:
+        message = buffer[MIN_BUFFER_BYTES:end].decode("utf-8")
+        appid = buffer[end:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecryptError("decrypted message is not UTF-8", code=ILLEGAL_BUFFER) from None
+    return buffer[:RANDOM_PREFIX_BYTES], message, appid
+
+
+def decrypt_message(encrypt, aes_key, appid):
+    """Strictly decrypt ``Encrypt`` and return the message text.
+
+    :param encrypt: the Base64 ``Encrypt`` field.
+    :param aes_key: the 43-character EncodingAESKey, or its 32 decoded bytes.
+    :param appid: the AppID the buffer must end with (-40005 otherwise).
+    :raises DecryptError: with ``.code`` -40010, -40007, -40008 or -40005.
+    """
+    _, message, found = _decrypt_buffer(encrypt, aes_key)
+    if not hmac.compare_digest(found.encode("utf-8"), appid.encode("utf-8")):
+        raise DecryptError(f"message is for appid {found!r} but this app has {appid!r}",
+                           code=VALIDATE_APPID_ERROR)
+    return message
+
+
+###############################################################################
+# Message codec ###############################################################
+###############################################################################
+
+
+def _sniff_format(body):
+    """``"xml"`` or ``"json"`` from the first non-space byte; Content-Type is unreliable."""
+    start = body.lstrip()[:1]
+    if start == b"<":
+        return "xml"
+    if start == b"{":
+        return "json"
+    raise MessageError("body is neither XML nor JSON")
+
+
+class _XMLRefused(Exception):
+    pass
+
+
+def _refuse_dtd(*_args):
+    # A DOCTYPE is how billion laughs, external entities and DTD retrieval get in, and WeChat
+    # never sends one, so we refuse it outright rather than trying to tame it.
+    raise _XMLRefused("DOCTYPE and entity declarations are refused")
+
+
+def _parse_xml(data):
+    """Parse a WeChat XML document into a dict.
+
+    Elements with children become dicts, repeated elements lists, leaves their text (CDATA or
+    not). Attributes are ignored: WeChat sends none. DTDs and entities are refused.
+    """
+    parser = expat.ParserCreate("utf-8")
+    parser.buffer_text = True
+    parser.StartDoctypeDeclHandler = _refuse_dtd
+    parser.EntityDeclHandler = _refuse_dtd
+    parser.ExternalEntityRefHandler = _refuse_dtd
+    # Each frame: [tag, children dict or None, text parts].
+    stack = []
+    result = []
+
+    def start(tag, _attributes):
+        if len(stack) >= MAX_XML_DEPTH:
+            raise _XMLRefused(f"elements nested deeper than {MAX_XML_DEPTH}")
+        if stack and stack[-1][1] is None:
+            stack[-1][1] = {}
+        stack.append([tag, None, []])
+
+    def end(_tag):
+        tag, children, texts = stack.pop()
+        value = children if children is not None else "".join(texts)
+        if not stack:
+            result.append(value)
+            return
+        siblings = stack[-1][1]
+        previous = siblings.get(tag, _MISSING)
+        if previous is _MISSING:
+            siblings[tag] = value
+        elif isinstance(previous, _Repeated):
+            previous.append(value)
+        else:
+            siblings[tag] = _Repeated((previous, value))
+
+    def text(data):
+        if stack:
+            stack[-1][2].append(data)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    try:
+        parser.Parse(data, True)
+    except _XMLRefused as exc:
+        raise MessageError(f"XML refused: {exc}") from None
+    except expat.ExpatError as exc:
+        raise MessageError(f"malformed XML: {expat.ErrorString(exc.code)} "
+                           f"at line {exc.lineno}") from None
+    document = result[0] if result else None
+    if not isinstance(document, dict):
+        raise MessageError("XML document has no fields")
+    return _normalise_lists(document)
+
+
+class _Repeated(list):
+    """A list made from repeated XML elements (so a third repeat appends to it)."""
+
+
+_MISSING = object()
+
+_LIST_FIELDS = frozenset({"List"})
+
+
+def _normalise_lists(fields):
+    """Make every ``List`` a list (one item arrives as an object) and repeats plain lists."""
+    for name, value in fields.items():
+        if isinstance(value, _Repeated):
+            value = fields[name] = [
+                _normalise_lists(item) if isinstance(item, dict) else item for item in value]
+        elif isinstance(value, dict):
+            _normalise_lists(value)
+        if name in _LIST_FIELDS and not isinstance(value, list):
+            fields[name] = [value]
+    return fields
+
+
+def _parse_json(data):
+    """Parse a JSON push into a dict, with the same ``List`` rule as XML."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise MessageError(f"malformed JSON: {str(exc)[:80]}") from None
+    if not isinstance(document, dict):
+        raise MessageError("JSON push is not an object")
+    if "List" in document and not isinstance(document["List"], list):
+        document["List"] = [document["List"]]
+    return document
+
+
+def _parse_body(data, fmt):
+    return _parse_xml(data) if fmt == "xml" else _parse_json(data)
+
+
+def _dedup_key(app_name, fields):
+    """The identity of a push, so WeChat's retries can be recognised.
+
+    ``MsgId`` for messages; ``FromUserName`` + ``CreateTime`` + ``Event`` for events (the
+    documented key, plus the event name); plus ``trace_id`` when present, because several
+    ``wxa_media_check`` results can arrive in one second for one user. None when the push
+    carries nothing to identify it by.
+    """
+    trace = fields.get("trace_id")
+    msg_id = fields.get("MsgId")
+    if msg_id not in (None, ""):
+        key = f"{app_name}:m:{msg_id}"
+    else:
+        sender, created = fields.get("FromUserName"), fields.get("CreateTime")
+        if not sender or created in (None, ""):
+            return None
+        key = f"{app_name}:e:{sender}:{created}:{fields.get('Event', '')}"
+    return f"{key}:{trace}" if trace not in (None, "") else key
+
+
+class Message(collections.abc.Mapping):
+    """A push from WeChat: a read-only mapping of its fields under WeChat's own names.
+
+    ``message["MsgType"]``, ``message["Content"]``... Nested XML elements are dicts, repeated
+    ones lists, and the subscribe-message ``List`` is always a list.
+
+    :ivar app: the app's name (its ``[app:NAME]``).
+    :ivar msg_type: ``MsgType``; :ivar event: ``Event`` for events, else None.
+    :ivar from_user: the sender's openid; :ivar dedup_key: the key retries are matched by.
+    :ivar format: ``"xml"`` or ``"json"``; :ivar encrypted: whether it came encrypted.
+    :ivar client: the app's :class:`WeChatClient`, for API calls from the handler.
+    """
+
+    __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",
+                 "encrypted", "client")
+
+    def __init__(self, fields, *, app="", format="xml", encrypted=False, client=None):
+        self._fields = fields
+        self.app = app
+        self.msg_type = fields.get("MsgType")
+        self.event = fields.get("Event") if self.msg_type == "event" else None
+        self.from_user = fields.get("FromUserName")
+        self.dedup_key = _dedup_key(app, fields)
+        self.format = format
+        self.encrypted = encrypted
+        self.client = client
+
+    def __getitem__(self, name):
+        return self._fields[name]
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self):
+        return len(self._fields)
+
+    def __repr__(self):
+        return f"<Message {self.app} {self.msg_type}/{self.event} key={self.dedup_key!r}>"
+
+    @property
+    def items_list(self):
+        """The subscribe events' ``List`` items whatever the format (XML wraps them)."""
+        if "List" in self._fields:
+            return self._fields["List"]
+        for value in self._fields.values():
+            if isinstance(value, dict) and "List" in value:
+                return value["List"]
+        return []
+
+    def to_dict(self):
+        """A plain (deep-copied) dict of the fields, e.g. for JSON."""
+        return json.loads(json.dumps(self._fields))
+
+
+_XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+
+
+def _cdata(text):
+    # A "]]>" inside the value would end the section early and let the value add elements
+    # (a second MsgType) to the reply: split it across two sections.
+    return "<![CDATA[" + text.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+
+
+def _dump_xml(fields, root="xml"):
+    """Render a dict as WeChat XML: strings in CDATA, numbers bare, dicts nested, lists repeated."""
+    parts = [f"<{root}>"]
+    _dump_xml_fields(fields, parts, 0)
+    parts.append(f"</{root}>")
+    return "".join(parts)
+
+
+def _dump_xml_fields(fields, parts, depth):
+    if depth > MAX_XML_DEPTH:
+        raise WxgateError("reply nested too deeply", code=GEN_RETURN_ERROR, status=500)
+    for name, value in fields.items():
+        if not isinstance(name, str) or not _XML_NAME.match(name):
+            raise WxgateError(f"reply field {name!r} is not a valid XML element name",
+                              code=GEN_RETURN_ERROR, status=500)
+        for item in value if isinstance(value, list) else (value,):
+            parts.append(f"<{name}>")
+            if isinstance(item, dict):
+                _dump_xml_fields(item, parts, depth + 1)
+            elif isinstance(item, bool) or not isinstance(item, (int, float)):
+                parts.append(_cdata(str(item)))
+            else:
+                parts.append(str(item))
+            parts.append(f"</{name}>")
+
+
+def _dump_json(fields):
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+def _reply_fields(reply, message, now):
+    """Fill in ``ToUserName``, ``FromUserName`` and ``CreateTime`` from the push when missing."""
+    fields = {"ToUserName": message.get("FromUserName", ""),
+              "FromUserName": message.get("ToUserName", ""),
+              "CreateTime": int(now)}
+    fields.update(reply)
+    return fields
+
+
+def _envelope(encrypt, signature, timestamp, nonce, fmt):
+    """The documented four-field encrypted reply (TimeStamp a number, Nonce a string)."""
+    if fmt == "json":
+        return _dump_json({"Encrypt": encrypt, "MsgSignature": signature,
+                           "TimeStamp": int(timestamp), "Nonce": nonce})
+    return (f"<xml><Encrypt>{_cdata(encrypt)}</Encrypt>"
+            f"<MsgSignature>{_cdata(signature)}</MsgSignature>"
+            f"<TimeStamp>{int(timestamp)}</TimeStamp><Nonce>{_cdata(nonce)}</Nonce></xml>")
+
+
+###############################################################################
+# Stores ######################################################################
+###############################################################################
+
+
+class Store:
+    """A small key-value store with expiry: what dedup, the token cache and the locks share.
+
+    Values are strings; ``ttl`` is in seconds. Implementations must make :meth:`add` atomic
+    across every process that shares the store: it is the one operation claims and locks
+    rest on.
+    """
+
+    #: True when other processes see the same data (so waiting must poll the store).
+    shared = False
+
+    def add(self, key, value, ttl):
+        """Set ``key`` only if it is absent or expired; return whether it was set."""
+        raise NotImplementedError
+
+    def get(self, key):
+        """The value, or None when absent or expired."""
+        raise NotImplementedError
+
+    def set(self, key, value, ttl):
+        """Set ``key`` unconditionally."""
+        raise NotImplementedError
+
+    def delete(self, key, value=None):
+        """Delete ``key``; with ``value``, only while it still holds that value."""
+        raise NotImplementedError
+
+    def ping(self):
+        """Raise if the store cannot be reached."""
+
+    def close(self):
+        """Release connections."""
+
+
+class MemoryStore(Store):
+    """The in-process default: an LRU bounded by ``max_entries``, with per-entry expiry.
+
+    :param max_entries: how many keys to keep; the least recently used go first.
+    :param clock: returns the time in seconds (injectable for tests).
+    """
+
+    def __init__(self, max_entries=DEFAULT_DEDUP_SIZE, *, clock=time.time):
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries = collections.OrderedDict()  # key -> (value, expires_at)
+        self._lock = threading.Lock()
+
+    def _live(self, key, now):
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self._entries[key]
+            return None
+        return entry
+
+    def _insert(self, key, value, ttl, now):
+        self._entries[key] = (value, now + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def add(self, key, value, ttl):
+        now = self._clock()
+        with self._lock:
+            if self._live(key, now) is not None:
+                return False
+            self._insert(key, value, ttl, now)
+            return True
+
+    def get(self, key):
+        now = self._clock()
+        with self._lock:
+            entry = self._live(key, now)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def set(self, key, value, ttl):
+        now = self._clock()
+        with self._lock:
+            self._insert(key, value, ttl, now)
+
+    def delete(self, key, value=None):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or (value is not None and entry[0] != value):
+                return False
+            del self._entries[key]
+            return True
+
+    def __len__(self):
+        return len(self._entries)
+
+
+class SqliteStore(Store):
+    """A store in one sqlite file, shared by every process on a host (gunicorn workers).
+
+    WAL mode lets readers run beside the one writer; every write is one short ``BEGIN
+    IMMEDIATE`` transaction, and the busy timeout makes concurrent writers queue instead of
+    failing. Expired rows are deleted as we go. The file and a directory we create are
+    owner-only, because the file holds access tokens.
+
+    :param path: the database file.
+    :param clock: returns the time in seconds (injectable for tests).
+    :param busy_timeout: seconds a writer waits for the lock before giving up.
+    """
+
+    shared = True
+    _CLEANUP_EVERY = 256
+
+    def __init__(self, path, *, clock=time.time, busy_timeout=2.0):
+        self.path = os.path.abspath(path)
+        self._clock = clock
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._writes = 0
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._connection()  # create the schema now, so a bad path fails at startup
+
+    def _connection(self):
+        # One connection per thread and per process: sqlite connections must not cross a
+        # fork (gunicorn --preload) or be shared between threads.
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            connection = sqlite3.connect(self.path, timeout=self._busy_timeout,
+                                         isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
+                " expires_at REAL NOT NULL)")
+            connection.execute(
+                "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)")
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.chmod(self.path + suffix, 0o600)
+                except OSError:
+                    pass
+            local.connection, local.pid = connection, os.getpid()
+        return local.connection
+
+    def _write(self, statements):
+        connection = self._connection()
+        self._writes += 1
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            changed = 0
+            for sql, parameters in statements:
+                changed = connection.execute(sql, parameters).rowcount
+            if self._writes % self._CLEANUP_EVERY == 0:
+                connection.execute("DELETE FROM wxgate_kv WHERE expires_at <= ?",
+                                   (self._clock(),))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return changed
+
+    def add(self, key, value, ttl):
+        now = self._clock()
+        return self._write((
+            ("DELETE FROM wxgate_kv WHERE key = ? AND expires_at <= ?", (key, now)),
+            ("INSERT OR IGNORE INTO wxgate_kv VALUES (?, ?, ?)", (key, value, now + ttl)),
+        )) == 1
+
+    def get(self, key):
+        row = self._connection().execute(
+            "SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
+            (key, self._clock())).fetchone()
+        return row[0] if row else None
+
+    def set(self, key, value, ttl):
+        self._write((("INSERT OR REPLACE INTO wxgate_kv VALUES (?, ?, ?)",
+                      (key, value, self._clock() + ttl)),))
+
+    def delete(self, key, value=None):
+        if value is None:
+            statement = ("DELETE FROM wxgate_kv WHERE key = ?", (key,))
+        else:
+            statement = ("DELETE FROM wxgate_kv WHERE key = ? AND value = ?", (key, value))
+        return self._write((statement,)) == 1
+
+    def ping(self):
+        self._connection().execute("SELECT 1").fetchone()
+
+    def close(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.pid = None
+
+
+class RedisStore(Store):
+    """A store in Redis, shared by every process on every host.
+
+    Needs the optional ``redis`` package (``pip install 'wxgate[redis]'``), imported only here.
+
+    :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` or ``unix://...``.
+    :param socket_timeout: seconds for each command, so a dead Redis cannot stall a push.
+    """
+
+    shared = True
+    # Compare-and-delete: a lock or claim is released only by the one who holds it.
+    _DELETE_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                  "return redis.call('del', KEYS[1]) else return 0 end")
+
+    def __init__(self, url, *, socket_timeout=1.0, client=None):
+        if client is None:
+            try:
+                import redis
+            except ImportError:
+                raise ConfigError("store = redis://... needs the redis package: "
+                                  "pip install 'wxgate[redis]'") from None
+            client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                          socket_connect_timeout=socket_timeout)
+        self._redis = client
+        self._delete_if = client.register_script(self._DELETE_IF)
+
+    def add(self, key, value, ttl):
+        return bool(self._redis.set(key, value, nx=True, px=max(1, int(ttl * 1000))))
+
+    def get(self, key):
+        value = self._redis.get(key)
+        return value.decode("utf-8") if isinstance(value, bytes) else value
+
+    def set(self, key, value, ttl):
+        self._redis.set(key, value, px=max(1, int(ttl * 1000)))
+
+    def delete(self, key, value=None):
+        if value is None:
+            return bool(self._redis.delete(key))
+        return bool(self._delete_if(keys=[key], args=[value]))
+
+    def ping(self):
+        self._redis.ping()
+
+    def close(self):
+        self._redis.close()
+
+
+def open_store(url, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
+    """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``, ``redis://``)."""
+    if url == "memory":
+        return MemoryStore(max_entries, clock=clock)
+    if url.startswith("sqlite://"):
+        return SqliteStore(url[len("sqlite://"):], clock=clock)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(url)
+    raise ConfigError(f"unknown store {url.split('://')[0]!r}")
+
+
+class _FallbackStore(Store):
+    """A shared store that keeps pushes flowing when it fails.
+
+    When Redis is down or the disk is full we log loudly and carry on with a private
+    in-process store: duplicates across processes may then run twice, but no push is dropped.
+    Each call tries the shared store again, so service recovers by itself.
+    """
+
+    def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
+        self.primary = primary
+        self.shared = primary.shared
+        self._local = MemoryStore(max_entries, clock=clock)
+        self._failing = False
+        self._clock = clock
+        self._last_warning = 0.0
+
+    def _attempt(self, operation, *args):
+        try:
+            result = getattr(self.primary, operation)(*args)
+        except Exception as exc:  # any driver's error: sqlite3, OSError, redis
+            now = self._clock()
+            if not self._failing or now - self._last_warning > 10:
+                logger.error("store %s failed (%s: %s); continuing without cross-process "
+                             "dedup and token sharing until it recovers",
+                             type(self.primary).__name__, type(exc).__name__, exc)
+                self._last_warning = now
+            self._failing = True
+            return getattr(self._local, operation)(*args)
+        if self._failing:
+            self._failing = False
+            logger.warning("store %s recovered", type(self.primary).__name__)
+        return result
+
+    def add(self, key, value, ttl):
+        return self._attempt("add", key, value, ttl)
+
+    def get(self, key):
+        return self._attempt("get", key)
+
+    def set(self, key, value, ttl):
+        return self._attempt("set", key, value, ttl)
+
+    def delete(self, key, value=None):
+        return self._attempt("delete", key, value)
+
+    def ping(self):
+        self.primary.ping()
+
+    def close(self):
+        self.primary.close()
+
+
+###############################################################################
+# Duplicate detection #########################################################
+###############################################################################
+
+
+class _InFlightTimeout(WxgateError):
+    status = 503
+
+
+class _Dedup:
+    """Run each push's work once per dedup key, and answer retries with the first reply.
+
+    A key moves through three states in the store: absent, claimed (``p`` + a claim id, for
+    at most ``IN_FLIGHT_TTL``) and done (``d`` + the reply, for ``ttl``). Whoever's ``add``
+    succeeds owns the key and runs the work; everyone else waits for ``done``. If the work
+    raises, the owner deletes its claim, so the next delivery (a waiting duplicate or
+    WeChat's retry) runs it again: nothing that was not acknowledged is remembered as done.
+    """
+
+    def __init__(self, store, *, prefix, ttl, clock=time.time, sleep=time.sleep):
+        self.store, self.prefix, self.ttl = store, prefix, ttl
+        self._clock, self._sleep = clock, sleep
+        # Waiters in this process sleep on an Event instead of polling the store.
+        self._events = {}
+        self._events_lock = threading.Lock()
+
+    def run(self, key, work, deadline):
+        """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
+
+        :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
+        """
+        store_key = f"{self.prefix}:dedup:{key}"
+        claim = f"p{uuid.uuid4().hex}"
+        while True:
+            if self.store.add(store_key, claim, IN_FLIGHT_TTL):
+                return self._own(store_key, claim, work) + (False,)
+            value = self.store.get(store_key)
+            if value is None:
+                continue  # released (the first delivery failed) or expired: claim it
+            if value[0] == "d":
+                content_type, _, body = value[1:].partition("\n")
+                return content_type, body, True
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise _InFlightTimeout("a duplicate waited for the first delivery, which is "
+                                       "still running at the reply deadline")
+            event = self._events.get(store_key)
+            if event is not None:
+                event.wait(remaining)
+            else:
+                self._sleep(min(POLL_INTERVAL, remaining))
+
+    def _own(self, store_key, claim, work):
+        event = threading.Event()
+        with self._events_lock:
+            self._events[store_key] = event
+        try:
+            try:
+                content_type, body = work()
+            except BaseException:
+                # Forget the claim so the retry runs the work again; a lost message is worse
+                # than a repeated one.
+                self.store.delete(store_key, claim)
+                raise
+            self.store.set(store_key, f"d{content_type}\n{body}", self.ttl)
+            return content_type, body
+        finally:
+            with self._events_lock:
+                self._events.pop(store_key, None)
+            event.set()
+
+
+###############################################################################
+# access_token ################################################################
+###############################################################################
+
+
+def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what=""):
+    """One HTTP call to WeChat's API; return the decoded JSON object.
+
+    ``what`` names the endpoint in errors: the URL itself may carry a secret or a token, so
+    it never reaches a message or a log line.
+    """
+    if params:
+        url = f"{url}?{urllib.parse.urlencode(params)}"
+    data = None
+    headers = {"Accept": "application/json", "User-Agent": f"wxgate/{__version__}"}
+    if body is not None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        headers["Content-Type"] = "application/json; charset=utf-8"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        raise WeChatConnectionError(f"{what} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise WeChatConnectionError(f"{what} timed out after {timeout:g} s "
+                                        "(api_timeout)") from None
+        raise WeChatConnectionError(f"{what} unreachable: {reason}") from None
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise WeChatConnectionError(f"{what} answered something that is not JSON") from None
+    if not isinstance(document, dict):
+        raise WeChatConnectionError(f"{what} answered JSON that is not an object")
+    return document
+
+
+def _errcode(document):
+    """WeChat's rule: a missing errcode means success."""
+    try:
+        return int(document.get("errcode") or 0)
+    except (TypeError, ValueError):
+        return -1
+
+
+class TokenManager:
+    """One app's access_token: cached in the store beside its expiry, fetched once at a time.
+
+    Every thread in a process, every worker on a host (sqlite) and every host (Redis) share
+    one token. Within a process a lock makes concurrent callers wait for one fetch; across
+    processes a lock key in the store does the same, and a holder that crashes loses it
+    when it expires.
+
+    :param appid: the mini program's AppID.
+    :param appsecret: its AppSecret; only needed when a token must be fetched.
+    :param store: a :class:`Store`; a private :class:`MemoryStore` by default.
+    :param api_base: WeChat's API base URL (a fake one in tests).
+    :param api_timeout: seconds for each HTTP call.
+    :param grant: ``"stable"`` (``POST /cgi-bin/stable_token``) or ``"classic"``
+        (``GET /cgi-bin/token``).
+    :param refresh_margin: fetch a new token when the stored one expires within this many
+        seconds.
+    :param name: the app's name, for messages.
+    :param prefix: store key prefix.
+    :param clock: returns the time in seconds; ``sleep`` waits (both injectable).
+    """
+
+    def __init__(self, appid, appsecret, *, store=None, api_base=DEFAULT_API_BASE,
+                 api_timeout=DEFAULT_API_TIMEOUT, grant="stable",
+                 refresh_margin=DEFAULT_REFRESH_MARGIN, name=None, prefix="wxgate",
+                 clock=time.time, sleep=time.sleep):
+        if grant not in TOKEN_GRANTS:
+            raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
+        self.appid, self._appsecret = appid, appsecret
+        self.store = store if store is not None else MemoryStore(clock=clock)
+        self.api_base, self.api_timeout = api_base.rstrip("/"), api_timeout
+        self.grant, self.refresh_margin = grant, refresh_margin
+        self.name = name or appid
+        self._clock, self._sleep = clock, sleep
+        self._key = f"{prefix}:token:{grant}:{appid}"
+        self._lock_key = self._key + ":lock"
+        self._force_key = self._key + ":forced"
+        self._local_lock = threading.Lock()
+        #: How many times this manager called a token endpoint (for tests and metrics).
+        self.fetches = 0
+
+    def __repr__(self):
+        return f"<TokenManager {self.name} appid={self.appid} grant={self.grant}>"
+
+    # The record kept in the store: "expires_at token". A token never holds a space.
+    def _read(self):
+        value = self.store.get(self._key)
+        if not value:
+            return None
+        expires_at, _, token = value.partition(" ")
+        try:
+            return token, float(expires_at)
+        except ValueError:
+            return None
+
+    def token_info(self):
+        """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
+        token = self.get_token()
+        record = self._read()
+        expires_at = record[1] if record and record[0] == token else self._clock()
+        return {"access_token": token, "expires_at": int(expires_at)}
+
+    def get_token(self):
+        """Return a valid access_token, fetching one when none is stored or it nearly expired.
+
+        :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
+        :raises WeChatConnectionError: the endpoint could not be reached in time.
+        :raises WxgateError: the app has no AppSecret configured.
+        """
+        record = self._read()
+        if record and record[1] - self.refresh_margin > self._clock():
+            return record[0]
+        # Single flight in this process: the first caller fetches, the rest wait on the lock
+        # and then find its token in the store.
+        with self._local_lock:
+            record = self._read()
+            if record and record[1] - self.refresh_margin > self._clock():
+                return record[0]
+            return self._refresh(record)
+
+    def invalidate_token(self, token=None):
+        """Forget the stored token (only if it is still ``token``, when given)."""
+        record = self._read()
+        if record and (token is None or record[0] == token):
+            self.store.delete(self._key, f"{record[1]!r} {record[0]}")
+
+    def _replacement_for(self, rejected):
+        """A token other than ``rejected``, after an API call said it is dead.
+
+        Fetches once; with stable_token, a normal fetch returns the same token while WeChat
+        thinks it is alive, so only then do we force a refresh, and at most once per 30 s
+        (WeChat ignores closer ones). Returns None when nothing better can be had.
+        """
+        with self._local_lock:
+            record = self._read()
+            if record and record[0] != rejected and record[1] > self._clock():
+                return record[0]  # another thread already replaced it
+            self.invalidate_token(rejected)
+            token = self._refresh(None)
+            if token != rejected:
+                return token
+            if self.grant != "stable" or not self.store.add(self._force_key, "1",
+                                                            STABLE_FORCE_GAP):
+                return None
+            logger.warning("app %s: WeChat rejects the current stable token; forcing a "
+                           "refresh", self.name)
+            self.invalidate_token(rejected)
+            token = self._refresh(None, force=True)
+            return token if token != rejected else None
+
+    def _refresh(self, stale, force=False):
+        """Fetch under the store lock, or wait for the process holding it."""
+        owner = uuid.uuid4().hex
+        lock_ttl = self.api_timeout * (len(BUSY_BACKOFF) + 1) + sum(BUSY_BACKOFF) + 1
+        deadline = self._clock() + lock_ttl
+        while True:
+            if self.store.add(self._lock_key, owner, lock_ttl):
+                try:
+                    record = self._read()
+                    if not force and record and \
+                            record[1] - self.refresh_margin > self._clock():
+                        return record[0]  # another process fetched while we waited
+                    token, expires_in = self._fetch(force)
+                    expires_at = self._clock() + expires_in
+                    self.store.set(self._key, f"{expires_at!r} {token}", expires_in)
+                    return token
+                finally:
+                    self.store.delete(self._lock_key, owner)
+            # Another process is fetching. A token that still works is good enough meanwhile.
+            now = self._clock()
+            if stale and stale[1] > now and not force:
+                return stale[0]
+            record = self._read()
+            if record and record[1] - self.refresh_margin > now:
+                return record[0]
+            if now > deadline:
+                raise WeChatConnectionError(
+                    f"app {self.name}: timed out waiting for another process to fetch the "
+                    "access_token")
+            self._sleep(POLL_INTERVAL * 2)
+
+    def _fetch(self, force=False):
+        """Call the token endpoint; return ``(token, expires_in)``."""
+        if not self._appsecret:
+            raise WxgateError(f"app {self.name!r} has no appsecret: set appsecret in its "
+                              "[app:...] section to fetch access tokens", status=500)
+        credentials = {"grant_type": "client_credential", "appid": self.appid,
+                       "secret": self._appsecret}
+        for attempt in range(len(BUSY_BACKOFF) + 1):
+            self.fetches += 1
+            if self.grant == "stable":
+                document = _http_json(
+                    "POST", self.api_base + "/cgi-bin/stable_token",
+                    body=dict(credentials, force_refresh=force), timeout=self.api_timeout,
+                    what="stable_token")
+            else:
+                document = _http_json("GET", self.api_base + "/cgi-bin/token",
+                                      params=credentials, timeout=self.api_timeout,
+                                      what="token")
+            errcode = _errcode(document)
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF):
+                self._sleep(BUSY_BACKOFF[attempt])
+                continue
+            break
+        if errcode in CREDENTIAL_ERRCODES:
+            raise WeChatAPIError(errcode, f"the token endpoint refused app {self.name!r} "
+                                 f"(appid {self.appid}): check its appid and appsecret "
+                                 f"({document.get('errmsg', '')})")
+        if errcode:
+            raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
+        token = document.get("access_token")
+        if not isinstance(token, str) or not token or " " in token:
+            raise WeChatConnectionError("token endpoint answered without an access_token")
+        try:
+            expires_in = float(document.get("expires_in", 7200))
+        except (TypeError, ValueError):
+            expires_in = 7200.0
+        logger.info("app %s: fetched a new access_token (%s, expires in %d s)",
+                    self.name, self.grant, expires_in)
+        return token, max(expires_in, 1.0)
+
+
+###############################################################################
+# WeChat API client ###########################################################
+###############################################################################
+
+
+class WeChatClient:
+    """Calls to WeChat's backend API for one app, with its token injected.
+
+    A call rejected for its token (40001, 40014, 42001) gets one replacement token and one
+    retry, then the error: never a loop. ``-1`` (busy) gets a short bounded backoff.
+    Handlers reach it as ``message.client``; other code as ``app.client(name)``.
+
+    :param tokens: the app's :class:`TokenManager`.
+    """
+
+    def __init__(self, tokens, *, sleep=time.sleep):
+        self.tokens = tokens
+        self._sleep = sleep
+
+    def __repr__(self):
+        return f"<WeChatClient {self.tokens.name}>"
+
+    def call(self, method, path, params=None, json=None):
+        """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
+
+        :param method: ``"GET"`` or ``"POST"``.
+        :param params: extra query parameters; ``access_token`` is added.
+        :param json: the JSON body, for POST.
+        :raises WeChatAPIError: WeChat answered a non-zero errcode (after the one retry, for
+            token errors).
+        :raises WeChatConnectionError: WeChat could not be reached within ``api_timeout``.
+        """
+        token = self.tokens.get_token()
+        try:
+            return self._call_with(token, method, path, params, json)
+        except WeChatAPIError as exc:
+            if exc.errcode not in TOKEN_REJECTED_ERRCODES:
+                raise
+            replacement = self.tokens._replacement_for(token)
+            if replacement is None:
+                raise
+            logger.warning("app %s: %s rejected the access_token (%s); retrying once with "
+                           "a new one", self.tokens.name, path, exc.errcode)
+            return self._call_with(replacement, method, path, params, json)
+
+    def _call_with(self, token, method, path, params, body):
+        query = dict(params or {})
+        query["access_token"] = token
+        return self._request(method, path, query, body)
+
+    def _request(self, method, path, query, body):
+        for attempt in range(len(BUSY_BACKOFF) + 1):
+            document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
+                                  timeout=self.tokens.api_timeout, what=path)
+            errcode = _errcode(document)
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF):
+                self._sleep(BUSY_BACKOFF[attempt])
+                continue
+            if errcode:
+                raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
+            return document
+
+    def code2session(self, js_code):
+        """Exchange a ``wx.login`` code for ``openid``, ``session_key`` (and ``unionid``).
+
+        Never send ``session_key`` to the client.
+        https://developers.weixin.qq.com/miniprogram/dev/server/API/user-login/api_code2session
+        """
+        if not self.tokens._appsecret:
+            raise WxgateError(f"app {self.tokens.name!r} has no appsecret: set appsecret in "
+                              "its [app:...] section to call code2session", status=500)
+        document = self._request("GET", "/sns/jscode2session", {
+            "appid": self.tokens.appid, "secret": self.tokens._appsecret,
+            "js_code": js_code, "grant_type": "authorization_code"}, None)
+        if "openid" not in document:
+            raise WeChatConnectionError("jscode2session answered without an openid")
+        return document
+
+    def send_customer_message(self, openid, msgtype, payload):
+        """Send a customer-service message: ``{"touser", "msgtype", msgtype: payload}``."""
+        return self.call("POST", "/cgi-bin/message/custom/send",
+                         json={"touser": openid, "msgtype": msgtype, msgtype: payload})
+
+    def send_text(self, openid, text):
+        """Send a text customer-service message."""
+        return self.send_customer_message(openid, "text", {"content": text})
+
+    def send_image(self, openid, media_id):
+        """Send an image customer-service message (an uploaded temporary media id)."""
+        return self.send_customer_message(openid, "image", {"media_id": media_id})
+
+    def send_link(self, openid, title, description, url, thumb_url):
+        """Send a link card."""
+        return self.send_customer_message(openid, "link", {
+            "title": title, "description": description, "url": url, "thumb_url": thumb_url})
+
+    def send_miniprogrampage(self, openid, title, pagepath, thumb_media_id):
+        """Send a mini program page card."""
+        return self.send_customer_message(openid, "miniprogrampage", {
+            "title": title, "pagepath": pagepath, "thumb_media_id": thumb_media_id})
+
+    def send_subscribe_message(self, openid, template_id, data, page=None,
+                               miniprogram_state=None, lang=None):
+        """Send a subscribe message; ``data`` maps keywords to values or ``{"value": ...}``."""
+        body = {"touser": openid, "template_id": template_id,
+                "data": {name: value if isinstance(value, dict) else {"value": value}
+                         for name, value in data.items()}}
+        for name, value in (("page", page), ("miniprogram_state", miniprogram_state),
+                            ("lang", lang)):
+            if value is not None:
+                body[name] = value
+        return self.call("POST", "/cgi-bin/message/subscribe/send", json=body)
+
+    def set_typing(self, openid, on=True):
+        """Show (or hide) "typing..." in the user's chat."""
+        return self.call("POST", "/cgi-bin/message/custom/typing",
+                         json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
+
+
+###############################################################################
+# WSGI application ############################################################
+###############################################################################
+
+_STATUS_LINES = {
+    200: "200 OK", 204: "204 No Content", 400: "400 Bad Request", 401: "401 Unauthorized",
+    403: "403 Forbidden", 404: "404 Not Found", 405: "405 Method Not Allowed",
+    413: "413 Payload Too Large", 415: "415 Unsupported Media Type",
+    500: "500 Internal Server Error", 502: "502 Bad Gateway", 503: "503 Service Unavailable",
+}
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json; charset=utf-8"
+_CONTENT_TYPES = {"xml": "text/xml; charset=utf-8", "json": _JSON}
+
+
+def _query(environ):
+    """The query string as a dict of first values (WeChat never repeats a parameter)."""
+    query = {}
+    try:
+        pairs = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                                       max_num_fields=64)
+    except ValueError:
+        raise MessageError("too many query parameters", code=None) from None
+    for name, value in pairs:
+        query.setdefault(name, value)
+    return query
+
+
+def _read_body(environ, limit):
+    """Read at most ``limit`` + 1 bytes, whatever Content-Length claims."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length:
+        if not length.isdigit():
+            raise MessageError(f"Content-Length {length[:20]!r} is not a number", code=None)
+        wanted = int(length)
+        if wanted > limit:
+            raise PayloadTooLarge(f"body of {wanted} bytes is over max_body_bytes ({limit})")
+    elif environ.get("wsgi.input_terminated"):
+        wanted = limit + 1
+    else:
+        return b""
+    try:
+        body = environ["wsgi.input"].read(min(wanted, limit + 1)) if wanted else b""
+    except Exception:  # a client that hangs up mid-body; servers raise various things
+        raise MessageError("could not read the request body", code=None) from None
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body is over max_body_bytes ({limit})")
+    return body
+
+
+def _required(query, *names):
+    missing = [name for name in names if not query.get(name)]
+    if missing:
+        raise MessageError(f"query is missing {', '.join(missing)}", code=None)
+    return [query[name] for name in names]
+
+
+def _check_timestamp(timestamp, now, window):
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise MessageError(f"timestamp {timestamp[:20]!r} is not a number of seconds",
+                           code=None)
+    if window and abs(now - int(timestamp)) > window:
+        raise ReplayError(f"timestamp {timestamp} is {int(now) - int(timestamp)} s away from "
+                          f"our clock, beyond timestamp_window ({window} s): a replay, or a "
+                          "clock that needs NTP")
+
+
+class Gateway:
+    """The WSGI application: one or more apps' push endpoints, plus the admin endpoints.
+
+    Build it with :func:`make_app`. The callable never raises: a bad request gets its 4xx
+    and one log line, a bug or a failing handler gets a 500 with an empty body (so WeChat
+    retries) and a traceback in the log.
+
+    :param config: a :class:`Config`.
+    :param clock: returns the time in seconds (replay window, reply TimeStamp, expiry).
+    :param random_bytes: returns n random bytes (reply random prefixes).
+    :param store: a :class:`Store` to use instead of the configured one.
+    :param sleep: waits (busy backoff, polling).
+    """
+
+    def __init__(self, config, *, clock=time.time, random_bytes=os.urandom, store=None,
+                 sleep=time.sleep):
+        self.config = config
+        self._clock, self._random_bytes = clock, random_bytes
+        if store is None:
+            store = open_store(config.store, clock=clock, max_entries=config.dedup_size)
+        self.store = store if not store.shared else _FallbackStore(
+            store, clock=clock, max_entries=config.dedup_size)
+        self._dedup = _Dedup(self.store, prefix=config.store_prefix, ttl=config.dedup_ttl,
+                             clock=clock, sleep=sleep)
+        self._routes = {app.path: app for app in config.apps.values()}
+        self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
+        self._clients = {
+            app.name: WeChatClient(TokenManager(
+                app.appid, app.appsecret, store=self.store, api_base=config.api_base,
+                api_timeout=config.api_timeout, grant=app.token_grant,
+                refresh_margin=app.token_refresh_margin, name=app.name,
+                prefix=config.store_prefix, clock=clock, sleep=sleep), sleep=sleep)
+            for app in config.apps.values()
+        }
+
+    def client(self, name):
+        """The :class:`WeChatClient` of app ``name``."""
+        try:
+            return self._clients[name]
+        except KeyError:
+            raise KeyError(f"no app named {name!r}; configured: {sorted(self._clients)}") \
+                from None
+
+    def close(self):
+        """Release the store's connections."""
+        self.store.close()
+
+    def __call__(self, environ, start_response):
+        try:
+            status, headers, body = self._respond(environ)
+        except Exception:  # a bug of ours: never let it escape to the server
+            logger.exception("internal error on %s %s", environ.get("REQUEST_METHOD"),
+                             environ.get("PATH_INFO"))
+            status, headers, body = 500, [("Content-Type", _TEXT)], b""
+        headers.append(("Content-Length", str(len(body))))
+        start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
+        return [body]
+
+    def _respond(self, environ):
+        path = environ.get("PATH_INFO") or "/"
+        app = self._routes.get(path)
+        if app is None and environ.get("SCRIPT_NAME"):
+            app = self._routes.get(environ["SCRIPT_NAME"].rstrip("/") + path)
+        if app is None:
+            admin = self.config.admin_path
+            if path.startswith(admin + "/"):
+                return self._admin(environ, path[len(admin):])
+            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+        method = environ.get("REQUEST_METHOD", "")
+        started = self._clock()
+        try:
+            if method == "POST":
+                return self._push(app, environ, started)
+            if method == "GET":
+                return self._handshake(app, environ)
+            return 405, [("Content-Type", _TEXT), ("Allow", "GET, POST")], \
+                b"method not allowed: WeChat sends GET (handshake) and POST (push)"
+        except WxgateError as exc:
+            logger.warning("app=%s %s refused %d: %s", app.name, method, exc.status, exc.message)
+            return exc.status, [("Content-Type", _TEXT)], exc.message.encode("utf-8")
+
+    def _handshake(self, app, environ):
+        query = _query(environ)
+        signature, timestamp, nonce, echostr = _required(
+            query, "signature", "timestamp", "nonce", "echostr")
+        _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
+        check_signature(signature, app.token, timestamp, nonce)
+        logger.info("app=%s handshake ok", app.name)
+        # The body must be echostr exactly: no newline, no JSON, no encryption.
+        return 200, [("Content-Type", _TEXT), ("X-Content-Type-Options", "nosniff")], \
+            echostr.encode("utf-8")
+
+    def _push(self, app, environ, started):
+        query = _query(environ)
+        timestamp, nonce = _required(query, "timestamp", "nonce")
+        _check_timestamp(timestamp, started, self.config.timestamp_window)
+        if app.mode == "plain":  # checked before we even read the body
+            check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
+        body = _read_body(environ, self.config.max_body_bytes)
+        if not body.strip():
+            raise MessageError("empty body")
+        fmt = _sniff_format(body)
+        if app.format != "auto" and fmt != app.format:
+            raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
+                               code=None)
+        fields = _parse_body(body, fmt)
+        encrypt = fields.get("Encrypt")
+        if encrypt is not None:
+            if app.mode == "plain":
+                raise MessageError("encrypted push, but the app has mode = plain: set mode to "
+                                   "safe or compat and its encoding_aes_key", code=None)
+            if not isinstance(encrypt, str):
+                raise MessageError("Encrypt is not a string")
+            # msg_signature covers Encrypt: check it before decoding a single byte.
+            check_signature(_required(query, "msg_signature")[0], app.token, timestamp, nonce,
+                            encrypt)
+            inner = decrypt_message(encrypt, self._aes_keys[app.name], app.appid).encode()
+            fmt = _sniff_format(inner)
+            if app.format != "auto" and fmt != app.format:
+                raise MessageError(f"app expects {app.format} but the decrypted push is {fmt}",
+                                   status=415, code=None)
+            fields = _parse_body(inner, fmt)  # in compat mode the clear fields are ignored
+        elif app.mode == "safe":
+            raise MessageError("safe mode refuses an unencrypted push", code=None)
+        elif app.mode == "compat":
+            check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
+        message = Message(fields, app=app.name, format=fmt, encrypted=encrypt is not None,
+                          client=self._clients[app.name])
+
+        def work():
+            return self._deliver(app, message, nonce)
+
+        key = message.dedup_key
+        kind = message.event or message.msg_type
+        try:
+            if key is None:
+                content_type, reply, duplicate = work() + (False,)
+            else:
+                content_type, reply, duplicate = self._dedup.run(
+                    key, work, started + REPLY_DEADLINE)
+        except _InFlightTimeout as exc:
+            self._log_push(app, kind, key, "in-flight-timeout", started)
+            return exc.status, [("Content-Type", _TEXT)], b""
+        except Exception:
+            logger.exception("app=%s handler %s raised on %s (key %s); answering 500 so "
+                             "WeChat retries", app.name, app.handler_spec, kind, key)
+            self._log_push(app, kind, key, "handler-error", started)
+            return 500, [("Content-Type", _TEXT)], b""
+        self._log_push(app, kind, key, "duplicate" if duplicate else "handled", started)
+        return 200, [("Content-Type", content_type)], reply.encode("utf-8")
+
+    def _log_push(self, app, kind, key, outcome, started):
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f", app.name, kind, key,
+                        outcome, (self._clock() - started) * 1000)
+
+    def _deliver(self, app, message, nonce):
+        """Call the handler and render its answer; return ``(content_type, body)``."""
+        return self._render(app, message, app.handler(message), nonce)
+
+    def _render(self, app, message, reply, nonce):
+        if reply is None or reply == "success":
+            return _TEXT, "success"
+        if reply == "":
+            return _TEXT, ""
+        if isinstance(reply, dict):
+            fields = _reply_fields(reply, message, self._clock())
+            text = _dump_json(fields) if message.format == "json" else _dump_xml(fields)
+        elif isinstance(reply, (str, bytes)):
+            text = reply.decode("utf-8") if isinstance(reply, bytes) else reply
+        else:
+            raise TypeError(f"handler {app.handler_spec} returned {type(reply).__name__}; "
+                            "expected None, a str or a dict")
+        if not message.encrypted:
+            return _CONTENT_TYPES[message.format], text
+        # Reply in the mode of the request being answered (never a sticky flag).
+        timestamp = str(int(self._clock()))
+        encrypt = encrypt_message(text, self._aes_keys[app.name], app.appid,
+                                  random_prefix=self._random_bytes(8).hex().encode("ascii"))
+        signature = sign(app.token, timestamp, nonce, encrypt)
+        return _CONTENT_TYPES[message.format], _envelope(encrypt, signature, timestamp, nonce,
+                                                         message.format)
+
+    def _admin(self, environ, subpath):
+        """``/healthz`` (open) and ``/token/NAME`` (Bearer admin_secret) under admin_path."""
+        method = environ.get("REQUEST_METHOD", "")
+        if subpath == "/healthz":
+            if method != "GET":
+                return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
+            try:
+                self.store.ping()
+                status, state = 200, "ok"
+            except Exception as exc:
+                logger.error("healthz: store unreachable: %s: %s", type(exc).__name__, exc)
+                status, state = 503, "store unreachable"
+            body = _dump_json({"status": state, "version": __version__,
+                               "apps": sorted(self.config.apps)})
+            return status, [("Content-Type", _JSON)], body.encode()
+        secret = self.config.admin_secret
+        if not secret or not subpath.startswith("/token/"):
+            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+        if method != "GET":
+            return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, credential = given.partition(" ")
+        expected = secret.encode("utf-8")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credential.strip().encode("utf-8", "surrogateescape"), expected):
+            logger.warning("admin token request refused: missing or wrong bearer secret")
+            return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
+                b"unauthorized"
+        name = subpath[len("/token/"):]
+        if name not in self._clients:
+            return 404, [("Content-Type", _TEXT)], b"no such app"
+        try:
+            info = self._clients[name].tokens.token_info()
+        except WxgateError as exc:
+            logger.error("admin token for app %s failed: %s", name, exc.message)
+            return 502, [("Content-Type", _JSON)], _dump_json({"error": exc.message}).encode()
+        return 200, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+            _dump_json(info).encode()
+
+
+def make_app(config, **options):
+    """Build the WSGI application.
+
+    :param config: a path to an ini file, or a :class:`Config`.
+    :param options: ``clock``, ``random_bytes``, ``store``, ``sleep`` (see :class:`Gateway`).
+    :raises ConfigError: the ini file is missing or wrong.
+    """
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return Gateway(config, **options)
+
+
+class _LazyApplication:
+    """``wxgate:application``: builds the app on first use from ``WXGATE_CONFIG``.
+
+    The variable is read from ``os.environ`` or, failing that, from the WSGI environ, so
+    mod_wsgi's ``SetEnv WXGATE_CONFIG /etc/wxgate.ini`` works.
+    """
+
+    def __init__(self):
+        self._app = None
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        app = self._app
+        if app is None:
+            with self._lock:  # one build, however many threads arrive first
+                if self._app is None:
+                    path = os.environ.get("WXGATE_CONFIG") or environ.get("WXGATE_CONFIG")
+                    try:
+                        if not path:
+                            raise ConfigError("WXGATE_CONFIG is not set: point it at your "
+                                              "wxgate ini file")
+                        self._app = make_app(path)
+                    except WxgateError as exc:
+                        logger.error("cannot start: %s", exc.message)
+                    except Exception:
+                        logger.exception("cannot start")
+                app = self._app
+        if app is None:
+            start_response("500 Internal Server Error",
+                           [("Content-Type", _TEXT), ("Content-Length", "0")])
+            return [b""]
+        return app(environ, start_response)
+
+
+application = _LazyApplication()
+
+
+def demo_handler(message):
+    """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent."""
+    logger.info("demo handler got %s from %s: %s", message.event or message.msg_type,
+                message.from_user, dict(message))
+    if message.msg_type == "text" and any(
+            word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
+        return {"MsgType": "transfer_customer_service"}
+    return None
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def _serve(args):
+    """``wxgate serve CONFIG``: a threaded stdlib server, for development and the demo."""
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *arguments):  # wxgate logs each push itself
+            logger.debug("%s %s", self.address_string(), format % arguments)
+
+    app = make_app(args.config)
+    host, port = _parse_listen(app.config.listen)
+    host, port = args.host or host, args.port or port
+    server = make_server(host, port, app, server_class=ThreadingWSGIServer,
+                         handler_class=QuietHandler)
+    for item in app.config.apps.values():
+        logger.info("serving app %s (%s mode, %s) on http://%s:%d%s", item.name, item.mode,
+                    item.format, host, server.server_port, item.path)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        app.close()
+    return 0
+
+
+def _genkey(args):
+    """``wxgate genkey``: a fresh EncodingAESKey and Token for the console."""
+    import secrets
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    # The console's alphabet is [A-Za-z0-9]; 43 such characters always decode to 32 bytes.
+    key = "".join(secrets.choice(alphabet) for _ in range(ENCODING_AES_KEY_LENGTH))
+    token = "".join(secrets.choice(alphabet) for _ in range(32))
+    print(f"encoding_aes_key = {key}\ntoken = {token}")
+    return 0
+
+
+def _sign(args):
+    """``wxgate sign TOKEN TIMESTAMP NONCE [ENCRYPT]``."""
+    print(sign(args.token, args.timestamp, args.nonce, args.encrypt))
+    return 0
+
+
+def _check(args):
+    """``wxgate check CONFIG``: load the config and print each app with secrets redacted."""
+    config = load_config(args.config)
+    print(f"{config.source}: ok; store {config.store.split('@')[-1]}, api_base "
+          f"{config.api_base}, admin_secret {_redact(config.admin_secret)}")
+    for app in config.apps.values():
+        print(f"  [app:{app.name}] {app.path}: appid {app.appid}, {app.mode} mode, {app.format}, "
+              f"handler {app.handler_spec}, token {_redact(app.token)}, encoding_aes_key "
+              f"{_redact(app.encoding_aes_key)}, appsecret {_redact(app.appsecret)}")
+    if args.online:
+        gateway = Gateway(config)
+        for name in config.apps:
+            info = gateway.client(name).tokens.token_info()
+            print(f"  [app:{name}] token fetched, expires at {info['expires_at']}")
+    return 0
+
+
+def _token(args):
+    """``wxgate token CONFIG [--app NAME]``: print the app's current access_token."""
+    gateway = make_app(args.config)
+    print(gateway.client(_pick_app(gateway.config, args.app).name).tokens.get_token())
+    return 0
+
+
+def _pick_app(config, name):
+    if name is None:
+        if len(config.apps) > 1:
+            raise WxgateError(f"several apps configured; choose one with --app "
+                              f"({', '.join(config.apps)})")
+        return next(iter(config.apps.values()))
+    if name not in config.apps:
+        raise WxgateError(f"no [app:{name}] in {config.source}")
+    return config.apps[name]
+
+
+def main(argv=None):
+    """The ``wxgate`` command; returns the exit code (0 ok, 1 failed, 2 usage)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="wxgate", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"wxgate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="serve the gateway (development server)")
+    serve.add_argument("config", help="the ini file")
+    serve.add_argument("--host", help="listen address (default: [wxgate] listen)")
+    serve.add_argument("--port", type=int, help="listen port (default: [wxgate] listen)")
+    serve.set_defaults(run=_serve)
+
+    genkey = commands.add_parser("genkey", help="print a fresh EncodingAESKey and Token")
+    genkey.set_defaults(run=_genkey)
+
+    signer = commands.add_parser("sign", help="print WeChat's signature of the arguments")
+    signer.add_argument("token")
+    signer.add_argument("timestamp")
+    signer.add_argument("nonce")
+    signer.add_argument("encrypt", nargs="?", help="the Encrypt field, for msg_signature")
+    signer.set_defaults(run=_sign)
+
+    check = commands.add_parser("check", help="validate a config file, secrets redacted")
+    check.add_argument("config")
+    check.add_argument("--online", action="store_true",
+                       help="also fetch a token, to prove the appid/appsecret pair")
+    check.set_defaults(run=_check)
+
+    token = commands.add_parser("token", help="print an app's access_token")
+    token.add_argument("config")
+    token.add_argument("--app", help="the app's name (needed when there are several)")
+    token.set_defaults(run=_token)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except WxgateError as exc:
+        print(f"wxgate: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
