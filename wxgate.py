@@ -1315,6 +1315,9 @@ class _Dedup:
     def run(self, key, work, deadline):
         """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
 
+        ``deadline`` is on ``time.monotonic()``: it measures WeChat's real 5-second wait,
+        whatever the injected clock says.
+
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
         """
         store_key = f"{self.prefix}:dedup:{key}"
@@ -1328,7 +1331,7 @@ class _Dedup:
             if value[0] == "d":
                 content_type, _, body = value[1:].partition("\n")
                 return content_type, body, True
-            remaining = deadline - self._clock()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _InFlightTimeout("a duplicate waited for the first delivery, which is "
                                        "still running at the reply deadline")
@@ -1785,11 +1788,14 @@ class Gateway:
     :param random_bytes: returns n random bytes (reply random prefixes).
     :param store: a :class:`Store` to use instead of the configured one.
     :param sleep: waits (busy backoff, polling).
+    :param reply_deadline: how long a duplicate waits for the first delivery's reply;
+        WeChat's 5 s unless a test wants it shorter.
     """
 
     def __init__(self, config, *, clock=time.time, random_bytes=os.urandom, store=None,
-                 sleep=time.sleep):
+                 sleep=time.sleep, reply_deadline=REPLY_DEADLINE):
         self.config = config
+        self.reply_deadline = reply_deadline
         self._clock, self._random_bytes = clock, random_bytes
         if store is None:
             store = open_store(config.store, clock=clock, max_entries=config.dedup_size)
@@ -1842,10 +1848,9 @@ class Gateway:
                 return self._admin(environ, path[len(admin):])
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         method = environ.get("REQUEST_METHOD", "")
-        started = self._clock()
         try:
             if method == "POST":
-                return self._push(app, environ, started)
+                return self._push(app, environ, time.monotonic())
             if method == "GET":
                 return self._handshake(app, environ)
             return 405, [("Content-Type", _TEXT), ("Allow", "GET, POST")], \
@@ -1868,7 +1873,7 @@ class Gateway:
     def _push(self, app, environ, started):
         query = _query(environ)
         timestamp, nonce = _required(query, "timestamp", "nonce")
-        _check_timestamp(timestamp, started, self.config.timestamp_window)
+        _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
         if app.mode == "plain":  # checked before we even read the body
             check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
         body = _read_body(environ, self.config.max_body_bytes)
@@ -1912,7 +1917,7 @@ class Gateway:
                 content_type, reply, duplicate = work() + (False,)
             else:
                 content_type, reply, duplicate = self._dedup.run(
-                    key, work, started + REPLY_DEADLINE)
+                    key, work, started + self.reply_deadline)
         except _InFlightTimeout as exc:
             self._log_push(app, kind, key, "in-flight-timeout", started)
             return exc.status, [("Content-Type", _TEXT)], b""
@@ -1927,7 +1932,7 @@ class Gateway:
     def _log_push(self, app, kind, key, outcome, started):
         if logger.isEnabledFor(logging.INFO):
             logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f", app.name, kind, key,
-                        outcome, (self._clock() - started) * 1000)
+                        outcome, (time.monotonic() - started) * 1000)
 
     def _deliver(self, app, message, nonce):
         """Call the handler and render its answer; return ``(content_type, body)``."""
@@ -2131,6 +2136,124 @@ def _token(args):
     return 0
 
 
+def _build_push(app, fields, fmt, *, timestamp, nonce):
+    """Build the push WeChat would send this app: ``(query dict, body bytes)``."""
+    timestamp = str(timestamp)
+    query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
+             "nonce": nonce, "openid": str(fields.get("FromUserName", ""))}
+    dump = _dump_json if fmt == "json" else _dump_xml
+    if app.mode == "plain":
+        return query, dump(fields).encode("utf-8")
+    encrypt = encrypt_message(dump(fields), app.aes_key, app.appid)
+    query.update(encrypt_type="aes", msg_signature=sign(app.token, timestamp, nonce, encrypt))
+    if app.mode == "compat":
+        outer = dict(fields, Encrypt=encrypt)
+    else:
+        outer = {"ToUserName": fields.get("ToUserName", ""), "Encrypt": encrypt}
+    return query, dump(outer).encode("utf-8")
+
+
+def _open_reply(app, body):
+    """Read a reply as WeChat would: verify and decrypt an envelope; return its text."""
+    text = body.decode("utf-8", "replace")
+    if not body.strip() or text == "success":
+        return text
+    fields = _parse_body(body, _sniff_format(body))
+    if "Encrypt" not in fields:
+        return text
+    check_signature(str(fields.get("MsgSignature", "")), app.token,
+                    str(fields.get("TimeStamp", "")), str(fields.get("Nonce", "")),
+                    fields["Encrypt"])
+    return decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
+
+
+def _push_fields(args, now):
+    """The push ``wxgate push`` sends, from its command-line options."""
+    import secrets
+    sender = args.openid
+    if args.json:
+        with open(args.json, "rb") as file:
+            return _parse_json(file.read())
+    if args.xml:
+        with open(args.xml, "rb") as file:
+            return _parse_xml(file.read())
+    fields = {"ToUserName": "gh_wxgatedemo", "FromUserName": sender, "CreateTime": now}
+    if args.text is not None:
+        fields.update(MsgType="text", Content=args.text, MsgId=str(now * 1000 + secrets.randbelow(1000)))
+    else:
+        fields.update(MsgType="event", Event=args.event)
+        for pair in args.field or ():
+            name, _, value = pair.partition("=")
+            fields[name] = value
+    return fields
+
+
+def _push(args):
+    """``wxgate push CONFIG``: act as WeChat, send a push, and print the decrypted reply."""
+    import secrets
+    config = load_config(args.config)
+    app = _pick_app(config, args.app)
+    host, port = _parse_listen(config.listen)
+    url = args.url or f"http://{host}:{port}{app.path}"
+    fmt = args.format or (app.format if app.format != "auto" else "xml")
+    now = int(time.time())
+    fields = _push_fields(args, now)
+    query, body = _build_push(app, fields, fmt, timestamp=now, nonce=str(secrets.randbelow(10**9)))
+    print(f"POST {url} ({app.mode} mode, {fmt}): {fields.get('MsgType')}"
+          f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
+    failed = False
+    for attempt in range(1, args.repeat + 1):
+        started = time.monotonic()
+        request = urllib.request.Request(f"{url}?{urllib.parse.urlencode(query)}", data=body,
+                                         method="POST",
+                                         headers={"Content-Type": "text/xml"})  # as WeChat
+        try:
+            with urllib.request.urlopen(request, timeout=REPLY_DEADLINE) as response:
+                status, reply = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, reply = exc.code, exc.read()
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"wxgate: cannot reach {url}: {getattr(exc, 'reason', exc)} "
+                  "(is `wxgate serve` running?)", file=sys.stderr)
+            return 1
+        elapsed = (time.monotonic() - started) * 1000
+        try:
+            shown = _open_reply(app, reply) if status == 200 else reply.decode("utf-8", "replace")
+        except WxgateError as exc:
+            shown, status = f"reply does not verify: {exc.message}", status
+            failed = True
+        failed = failed or status != 200
+        print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
+    return 1 if failed else 0
+
+
+def _handshake_command(args):
+    """``wxgate handshake CONFIG``: the URL check of WeChat's console, with a plain verdict."""
+    import secrets
+    config = load_config(args.config)
+    app = _pick_app(config, args.app)
+    host, port = _parse_listen(config.listen)
+    url = args.url or f"http://{host}:{port}{app.path}"
+    timestamp, nonce = str(int(time.time())), str(secrets.randbelow(10**9))
+    echostr = str(secrets.randbelow(10**19))
+    query = urllib.parse.urlencode({"signature": sign(app.token, timestamp, nonce),
+                                    "timestamp": timestamp, "nonce": nonce, "echostr": echostr})
+    try:
+        with urllib.request.urlopen(f"{url}?{query}", timeout=REPLY_DEADLINE) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"FAIL: cannot reach {url}: {getattr(exc, 'reason', exc)}")
+        return 1
+    if status == 200 and body == echostr.encode():
+        print(f"PASS: {url} echoed echostr exactly; WeChat's console would accept it")
+        return 0
+    print(f"FAIL: {url} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
+          f"{echostr!r} (check the token in the console and in [app:{app.name}])")
+    return 1
+
+
 def _pick_app(config, name):
     if name is None:
         if len(config.apps) > 1:
@@ -2178,6 +2301,28 @@ def main(argv=None):
     token.add_argument("config")
     token.add_argument("--app", help="the app's name (needed when there are several)")
     token.set_defaults(run=_token)
+
+    push = commands.add_parser("push", help="act as WeChat: send a push, show the reply")
+    push.add_argument("config")
+    push.add_argument("--app", help="the app's name (needed when there are several)")
+    push.add_argument("--url", help="default: the app's path on [wxgate] listen")
+    what = push.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text message with this Content")
+    what.add_argument("--event", help="an event with this Event name")
+    what.add_argument("--json", metavar="FILE", help="the push's fields as a JSON file")
+    what.add_argument("--xml", metavar="FILE", help="the push's fields as an XML file")
+    push.add_argument("--field", action="append", metavar="K=V", help="an extra event field")
+    push.add_argument("--format", choices=("xml", "json"), help="default: the app's format")
+    push.add_argument("--openid", default="o_wxgate_demo_user", help="the sender")
+    push.add_argument("--repeat", type=int, default=1, metavar="N",
+                      help="send the same push N times, as WeChat's retries do")
+    push.set_defaults(run=_push)
+
+    handshake = commands.add_parser("handshake", help="do the console's URL verification")
+    handshake.add_argument("config")
+    handshake.add_argument("--app", help="the app's name (needed when there are several)")
+    handshake.add_argument("--url", help="default: the app's path on [wxgate] listen")
+    handshake.set_defaults(run=_handshake_command)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -53,20 +53,11 @@ class Clock:
 
 
 def ini_text(mode="safe", fmt="auto", extra_gateway="", extra_app="", path="/wechat"):
-    return textwrap.dedent(f"""\
-        [wxgate]
-        {extra_gateway}
-
-        [app:test]
-        path = {path}
-        appid = {APPID}
-        token = {TOKEN}
-        encoding_aes_key = {AES_KEY}
-        mode = {mode}
-        format = {fmt}
-        handler = wxgate:demo_handler
-        {extra_app}
-        """)
+    return "\n".join([
+        "[wxgate]", extra_gateway, "",
+        "[app:test]", f"path = {path}", f"appid = {APPID}", f"token = {TOKEN}",
+        f"encoding_aes_key = {AES_KEY}", f"mode = {mode}", f"format = {fmt}",
+        "handler = wxgate:demo_handler", extra_app, ""])
 
 
 def make_config(tmp_path, handler=None, **kwargs):
@@ -218,3 +209,71 @@ def _no_wxgate_config_env(monkeypatch):
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WXGATE_TEST_REPO", str(REPO))
+
+
+# -- real stores -----------------------------------------------------------------------------
+
+import shutil
+import subprocess
+import time
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a free loopback port, for the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed, and CI must run the Redis tests")
+        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+    client = redis.Redis.from_url(url)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    else:
+        process.kill()
+        pytest.fail("redis-server did not start")
+    client.close()
+    yield {"url": url, "port": port, "process": process, "binary": binary}
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store_factory(request, tmp_path, clock):
+    """Build stores of one kind (memory, sqlite, redis) on the test's clock.
+
+    Stores made by one factory share their data (same sqlite file, same Redis db), like the
+    workers of one deployment.
+    """
+    kind = request.param
+    made = []
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        import redis
+        redis.Redis.from_url(server["url"]).flushdb()
+
+    def factory(**options):
+        if kind == "memory":
+            store = made[0] if made else wxgate.MemoryStore(clock=clock, **options)
+        elif kind == "sqlite":
+            store = wxgate.SqliteStore(str(tmp_path / "wxgate.db"), clock=clock)
+        else:
+            store = wxgate.RedisStore(server["url"])
+        made.append(store)
+        return store
+
+    factory.kind = kind
+    yield factory
+    for store in made:
+        store.close()

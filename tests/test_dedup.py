@@ -1,0 +1,201 @@
+"""Retry dedup through the WSGI app, on every store: memory, sqlite and Redis."""
+
+import threading
+
+import pytest
+import webtest
+
+import wxgate
+from conftest import (NOW, OPENID, Recorder, build_push, event_message, make_config,
+                      open_reply, text_message)
+
+
+@pytest.fixture
+def gateway_factory(tmp_path, clock, store_factory):
+    """Gateways sharing one store (as the workers of one deployment would)."""
+    def factory(handler, **kwargs):
+        options = {"clock": clock, "store": store_factory()}
+        for name in ("reply_deadline", "sleep"):
+            if name in kwargs:
+                options[name] = kwargs.pop(name)
+        return wxgate.make_app(make_config(tmp_path, handler, **kwargs), **options)
+    factory.kind = store_factory.kind
+    return factory
+
+
+def send(app, fields, status=200, **push_options):
+    testapp = webtest.TestApp(app, lint=True)
+    query, body = build_push(fields, **push_options)
+    return testapp.post(f"/wechat?{query}", body, content_type="text/xml", status=status)
+
+
+TRANSFER = {"MsgType": "transfer_customer_service"}
+
+
+def test_same_msgid_twice_runs_the_handler_once(gateway_factory):
+    handler = Recorder(reply=TRANSFER)
+    app = gateway_factory(handler)
+    first = send(app, text_message(msg_id="100"))
+    second = send(app, text_message(msg_id="100"))
+    assert handler.calls == 1
+    assert second.body == first.body
+    assert open_reply(second.body, "xml")[0] == open_reply(first.body, "xml")[0]
+
+
+def test_same_event_twice_runs_the_handler_once(gateway_factory):
+    handler = Recorder()
+    app = gateway_factory(handler)
+    event = event_message("user_enter_tempsession", SessionFrom="x")
+    assert send(app, event).body == b"success"
+    assert send(app, dict(event, CreateTime=str(NOW))).body == b"success"  # string CreateTime
+    assert handler.calls == 1
+
+
+def test_distinct_messages_each_run(gateway_factory):
+    handler = Recorder()
+    app = gateway_factory(handler)
+    for msg_id in ("1", "2", "3"):
+        send(app, text_message(msg_id=msg_id))
+    send(app, event_message("user_enter_tempsession"))
+    send(app, event_message("debug_demo"))  # same user and second, another event
+    assert handler.calls == 5
+
+
+def test_media_checks_in_one_second_are_told_apart_by_trace_id(gateway_factory):
+    handler = Recorder()
+    app = gateway_factory(handler)
+    for trace in ("t1", "t2", "t1"):
+        send(app, event_message("wxa_media_check", trace_id=trace), fmt="json")
+    assert [m["trace_id"] for m in handler.messages] == ["t1", "t2"]
+
+
+def test_duplicates_across_gateways_sharing_the_store(gateway_factory):
+    if gateway_factory.kind == "memory":
+        pytest.skip("two gateways share a memory store only inside one process")
+    handler = Recorder(reply=TRANSFER)
+    first = send(gateway_factory(handler), text_message(msg_id="200"))
+    second = send(gateway_factory(handler), text_message(msg_id="200"))
+    assert handler.calls == 1 and second.body == first.body
+
+
+def test_concurrent_duplicates_wait_for_the_first_and_share_its_reply(gateway_factory):
+    handler = Recorder(reply=TRANSFER)
+    handler.delay = threading.Event()
+    app = gateway_factory(handler)
+    results = []
+
+    def deliver():
+        results.append(send(app, text_message(msg_id="300")).body)
+
+    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    # Wait until the first delivery is inside the handler, then let it finish.
+    for _ in range(500):
+        if handler.calls:
+            break
+        threading.Event().wait(0.01)
+    handler.delay.set()
+    for thread in threads:
+        thread.join(10)
+    assert handler.calls == 1
+    assert len(results) == 3 and len(set(results)) == 1
+    assert b"<Encrypt>" in results[0]
+
+
+def test_handler_failure_then_retry_runs_it_again(gateway_factory):
+    handler = Recorder(reply=TRANSFER)
+    handler.fail = 1
+    app = gateway_factory(handler)
+    failed = send(app, text_message(msg_id="400"), status=500)
+    assert failed.body == b""
+    retried = send(app, text_message(msg_id="400"))
+    assert handler.calls == 2
+    plaintext, _, _ = open_reply(retried.body, "xml")
+    assert "transfer_customer_service" in plaintext
+    # And the success is remembered from now on.
+    send(app, text_message(msg_id="400"))
+    assert handler.calls == 2
+
+
+def test_waiting_duplicate_runs_the_handler_when_the_first_fails(gateway_factory):
+    handler = Recorder()
+    handler.fail = 1
+    handler.delay = threading.Event()
+    app = gateway_factory(handler)
+    statuses = []
+
+    def deliver():
+        statuses.append(send(app, text_message(msg_id="500"), status="*").status_int)
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for _ in range(500):
+        if handler.calls:
+            break
+        threading.Event().wait(0.01)
+    handler.delay.set()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(statuses) == [200, 500]
+    assert handler.calls == 2
+
+
+def test_duplicate_gives_up_at_the_deadline_while_the_first_still_runs(gateway_factory):
+    handler = Recorder()
+    handler.delay = threading.Event()
+    app = gateway_factory(handler, reply_deadline=0.3)
+    first = threading.Thread(target=send, args=(app, text_message(msg_id="600")))
+    first.start()
+    for _ in range(500):
+        if handler.calls:
+            break
+        threading.Event().wait(0.01)
+    # The injected clock does not move, so this duplicate's deadline is measured by the
+    # store's waits, not by a timer in the test.
+    duplicate = send(app, text_message(msg_id="600"), status=503,
+                     timestamp=NOW)
+    handler.delay.set()
+    first.join(10)
+    assert duplicate.body == b""
+    assert handler.calls == 1
+
+
+def test_seen_keys_expire_after_dedup_ttl(gateway_factory, clock):
+    if gateway_factory.kind == "redis":
+        pytest.skip("Redis expires keys on its own clock, not the injected one")
+    handler = Recorder()
+    app = gateway_factory(handler, extra_gateway="dedup_ttl = 60\ntimestamp_window = 0")
+    send(app, text_message(msg_id="700"))
+    clock.advance(59)
+    send(app, text_message(msg_id="700"))
+    assert handler.calls == 1
+    clock.advance(2)
+    send(app, text_message(msg_id="700"))
+    assert handler.calls == 2
+
+
+def test_memory_lru_is_bounded_by_dedup_size(tmp_path, clock):
+    handler = Recorder()
+    app = wxgate.make_app(make_config(tmp_path, handler, extra_gateway="dedup_size = 2"),
+                          clock=clock)
+    for msg_id in ("1", "2", "3", "1"):
+        send(app, text_message(msg_id=msg_id))
+    assert [m["MsgId"] for m in handler.messages] == ["1", "2", "3", "1"]
+    assert len(app.store) <= 2
+
+
+def test_different_apps_do_not_share_keys(tmp_path, clock):
+    handler = Recorder()
+    text = make_config(tmp_path, handler)
+    import dataclasses
+    other = dataclasses.replace(text.apps["test"], name="other", path="/other")
+    config = dataclasses.replace(text, apps={"test": text.apps["test"], "other": other})
+    app = webtest.TestApp(wxgate.make_app(config, clock=clock), lint=True)
+    query, body = build_push(text_message(msg_id="800"))
+    app.post(f"/wechat?{query}", body, content_type="text/xml")
+    app.post(f"/other?{query}", body, content_type="text/xml")
+    assert [m.app for m in handler.messages] == ["test", "other"]
+    assert handler.messages[0].dedup_key != handler.messages[1].dedup_key
+    assert handler.messages[0].from_user == OPENID
