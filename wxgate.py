@@ -1841,7 +1841,10 @@ class Gateway:
         path = environ.get("PATH_INFO") or "/"
         app = self._routes.get(path)
         if app is None and environ.get("SCRIPT_NAME"):
-            app = self._routes.get(environ["SCRIPT_NAME"].rstrip("/") + path)
+            # Mounted below a prefix (mod_wsgi's WSGIScriptAlias /wechat ...): match the
+            # whole path, so the ini's path means the same URL under every server.
+            path = (environ["SCRIPT_NAME"] + environ.get("PATH_INFO", "")).rstrip("/") or "/"
+            app = self._routes.get(path)
         if app is None:
             admin = self.config.admin_path
             if path.startswith(admin + "/"):

@@ -441,3 +441,13 @@ def test_one_log_line_per_push(make_testapp, recorder, caplog):
     assert len(lines) == 1
     assert "app=test" in lines[0] and "type=text" in lines[0] and "test:m:77" in lines[0]
     assert "outcome=handled" in lines[0] and "ms=" in lines[0]
+
+
+@pytest.mark.parametrize("script_name, path_info", [("/wechat", ""), ("/wechat", "/"),
+                                                    ("", "/wechat")])
+def test_app_path_matches_under_a_mount_prefix(make_testapp, recorder, script_name, path_info):
+    testapp = make_testapp(recorder)
+    query, body = build_push(text_message())
+    response = testapp.post(f"{path_info or '/'}?{query}", body, content_type="text/xml",
+                            extra_environ={"SCRIPT_NAME": script_name, "PATH_INFO": path_info})
+    assert response.body == b"success" and recorder.calls == 1
