@@ -1,0 +1,237 @@
+"""The store interface on memory, sqlite and a real redis-server; the failure fallback."""
+
+import multiprocessing
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import wxgate
+from conftest import free_port
+
+
+def test_add_is_set_if_absent(store_factory):
+    store = store_factory()
+    assert store.add("k", "one", 60) is True
+    assert store.add("k", "two", 60) is False
+    assert store.get("k") == "one"
+
+
+def test_set_get_delete(store_factory):
+    store = store_factory()
+    assert store.get("missing") is None
+    store.set("k", "v1", 60)
+    store.set("k", "v2", 60)
+    assert store.get("k") == "v2"
+    assert store.delete("k") is True
+    assert store.get("k") is None
+    assert store.delete("k") is False
+
+
+def test_delete_with_value_is_compare_and_delete(store_factory):
+    store = store_factory()
+    store.set("lock", "owner-a", 60)
+    assert store.delete("lock", "owner-b") is False
+    assert store.get("lock") == "owner-a"
+    assert store.delete("lock", "owner-a") is True
+    assert store.get("lock") is None
+
+
+def test_values_keep_unicode_and_newlines(store_factory):
+    store = store_factory()
+    value = "dtext/xml\n<xml><a><![CDATA[你好]]></a></xml>"
+    store.set("k", value, 60)
+    assert store.get("k") == value
+
+
+def test_expired_entries_vanish_and_can_be_claimed_again(store_factory, clock):
+    store = store_factory()
+    if store_factory.kind == "redis":
+        store.add("k", "first", 0.05)
+        time.sleep(0.15)
+    else:
+        store.add("k", "first", 5)
+        clock.advance(6)
+    assert store.get("k") is None
+    assert store.add("k", "second", 60) is True
+    assert store.get("k") == "second"
+
+
+def test_concurrent_add_has_exactly_one_winner(store_factory):
+    stores = [store_factory() for _ in range(4)]
+    wins = []
+    barrier = threading.Barrier(16)
+
+    def race(store):
+        barrier.wait()
+        wins.append(store.add("contended", str(threading.get_ident()), 60))
+
+    threads = [threading.Thread(target=race, args=(stores[i % 4],)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wins.count(True) == 1
+
+
+def test_memory_store_evicts_least_recently_used(clock):
+    store = wxgate.MemoryStore(3, clock=clock)
+    for key in "abc":
+        store.set(key, key, 60)
+    store.get("a")  # a is now the most recently used
+    store.set("d", "d", 60)
+    assert store.get("b") is None
+    assert [store.get(key) for key in "acd"] == ["a", "c", "d"]
+
+
+def test_sqlite_file_and_directory_are_owner_only(tmp_path):
+    path = tmp_path / "new" / "dir" / "wxgate.db"
+    store = wxgate.SqliteStore(str(path))
+    store.set("k", "v", 60)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert store._connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_sqlite_cleans_expired_rows_as_it_goes(tmp_path, clock):
+    store = wxgate.SqliteStore(str(tmp_path / "w.db"), clock=clock)
+    for index in range(300):
+        store.set(f"old{index}", "v", 10)
+    clock.advance(11)
+    for index in range(300):
+        store.set(f"new{index}", "v", 10)
+    rows = store._connection().execute("SELECT COUNT(*) FROM wxgate_kv").fetchone()[0]
+    assert rows < 600
+    store.close()
+
+
+def _race_in_process(path, results):
+    store = wxgate.SqliteStore(path)
+    results.put(store.add("contended", str(os.getpid()), 60))
+
+
+def test_sqlite_add_is_atomic_across_processes(tmp_path):
+    path = str(tmp_path / "w.db")
+    wxgate.SqliteStore(path).close()
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_race_in_process, args=(path, results))
+                 for _ in range(6)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(30)
+    assert outcomes.count(True) == 1
+
+
+def test_open_store_by_url(tmp_path, clock):
+    assert isinstance(wxgate.open_store("memory"), wxgate.MemoryStore)
+    sqlite = wxgate.open_store(f"sqlite://{tmp_path}/x.db")
+    assert isinstance(sqlite, wxgate.SqliteStore) and sqlite.path == f"{tmp_path}/x.db"
+    sqlite.close()
+    with pytest.raises(wxgate.ConfigError):
+        wxgate.open_store("mongodb://x")
+
+
+def test_relative_sqlite_path_is_beside_the_ini(tmp_path):
+    source = tmp_path / "w.ini"
+    source.write_text("[wxgate]\nstore = sqlite://data/w.db\n[app:a]\npath = /w\nappid = wx1\n"
+                      "token = t\nmode = plain\nhandler = wxgate:demo_handler\n")
+    assert wxgate.load_config(source).store == f"sqlite://{tmp_path}/data/w.db"
+
+
+def test_redis_store_without_the_package_names_the_extra():
+    code = ("import sys; sys.modules['redis'] = None; import wxgate\n"
+            "try:\n    wxgate.RedisStore('redis://127.0.0.1:1/0')\n"
+            "except wxgate.ConfigError as exc:\n    print(exc)\n")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(wxgate.__file__), check=True).stdout
+    assert "pip install 'wxgate[redis]'" in output
+
+
+# -- the token cache on every store ----------------------------------------------------------
+
+
+def test_one_token_fetch_across_managers_sharing_a_store(store_factory):
+    from fake_wechat import DEFAULT_APPID, DEFAULT_SECRET, FakeWeChat
+    with FakeWeChat() as wechat:
+        managers = [wxgate.TokenManager(DEFAULT_APPID, DEFAULT_SECRET, store=store_factory(),
+                                        api_base=wechat.url) for _ in range(4)]
+        tokens = []
+        barrier = threading.Barrier(20)
+
+        def ask(manager):
+            barrier.wait()
+            tokens.append(manager.get_token())
+
+        threads = [threading.Thread(target=ask, args=(managers[i % 4],)) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(tokens) == 20 and len(set(tokens)) == 1
+        assert wechat.token_fetches == 1
+
+
+# -- a store that fails ---------------------------------------------------------------------
+
+
+class BrokenStore(wxgate.Store):
+    shared = True
+
+    def __init__(self):
+        self.broken = True
+        self.inner = wxgate.MemoryStore()
+
+    def _check(self):
+        if self.broken:
+            raise OSError("disk full (simulated)")
+
+    def add(self, key, value, ttl):
+        self._check()
+        return self.inner.add(key, value, ttl)
+
+    def get(self, key):
+        self._check()
+        return self.inner.get(key)
+
+    def set(self, key, value, ttl):
+        self._check()
+        self.inner.set(key, value, ttl)
+
+    def delete(self, key, value=None):
+        self._check()
+        return self.inner.delete(key, value)
+
+    def ping(self):
+        self._check()
+
+
+def test_failing_store_falls_back_and_recovers(tmp_path, clock, caplog):
+    import webtest
+    from conftest import Recorder, build_push, make_config, text_message
+    broken = BrokenStore()
+    handler = Recorder()
+    app = wxgate.make_app(make_config(tmp_path, handler), clock=clock, store=broken)
+    testapp = webtest.TestApp(app, lint=True)
+
+    def send(msg_id):
+        query, body = build_push(text_message(msg_id=msg_id))
+        return testapp.post(f"/wechat?{query}", body, content_type="text/xml")
+
+    with caplog.at_level("ERROR", "wxgate"):
+        assert send("1").body == b"success"
+        assert send("1").body == b"success"  # deduplicated in-process meanwhile
+    assert handler.calls == 1
+    assert "continuing without cross-process dedup" in caplog.text
+    assert testapp.get("/_wxgate/healthz", status=503).json["status"] == "store unreachable"
+    broken.broken = False
+    assert send("2").body == b"success"
+    assert broken.inner.get("wxgate:dedup:test:m:2").startswith("d")
+    assert testapp.get("/_wxgate/healthz").json["status"] == "ok"
