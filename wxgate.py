@@ -133,6 +133,16 @@ MAX_XML_DEPTH = 16
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
 
+# Defaults of the queue's retry schedule: 1 s, 2 s, 4 s ... capped at 5 minutes, 10 attempts.
+DEFAULT_FORWARD_TIMEOUT = 4.0
+DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_RETRY_BASE = 1.0
+DEFAULT_RETRY_MAX = 300.0
+# A claimed message not acknowledged within this long is delivered again (its worker died).
+DEFAULT_VISIBILITY_TIMEOUT = 60.0
+# How long a delivered message's key is kept, so a re-delivery skips the handler.
+DONE_TTL = 86400.0
+
 MODES = ("plain", "compat", "safe")
 FORMATS = ("auto", "xml", "json")
 TOKEN_GRANTS = ("stable", "classic")
@@ -251,6 +261,97 @@ def _redact(value):
 
 
 ###############################################################################
+# Metrics #####################################################################
+###############################################################################
+
+_METRIC_HELP = {
+    "wxgate_pushes_total": ("counter", "Pushes answered, by app, message type and outcome."),
+    "wxgate_duplicates_total": ("counter", "WeChat retries answered from the dedup store."),
+    "wxgate_refused_total": ("counter", "Requests refused, by app, status and WeChat code."),
+    "wxgate_handler_seconds": ("histogram", "Time in business code (handler or forward)."),
+    "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
+    "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
+    "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
+    "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
+    "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
+    "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
+}
+_HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _label_text(labels):
+    return ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels)
+
+
+def _escape_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class _Metrics:
+    """This process's counters and histograms, rendered in Prometheus' text format.
+
+    Each gunicorn worker counts its own requests (as prometheus_client does without its
+    multiprocess mode); queue gauges are read from the shared store at scrape time.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = {}
+        self._histograms = {}
+
+    def count(self, name, amount=1, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + amount
+
+    def observe(self, name, value, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            histogram = self._histograms.get(key)
+            if histogram is None:
+                histogram = self._histograms[key] = [0] * (len(_HISTOGRAM_BUCKETS) + 2)
+            for index, bound in enumerate(_HISTOGRAM_BUCKETS):
+                if value <= bound:
+                    histogram[index] += 1
+            histogram[-2] += value
+            histogram[-1] += 1
+
+    def value(self, name, **labels):
+        """A counter's current value (0 when never counted)."""
+        return self._counters.get((name, tuple(sorted(labels.items()))), 0)
+
+    def render(self, gauges=()):
+        """The exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
+        lines, seen = [], set()
+
+        def header(name):
+            if name not in seen:
+                seen.add(name)
+                kind, text = _METRIC_HELP.get(name, ("untyped", name))
+                lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
+
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = sorted((k, list(v)) for k, v in self._histograms.items())
+        for (name, labels), value in counters:
+            header(name)
+            lines.append(f"{name}{{{_label_text(labels)}}} {value}")
+        for (name, labels), histogram in histograms:
+            header(name)
+            for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):  # already cumulative
+                label = _label_text(labels + (("le", repr(bound)),))
+                lines.append(f"{name}_bucket{{{label}}} {count}")
+            label = _label_text(labels + (("le", "+Inf"),))
+            lines.append(f"{name}_bucket{{{label}}} {histogram[-1]}")
+            lines.append(f"{name}_sum{{{_label_text(labels)}}} {histogram[-2]!r}")
+            lines.append(f"{name}_count{{{_label_text(labels)}}} {histogram[-1]}")
+        for name, labels, value in gauges:
+            header(name)
+            lines.append(f"{name}{{{_label_text(tuple(sorted(labels.items())))}}} {value}")
+        return "\n".join(lines) + "\n"
+
+
+###############################################################################
 # Configuration ###############################################################
 ###############################################################################
 
@@ -274,6 +375,13 @@ class AppConfig:
     handler_spec: str = ""
     token_grant: str = "stable"
     token_refresh_margin: float = DEFAULT_REFRESH_MARGIN
+    forward: str = ""
+    forward_secret: str = dataclasses.field(default="", repr=False)
+    forward_timeout: float = DEFAULT_FORWARD_TIMEOUT
+    delivery: str = "sync"
+    queue_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    queue_retry_base: float = DEFAULT_RETRY_BASE
+    queue_retry_max: float = DEFAULT_RETRY_MAX
 
     @property
     def aes_key(self):
@@ -301,18 +409,22 @@ class Config:
     admin_secret: str = dataclasses.field(default="", repr=False)
     admin_path: str = DEFAULT_ADMIN_PATH
     listen: str = DEFAULT_LISTEN
+    log_format: str = "text"
+    delivery_threads: int = 1
+    queue_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     apps: dict = dataclasses.field(default_factory=dict)
 
 
 _GATEWAY_OPTIONS = {
     "timestamp_window", "max_body_bytes", "dedup_size", "dedup_ttl", "api_base", "api_timeout",
-    "store", "store_prefix", "admin_secret", "admin_path", "listen",
+    "store", "store_prefix", "admin_secret", "admin_path", "listen", "log_format",
+    "delivery_threads", "queue_visibility_timeout",
 }
 _APP_OPTIONS = {
     "path", "appid", "appsecret", "token", "encoding_aes_key", "mode", "format", "handler",
-    "token_grant", "token_refresh_margin",
+    "token_grant", "token_refresh_margin", "forward", "forward_secret", "forward_timeout",
+    "delivery", "queue_max_attempts", "queue_retry_base", "queue_retry_max",
 }
-_SECRET_OPTIONS = {"appsecret", "token", "encoding_aes_key", "admin_secret"}
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -464,6 +576,21 @@ def _parse_config(text, environ, source="<config>"):
         apps[app.name] = app
     if not apps:
         raise ConfigError("no [app:NAME] section: there is nothing to serve", source=source)
+    visibility = gateway.number("queue_visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT,
+                                kind=float, minimum=1)
+    for app in apps.values():
+        if app.delivery != "queue":
+            continue
+        where = {"source": source, "section": f"app:{app.name}", "option": "delivery",
+                 "lineno": lines.get((f"app:{app.name}", "delivery"))}
+        if store == "memory":
+            raise ConfigError("delivery = queue needs a durable store, and memory is not: set "
+                              "[wxgate] store = sqlite:///path/to/wxgate.db or redis://...",
+                              **where)
+        if visibility <= app.forward_timeout:
+            raise ConfigError(f"queue_visibility_timeout ({visibility:g} s) must exceed "
+                              f"forward_timeout ({app.forward_timeout:g} s), or a slow "
+                              "delivery is started twice", **where)
 
     return Config(
         source=source,
@@ -479,6 +606,9 @@ def _parse_config(text, environ, source="<config>"):
         admin_secret=gateway.text("admin_secret", ""),
         admin_path=admin_path,
         listen=listen,
+        log_format=gateway.choice("log_format", ("text", "json")),
+        delivery_threads=gateway.number("delivery_threads", 1, maximum=64),
+        queue_visibility_timeout=visibility,
         apps=apps,
     )
 
@@ -506,11 +636,23 @@ def _parse_app(reader, base_dir):
     if mode != "plain" and _AES is None:
         raise reader.error("mode", f"{mode} mode needs AES: pip install pycryptodome")
     token = reader.text("token", required=True)
-    handler_spec = reader.text("handler", required=True)
-    try:
-        handler = _resolve_handler(handler_spec, base_dir)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise reader.error("handler", f"cannot load {handler_spec!r}: {exc}") from None
+    handler_spec = reader.text("handler", "")
+    forward = reader.text("forward", "")
+    if not handler_spec and not forward:
+        raise reader.error("handler", "is required (module:callable), unless forward names "
+                           "an HTTP backend")
+    handler = None
+    if handler_spec:
+        try:
+            handler = _resolve_handler(handler_spec, base_dir)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise reader.error("handler", f"cannot load {handler_spec!r}: {exc}") from None
+    forward_secret = reader.text("forward_secret", "")
+    if forward and not re.match(r"https?://[^/\s]+", forward):
+        raise reader.error("forward", f"expected an http:// or https:// URL, got {forward!r}")
+    if forward and not forward_secret:
+        raise reader.error("forward_secret", "is required with forward: the backend checks "
+                           "X-Wxgate-Signature with it (wxgate genkey prints a random one)")
     return AppConfig(
         name=name,
         path=path,
@@ -525,6 +667,16 @@ def _parse_app(reader, base_dir):
         token_grant=reader.choice("token_grant", TOKEN_GRANTS),
         token_refresh_margin=reader.number("token_refresh_margin", DEFAULT_REFRESH_MARGIN,
                                            kind=float, maximum=3600),
+        forward=forward,
+        forward_secret=forward_secret,
+        forward_timeout=reader.number("forward_timeout", DEFAULT_FORWARD_TIMEOUT, kind=float,
+                                      minimum=0.1, maximum=600),
+        delivery=reader.choice("delivery", ("sync", "queue")),
+        queue_max_attempts=reader.number("queue_max_attempts", DEFAULT_MAX_ATTEMPTS, minimum=1),
+        queue_retry_base=reader.number("queue_retry_base", DEFAULT_RETRY_BASE, kind=float,
+                                       minimum=0.001),
+        queue_retry_max=reader.number("queue_retry_max", DEFAULT_RETRY_MAX, kind=float,
+                                      minimum=0.001),
     )
 
 
@@ -1428,12 +1580,13 @@ class TokenManager:
     :param name: the app's name, for messages.
     :param prefix: store key prefix.
     :param clock: returns the time in seconds; ``sleep`` waits (both injectable).
+    :param metrics: where fetches and errors are counted (the gateway's, by default none).
     """
 
     def __init__(self, appid, appsecret, *, store=None, api_base=DEFAULT_API_BASE,
                  api_timeout=DEFAULT_API_TIMEOUT, grant="stable",
                  refresh_margin=DEFAULT_REFRESH_MARGIN, name=None, prefix="wxgate",
-                 clock=time.time, sleep=time.sleep):
+                 clock=time.time, sleep=time.sleep, metrics=None):
         if grant not in TOKEN_GRANTS:
             raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
         self.appid, self._appsecret = appid, appsecret
@@ -1446,22 +1599,30 @@ class TokenManager:
         self._lock_key = self._key + ":lock"
         self._force_key = self._key + ":forced"
         self._local_lock = threading.Lock()
+        self._metrics = metrics
         #: How many times this manager called a token endpoint (for tests and metrics).
         self.fetches = 0
 
     def __repr__(self):
         return f"<TokenManager {self.name} appid={self.appid} grant={self.grant}>"
 
-    # The record kept in the store: "expires_at token". A token never holds a space.
+    # The record kept in the store: "expires_at refresh_at token" (a token holds no space).
+    # refresh_at is decided once, by the fetcher, and read by every process: a stable_token
+    # fetched with less life left than the margin (the same token comes back until 300 s
+    # before expiry) must not make every later call fetch again.
     def _read(self):
+        """``(token, expires_at, refresh_at)`` from the store, or None."""
         value = self.store.get(self._key)
         if not value:
             return None
-        expires_at, _, token = value.partition(" ")
         try:
-            return token, float(expires_at)
+            expires_at, refresh_at, token = value.split(" ", 2)
+            return token, float(expires_at), float(refresh_at)
         except ValueError:
             return None
+
+    def _fresh(self, record):
+        return record is not None and record[2] > self._clock()
 
     def token_info(self):
         """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
@@ -1478,13 +1639,13 @@ class TokenManager:
         :raises WxgateError: the app has no AppSecret configured.
         """
         record = self._read()
-        if record and record[1] - self.refresh_margin > self._clock():
+        if self._fresh(record):
             return record[0]
         # Single flight in this process: the first caller fetches, the rest wait on the lock
         # and then find its token in the store.
         with self._local_lock:
             record = self._read()
-            if record and record[1] - self.refresh_margin > self._clock():
+            if self._fresh(record):
                 return record[0]
             return self._refresh(record)
 
@@ -1492,7 +1653,7 @@ class TokenManager:
         """Forget the stored token (only if it is still ``token``, when given)."""
         record = self._read()
         if record and (token is None or record[0] == token):
-            self.store.delete(self._key, f"{record[1]!r} {record[0]}")
+            self.store.delete(self._key, f"{record[1]!r} {record[2]!r} {record[0]}")
 
     def _replacement_for(self, rejected):
         """A token other than ``rejected``, after an API call said it is dead.
@@ -1527,12 +1688,14 @@ class TokenManager:
             if self.store.add(self._lock_key, owner, lock_ttl):
                 try:
                     record = self._read()
-                    if not force and record and \
-                            record[1] - self.refresh_margin > self._clock():
+                    if not force and self._fresh(record):
                         return record[0]  # another process fetched while we waited
                     token, expires_in = self._fetch(force)
-                    expires_at = self._clock() + expires_in
-                    self.store.set(self._key, f"{expires_at!r} {token}", expires_in)
+                    now = self._clock()
+                    expires_at = now + expires_in
+                    refresh_at = expires_at - min(self.refresh_margin, expires_in / 2)
+                    self.store.set(self._key, f"{expires_at!r} {refresh_at!r} {token}",
+                                   expires_in)
                     return token
                 finally:
                     self.store.delete(self._lock_key, owner)
@@ -1541,7 +1704,7 @@ class TokenManager:
             if stale and stale[1] > now and not force:
                 return stale[0]
             record = self._read()
-            if record and record[1] - self.refresh_margin > now:
+            if self._fresh(record):
                 return record[0]
             if now > deadline:
                 raise WeChatConnectionError(
@@ -1568,6 +1731,11 @@ class TokenManager:
                                       params=credentials, timeout=self.api_timeout,
                                       what="token")
             errcode = _errcode(document)
+            if self._metrics is not None:
+                self._metrics.count("wxgate_token_fetches_total", app=self.name)
+                if errcode:
+                    self._metrics.count("wxgate_token_errors_total", app=self.name,
+                                        errcode=errcode)
             if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF):
                 self._sleep(BUSY_BACKOFF[attempt])
                 continue
@@ -1710,6 +1878,459 @@ class WeChatClient:
 
 
 ###############################################################################
+# Delivery ####################################################################
+###############################################################################
+
+class DeliveryError(WxgateError):
+    """The business code could not take the message: the forward backend failed."""
+
+    status = 500
+
+
+def _forward_signature(secret, timestamp, body):
+    """HMAC-SHA256 over the timestamp and the body, hex: what a backend checks."""
+    return hmac.new(secret.encode("utf-8"), str(timestamp).encode("ascii") + body,
+                    hashlib.sha256).hexdigest()
+
+
+def _forward(app, message, *, timestamp, timeout=None):
+    """POST a push to the app's backend; return its reply (None, a str or a dict).
+
+    The body is ``{"app", "dedup_key", "format", "message"}``; ``X-Wxgate-Signature`` is
+    HMAC-SHA256 of ``X-Wxgate-Timestamp`` + body with ``forward_secret``. A 204 or empty
+    body means ``success``; a JSON body is the reply, as a handler's return value would be.
+
+    :raises DeliveryError: the backend timed out, was unreachable, answered a non-2xx status
+        or something that is not JSON.
+    """
+    body = json.dumps({"app": message.app, "dedup_key": message.dedup_key,
+                       "format": message.format, "message": message._fields},
+                      ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    timestamp = str(int(timestamp))
+    request = urllib.request.Request(app.forward, data=body, method="POST", headers={
+        "Content-Type": "application/json; charset=utf-8",
+        "User-Agent": f"wxgate/{__version__}",
+        "X-Wxgate-Timestamp": timestamp,
+        "X-Wxgate-Signature": _forward_signature(app.forward_secret, timestamp, body),
+    })
+    timeout = app.forward_timeout if timeout is None else timeout
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        raise DeliveryError(f"backend {app.forward} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DeliveryError(f"backend {app.forward} failed: {reason}") from None
+    if status == 204 or not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise DeliveryError(f"backend {app.forward} answered something that is not JSON") \
+            from None
+
+
+def _business_reply(app, message, *, timestamp):
+    """Hand a message to the app's business code: its handler, its backend, or both.
+
+    With both, the handler runs first and its reply wins unless it is None.
+    """
+    reply = app.handler(message) if app.handler is not None else None
+    if app.forward:
+        forwarded = _forward(app, message, timestamp=timestamp)
+        if reply is None:
+            reply = forwarded
+    return reply
+
+
+class _Queue:
+    """A durable queue of pushes in a shared store, in order per partition (app + user).
+
+    Only the oldest message of a partition can be claimed, so one user's messages reach the
+    business code in order of arrival. A claim hides its message for ``visibility`` seconds;
+    a worker that dies before acknowledging lets it reappear.
+    """
+
+    def push(self, partition, payload, now):
+        raise NotImplementedError
+
+    def claim(self, now, visibility):
+        """``(id, payload, attempts, claim)`` of a message due for delivery, or None."""
+        raise NotImplementedError
+
+    def ack(self, item_id, claim, now):
+        raise NotImplementedError
+
+    def retry(self, item_id, claim, available_at, error, now):
+        raise NotImplementedError
+
+    def bury(self, item_id, claim, error, now):
+        """Move a message to the dead-letter list."""
+        raise NotImplementedError
+
+    def stats(self, now):
+        raise NotImplementedError
+
+    def dead(self, limit=100):
+        raise NotImplementedError
+
+    def revive(self, ids, now):
+        """Put dead letters (all when ``ids`` is empty) back in the queue; return the count."""
+        raise NotImplementedError
+
+    def purge_dead(self):
+        raise NotImplementedError
+
+
+class _SqliteQueue(_Queue):
+    """The queue as a table beside the store's key-value table."""
+
+    def __init__(self, store):
+        self.store = store
+        self.store._connection().execute(
+            "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
+            " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
+            " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL)")
+        self.store._connection().execute(
+            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)")
+
+    def _execute(self, sql, parameters=()):
+        return self.store._connection().execute(sql, parameters)
+
+    def push(self, partition, payload, now):
+        # One statement in autocommit mode: durable (WAL) once it returns.
+        return self._execute(
+            "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
+            " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
+
+    def claim(self, now, visibility):
+        connection = self.store._connection()
+        claim = uuid.uuid4().hex
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            # The head of each partition is its lowest live id; a claim moves available_at
+            # into the future, which is also what hides it from other workers.
+            row = connection.execute(
+                "SELECT q.id, q.payload, q.attempts FROM wxgate_queue q JOIN (SELECT MIN(id)"
+                " AS head FROM wxgate_queue WHERE dead = 0 GROUP BY partition) h"
+                " ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id LIMIT 1",
+                (now,)).fetchone()
+            if row is not None:
+                connection.execute(
+                    "UPDATE wxgate_queue SET available_at = ?, claim = ?, attempts ="
+                    " attempts + 1 WHERE id = ?", (now + visibility, claim, row[0]))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return None if row is None else (row[0], row[1], row[2] + 1, claim)
+
+    def ack(self, item_id, claim, now):
+        return self._execute("DELETE FROM wxgate_queue WHERE id = ? AND claim = ?",
+                             (item_id, claim)).rowcount == 1
+
+    def retry(self, item_id, claim, available_at, error, now):
+        self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, error = ?"
+                      " WHERE id = ? AND claim = ?", (available_at, error, item_id, claim))
+
+    def bury(self, item_id, claim, error, now):
+        self._execute("UPDATE wxgate_queue SET dead = 1, claim = NULL, error = ?"
+                      " WHERE id = ? AND claim = ?", (error, item_id, claim))
+
+    def stats(self, now):
+        pending, in_flight, dead = self._execute(
+            "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 0 AND claim IS NOT NULL"
+            " AND available_at > ?), 0), COALESCE(SUM(dead = 1), 0) FROM wxgate_queue",
+            (now,)).fetchone()
+        return {"pending": pending, "in_flight": in_flight, "dead": dead}
+
+    def dead(self, limit=100):
+        rows = self._execute("SELECT id, partition, payload, attempts, error FROM wxgate_queue"
+                             " WHERE dead = 1 ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [_dead_letter(*row) for row in rows]
+
+    def revive(self, ids, now):
+        connection = self.store._connection()
+        where = "dead = 1" + (f" AND id IN ({','.join('?' * len(ids))})" if ids else "")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-inserted with a new id: a revived message goes after what is queued for its
+            # user now, as it would in Redis.
+            rows = connection.execute(f"SELECT id, partition, payload FROM wxgate_queue"
+                                      f" WHERE {where}", [int(i) for i in ids]).fetchall()
+            for item_id, partition, payload in rows:
+                connection.execute("DELETE FROM wxgate_queue WHERE id = ?", (item_id,))
+                connection.execute(
+                    "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
+                    " VALUES (?, ?, ?, ?)", (partition, payload, now, now))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def purge_dead(self):
+        return self._execute("DELETE FROM wxgate_queue WHERE dead = 1").rowcount
+
+
+def _dead_letter(item_id, partition, payload, attempts, error):
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        document = {}
+    return {"id": int(item_id), "partition": partition, "app": document.get("app"),
+            "dedup_key": document.get("dedup_key"), "attempts": int(attempts),
+            "error": error}
+
+
+class _RedisQueue(_Queue):
+    """The queue in Redis: a list of ids per partition, a sorted set of partitions whose head
+    is due, a sorted set of claimed ids by deadline, a hash per message, and a dead list.
+
+    Every step is one Lua script, so it is atomic on the server however many gateways call.
+    """
+
+    _PUSH = """
+local p = ARGV[1]
+local id = redis.call('INCR', p .. ':q:seq')
+redis.call('HSET', p .. ':q:msg:' .. id, 'partition', ARGV[2], 'payload', ARGV[3],
+           'attempts', 0)
+if redis.call('RPUSH', p .. ':q:part:' .. ARGV[2], id) == 1 then
+  redis.call('ZADD', p .. ':q:ready', ARGV[4], ARGV[2])
+end
+redis.call('INCR', p .. ':q:pending')
+return id
+"""
+    _CLAIM = """
+local p, now = ARGV[1], tonumber(ARGV[2])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':q:inflight', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', p .. ':q:inflight', id)
+  local part = redis.call('HGET', p .. ':q:msg:' .. id, 'partition')
+  if part then redis.call('ZADD', p .. ':q:ready', now, part) end
+end
+local heads = redis.call('ZRANGEBYSCORE', p .. ':q:ready', '-inf', now, 'LIMIT', 0, 1)
+if #heads == 0 then return false end
+redis.call('ZREM', p .. ':q:ready', heads[1])
+local id = redis.call('LINDEX', p .. ':q:part:' .. heads[1], 0)
+if not id then return false end
+local key = p .. ':q:msg:' .. id
+local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('HSET', key, 'claim', ARGV[4])
+redis.call('ZADD', p .. ':q:inflight', now + tonumber(ARGV[3]), id)
+return {id, redis.call('HGET', key, 'payload'), attempts}
+"""
+    # ARGV: prefix, id, claim, now, action ('ack', 'retry', 'bury'), available_at, error
+    _SETTLE = """
+local p, id = ARGV[1], ARGV[2]
+local key = p .. ':q:msg:' .. id
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+local part = redis.call('HGET', key, 'partition')
+local list = p .. ':q:part:' .. part
+redis.call('ZREM', p .. ':q:inflight', id)
+redis.call('HDEL', key, 'claim')
+if ARGV[5] == 'retry' then
+  redis.call('HSET', key, 'error', ARGV[7])
+  redis.call('ZADD', p .. ':q:ready', ARGV[6], part)
+  return 1
+end
+redis.call('LREM', list, 1, id)
+redis.call('DECR', p .. ':q:pending')
+if ARGV[5] == 'bury' then
+  redis.call('HSET', key, 'error', ARGV[7])
+  redis.call('RPUSH', p .. ':q:dead', id)
+else
+  redis.call('DEL', key)
+end
+if redis.call('LLEN', list) > 0 then redis.call('ZADD', p .. ':q:ready', ARGV[4], part) end
+return 1
+"""
+    _REVIVE = """
+local p, now = ARGV[1], ARGV[2]
+local ids = {}
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ids == 0 then ids = redis.call('LRANGE', p .. ':q:dead', 0, -1) end
+local count = 0
+for _, id in ipairs(ids) do
+  if redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
+    local key = p .. ':q:msg:' .. id
+    redis.call('HSET', key, 'attempts', 0)
+    local part = redis.call('HGET', key, 'partition')
+    if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
+      redis.call('ZADD', p .. ':q:ready', now, part)
+    end
+    redis.call('INCR', p .. ':q:pending')
+    count = count + 1
+  end
+end
+return count
+"""
+
+    def __init__(self, store, prefix):
+        self.redis, self.prefix = store._redis, prefix
+        self._push = self.redis.register_script(self._PUSH)
+        self._claim = self.redis.register_script(self._CLAIM)
+        self._settle = self.redis.register_script(self._SETTLE)
+        self._revive = self.redis.register_script(self._REVIVE)
+
+    def push(self, partition, payload, now):
+        return int(self._push(args=[self.prefix, partition, payload, repr(now)]))
+
+    def claim(self, now, visibility):
+        claim = uuid.uuid4().hex
+        row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim])
+        if not row:
+            return None
+        return int(row[0]), _text(row[1]), int(row[2]), claim
+
+    def ack(self, item_id, claim, now):
+        return bool(self._settle(args=[self.prefix, item_id, claim, repr(now), "ack", 0, ""]))
+
+    def retry(self, item_id, claim, available_at, error, now):
+        self._settle(args=[self.prefix, item_id, claim, repr(now), "retry", repr(available_at),
+                           error])
+
+    def bury(self, item_id, claim, error, now):
+        self._settle(args=[self.prefix, item_id, claim, repr(now), "bury", 0, error])
+
+    def stats(self, now):
+        return {"pending": int(self.redis.get(f"{self.prefix}:q:pending") or 0),
+                "in_flight": self.redis.zcard(f"{self.prefix}:q:inflight"),
+                "dead": self.redis.llen(f"{self.prefix}:q:dead")}
+
+    def dead(self, limit=100):
+        letters = []
+        for item_id in self.redis.lrange(f"{self.prefix}:q:dead", 0, limit - 1):
+            fields = {_text(k): _text(v) for k, v in
+                      self.redis.hgetall(f"{self.prefix}:q:msg:{_text(item_id)}").items()}
+            letters.append(_dead_letter(_text(item_id), fields.get("partition"),
+                                        fields.get("payload", "{}"),
+                                        fields.get("attempts", 0), fields.get("error")))
+        return letters
+
+    def revive(self, ids, now):
+        return int(self._revive(args=[self.prefix, repr(now), *[str(i) for i in ids]]))
+
+    def purge_dead(self):
+        key = f"{self.prefix}:q:dead"
+        ids = self.redis.lrange(key, 0, -1)
+        for item_id in ids:
+            self.redis.delete(f"{self.prefix}:q:msg:{_text(item_id)}")
+            self.redis.lrem(key, 1, item_id)
+        return len(ids)
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _open_queue(store, prefix):
+    """The durable queue living in ``store`` (sqlite or Redis)."""
+    primary = getattr(store, "primary", store)
+    if isinstance(primary, SqliteStore):
+        return _SqliteQueue(primary)
+    if isinstance(primary, RedisStore):
+        return _RedisQueue(primary, prefix)
+    raise ConfigError("delivery = queue needs a durable store: set [wxgate] store to "
+                      "sqlite:///path/to/wxgate.db or redis://host:port/db")
+
+
+class _DeliveryWorker:
+    """Takes queued pushes and hands them to business code, with retries and dead letters.
+
+    Runs as threads inside each gateway process, or alone as ``wxgate worker CONFIG``. Each
+    message is delivered at least once. A Python handler's completed dedup keys are kept in
+    the store, so a message re-delivered after a crash skips the handler; a forward backend
+    gets the same ``dedup_key`` again and can drop the repeat.
+    """
+
+    def __init__(self, gateway, queue, *, threads=1, idle_sleep=0.05, random=None):
+        import random as random_module
+        self.gateway, self.queue, self.threads = gateway, queue, threads
+        self.idle_sleep = idle_sleep
+        self._random = random or random_module.random
+        self._stop = threading.Event()
+        self._threads = []
+
+    def start(self):
+        for index in range(self.threads):
+            thread = threading.Thread(target=self.run, name=f"wxgate-delivery-{index}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout=5.0):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def run(self):
+        """Deliver until stopped; a failing store only makes the loop wait and try again."""
+        idle = self.idle_sleep
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:
+                logger.exception("delivery loop error; retrying in 1 s")
+                busy, idle = False, 1.0
+            if busy:
+                idle = self.idle_sleep
+            else:
+                self._stop.wait(idle)
+                idle = min(idle * 2, 0.5)
+
+    def run_once(self):
+        """Claim and deliver one message; return whether there was one."""
+        gateway = self.gateway
+        now = gateway._clock()
+        item = self.queue.claim(now, gateway.config.queue_visibility_timeout)
+        if item is None:
+            return False
+        item_id, payload, attempts, claim = item
+        document = json.loads(payload)
+        app = gateway.config.apps.get(document.get("app"))
+        if app is None:
+            self.queue.bury(item_id, claim, "no such app in this config", now)
+            return True
+        message = Message(document["message"], app=app.name, format=document["format"],
+                          encrypted=document.get("encrypted", False),
+                          client=gateway._clients[app.name])
+        done_key = f"{gateway.config.store_prefix}:done:{message.dedup_key or item_id}"
+        started = time.monotonic()
+        try:
+            if gateway.store.get(done_key) is None:
+                _business_reply(app, message, timestamp=gateway._clock())
+                gateway.store.set(done_key, "1", DONE_TTL)
+                outcome = "delivered"
+            else:
+                outcome = "already-delivered"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            if attempts >= app.queue_max_attempts:
+                self.queue.bury(item_id, claim, error, gateway._clock())
+                logger.error("app=%s message %s (key %s) failed %d times, moved to the "
+                             "dead letters: %s", app.name, item_id, message.dedup_key,
+                             attempts, error)
+                gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
+                return True
+            # Exponential backoff with jitter, so a recovering backend is not hit in lockstep.
+            delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** (attempts - 1))
+            delay *= 0.5 + self._random()
+            self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
+            logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
+                           "%s", app.name, item_id, message.dedup_key, attempts, delay, error)
+            return True
+        self.queue.ack(item_id, claim, gateway._clock())
+        gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
+                                app=app.name)
+        logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
+                    message.event or message.msg_type, message.dedup_key, outcome, attempts,
+                    (time.monotonic() - started) * 1000)
+        return True
+
+
+###############################################################################
 # WSGI application ############################################################
 ###############################################################################
 
@@ -1790,12 +2411,15 @@ class Gateway:
     :param sleep: waits (busy backoff, polling).
     :param reply_deadline: how long a duplicate waits for the first delivery's reply;
         WeChat's 5 s unless a test wants it shorter.
+    :param start_worker: start the queue's delivery threads on the first request (the
+        default, when an app has ``delivery = queue`` and ``delivery_threads`` > 0).
     """
 
     def __init__(self, config, *, clock=time.time, random_bytes=os.urandom, store=None,
-                 sleep=time.sleep, reply_deadline=REPLY_DEADLINE):
+                 sleep=time.sleep, reply_deadline=REPLY_DEADLINE, start_worker=True):
         self.config = config
         self.reply_deadline = reply_deadline
+        self.metrics = _Metrics()
         self._clock, self._random_bytes = clock, random_bytes
         if store is None:
             store = open_store(config.store, clock=clock, max_entries=config.dedup_size)
@@ -1810,9 +2434,16 @@ class Gateway:
                 app.appid, app.appsecret, store=self.store, api_base=config.api_base,
                 api_timeout=config.api_timeout, grant=app.token_grant,
                 refresh_margin=app.token_refresh_margin, name=app.name,
-                prefix=config.store_prefix, clock=clock, sleep=sleep), sleep=sleep)
+                prefix=config.store_prefix, clock=clock, sleep=sleep, metrics=self.metrics),
+                sleep=sleep)
             for app in config.apps.values()
         }
+        queued = any(app.delivery == "queue" for app in config.apps.values())
+        self.queue = _open_queue(store, config.store_prefix) if queued else None
+        self._start_worker = start_worker and queued and config.delivery_threads > 0
+        self._worker = None
+        self._worker_pid = None
+        self._worker_lock = threading.Lock()
 
     def client(self, name):
         """The :class:`WeChatClient` of app ``name``."""
@@ -1822,11 +2453,30 @@ class Gateway:
             raise KeyError(f"no app named {name!r}; configured: {sorted(self._clients)}") \
                 from None
 
+    def worker(self, threads=None):
+        """A delivery worker for the durable queue (not started)."""
+        if self.queue is None:
+            raise WxgateError("no app has delivery = queue")
+        return _DeliveryWorker(self, self.queue, threads=threads or self.config.delivery_threads)
+
     def close(self):
-        """Release the store's connections."""
+        """Stop the delivery threads and release the store's connections."""
+        if self._worker is not None:
+            self._worker.stop()
         self.store.close()
 
+    def _ensure_worker(self):
+        # Started on the first request, in the process that serves it: threads do not
+        # survive a fork, and gunicorn --preload builds the app before forking its workers.
+        with self._worker_lock:
+            if self._worker_pid != os.getpid():
+                self._worker = self.worker()
+                self._worker.start()
+                self._worker_pid = os.getpid()
+
     def __call__(self, environ, start_response):
+        if self._start_worker and self._worker_pid != os.getpid():
+            self._ensure_worker()
         try:
             status, headers, body = self._respond(environ)
         except Exception:  # a bug of ours: never let it escape to the server
@@ -1859,7 +2509,11 @@ class Gateway:
             return 405, [("Content-Type", _TEXT), ("Allow", "GET, POST")], \
                 b"method not allowed: WeChat sends GET (handshake) and POST (push)"
         except WxgateError as exc:
-            logger.warning("app=%s %s refused %d: %s", app.name, method, exc.status, exc.message)
+            self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
+                               code=exc.code or "")
+            logger.warning("app=%s %s refused %d: %s", app.name, method, exc.status, exc.message,
+                           extra={"app": app.name, "outcome": f"refused-{exc.status}",
+                                  "request_id": _request_id(environ)})
             return exc.status, [("Content-Type", _TEXT)], exc.message.encode("utf-8")
 
     def _handshake(self, app, environ):
@@ -1873,7 +2527,8 @@ class Gateway:
         return 200, [("Content-Type", _TEXT), ("X-Content-Type-Options", "nosniff")], \
             echostr.encode("utf-8")
 
-    def _push(self, app, environ, started):
+    def _read_push(self, app, environ):
+        """Verify, decrypt and parse a push; return ``(message, nonce)`` or raise."""
         query = _query(environ)
         timestamp, nonce = _required(query, "timestamp", "nonce")
         _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
@@ -1907,14 +2562,18 @@ class Gateway:
             raise MessageError("safe mode refuses an unencrypted push", code=None)
         elif app.mode == "compat":
             check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
-        message = Message(fields, app=app.name, format=fmt, encrypted=encrypt is not None,
-                          client=self._clients[app.name])
+        return Message(fields, app=app.name, format=fmt, encrypted=encrypt is not None,
+                       client=self._clients[app.name]), nonce
+
+    def _push(self, app, environ, started):
+        message, nonce = self._read_push(app, environ)
+        if app.delivery == "queue":
+            return self._enqueue(app, message, environ, started)
 
         def work():
             return self._deliver(app, message, nonce)
 
         key = message.dedup_key
-        kind = message.event or message.msg_type
         try:
             if key is None:
                 content_type, reply, duplicate = work() + (False,)
@@ -1922,24 +2581,63 @@ class Gateway:
                 content_type, reply, duplicate = self._dedup.run(
                     key, work, started + self.reply_deadline)
         except _InFlightTimeout as exc:
-            self._log_push(app, kind, key, "in-flight-timeout", started)
+            self._log_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
         except Exception:
-            logger.exception("app=%s handler %s raised on %s (key %s); answering 500 so "
-                             "WeChat retries", app.name, app.handler_spec, kind, key)
-            self._log_push(app, kind, key, "handler-error", started)
+            logger.exception("app=%s %s raised on %s (key %s); answering 500 so WeChat "
+                             "retries", app.name, app.handler_spec or app.forward,
+                             message.event or message.msg_type, key)
+            self._log_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
-        self._log_push(app, kind, key, "duplicate" if duplicate else "handled", started)
+        if duplicate:
+            self.metrics.count("wxgate_duplicates_total", app=app.name)
+        self._log_push(app, message, "duplicate" if duplicate else "handled", started, environ)
         return 200, [("Content-Type", content_type)], reply.encode("utf-8")
 
-    def _log_push(self, app, kind, key, outcome, started):
+    def _enqueue(self, app, message, environ, started):
+        """Queue mode: store the push durably and answer ``success`` at once."""
+        key = message.dedup_key or uuid.uuid4().hex
+        marker = f"{self.config.store_prefix}:queued:{key}"
+        if not self.store.add(marker, "1", self.config.dedup_ttl):
+            self.metrics.count("wxgate_duplicates_total", app=app.name)
+            self._log_push(app, message, "duplicate", started, environ)
+            return 200, [("Content-Type", _TEXT)], b"success"
+        payload = _dump_json({"app": app.name, "dedup_key": message.dedup_key,
+                              "format": message.format, "encrypted": message.encrypted,
+                              "message": message._fields})
+        try:
+            self.queue.push(f"{app.name}:{message.from_user or ''}", payload, self._clock())
+        except Exception as exc:
+            # Without the store nothing is durable: answer 500 so WeChat retries, rather
+            # than acknowledge a message we might lose.
+            self.store.delete(marker, "1")
+            logger.error("app=%s cannot queue %s (%s: %s); answering 500 so WeChat retries",
+                         app.name, key, type(exc).__name__, exc)
+            self._log_push(app, message, "queue-error", started, environ)
+            return 500, [("Content-Type", _TEXT)], b""
+        self._log_push(app, message, "queued", started, environ)
+        return 200, [("Content-Type", _TEXT)], b"success"
+
+    def _log_push(self, app, message, outcome, started, environ):
+        kind = message.event or message.msg_type
+        self.metrics.count("wxgate_pushes_total", app=app.name, type=kind, outcome=outcome)
         if logger.isEnabledFor(logging.INFO):
-            logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f", app.name, kind, key,
-                        outcome, (time.monotonic() - started) * 1000)
+            milliseconds = (time.monotonic() - started) * 1000
+            logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f", app.name, kind,
+                        message.dedup_key, outcome, milliseconds,
+                        extra={"app": app.name, "dedup_key": message.dedup_key,
+                               "outcome": outcome, "duration_ms": round(milliseconds, 2),
+                               "request_id": _request_id(environ), "msg_type": kind})
 
     def _deliver(self, app, message, nonce):
-        """Call the handler and render its answer; return ``(content_type, body)``."""
-        return self._render(app, message, app.handler(message), nonce)
+        """Hand the message to business code and render its answer: ``(type, body)``."""
+        started = time.monotonic()
+        try:
+            reply = _business_reply(app, message, timestamp=self._clock())
+        finally:
+            self.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
+                                 app=app.name)
+        return self._render(app, message, reply, nonce)
 
     def _render(self, app, message, reply, nonce):
         if reply is None or reply == "success":
@@ -1952,8 +2650,8 @@ class Gateway:
         elif isinstance(reply, (str, bytes)):
             text = reply.decode("utf-8") if isinstance(reply, bytes) else reply
         else:
-            raise TypeError(f"handler {app.handler_spec} returned {type(reply).__name__}; "
-                            "expected None, a str or a dict")
+            raise TypeError(f"{app.handler_spec or app.forward} returned "
+                            f"{type(reply).__name__}; expected None, a str or a dict")
         if not message.encrypted:
             return _CONTENT_TYPES[message.format], text
         # Reply in the mode of the request being answered (never a sticky flag).
@@ -1965,30 +2663,22 @@ class Gateway:
                                                          message.format)
 
     def _admin(self, environ, subpath):
-        """``/healthz`` (open) and ``/token/NAME`` (Bearer admin_secret) under admin_path."""
+        """``/healthz`` (open), ``/metrics`` and ``/token/NAME`` under admin_path."""
         method = environ.get("REQUEST_METHOD", "")
-        if subpath == "/healthz":
+        if subpath in ("/healthz", "/metrics") or subpath.startswith("/token/"):
             if method != "GET":
                 return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
-            try:
-                self.store.ping()
-                status, state = 200, "ok"
-            except Exception as exc:
-                logger.error("healthz: store unreachable: %s: %s", type(exc).__name__, exc)
-                status, state = 503, "store unreachable"
-            body = _dump_json({"status": state, "version": __version__,
-                               "apps": sorted(self.config.apps)})
-            return status, [("Content-Type", _JSON)], body.encode()
-        secret = self.config.admin_secret
-        if not secret or not subpath.startswith("/token/"):
+        if subpath == "/healthz":
+            return self._healthz()
+        if subpath == "/metrics":
+            if not (self._authorized(environ) or _from_loopback(environ)):
+                return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
+                    b"unauthorized: use the admin secret, or scrape from 127.0.0.1"
+            return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
+                self.metrics.render(self._gauges()).encode("utf-8")
+        if not self.config.admin_secret or not subpath.startswith("/token/"):
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
-        if method != "GET":
-            return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
-        given = environ.get("HTTP_AUTHORIZATION", "")
-        scheme, _, credential = given.partition(" ")
-        expected = secret.encode("utf-8")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                credential.strip().encode("utf-8", "surrogateescape"), expected):
+        if not self._authorized(environ):
             logger.warning("admin token request refused: missing or wrong bearer secret")
             return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
                 b"unauthorized"
@@ -2002,6 +2692,85 @@ class Gateway:
             return 502, [("Content-Type", _JSON)], _dump_json({"error": exc.message}).encode()
         return 200, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
             _dump_json(info).encode()
+
+    def _authorized(self, environ):
+        secret = self.config.admin_secret
+        if not secret:
+            return False
+        scheme, _, credential = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credential.strip().encode("utf-8", "surrogateescape"), secret.encode("utf-8"))
+
+    def _healthz(self):
+        try:
+            self.store.ping()
+            status, state = 200, "ok"
+        except Exception as exc:
+            logger.error("healthz: store unreachable: %s: %s", type(exc).__name__, exc)
+            status, state = 503, "store unreachable"
+        document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
+                    "store": self.config.store.split("://")[0]}
+        if self.queue is not None and status == 200:
+            try:
+                document["queue"] = self.queue.stats(self._clock())
+            except Exception as exc:
+                status, document["status"] = 503, "queue unreachable"
+                logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
+        return status, [("Content-Type", _JSON)], _dump_json(document).encode()
+
+    def _gauges(self):
+        if self.queue is None:
+            return []
+        try:
+            stats = self.queue.stats(self._clock())
+        except Exception:
+            return []
+        return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
+
+
+def _from_loopback(environ):
+    # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
+    return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
+        "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
+
+
+def _request_id(environ):
+    """The proxy's X-Request-Id when there is one (nginx ``$request_id``), else a fresh one."""
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if given and len(given) <= 64 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+class _JSONFormatter(logging.Formatter):
+    """One JSON object per line, with the push's fields when the record carries them."""
+
+    _FIELDS = ("app", "dedup_key", "outcome", "duration_ms", "request_id", "msg_type")
+
+    def format(self, record):
+        document = {"time": self.formatTime(record), "level": record.levelname,
+                    "logger": record.name, "message": record.getMessage()}
+        for name in self._FIELDS:
+            if hasattr(record, name):
+                document[name] = getattr(record, name)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+def _setup_logging(log_format, level=logging.INFO):
+    """Give the ``wxgate`` logger a handler when nobody configured logging.
+
+    Under gunicorn or mod_wsgi nothing configures Python logging, and the per-push INFO lines
+    would vanish. We only add a handler when neither our logger nor the root has one.
+    """
+    if logger.handlers or logging.getLogger().handlers:
+        return  # logging is the deployer's: their handlers, their format
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JSONFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def make_app(config, **options):
@@ -2038,6 +2807,7 @@ class _LazyApplication:
                             raise ConfigError("WXGATE_CONFIG is not set: point it at your "
                                               "wxgate ini file")
                         self._app = make_app(path)
+                        _setup_logging(self._app.config.log_format)
                     except WxgateError as exc:
                         logger.error("cannot start: %s", exc.message)
                     except Exception:
@@ -2081,6 +2851,7 @@ def _serve(args):
             logger.debug("%s %s", self.address_string(), format % arguments)
 
     app = make_app(args.config)
+    _setup_logging(app.config.log_format, logging.DEBUG if args.verbose else logging.INFO)
     host, port = _parse_listen(app.config.listen)
     host, port = args.host or host, args.port or port
     server = make_server(host, port, app, server_class=ThreadingWSGIServer,
@@ -2257,6 +3028,43 @@ def _handshake_command(args):
     return 1
 
 
+def _worker_command(args):
+    """``wxgate worker CONFIG``: deliver queued pushes in this process until interrupted."""
+    gateway = Gateway(load_config(args.config), start_worker=False)
+    _setup_logging(gateway.config.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    worker = gateway.worker(args.threads)
+    logger.info("delivery worker started with %d thread(s) on %s", worker.threads,
+                gateway.config.store.split("@")[-1])
+    worker.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        gateway.close()
+    return 0
+
+
+def _queue_command(args):
+    """``wxgate queue CONFIG stats|list-dead|retry-dead [ID...]|purge-dead``."""
+    gateway = Gateway(load_config(args.config), start_worker=False)
+    if gateway.queue is None:
+        raise WxgateError("no app has delivery = queue in this config")
+    queue, now = gateway.queue, time.time()
+    if args.action == "stats":
+        print(_dump_json(queue.stats(now)))
+    elif args.action == "list-dead":
+        for letter in queue.dead(limit=args.limit):
+            print(_dump_json(letter))
+    elif args.action == "retry-dead":
+        print(f"{queue.revive([int(i) for i in args.ids], now)} dead letter(s) queued again")
+    elif args.action == "purge-dead":
+        print(f"{queue.purge_dead()} dead letter(s) deleted")
+    gateway.close()
+    return 0
+
+
 def _pick_app(config, name):
     if name is None:
         if len(config.apps) > 1:
@@ -2327,9 +3135,22 @@ def main(argv=None):
     handshake.add_argument("--url", help="default: the app's path on [wxgate] listen")
     handshake.set_defaults(run=_handshake_command)
 
+    worker = commands.add_parser("worker", help="deliver queued pushes (delivery = queue)")
+    worker.add_argument("config")
+    worker.add_argument("--threads", type=int, help="default: [wxgate] delivery_threads")
+    worker.set_defaults(run=_worker_command)
+
+    queue = commands.add_parser("queue", help="inspect and replay the durable queue")
+    queue.add_argument("config")
+    queue.add_argument("action", choices=("stats", "list-dead", "retry-dead", "purge-dead"))
+    queue.add_argument("ids", nargs="*", help="dead letter ids for retry-dead (default: all)")
+    queue.add_argument("--limit", type=int, default=100, help="for list-dead")
+    queue.set_defaults(run=_queue_command)
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.run not in (_serve, _worker_command):
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except WxgateError as exc:
