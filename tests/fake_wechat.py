@@ -735,6 +735,9 @@ class _Server(http.server.ThreadingHTTPServer):
     # would otherwise hold stop() for as long as it sleeps.
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 resets the 6th simultaneous client; the tests open
+    # dozens at once, as a gateway's threads would against the real API.
+    request_queue_size = 128
     fake = None
 
     def handle_error(self, request, client_address):
