@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import struct
-import textwrap
 import threading
 import urllib.parse
 from pathlib import Path
@@ -277,3 +276,18 @@ def store_factory(request, tmp_path, clock):
     yield factory
     for store in made:
         store.close()
+
+
+# -- long fuzzing ----------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="run tests/test_fuzz.py with 100x more Hypothesis examples "
+                          "(same as WXGATE_FUZZ_LONG=1)")
+
+
+def pytest_configure(config):
+    # test_fuzz.py sizes its @settings when it is imported, after this hook.
+    if config.getoption("--fuzz-long", default=False):
+        os.environ["WXGATE_FUZZ_LONG"] = "1"

@@ -1,7 +1,6 @@
 """Delivery to business code: HTTP forwarding (sync) and the durable queue (sqlite, Redis)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

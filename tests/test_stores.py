@@ -11,7 +11,7 @@ import time
 import pytest
 
 import wxgate
-from conftest import free_port
+
 
 
 def test_add_is_set_if_absent(store_factory):
