@@ -404,7 +404,7 @@ class Config:
     dedup_ttl: float = DEFAULT_DEDUP_TTL
     api_base: str = DEFAULT_API_BASE
     api_timeout: float = DEFAULT_API_TIMEOUT
-    store: str = "memory"
+    store: str = dataclasses.field(default="memory", repr=False)  # may hold a password
     store_prefix: str = "wxgate"
     admin_secret: str = dataclasses.field(default="", repr=False)
     admin_path: str = DEFAULT_ADMIN_PATH
@@ -456,6 +456,7 @@ def _option_lines(text):
         stripped = line.strip()
         if stripped.startswith("[") and "]" in stripped:
             section = stripped[1:stripped.index("]")].strip()
+            lines.setdefault((section, None), lineno)
         elif section and stripped and stripped[0] not in ";#" and not line[0].isspace():
             name = re.split(r"[=:]", stripped, 1)[0].strip().lower()
             lines.setdefault((section, name), lineno)
@@ -511,6 +512,8 @@ class _SectionReader:
             value = kind(raw)
         except ValueError:
             raise self.error(option, f"expected a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):  # nan, inf
+            raise self.error(option, f"expected a finite number, got {raw!r}")
         if value < minimum or (maximum is not None and value > maximum):
             bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise self.error(option, f"expected a number {bounds}, got {raw!r}")
@@ -529,9 +532,19 @@ def _parse_config(text, environ, source="<config>"):
         interpolation=None, inline_comment_prefixes=(";", "#"), default_section="\0none")
     try:
         parser.read_string(text, source=source)
+    except (configparser.DuplicateOptionError, configparser.DuplicateSectionError) as exc:
+        what = f"option {exc.option!r}" if getattr(exc, "option", None) else "section"
+        raise ConfigError(f"{what} appears twice", source=source, section=exc.section,
+                          option=getattr(exc, "option", None), lineno=exc.lineno) from None
+    except configparser.ParsingError as exc:
+        # Never quote the line: it may be "appsecret <the secret>" with its "=" missing.
+        lineno = exc.errors[0][0] if exc.errors else None
+        raise ConfigError("line is not 'option = value' (nor a [section] or a comment)",
+                          source=source, lineno=lineno) from None
     except configparser.Error as exc:
-        raise ConfigError(f"not a valid ini file: {exc}".replace("\n", " "),
-                          source=source) from None
+        lineno = getattr(exc, "lineno", None)
+        raise ConfigError(f"not a valid ini file ({type(exc).__name__})", source=source,
+                          lineno=lineno) from None
     lines = _option_lines(text)
     base_dir = os.path.dirname(os.path.abspath(source)) if not source.startswith("<") else "."
 
@@ -543,7 +556,7 @@ def _parse_config(text, environ, source="<config>"):
     gateway = _SectionReader(parser, "wxgate", environ, source, lines)
     gateway.check_known(_GATEWAY_OPTIONS)
     api_base = gateway.text("api_base", DEFAULT_API_BASE).rstrip("/")
-    if not re.match(r"https?://[^/\s]+", api_base):
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", api_base):
         raise gateway.error("api_base", f"expected an http:// or https:// URL, got {api_base!r}")
     admin_path = "/" + gateway.text("admin_path", DEFAULT_ADMIN_PATH).strip("/")
     if admin_path == "/":
@@ -645,10 +658,11 @@ def _parse_app(reader, base_dir):
     if handler_spec:
         try:
             handler = _resolve_handler(handler_spec, base_dir)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise reader.error("handler", f"cannot load {handler_spec!r}: {exc}") from None
+        except Exception as exc:  # a SyntaxError in the module, or one raised on import
+            raise reader.error("handler", f"cannot load {handler_spec!r}: "
+                               f"{type(exc).__name__}: {exc}") from None
     forward_secret = reader.text("forward_secret", "")
-    if forward and not re.match(r"https?://[^/\s]+", forward):
+    if forward and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", forward):
         raise reader.error("forward", f"expected an http:// or https:// URL, got {forward!r}")
     if forward and not forward_secret:
         raise reader.error("forward_secret", "is required with forward: the backend checks "
@@ -1070,9 +1084,15 @@ class Message(collections.abc.Mapping):
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 
 
+# Characters XML 1.0 cannot carry, even in CDATA: a reply holding one cannot be parsed.
+_XML_ILLEGAL = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def _cdata(text):
     # A "]]>" inside the value would end the section early and let the value add elements
-    # (a second MsgType) to the reply: split it across two sections.
+    # (a second MsgType) to the reply: split it across two sections. Characters XML cannot
+    # carry are dropped, so a control character echoed from a user cannot break the reply.
+    text = _XML_ILLEGAL.sub("", text)
     return "<![CDATA[" + text.replace("]]>", "]]]]><![CDATA[>") + "]]>"
 
 
