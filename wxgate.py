@@ -65,6 +65,7 @@ import dataclasses
 import hashlib
 import hmac
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -95,9 +96,11 @@ logger = logging.getLogger("wxgate")
 # WeChat waits 5 s for the passive reply, then retries (the retry count is unverified).
 # https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/customer-message/receive.html
 REPLY_DEADLINE = 5.0
-# A claim on a dedup key lives this long without an answer. A worker killed mid-handler thus
-# blocks WeChat's retries for at most this long, and the next retry runs the handler again.
-IN_FLIGHT_TTL = REPLY_DEADLINE
+# A claim on a dedup key lives this long unless its owner, alive and still working, renews it
+# every CLAIM_RENEW_EVERY seconds. A worker killed mid-handler thus holds up WeChat's retries
+# for at most CLAIM_TTL, well inside their 5-second wait, and the retry runs the handler.
+CLAIM_TTL = 3.0
+CLAIM_RENEW_EVERY = 1.0
 # WeChat pads to 32 bytes, not AES's 16: the doc's own safe-mode push ends in 19 pad bytes.
 PKCS7_BLOCK = 32
 # random (16) + msg_len (4): the shortest buffer that can hold an (empty) message.
@@ -536,9 +539,13 @@ def _parse_config(text, environ, source="<config>"):
         what = f"option {exc.option!r}" if getattr(exc, "option", None) else "section"
         raise ConfigError(f"{what} appears twice", source=source, section=exc.section,
                           option=getattr(exc, "option", None), lineno=exc.lineno) from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError("option before any [section]: start with [wxgate] or [app:NAME]",
+                          source=source, lineno=exc.lineno) from None
     except configparser.ParsingError as exc:
         # Never quote the line: it may be "appsecret <the secret>" with its "=" missing.
-        lineno = exc.errors[0][0] if exc.errors else None
+        errors = getattr(exc, "errors", None)
+        lineno = errors[0][0] if errors else None
         raise ConfigError("line is not 'option = value' (nor a [section] or a comment)",
                           source=source, lineno=lineno) from None
     except configparser.Error as exc:
@@ -1177,6 +1184,10 @@ class Store:
         """Delete ``key``; with ``value``, only while it still holds that value."""
         raise NotImplementedError
 
+    def touch(self, key, value, ttl):
+        """Give ``key`` a new ``ttl`` while it still holds ``value``; return whether it did."""
+        raise NotImplementedError
+
     def ping(self):
         """Raise if the store cannot be reached."""
 
@@ -1240,6 +1251,15 @@ class MemoryStore(Store):
             if entry is None or (value is not None and entry[0] != value):
                 return False
             del self._entries[key]
+            return True
+
+    def touch(self, key, value, ttl):
+        now = self._clock()
+        with self._lock:
+            entry = self._live(key, now)
+            if entry is None or entry[0] != value:
+                return False
+            self._entries[key] = (value, now + ttl)
             return True
 
     def __len__(self):
@@ -1337,6 +1357,11 @@ class SqliteStore(Store):
             statement = ("DELETE FROM wxgate_kv WHERE key = ? AND value = ?", (key, value))
         return self._write((statement,)) == 1
 
+    def touch(self, key, value, ttl):
+        now = self._clock()
+        return self._write((("UPDATE wxgate_kv SET expires_at = ? WHERE key = ? AND value = ?"
+                             " AND expires_at > ?", (now + ttl, key, value, now)),)) == 1
+
     def ping(self):
         self._connection().execute("SELECT 1").fetchone()
 
@@ -1360,6 +1385,8 @@ class RedisStore(Store):
     # Compare-and-delete: a lock or claim is released only by the one who holds it.
     _DELETE_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                   "return redis.call('del', KEYS[1]) else return 0 end")
+    _TOUCH_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                 "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 
     def __init__(self, url, *, socket_timeout=1.0, client=None):
         if client is None:
@@ -1372,6 +1399,7 @@ class RedisStore(Store):
                                           socket_connect_timeout=socket_timeout)
         self._redis = client
         self._delete_if = client.register_script(self._DELETE_IF)
+        self._touch_if = client.register_script(self._TOUCH_IF)
 
     def add(self, key, value, ttl):
         return bool(self._redis.set(key, value, nx=True, px=max(1, int(ttl * 1000))))
@@ -1387,6 +1415,9 @@ class RedisStore(Store):
         if value is None:
             return bool(self._redis.delete(key))
         return bool(self._delete_if(keys=[key], args=[value]))
+
+    def touch(self, key, value, ttl):
+        return bool(self._touch_if(keys=[key], args=[value, max(1, int(ttl * 1000))]))
 
     def ping(self):
         self._redis.ping()
@@ -1451,6 +1482,9 @@ class _FallbackStore(Store):
     def delete(self, key, value=None):
         return self._attempt("delete", key, value)
 
+    def touch(self, key, value, ttl):
+        return self._attempt("touch", key, value, ttl)
+
     def ping(self):
         self.primary.ping()
 
@@ -1470,19 +1504,27 @@ class _InFlightTimeout(WxgateError):
 class _Dedup:
     """Run each push's work once per dedup key, and answer retries with the first reply.
 
-    A key moves through three states in the store: absent, claimed (``p`` + a claim id, for
-    at most ``IN_FLIGHT_TTL``) and done (``d`` + the reply, for ``ttl``). Whoever's ``add``
-    succeeds owns the key and runs the work; everyone else waits for ``done``. If the work
-    raises, the owner deletes its claim, so the next delivery (a waiting duplicate or
-    WeChat's retry) runs it again: nothing that was not acknowledged is remembered as done.
+    A key moves through three states in the store: absent, claimed (``p`` + a claim id) and
+    done (``d`` + the reply, for ``ttl``). Whoever's ``add`` succeeds owns the key and runs
+    the work; everyone else waits for ``done``. If the work raises, the owner deletes its
+    claim, so the next delivery (a waiting duplicate or WeChat's retry) runs it again:
+    nothing that was not acknowledged is remembered as done.
+
+    A claim lives ``CLAIM_TTL`` seconds, and a keeper thread renews the claims of work still
+    running in this process. So a slow handler keeps its retries waiting for its reply
+    instead of running again, while the claim of a worker that was killed expires within
+    ``CLAIM_TTL`` and the next delivery takes over.
     """
 
     def __init__(self, store, *, prefix, ttl, clock=time.time, sleep=time.sleep):
         self.store, self.prefix, self.ttl = store, prefix, ttl
         self._clock, self._sleep = clock, sleep
-        # Waiters in this process sleep on an Event instead of polling the store.
-        self._events = {}
-        self._events_lock = threading.Lock()
+        # key -> (claim, Event) for work running in this process: waiters here sleep on the
+        # Event instead of polling the store, and the keeper renews the claim.
+        self._owned = {}
+        self._owned_lock = threading.Lock()
+        self._claims = itertools.count()
+        self._keeper_pid = None
 
     def run(self, key, work, deadline):
         """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
@@ -1493,9 +1535,9 @@ class _Dedup:
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
         """
         store_key = f"{self.prefix}:dedup:{key}"
-        claim = f"p{uuid.uuid4().hex}"
+        claim = f"p{os.getpid()}.{next(self._claims)}"
         while True:
-            if self.store.add(store_key, claim, IN_FLIGHT_TTL):
+            if self.store.add(store_key, claim, CLAIM_TTL):
                 return self._own(store_key, claim, work) + (False,)
             value = self.store.get(store_key)
             if value is None:
@@ -1507,16 +1549,18 @@ class _Dedup:
             if remaining <= 0:
                 raise _InFlightTimeout("a duplicate waited for the first delivery, which is "
                                        "still running at the reply deadline")
-            event = self._events.get(store_key)
-            if event is not None:
-                event.wait(remaining)
+            owned = self._owned.get(store_key)
+            if owned is not None:
+                owned[1].wait(remaining)
             else:
                 self._sleep(min(POLL_INTERVAL, remaining))
 
     def _own(self, store_key, claim, work):
         event = threading.Event()
-        with self._events_lock:
-            self._events[store_key] = event
+        with self._owned_lock:
+            self._owned[store_key] = (claim, event)
+        if self._keeper_pid != os.getpid():
+            self._start_keeper()
         try:
             try:
                 content_type, body = work()
@@ -1528,9 +1572,30 @@ class _Dedup:
             self.store.set(store_key, f"d{content_type}\n{body}", self.ttl)
             return content_type, body
         finally:
-            with self._events_lock:
-                self._events.pop(store_key, None)
+            with self._owned_lock:
+                self._owned.pop(store_key, None)
             event.set()
+
+    def _start_keeper(self):
+        # Started in the process that owns the claims: threads do not survive a fork.
+        with self._owned_lock:
+            if self._keeper_pid == os.getpid():
+                return
+            self._keeper_pid = os.getpid()
+        threading.Thread(target=self._keep_claims, name="wxgate-claims", daemon=True).start()
+
+    def _keep_claims(self):
+        while True:
+            time.sleep(CLAIM_RENEW_EVERY)
+            with self._owned_lock:
+                owned = [(key, claim) for key, (claim, _) in self._owned.items()]
+            for key, claim in owned:
+                try:
+                    # Compare-and-renew: a claim already answered, or taken over after a
+                    # stall, is left alone.
+                    self.store.touch(key, claim, CLAIM_TTL)
+                except Exception:
+                    logger.exception("could not renew the claim on %s", key)
 
 
 ###############################################################################
@@ -2510,15 +2575,17 @@ class Gateway:
     def _respond(self, environ):
         path = environ.get("PATH_INFO") or "/"
         app = self._routes.get(path)
+        full_path = path
         if app is None and environ.get("SCRIPT_NAME"):
             # Mounted below a prefix (mod_wsgi's WSGIScriptAlias /wechat ...): match the
             # whole path, so the ini's path means the same URL under every server.
-            path = (environ["SCRIPT_NAME"] + environ.get("PATH_INFO", "")).rstrip("/") or "/"
-            app = self._routes.get(path)
+            full_path = (environ["SCRIPT_NAME"] + environ.get("PATH_INFO", "")).rstrip("/")
+            app = self._routes.get(full_path or "/")
         if app is None:
-            admin = self.config.admin_path
-            if path.startswith(admin + "/"):
-                return self._admin(environ, path[len(admin):])
+            admin = self.config.admin_path + "/"
+            for candidate in (path, full_path):  # admin_path below the mount, or the whole
+                if candidate.startswith(admin):
+                    return self._admin(environ, candidate[len(admin) - 1:])
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         method = environ.get("REQUEST_METHOD", "")
         try:
@@ -2965,12 +3032,13 @@ def _push_fields(args, now):
     """The push ``wxgate push`` sends, from its command-line options."""
     import secrets
     sender = args.openid
-    if args.json:
-        with open(args.json, "rb") as file:
-            return _parse_json(file.read())
-    if args.xml:
-        with open(args.xml, "rb") as file:
-            return _parse_xml(file.read())
+    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
+        if path:
+            try:
+                with open(path, "rb") as file:
+                    return parse(file.read())
+            except OSError as exc:
+                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
     fields = {"ToUserName": "gh_wxgatedemo", "FromUserName": sender, "CreateTime": now}
     if args.text is not None:
         fields.update(MsgType="text", Content=args.text, MsgId=str(now * 1000 + secrets.randbelow(1000)))
@@ -3052,6 +3120,9 @@ def _decrypt_command(args):
     """``wxgate decrypt CONFIG BODY_OR_FILE ...``: verify and decrypt a captured push."""
     config = load_config(args.config)
     app = _pick_app(config, args.app)
+    if app.aes_key is None:
+        raise WxgateError(f"app {app.name!r} has mode = plain and no encoding_aes_key: "
+                          "there is nothing to decrypt with")
     body = args.body
     if os.path.isfile(body):
         with open(body, "rb") as file:
@@ -3127,6 +3198,17 @@ def _pick_app(config, name):
     return config.apps[name]
 
 
+def _positive_int(text):
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def main(argv=None):
     """The ``wxgate`` command; returns the exit code (0 ok, 1 failed, 2 usage)."""
     import argparse
@@ -3176,7 +3258,7 @@ def main(argv=None):
     push.add_argument("--field", action="append", metavar="K=V", help="an extra event field")
     push.add_argument("--format", choices=("xml", "json"), help="default: the app's format")
     push.add_argument("--openid", default="o_wxgate_demo_user", help="the sender")
-    push.add_argument("--repeat", type=int, default=1, metavar="N",
+    push.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
                       help="send the same push N times, as WeChat's retries do")
     push.set_defaults(run=_push)
 
