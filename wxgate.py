@@ -84,7 +84,10 @@ from xml.parsers import expat
 try:  # The only third-party import, and only encrypted apps need it.
     from Crypto.Cipher import AES as _AES
 except ImportError:  # pragma: no cover - exercised by the "no pycryptodome" test in a subprocess
-    _AES = None
+    try:  # Debian's python3-pycryptodome installs the same library as "Cryptodome"
+        from Cryptodome.Cipher import AES as _AES
+    except ImportError:
+        _AES = None
 
 logger = logging.getLogger("wxgate")
 
@@ -302,13 +305,18 @@ class _Metrics:
         self._counters = {}
         self._histograms = {}
 
+    @staticmethod
+    def _key(name, labels):
+        # Label values as text: a code may be -40001 (int) or "" and must sort together.
+        return name, tuple(sorted((label, str(value)) for label, value in labels.items()))
+
     def count(self, name, amount=1, **labels):
-        key = (name, tuple(sorted(labels.items())))
+        key = self._key(name, labels)
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe(self, name, value, **labels):
-        key = (name, tuple(sorted(labels.items())))
+        key = self._key(name, labels)
         with self._lock:
             histogram = self._histograms.get(key)
             if histogram is None:
@@ -321,7 +329,7 @@ class _Metrics:
 
     def value(self, name, **labels):
         """A counter's current value (0 when never counted)."""
-        return self._counters.get((name, tuple(sorted(labels.items()))), 0)
+        return self._counters.get(self._key(name, labels), 0)
 
     def render(self, gauges=()):
         """The exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
@@ -654,7 +662,8 @@ def _parse_app(reader, base_dir):
             raise reader.error("encoding_aes_key", exc.message.split(" (WeChat")[0],
                                code=ILLEGAL_AES_KEY) from None
     if mode != "plain" and _AES is None:
-        raise reader.error("mode", f"{mode} mode needs AES: pip install pycryptodome")
+        raise reader.error("mode", f"{mode} mode needs AES: pip install pycryptodome (or, for "
+                           "Debian's system Python, apt-get install python3-pycryptodome)")
     token = reader.text("token", required=True)
     handler_spec = reader.text("handler", "")
     forward = reader.text("forward", "")

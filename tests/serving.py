@@ -91,3 +91,166 @@ def _tail(log_path, size=4000):
         return log_path.read_bytes()[-size:].decode("utf-8", "replace")
     except OSError:
         return "(no log)"
+
+
+# -- Apache httpd + mod_wsgi, and nginx, on loopback -----------------------------------------
+#
+# Both run in the foreground in their own session, so :func:`stop` ends them (and the workers,
+# mod_wsgi daemons ... they forked) like gunicorn. Their configs live in ``workdir``, which
+# must be readable by the unprivileged user the servers switch to when started as root (pytest's
+# own tmp_path is 0700: use :func:`public_dir`).
+
+APACHE_MODULES = Path("/usr/lib/apache2/modules")
+
+
+def public_dir(prefix="wxgate-"):
+    """A fresh directory in /tmp that every user may read (0755); remove it when done."""
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+def apache_binary():
+    """The apache2/httpd binary and mod_wsgi.so, or None when either is missing."""
+    import shutil
+    binary = shutil.which("apache2", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") \
+        or shutil.which("httpd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    module = APACHE_MODULES / "mod_wsgi.so"
+    if binary is None or not module.exists():
+        return None
+    return binary, module
+
+
+def _unprivileged_user():
+    """The user and group a root-started server switches to (www-data, else nobody)."""
+    import grp
+    import pwd
+    for user in ("www-data", "nobody"):
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            continue
+        return user, grp.getgrgid(entry.pw_gid).gr_name
+    raise RuntimeError("no www-data or nobody user to run the server as")
+
+
+def start_apache(workdir, ini_path, *, mount="/", script=REPO / "wxgate.py", python_path=REPO,
+                 extra_conf="", timeout=20.0):
+    """Serve ``script`` under Apache httpd + mod_wsgi (daemon mode) on a free loopback port.
+
+    The config is the README's: ``WSGIDaemonProcess ... python-path=``, ``WSGIScriptAlias
+    MOUNT SCRIPT``, ``SetEnv WXGATE_CONFIG`` (left out when ``ini_path`` is None: the script
+    sets it). Returns ``(base_url, process)``; the error log, where wxgate's own log lines land
+    too, is ``process.log_path``.
+    """
+    binary, module = apache_binary() or (None, None)
+    if binary is None:
+        raise RuntimeError("apache2 or mod_wsgi is not installed")
+    workdir, script = Path(workdir), Path(script)
+    port = free_port()
+    user = ""
+    if os.geteuid() == 0:  # Apache refuses to serve as root: switch to a plain user
+        user = "User {}\nGroup {}".format(*_unprivileged_user())
+    set_env = f'SetEnv WXGATE_CONFIG "{ini_path}"' if ini_path else ""
+    conf = workdir / "httpd.conf"
+    conf.write_text(f"""\
+ServerRoot "{workdir}"
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile "{workdir}/httpd.pid"
+ErrorLog "{workdir}/error.log"
+LogLevel info
+DefaultRuntimeDir "{workdir}"
+Mutex file:{workdir} default
+{user}
+LoadModule mpm_event_module {APACHE_MODULES}/mod_mpm_event.so
+LoadModule authz_core_module {APACHE_MODULES}/mod_authz_core.so
+LoadModule env_module {APACHE_MODULES}/mod_env.so
+LoadModule wsgi_module {module}
+WSGISocketPrefix "{workdir}/wsgi"
+WSGIRestrictEmbedded On
+WSGIDaemonProcess wxgate processes=1 threads=4 python-path={python_path}
+WSGIScriptAlias {mount} "{script}" process-group=wxgate application-group=%{{GLOBAL}}
+{set_env}
+<Directory "{script.parent}">
+    <Files "{script.name}">
+        Require all granted
+    </Files>
+</Directory>
+{extra_conf}
+""", "utf-8")
+    log_path = workdir / "error.log"
+    # Debian's system Python runs mod_wsgi: keep this interpreter's PYTHON* variables away.
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    with open(workdir / "apache.out", "wb") as out:
+        process = subprocess.Popen([binary, "-f", str(conf), "-DFOREGROUND"], cwd=workdir,
+                                   env=environment, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_path = log_path
+    _wait_started(process, port, "apache2", [workdir / "apache.out", log_path], timeout)
+    return f"http://127.0.0.1:{port}", process
+
+
+def start_nginx(workdir, upstream, *, client_max_body_size="64k", timeout=20.0):
+    """Run nginx on a free loopback port as a reverse proxy to ``upstream`` (a base URL).
+
+    The server block is the README's: ``client_max_body_size`` (align it with max_body_bytes),
+    ``X-Forwarded-For``/``-Proto`` and ``X-Request-Id $request_id`` to the upstream; the
+    request id is also sent back to the client, so a test can find it in the logs.
+    Returns ``(base_url, process)``; ``process.log_path`` is nginx's error log.
+    """
+    import shutil
+    binary = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if binary is None:
+        raise RuntimeError("nginx is not installed")
+    workdir = Path(workdir)
+    port = free_port()
+    user = "user {} {};".format(*_unprivileged_user()) if os.geteuid() == 0 else ""
+    conf = workdir / "nginx.conf"
+    temp = "\n".join(f"    {kind}_temp_path {workdir}/{kind}_temp;"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf.write_text(f"""\
+{user}
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {workdir}/access.log;
+{temp}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size {client_max_body_size};
+        location / {{
+            proxy_pass {upstream.rstrip("/")};
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Request-Id $request_id;
+            add_header X-Request-Id $request_id always;
+        }}
+    }}
+}}
+""", "utf-8")
+    log_path = workdir / "error.log"
+    with open(workdir / "nginx.out", "wb") as out:
+        process = subprocess.Popen(
+            [binary, "-e", str(log_path), "-p", str(workdir), "-c", str(conf),
+             "-g", "daemon off;"], cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_path = log_path
+    _wait_started(process, port, "nginx", [workdir / "nginx.out", log_path], timeout)
+    return f"http://127.0.0.1:{port}", process
+
+
+def _wait_started(process, port, name, logs, timeout):
+    deadline = time.monotonic() + timeout
+    while not _accepts(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            failed = process.poll() is not None
+            stop(process)
+            tails = "\n".join(f"--- {path.name}:\n{_tail(path)}" for path in logs)
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tails}" if failed
+                               else f"{name} did not start within {timeout:g} s:\n{tails}")
+        time.sleep(0.05)
