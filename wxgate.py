@@ -307,8 +307,11 @@ class _Metrics:
 
     @staticmethod
     def _key(name, labels):
-        # Label values as text: a code may be -40001 (int) or "" and must sort together.
-        return name, tuple(sorted((label, str(value)) for label, value in labels.items()))
+        # Label values as text: a code may be -40001 (int) or "" and must sort together. A
+        # pushed MsgType is a label: cap its length, and keep it encodable.
+        return name, tuple(sorted(
+            (label, str(value)[:64].encode("utf-8", "backslashreplace").decode("utf-8"))
+            for label, value in labels.items()))
 
     def count(self, name, amount=1, **labels):
         key = self._key(name, labels)
@@ -1014,6 +1017,13 @@ def _parse_json(data):
         raise MessageError(f"malformed JSON: {str(exc)[:80]}") from None
     if not isinstance(document, dict):
         raise MessageError("JSON push is not an object")
+    # JSON may spell a character as \uXXXX, and a lone surrogate half is valid JSON but not
+    # text: it could not be logged, re-encoded or replied to. WeChat never sends one.
+    if b"\\ud" in data or b"\\uD" in data:
+        try:
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageError("JSON holds a lone surrogate (\\ud800-\\udfff escape)") from None
     if "List" in document and not isinstance(document["List"], list):
         document["List"] = [document["List"]]
     return document
@@ -1144,8 +1154,11 @@ def _dump_json(fields):
 
 def _reply_fields(reply, message, now):
     """Fill in ``ToUserName``, ``FromUserName`` and ``CreateTime`` from the push when missing."""
-    fields = {"ToUserName": message.get("FromUserName", ""),
-              "FromUserName": message.get("ToUserName", ""),
+    def scalar(name):  # a nested element or a list cannot address a reply
+        value = message.get(name, "")
+        return value if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+
+    fields = {"ToUserName": scalar("FromUserName"), "FromUserName": scalar("ToUserName"),
               "CreateTime": int(now)}
     fields.update(reply)
     return fields
@@ -2456,7 +2469,7 @@ def _read_body(environ, limit):
     """Read at most ``limit`` + 1 bytes, whatever Content-Length claims."""
     length = environ.get("CONTENT_LENGTH") or ""
     if length:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit() and len(length) <= 18):
             raise MessageError(f"Content-Length {length[:20]!r} is not a number", code=None)
         wanted = int(length)
         if wanted > limit:
