@@ -58,6 +58,7 @@ __all__ = [
 
 import base64
 import binascii
+import bisect
 import collections
 import collections.abc
 import configparser
@@ -304,14 +305,24 @@ class _Metrics:
         self._lock = threading.Lock()
         self._counters = {}
         self._histograms = {}
+        self._keys = {}
 
-    @staticmethod
-    def _key(name, labels):
-        # Label values as text: a code may be -40001 (int) or "" and must sort together. A
-        # pushed MsgType is a label: cap its length, and keep it encodable.
-        return name, tuple(sorted(
-            (label, str(value)[:64].encode("utf-8", "backslashreplace").decode("utf-8"))
-            for label, value in labels.items()))
+    def _key(self, name, labels):
+        # Counting is on every push's path: remember each label set's normalised key.
+        raw = (name, *labels.items())
+        try:
+            key = self._keys.get(raw)
+        except TypeError:  # an unhashable label value (a MsgType that is a list)
+            raw, key = None, None
+        if key is None:
+            # Label values as text: a code may be -40001 (int) or "" and must sort together.
+            # A pushed MsgType is a label: cap its length, and keep it encodable.
+            key = name, tuple(sorted(
+                (label, str(value)[:64].encode("utf-8", "backslashreplace").decode("utf-8"))
+                for label, value in labels.items()))
+            if raw is not None and len(self._keys) < 10000:
+                self._keys[raw] = key
+        return key
 
     def count(self, name, amount=1, **labels):
         key = self._key(name, labels)
@@ -323,10 +334,9 @@ class _Metrics:
         with self._lock:
             histogram = self._histograms.get(key)
             if histogram is None:
-                histogram = self._histograms[key] = [0] * (len(_HISTOGRAM_BUCKETS) + 2)
-            for index, bound in enumerate(_HISTOGRAM_BUCKETS):
-                if value <= bound:
-                    histogram[index] += 1
+                histogram = self._histograms[key] = [0] * (len(_HISTOGRAM_BUCKETS) + 3)
+            # One slot per bucket here (the last for +Inf); render() makes them cumulative.
+            histogram[bisect.bisect_left(_HISTOGRAM_BUCKETS, value)] += 1
             histogram[-2] += value
             histogram[-1] += 1
 
@@ -352,9 +362,11 @@ class _Metrics:
             lines.append(f"{name}{{{_label_text(labels)}}} {value}")
         for (name, labels), histogram in histograms:
             header(name)
-            for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):  # already cumulative
+            cumulative = 0
+            for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):
+                cumulative += count
                 label = _label_text(labels + (("le", repr(bound)),))
-                lines.append(f"{name}_bucket{{{label}}} {count}")
+                lines.append(f"{name}_bucket{{{label}}} {cumulative}")
             label = _label_text(labels + (("le", "+Inf"),))
             lines.append(f"{name}_bucket{{{label}}} {histogram[-1]}")
             lines.append(f"{name}_sum{{{_label_text(labels)}}} {histogram[-2]!r}")
@@ -854,6 +866,36 @@ def encrypt_message(plaintext, aes_key, appid, *, random_prefix=None):
     return base64.b64encode(cipher.encrypt(buffer)).decode("ascii")
 
 
+def _strict_b64decode(text):
+    """Standard Base64 with nothing else in it: no spaces, no stray characters."""
+    return base64.b64decode(text, validate=True)
+
+
+if sys.version_info >= (3, 11):  # the same check in C, without b64decode's regex
+    def _strict_b64decode(text):  # noqa: F811
+        if isinstance(text, str):
+            text = text.encode("ascii")
+        return binascii.a2b_base64(text, strict_mode=True)
+
+
+# One ECB cipher per key: building a CBC cipher object costs more than the AES work of a
+# push. ECB decryption keeps no state between calls, so threads can share it.
+_ECB_CIPHERS = {}
+
+
+def _cbc_decrypt(key, ciphertext):
+    """AES-256-CBC decryption with IV = key[:16]: each block's ECB output XOR the previous
+    ciphertext block (the IV for the first), done as one big-integer XOR."""
+    ecb = _ECB_CIPHERS.get(key)
+    if ecb is None:
+        if len(_ECB_CIPHERS) >= 64:
+            _ECB_CIPHERS.clear()
+        ecb = _ECB_CIPHERS[key] = _require_aes().new(key, _AES.MODE_ECB)
+    chain = key[:16] + ciphertext[:-16]
+    return (int.from_bytes(ecb.decrypt(ciphertext), "big")
+            ^ int.from_bytes(chain, "big")).to_bytes(len(ciphertext), "big")
+
+
 def _decrypt_buffer(encrypt, aes_key):
     """Strictly decrypt ``Encrypt``; return ``(random_prefix, message, appid)``.
 
@@ -861,13 +903,13 @@ def _decrypt_buffer(encrypt, aes_key):
     """
     key = _decode_aes_key(aes_key)
     try:
-        ciphertext = base64.b64decode(encrypt, validate=True)
+        ciphertext = _strict_b64decode(encrypt)
     except (binascii.Error, ValueError, TypeError):
         raise DecryptError("Encrypt is not valid Base64", code=DECODE_BASE64_ERROR) from None
     if not ciphertext or len(ciphertext) % PKCS7_BLOCK:
         raise DecryptError(f"ciphertext is {len(ciphertext)} bytes, not a non-zero multiple "
                            f"of {PKCS7_BLOCK}", code=DECRYPT_AES_ERROR)
-    buffer = _require_aes().new(key, _AES.MODE_CBC, key[:16]).decrypt(ciphertext)
+    buffer = _cbc_decrypt(key, ciphertext)
     pad = buffer[-1]
     # Every pad byte must equal the pad length; the official sample trusts the last byte alone.
     if not 1 <= pad <= PKCS7_BLOCK or buffer[-pad:] != bytes((pad,)) * pad:
@@ -1029,8 +1071,51 @@ def _parse_json(data):
     return document
 
 
+# Fast paths for the two shapes WeChat sends: the safe-mode envelope, and a flat document of
+# leaf elements. Each regex matches only text that expat would parse to the same dict (no
+# control characters, CR, entities, "]]>" in text, repeats or List); anything else, valid or
+# not, goes to _parse_xml, which has the final word.
+_XML_SPACE = rb"[ \t\r\n]*"
+_CDATA_TEXT = rb"(?:[^\]\x00-\x08\x0b\x0c\x0e-\x1f\r]|\](?!\]>))*"
+_PLAIN_TEXT = rb"[^<&\]\x00-\x08\x0b\x0c\x0e-\x1f\r]*"
+_ENVELOPE_XML = re.compile(
+    _XML_SPACE + rb"<xml>" + _XML_SPACE + rb"<ToUserName><!\[CDATA\[([A-Za-z0-9_\-]*)\]\]>"
+    rb"</ToUserName>" + _XML_SPACE + rb"<Encrypt><!\[CDATA\[([A-Za-z0-9+/=]*)\]\]></Encrypt>"
+    + _XML_SPACE + rb"</xml>" + _XML_SPACE)
+_FLAT_LEAF = (rb"<([A-Za-z_][A-Za-z0-9_]*)>(?:<!\[CDATA\[(" + _CDATA_TEXT + rb")\]\]>|("
+              + _PLAIN_TEXT + rb"))</\1>")
+_FLAT_FIELD = re.compile(_FLAT_LEAF)
+# The same leaf, non-capturing, repeated inside <xml>...</xml> (the name is group 1 each time).
+_FLAT_XML = re.compile(_XML_SPACE + rb"<xml>(?:" + _XML_SPACE + _FLAT_LEAF.replace(
+    rb"(" + _CDATA_TEXT, rb"(?:" + _CDATA_TEXT).replace(rb"|(" + _PLAIN_TEXT, rb"|(?:" + _PLAIN_TEXT)
+    + rb")+" + _XML_SPACE + rb"</xml>" + _XML_SPACE)
+
+
+def _parse_flat_xml(data):
+    """The fields of a flat WeChat XML document, or None when the fast path does not apply."""
+    envelope = _ENVELOPE_XML.fullmatch(data)
+    if envelope is not None:
+        return {"ToUserName": envelope.group(1).decode("ascii"),
+                "Encrypt": envelope.group(2).decode("ascii")}
+    if _FLAT_XML.fullmatch(data) is None:
+        return None
+    fields = {}
+    for name, cdata, text in _FLAT_FIELD.findall(data):
+        name = name.decode("ascii")
+        if name in fields or name in _LIST_FIELDS:
+            return None  # repeats and lists take the general path
+        try:
+            fields[name] = (cdata or text).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return fields
+
+
 def _parse_body(data, fmt):
-    return _parse_xml(data) if fmt == "xml" else _parse_json(data)
+    if fmt == "xml":
+        fields = _parse_flat_xml(data)
+        return fields if fields is not None else _parse_xml(data)
+    return _parse_json(data)
 
 
 def _dedup_key(app_name, fields):
@@ -1523,6 +1608,27 @@ class _InFlightTimeout(WxgateError):
     status = 503
 
 
+class _Gate:
+    """A one-shot gate: closed when made, opened once by its owner; waiters pass through.
+
+    A lock acquired at creation: cheaper to make than a threading.Event, and waiting on it
+    is an ``acquire(timeout=...)``.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def wait(self, timeout):
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()  # let the next waiter through too
+
+    def set(self):
+        self._lock.release()
+
+
 class _Dedup:
     """Run each push's work once per dedup key, and answer retries with the first reply.
 
@@ -1546,6 +1652,7 @@ class _Dedup:
         self._owned = {}
         self._owned_lock = threading.Lock()
         self._claims = itertools.count()
+        self._claim_pid = self._claim_prefix = None
         self._keeper_pid = None
 
     def run(self, key, work, deadline):
@@ -1557,7 +1664,12 @@ class _Dedup:
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
         """
         store_key = f"{self.prefix}:dedup:{key}"
-        claim = f"p{os.getpid()}.{next(self._claims)}"
+        if self._claim_pid != os.getpid():
+            # Containers often give every host's workers the same pids: add randomness,
+            # drawn once per process (after any fork).
+            self._claim_prefix = f"p{os.getpid()}.{os.urandom(6).hex()}."
+            self._claim_pid = os.getpid()
+        claim = f"{self._claim_prefix}{next(self._claims)}"
         while True:
             if self.store.add(store_key, claim, CLAIM_TTL):
                 return self._own(store_key, claim, work) + (False,)
@@ -1578,7 +1690,7 @@ class _Dedup:
                 self._sleep(min(POLL_INTERVAL, remaining))
 
     def _own(self, store_key, claim, work):
-        event = threading.Event()
+        event = _Gate()
         with self._owned_lock:
             self._owned[store_key] = (claim, event)
         if self._keeper_pid != os.getpid():
@@ -2453,15 +2565,24 @@ _CONTENT_TYPES = {"xml": "text/xml; charset=utf-8", "json": _JSON}
 
 
 def _query(environ):
-    """The query string as a dict of first values (WeChat never repeats a parameter)."""
+    """The query string as a dict of first values (WeChat never repeats a parameter).
+
+    parse_qsl's rules (``&`` only, blank values kept, first value wins), with unquoting
+    only for the parts that need it: this runs on every request.
+    """
+    text = environ.get("QUERY_STRING", "")
+    if text.count("&") >= 64:
+        raise MessageError("too many query parameters", code=None)
     query = {}
-    try:
-        pairs = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True,
-                                       max_num_fields=64)
-    except ValueError:
-        raise MessageError("too many query parameters", code=None) from None
-    for name, value in pairs:
-        query.setdefault(name, value)
+    for part in text.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in part or "+" in part:
+            name = urllib.parse.unquote_plus(name)
+            value = urllib.parse.unquote_plus(value)
+        if name not in query:
+            query[name] = value
     return query
 
 
@@ -2732,11 +2853,13 @@ class Gateway:
         self.metrics.count("wxgate_pushes_total", app=app.name, type=kind, outcome=outcome)
         if logger.isEnabledFor(logging.INFO):
             milliseconds = (time.monotonic() - started) * 1000
+            extra = None
+            if self.config.log_format == "json":  # the fields only JSON lines show
+                extra = {"app": app.name, "dedup_key": message.dedup_key, "outcome": outcome,
+                         "duration_ms": round(milliseconds, 2), "msg_type": kind,
+                         "request_id": _request_id(environ)}
             logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f", app.name, kind,
-                        message.dedup_key, outcome, milliseconds,
-                        extra={"app": app.name, "dedup_key": message.dedup_key,
-                               "outcome": outcome, "duration_ms": round(milliseconds, 2),
-                               "request_id": _request_id(environ), "msg_type": kind})
+                        message.dedup_key, outcome, milliseconds, extra=extra)
 
     def _deliver(self, app, message, nonce):
         """Hand the message to business code and render its answer: ``(type, body)``."""

@@ -642,3 +642,51 @@ def test_many_attributes_are_dropped():
 def test_parser_still_works_after_an_attack():
     message_error(wxgate._parse_xml, _lol().encode())
     assert wxgate._parse_xml(b"<xml><a>1</a></xml>") == {"a": "1"}
+
+
+# -- the fast path for flat documents agrees with expat ----------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAMES = st.sampled_from(["ToUserName", "FromUserName", "CreateTime", "MsgType", "Content",
+                          "MsgId", "List", "a", "_b", "x1", "Encrypt"])
+_TEXTS = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FFF), max_size=12)
+_SPACES = st.sampled_from(["", " ", "\n", "\r\n", "\t", "\x0b", "\x0c"])
+
+
+@st.composite
+def flat_documents(draw):
+    parts = [draw(_SPACES), "<xml>"]
+    for _ in range(draw(st.integers(0, 6))):
+        name, text = draw(_NAMES), draw(_TEXTS)
+        body = draw(st.sampled_from([f"<![CDATA[{text}]]>", text, ""]))
+        parts += [draw(_SPACES), f"<{name}>{body}</{name}>"]
+    parts += [draw(_SPACES), "</xml>", draw(_SPACES)]
+    return "".join(parts).encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flat_documents())
+def test_flat_fast_path_gives_what_expat_gives(data):
+    fast = wxgate._parse_flat_xml(data)
+    try:
+        slow = wxgate._parse_xml(data)
+    except wxgate.MessageError:
+        slow = None
+    if fast is not None:  # when the fast path answers, it must be expat's answer
+        assert fast == slow
+
+
+def test_flat_fast_path_takes_the_usual_pushes():
+    push = (b"<xml><ToUserName><![CDATA[gh_1]]></ToUserName>\n<FromUserName><![CDATA[o1]]>"
+            b"</FromUserName>\n<CreateTime>1409735668</CreateTime>\n<MsgType><![CDATA[text]]>"
+            b"</MsgType>\n<Content><![CDATA[\xe4\xbd\xa0]]></Content>\n<MsgId>1</MsgId>\n</xml>")
+    assert wxgate._parse_flat_xml(push) == wxgate._parse_xml(push)
+    envelope = b"<xml><ToUserName><![CDATA[gh_1]]></ToUserName><Encrypt><![CDATA[ab+/=]]></Encrypt></xml>"
+    assert wxgate._parse_flat_xml(envelope) == {"ToUserName": "gh_1", "Encrypt": "ab+/="}
+    # Shapes it leaves to expat: repeats, List, nesting, entities, a declaration.
+    for other in (b"<xml><a>1</a><a>2</a></xml>", b"<xml><List>1</List></xml>",
+                  b"<xml><a><b>1</b></a></xml>", b"<xml><a>&amp;</a></xml>",
+                  b'<?xml version="1.0"?><xml><a>1</a></xml>', b"<xml></xml>"):
+        assert wxgate._parse_flat_xml(other) is None

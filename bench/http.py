@@ -1,0 +1,375 @@
+"""wxgate under gunicorn on loopback against a trivial WSGI app under the same settings.
+
+    pip install -r bench/requirements.txt
+    python bench/http.py            # about a minute and a half
+    python bench/http.py --quick    # about 15 s, rougher figures
+
+Every server is started the same way: ``gunicorn -w 2 -k sync -b 127.0.0.1:PORT`` (gunicorn's
+sync workers close the connection after each response, so every request opens one):
+
+- the trivial app (bench/trivial_app.py) reads the body and answers ``success``;
+- the floor app (same file) also does what a safe-mode push needs and nothing more: split the
+  query, check msg_signature, decrypt, parse;
+- wxgate (``wxgate:application``) in safe mode with a no-op handler, as deployed: with its
+  per-push INFO line on stderr, and once more with that line off (``--sqlite`` adds a row on
+  the sqlite store).
+
+The same client sends them all the same safe-mode XML text pushes, each with its own MsgId
+(20000 of them, built up front; wxgate's LRU is set to 1000 keys, so a push that comes round
+again has long been evicted and is processed in full). Besides requests per second and
+latency it reports the CPU time the gunicorn processes used per request (from /proc), which
+a busy machine disturbs less than throughput.
+
+The client is wrk (``apt-get install wrk``) with one thread, so pushes go out in order and no
+two are in flight at once, and a Lua script that cycles through the prepared requests; where
+wrk is missing, Python threads on raw sockets send a fixed number of requests (that client
+costs more CPU, which the servers then do not get: compare ratios, not absolute figures,
+across clients). Rounds alternate between the servers and the best round of each is kept.
+"""
+
+import os
+import sys
+
+# This file is named http.py: keep its folder off sys.path, or it would shadow the standard
+# library's http package for everything imported below.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+
+import argparse
+import base64
+import hashlib
+import platform
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from importlib import metadata
+
+from Crypto.Cipher import AES
+
+REPO = os.environ.get("WXGATE_SRC") or os.path.dirname(HERE)
+TOKEN = "benchtoken123"
+AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+RAW_KEY = base64.b64decode(AES_KEY + "=")
+APPID = "wx2c2769f8efd9abc2"
+GH_ID = "gh_10f6c3c3ac5a"
+OPENID = "oyORnuP8q7ou2gfYjqLzSIWZf0rs"
+DISTINCT = 20000
+
+
+# -- the pushes ----------------------------------------------------------------------------
+
+def sha1_sign(*parts):
+    return hashlib.sha1("".join(sorted(parts)).encode("utf-8")).hexdigest()
+
+
+def aes_encrypt(plaintext, prefix=b"a8eedb185eb2fecf"):
+    message = plaintext.encode("utf-8")
+    buffer = prefix + struct.pack(">I", len(message)) + message + APPID.encode()
+    pad = 32 - len(buffer) % 32
+    buffer += bytes([pad]) * pad
+    return base64.b64encode(AES.new(RAW_KEY, AES.MODE_CBC, RAW_KEY[:16]).encrypt(buffer)).decode()
+
+
+def make_pushes(count, now):
+    """``(target, body)`` pairs: safe-mode XML text pushes with distinct MsgIds."""
+    pushes = []
+    timestamp = str(now)
+    for i in range(count):
+        nonce = str(415670741 + i)
+        inner = (f"<xml><ToUserName><![CDATA[{GH_ID}]]></ToUserName>"
+                 f"<FromUserName><![CDATA[{OPENID}]]></FromUserName>"
+                 f"<CreateTime>{now}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
+                 f"<Content><![CDATA[hello from the bench]]></Content>"
+                 f"<MsgId>{6054768590064713728 + i}</MsgId></xml>")
+        encrypt = aes_encrypt(inner)
+        query = urllib.parse.urlencode({
+            "signature": sha1_sign(TOKEN, timestamp, nonce), "timestamp": timestamp,
+            "nonce": nonce, "openid": OPENID, "encrypt_type": "aes",
+            "msg_signature": sha1_sign(TOKEN, timestamp, nonce, encrypt)})
+        body = (f"<xml><ToUserName><![CDATA[{GH_ID}]]></ToUserName>"
+                f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>")
+        pushes.append((f"/wechat?{query}", body))
+    return pushes
+
+
+def write_config(folder, store):
+    path = os.path.join(folder, "bench.ini")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join([
+            "[wxgate]", "timestamp_window = 300", "dedup_size = 1000", f"store = {store}", "",
+            "[app:bench]", "path = /wechat", f"appid = {APPID}", f"token = {TOKEN}",
+            f"encoding_aes_key = {AES_KEY}", "mode = safe", "format = auto",
+            "handler = trivial_app:noop_handler", ""]))
+    return path
+
+
+# -- gunicorn ------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(master):
+    """CPU time (user + system) of a gunicorn master and its workers so far; Linux only."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(name) == master or int(fields[1]) == master:  # fields[1] is the ppid
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+class Server:
+    """One gunicorn master started by us, stopped by its own pid."""
+
+    def __init__(self, target, folder, workers, env=None):
+        self.port = free_port()
+        command = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-k", "sync",
+                   "-b", f"127.0.0.1:{self.port}", "--chdir", folder, "--pythonpath", REPO,
+                   "--log-level", "warning", target]
+        self.log = open(os.path.join(folder, f"gunicorn-{self.port}.log"), "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=dict(os.environ, **(env or {})))
+        self.wait_ready()
+
+    def wait_ready(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                    if sock.recv(64).startswith(b"HTTP/1."):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        with open(self.log.name, encoding="utf-8") as f:
+            raise SystemExit(f"gunicorn did not start:\n{f.read()[-2000:]}")
+
+    def stop(self):
+        if self.process.poll() is None:  # our own master, by pid; its workers follow it
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+# -- clients -------------------------------------------------------------------------------
+
+WRK_SCRIPT = r"""
+local requests, index = {}, 0
+local headers = {["Content-Type"] = "text/xml", ["Host"] = "127.0.0.1"}
+
+function init(args)
+  for line in io.lines(args[1]) do
+    local target, body = line:match("^([^\t]*)\t(.*)$")
+    requests[#requests + 1] = wrk.format("POST", target, headers, body)
+  end
+end
+
+function request()
+  index = index % #requests + 1
+  return requests[index]
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def run_wrk(port, folder, requests_file, seconds, connections):
+    script = os.path.join(folder, "pushes.lua")
+    with open(script, "w", encoding="utf-8") as f:
+        f.write(WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", script,
+         f"http://127.0.0.1:{port}", "--", requests_file],
+        capture_output=True, text=True, timeout=seconds + 60)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"wrk failed:\n{out.stdout}\n{out.stderr}")
+    count, duration, p50, p99, bad_status, socket_errors = map(int, line.split()[1:])
+    return {"requests": count, "rps": count / (duration / 1e6), "p50": p50 / 1000,
+            "p99": p99 / 1000, "errors": bad_status + socket_errors}
+
+
+def run_python(port, pushes, count, connections):
+    """``count`` requests from ``connections`` threads, a new connection each (sync workers)."""
+    prepared = [(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+                for target, body in pushes[:count]]
+    latencies, errors, lock, position = [], [0], threading.Lock(), iter(range(count))
+
+    def worker():
+        mine, failed = [], 0
+        for i in position:  # a shared iterator: each request once
+            started = time.perf_counter()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(prepared[i])
+                    chunks = []
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                ok = b"".join(chunks).startswith(b"HTTP/1.1 200")
+            except OSError:
+                ok = False
+            mine.append(time.perf_counter() - started)
+            failed += not ok
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {"requests": count, "rps": count / elapsed,
+            "p50": latencies[len(latencies) // 2] * 1000,
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+            "errors": errors[0]}
+
+
+# -- main ----------------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds, rougher figures")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn -w (default 2)")
+    parser.add_argument("--connections", type=int, default=8,
+                        help="concurrent connections (default 8)")
+    parser.add_argument("--seconds", type=float, help="wrk: length of a round (default 6)")
+    parser.add_argument("--requests", type=int,
+                        help="python client: requests per round (default 6000)")
+    parser.add_argument("--rounds", type=int, help="rounds per server, best kept (default 3)")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--sqlite", action="store_true",
+                        help="also run wxgate with store = sqlite (shared by the workers)")
+    args = parser.parse_args(argv)
+    client = args.client
+    if client == "auto":
+        client = "wrk" if shutil.which("wrk") else "python"
+    seconds = args.seconds or (2 if args.quick else 6)
+    count = min(args.requests or (1500 if args.quick else 6000), DISTINCT)
+    rounds = args.rounds or (1 if args.quick else 3)
+
+    folder = tempfile.mkdtemp(prefix="wxgate-http-bench-")
+    shutil.copy(os.path.join(HERE, "trivial_app.py"), folder)
+    pushes = make_pushes(DISTINCT, int(time.time()))
+    requests_file = os.path.join(folder, "pushes.tsv")
+    with open(requests_file, "w", encoding="utf-8") as f:
+        f.writelines(f"{target}\t{body}\n" for target, body in pushes)
+
+    memory = {"WXGATE_CONFIG": write_config(folder, "memory")}
+    servers = {
+        "trivial app": ("trivial_app:app", {}),
+        "floor app": ("trivial_app:floor_app", {}),
+        "wxgate": ("wxgate:application", memory),
+        "wxgate, push log off": ("trivial_app:wxgate_quiet()", memory),
+    }
+    if args.sqlite:
+        db = os.path.join(folder, "wxgate.db")
+        servers["wxgate, sqlite store"] = (
+            "wxgate:application", {"WXGATE_CONFIG": write_config(folder, f"sqlite://{db}")})
+
+    results = {name: [] for name in servers}
+    started = time.perf_counter()
+    try:
+        for _ in range(rounds):
+            for name, (target, env) in servers.items():
+                server = Server(target, folder, args.workers, env)
+                try:
+                    if client == "wrk":  # warm-up, then the round
+                        run_wrk(server.port, folder, requests_file, 1, args.connections)
+                        cpu = cpu_seconds(server.process.pid)
+                        result = run_wrk(server.port, folder, requests_file, seconds,
+                                         args.connections)
+                    else:
+                        run_python(server.port, pushes[-200:], 200, args.connections)
+                        cpu = cpu_seconds(server.process.pid)
+                        result = run_python(server.port, pushes, count, args.connections)
+                    result["cpu"] = (cpu_seconds(server.process.pid) - cpu) / result["requests"]
+                finally:
+                    server.stop()
+                results[name].append(result)
+                print(f"  {name:<24} {result['rps']:>9,.0f} req/s  p50 {result['p50']:.2f} ms"
+                      f"  p99 {result['p99']:.2f} ms  errors {result['errors']}  server CPU "
+                      f"{result['cpu'] * 1e6:.0f} µs/req", file=sys.stderr)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+
+    best = {name: max(runs, key=lambda r: r["rps"]) for name, runs in results.items()}
+    base = best["trivial app"]["rps"]
+    header = (f"{'server':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+              f"{'CPU µs/req':>11} {'of trivial':>11}")
+    print(header)
+    print("-" * len(header))
+    for name, r in best.items():
+        spread = ""
+        if len(results[name]) > 1:
+            rates = ", ".join(f"{x['rps']:,.0f}" for x in results[name])
+            spread = f"   (rounds: {rates})"
+        print(f"{name:<24} {r['rps']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
+              f"{r['errors']:>7} {r['cpu'] * 1e6:>11.0f} {r['rps'] / base:>10.0%}{spread}")
+    print()
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout \
+        if client == "wrk" else ""
+    print(f"client: {client} {wrk.split()[1] if wrk else ''} with {args.connections} "
+          f"connections; gunicorn {version('gunicorn')} -w {args.workers} -k sync; "
+          f"best of {rounds} round(s) of "
+          + (f"{seconds:g} s" if client == "wrk" else f"{count} requests")
+          + f"; {elapsed:.0f} s in all")
+    print(f"Python {platform.python_version()} ({platform.python_implementation()}), "
+          f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs: {cpu_model()}")
+
+
+if __name__ == "__main__":
+    main()
