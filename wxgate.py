@@ -866,16 +866,16 @@ def encrypt_message(plaintext, aes_key, appid, *, random_prefix=None):
     return base64.b64encode(cipher.encrypt(buffer)).decode("ascii")
 
 
-def _strict_b64decode(text):
-    """Standard Base64 with nothing else in it: no spaces, no stray characters."""
-    return base64.b64decode(text, validate=True)
-
-
-if sys.version_info >= (3, 11):  # the same check in C, without b64decode's regex
-    def _strict_b64decode(text):  # noqa: F811
+if sys.version_info >= (3, 11):
+    def _strict_b64decode(text):
+        """Standard Base64 with nothing else in it: no spaces, no stray characters."""
         if isinstance(text, str):
-            text = text.encode("ascii")
-        return binascii.a2b_base64(text, strict_mode=True)
+            text = text.encode("ascii")  # non-ASCII: UnicodeEncodeError, a ValueError
+        return binascii.a2b_base64(text, strict_mode=True)  # b64decode's check, in C
+else:
+    def _strict_b64decode(text):
+        """Standard Base64 with nothing else in it: no spaces, no stray characters."""
+        return base64.b64decode(text, validate=True)
 
 
 # One ECB cipher per key: building a CBC cipher object costs more than the AES work of a
