@@ -17,8 +17,9 @@ Under a real server::
     # mod_wsgi:  WSGIScriptAlias / /path/to/wxgate.py   and   SetEnv WXGATE_CONFIG /etc/wxgate.ini
 
 The module is cut into sections (``grep -n '^# .* ####' wxgate.py``): Limits and constants,
-Errors, Configuration, Signatures and crypto, Message codec, Stores, Duplicate detection,
-access_token, WeChat API client, WSGI application, Command line. Each uses only those above it.
+Errors, Metrics, Configuration, Signatures and crypto, Message codec, Stores, Duplicate
+detection, access_token, WeChat API client, Delivery, WSGI application, Command line. Each uses
+only those above it (Delivery's worker reaches the gateway it is given, never the class).
 """
 
 from __future__ import annotations
@@ -2163,6 +2164,11 @@ def _business_reply(app, message, *, timestamp):
     return reply
 
 
+###############################################################################
+# Durable queue ###############################################################
+###############################################################################
+
+
 class _Queue:
     """A durable queue of pushes in a shared store, in order per partition (app + user).
 
@@ -2455,6 +2461,11 @@ def _open_queue(store, prefix):
                       "sqlite:///path/to/wxgate.db or redis://host:port/db")
 
 
+###############################################################################
+# Delivery worker #############################################################
+###############################################################################
+
+
 class _DeliveryWorker:
     """Takes queued pushes and hands them to business code, with retries and dead letters.
 
@@ -2550,8 +2561,59 @@ class _DeliveryWorker:
 
 
 ###############################################################################
-# WSGI application ############################################################
+# Logs and admin helpers ######################################################
 ###############################################################################
+
+
+def _from_loopback(environ):
+    # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
+    return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
+        "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
+
+
+def _request_id(environ):
+    """The proxy's X-Request-Id when there is one (nginx ``$request_id``), else a fresh one."""
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if given and len(given) <= 64 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+class _JSONFormatter(logging.Formatter):
+    """One JSON object per line, with the push's fields when the record carries them."""
+
+    _FIELDS = ("app", "dedup_key", "outcome", "duration_ms", "request_id", "msg_type")
+
+    def format(self, record):
+        document = {"time": self.formatTime(record), "level": record.levelname,
+                    "logger": record.name, "message": record.getMessage()}
+        for name in self._FIELDS:
+            if hasattr(record, name):
+                document[name] = getattr(record, name)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+def _setup_logging(log_format, level=logging.INFO):
+    """Give the ``wxgate`` logger a handler when nobody configured logging.
+
+    Under gunicorn or mod_wsgi nothing configures Python logging, and the per-push INFO lines
+    would vanish. We only add a handler when neither our logger nor the root has one.
+    """
+    if logger.handlers or logging.getLogger().handlers:
+        return  # logging is the deployer's: their handlers, their format
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JSONFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+###############################################################################
+# Requests ####################################################################
+###############################################################################
+
 
 _STATUS_LINES = {
     200: "200 OK", 204: "204 No Content", 400: "400 Bad Request", 401: "401 Unauthorized",
@@ -2624,6 +2686,10 @@ def _check_timestamp(timestamp, now, window):
                           f"our clock, beyond timestamp_window ({window} s): a replay, or a "
                           "clock that needs NTP")
 
+
+###############################################################################
+# WSGI application ############################################################
+###############################################################################
 
 class Gateway:
     """The WSGI application: one or more apps' push endpoints, plus the admin endpoints.
@@ -2960,51 +3026,6 @@ class Gateway:
         return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
 
 
-def _from_loopback(environ):
-    # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
-    return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
-        "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
-
-
-def _request_id(environ):
-    """The proxy's X-Request-Id when there is one (nginx ``$request_id``), else a fresh one."""
-    given = environ.get("HTTP_X_REQUEST_ID", "")
-    if given and len(given) <= 64 and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex[:16]
-
-
-class _JSONFormatter(logging.Formatter):
-    """One JSON object per line, with the push's fields when the record carries them."""
-
-    _FIELDS = ("app", "dedup_key", "outcome", "duration_ms", "request_id", "msg_type")
-
-    def format(self, record):
-        document = {"time": self.formatTime(record), "level": record.levelname,
-                    "logger": record.name, "message": record.getMessage()}
-        for name in self._FIELDS:
-            if hasattr(record, name):
-                document[name] = getattr(record, name)
-        if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document, ensure_ascii=False)
-
-
-def _setup_logging(log_format, level=logging.INFO):
-    """Give the ``wxgate`` logger a handler when nobody configured logging.
-
-    Under gunicorn or mod_wsgi nothing configures Python logging, and the per-push INFO lines
-    would vanish. We only add a handler when neither our logger nor the root has one.
-    """
-    if logger.handlers or logging.getLogger().handlers:
-        return  # logging is the deployer's: their handlers, their format
-    handler = logging.StreamHandler()
-    handler.setFormatter(_JSONFormatter() if log_format == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-
-
 def make_app(config, **options):
     """Build the WSGI application.
 
@@ -3063,6 +3084,64 @@ def demo_handler(message):
             word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
         return {"MsgType": "transfer_customer_service"}
     return None
+
+
+###############################################################################
+# Push simulator ##############################################################
+###############################################################################
+
+
+def _build_push(app, fields, fmt, *, timestamp, nonce):
+    """Build the push WeChat would send this app: ``(query dict, body bytes)``."""
+    timestamp = str(timestamp)
+    query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
+             "nonce": nonce, "openid": str(fields.get("FromUserName", ""))}
+    dump = _dump_json if fmt == "json" else _dump_xml
+    if app.mode == "plain":
+        return query, dump(fields).encode("utf-8")
+    encrypt = encrypt_message(dump(fields), app.aes_key, app.appid)
+    query.update(encrypt_type="aes", msg_signature=sign(app.token, timestamp, nonce, encrypt))
+    if app.mode == "compat":
+        outer = dict(fields, Encrypt=encrypt)
+    else:
+        outer = {"ToUserName": fields.get("ToUserName", ""), "Encrypt": encrypt}
+    return query, dump(outer).encode("utf-8")
+
+
+def _open_reply(app, body):
+    """Read a reply as WeChat would: verify and decrypt an envelope; return its text."""
+    text = body.decode("utf-8", "replace")
+    if not body.strip() or text == "success":
+        return text
+    fields = _parse_body(body, _sniff_format(body))
+    if "Encrypt" not in fields:
+        return text
+    check_signature(str(fields.get("MsgSignature", "")), app.token,
+                    str(fields.get("TimeStamp", "")), str(fields.get("Nonce", "")),
+                    fields["Encrypt"])
+    return decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
+
+
+def _push_fields(args, now):
+    """The push ``wxgate push`` sends, from its command-line options."""
+    import secrets
+    sender = args.openid
+    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
+        if path:
+            try:
+                with open(path, "rb") as file:
+                    return parse(file.read())
+            except OSError as exc:
+                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
+    fields = {"ToUserName": "gh_wxgatedemo", "FromUserName": sender, "CreateTime": now}
+    if args.text is not None:
+        fields.update(MsgType="text", Content=args.text, MsgId=str(now * 1000 + secrets.randbelow(1000)))
+    else:
+        fields.update(MsgType="event", Event=args.event)
+        for pair in args.field or ():
+            name, _, value = pair.partition("=")
+            fields[name] = value
+    return fields
 
 
 ###############################################################################
@@ -3140,59 +3219,6 @@ def _token(args):
     gateway = make_app(args.config)
     print(gateway.client(_pick_app(gateway.config, args.app).name).tokens.get_token())
     return 0
-
-
-def _build_push(app, fields, fmt, *, timestamp, nonce):
-    """Build the push WeChat would send this app: ``(query dict, body bytes)``."""
-    timestamp = str(timestamp)
-    query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
-             "nonce": nonce, "openid": str(fields.get("FromUserName", ""))}
-    dump = _dump_json if fmt == "json" else _dump_xml
-    if app.mode == "plain":
-        return query, dump(fields).encode("utf-8")
-    encrypt = encrypt_message(dump(fields), app.aes_key, app.appid)
-    query.update(encrypt_type="aes", msg_signature=sign(app.token, timestamp, nonce, encrypt))
-    if app.mode == "compat":
-        outer = dict(fields, Encrypt=encrypt)
-    else:
-        outer = {"ToUserName": fields.get("ToUserName", ""), "Encrypt": encrypt}
-    return query, dump(outer).encode("utf-8")
-
-
-def _open_reply(app, body):
-    """Read a reply as WeChat would: verify and decrypt an envelope; return its text."""
-    text = body.decode("utf-8", "replace")
-    if not body.strip() or text == "success":
-        return text
-    fields = _parse_body(body, _sniff_format(body))
-    if "Encrypt" not in fields:
-        return text
-    check_signature(str(fields.get("MsgSignature", "")), app.token,
-                    str(fields.get("TimeStamp", "")), str(fields.get("Nonce", "")),
-                    fields["Encrypt"])
-    return decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
-
-
-def _push_fields(args, now):
-    """The push ``wxgate push`` sends, from its command-line options."""
-    import secrets
-    sender = args.openid
-    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
-        if path:
-            try:
-                with open(path, "rb") as file:
-                    return parse(file.read())
-            except OSError as exc:
-                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
-    fields = {"ToUserName": "gh_wxgatedemo", "FromUserName": sender, "CreateTime": now}
-    if args.text is not None:
-        fields.update(MsgType="text", Content=args.text, MsgId=str(now * 1000 + secrets.randbelow(1000)))
-    else:
-        fields.update(MsgType="event", Event=args.event)
-        for pair in args.field or ():
-            name, _, value = pair.partition("=")
-            fields[name] = value
-    return fields
 
 
 def _push(args):
