@@ -66,6 +66,7 @@ import configparser
 import dataclasses
 import hashlib
 import hmac
+import http.client
 import importlib
 import itertools
 import json
@@ -125,6 +126,9 @@ DEFAULT_API_TIMEOUT = 3.0
 DEFAULT_REFRESH_MARGIN = 300.0
 # force_refresh calls less than 30 s apart do not refresh (PROTOCOL.md §7.1).
 STABLE_FORCE_GAP = 30.0
+# After a wrong AppSecret (40001 from the token endpoint) or an exhausted quota (45009), every
+# push would otherwise ask again; the same error is raised for this long instead.
+FAILED_FETCH_PAUSE = 60.0
 DEFAULT_ADMIN_PATH = "/_wxgate"
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
@@ -151,7 +155,15 @@ DEFAULT_VISIBILITY_TIMEOUT = 60.0
 # How long a delivered message's key is kept, so a re-delivery skips the handler.
 DONE_TTL = 86400.0
 
-MODES = ("plain", "compat", "safe")
+# Message types and events named in the docs (PROTOCOL.md §6); others count as "other".
+_KNOWN_TYPES = frozenset({
+    "text", "image", "miniprogrampage", "event", "user_enter_tempsession", "debug_demo",
+    "wxa_media_check", "subscribe_msg_popup_event", "subscribe_msg_change_event",
+    "subscribe_msg_sent_event", "trade_manage_remind_access_api", "trade_manage_remind_shipping",
+    "trade_manage_order_settlement", "add_express_path", "xpay_goods_deliver_notify",
+    "xpay_coin_pay_notify", "secvod_upload_event", "secvod_audit_event",
+    "open_product_order_pay", "wxa_nickname_audit", "wxa_privacy_apply", "wxa_category_audit",
+    "wxa_illegal_record", "wxa_appeal_record"})
 FORMATS = ("auto", "xml", "json")
 TOKEN_GRANTS = ("stable", "classic")
 
@@ -266,6 +278,16 @@ class WeChatConnectionError(WxgateError):
 def _redact(value):
     """Name a secret without showing it: only whether it is set, and its length."""
     return "<unset>" if not value else f"<{len(value)} chars>"
+
+
+def _redact_url(url):
+    """A URL without what may be secret in it (user:password@ and the query)."""
+    scheme, separator, rest = str(url).partition("://")
+    if not separator:
+        return "<not a URL>"
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
 
 
 ###############################################################################
@@ -631,7 +653,7 @@ def _parse_config(text, environ, source="<config>"):
             raise ConfigError("delivery = queue needs a durable store, and memory is not: set "
                               "[wxgate] store = sqlite:///path/to/wxgate.db or redis://...",
                               **where)
-        if visibility <= app.forward_timeout:
+        if app.forward and visibility <= app.forward_timeout:
             raise ConfigError(f"queue_visibility_timeout ({visibility:g} s) must exceed "
                               f"forward_timeout ({app.forward_timeout:g} s), or a slow "
                               "delivery is started twice", **where)
@@ -758,8 +780,9 @@ def _parse_store_url(url, base_dir="."):
         return "sqlite://" + os.path.join(base_dir, path)
     if url.startswith(("redis://", "rediss://", "unix://")):
         return url
+    shown = url.split("://")[0] if "://" in url else _redact(url)
     raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
-                     f"got {url.split('://')[0]!r}")
+                     f"got {shown[:20]!r}")
 
 
 def _parse_listen(listen):
@@ -1055,7 +1078,9 @@ def _normalise_lists(fields):
 def _parse_json(data):
     """Parse a JSON push into a dict, with the same ``List`` rule as XML."""
     try:
-        document = json.loads(data)
+        # Decoded strictly first: json.loads(bytes) would also take UTF-16 and let raw
+        # surrogate bytes through.
+        document = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except (ValueError, RecursionError) as exc:
         raise MessageError(f"malformed JSON: {str(exc)[:80]}") from None
     if not isinstance(document, dict):
@@ -1094,6 +1119,8 @@ _FLAT_XML = re.compile(_XML_SPACE + rb"<xml>(?:" + _XML_SPACE + _FLAT_LEAF.repla
 
 def _parse_flat_xml(data):
     """The fields of a flat WeChat XML document, or None when the fast path does not apply."""
+    if b"\xef\xbf\xbe" in data or b"\xef\xbf\xbf" in data:
+        return None  # U+FFFE and U+FFFF: not XML characters, for expat to refuse
     envelope = _ENVELOPE_XML.fullmatch(data)
     if envelope is not None:
         return {"ToUserName": envelope.group(1).decode("ascii"),
@@ -1368,6 +1395,7 @@ class MemoryStore(Store):
             if entry is None or entry[0] != value:
                 return False
             self._entries[key] = (value, now + ttl)
+            self._entries.move_to_end(key)  # a live claim is the last thing to evict
             return True
 
     def __len__(self):
@@ -1390,16 +1418,27 @@ class SqliteStore(Store):
     shared = True
     _CLEANUP_EVERY = 256
 
-    def __init__(self, path, *, clock=time.time, busy_timeout=2.0):
+    def __init__(self, path, *, clock=time.time, busy_timeout=2.0, synchronous="NORMAL"):
         self.path = os.path.abspath(path)
         self._clock = clock
         self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
         self._local = threading.local()
+        # Connections made before a fork: never used again, and never closed either, since
+        # closing an inherited handle can release the parent's POSIX locks.
+        self._inherited = []
         self._writes = 0
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
             os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        # Create the file owner-only before sqlite does (with the umask's mode). Only when it
+        # is new: closing any descriptor of a database file drops every POSIX lock this
+        # process holds on it, so reopening a file another connection here is using would
+        # corrupt it ("How To Corrupt An SQLite Database File", section 2.2).
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         self._connection()  # create the schema now, so a bad path fails at startup
 
     def _connection(self):
@@ -1407,10 +1446,12 @@ class SqliteStore(Store):
         # fork (gunicorn --preload) or be shared between threads.
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
+            if getattr(local, "connection", None) is not None:
+                self._inherited.append(local.connection)
             connection = sqlite3.connect(self.path, timeout=self._busy_timeout,
                                          isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(f"PRAGMA synchronous={self._synchronous}")
             connection.execute(
                 "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
                 " expires_at REAL NOT NULL)")
@@ -1448,11 +1489,19 @@ class SqliteStore(Store):
             ("INSERT OR IGNORE INTO wxgate_kv VALUES (?, ?, ?)", (key, value, now + ttl)),
         )) == 1
 
+    def _read(self, sql, parameters=()):
+        """All rows of a SELECT, its cursor closed: a statement left unfinished keeps its
+        snapshot of the file (WAL) open and hides what other processes write after it."""
+        cursor = self._connection().execute(sql, parameters)
+        try:
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+
     def get(self, key):
-        row = self._connection().execute(
-            "SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
-            (key, self._clock())).fetchone()
-        return row[0] if row else None
+        rows = self._read("SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
+                          (key, self._clock()))
+        return rows[0][0] if rows else None
 
     def set(self, key, value, ttl):
         self._write((("INSERT OR REPLACE INTO wxgate_kv VALUES (?, ?, ?)",
@@ -1471,7 +1520,7 @@ class SqliteStore(Store):
                              " AND expires_at > ?", (now + ttl, key, value, now)),)) == 1
 
     def ping(self):
-        self._connection().execute("SELECT 1").fetchone()
+        self._read("SELECT 1")
 
     def close(self):
         connection = getattr(self._local, "connection", None)
@@ -1503,8 +1552,12 @@ class RedisStore(Store):
             except ImportError:
                 raise ConfigError("store = redis://... needs the redis package: "
                                   "pip install 'wxgate[redis]'") from None
-            client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
-                                          socket_connect_timeout=socket_timeout)
+            try:
+                client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                              socket_connect_timeout=socket_timeout)
+            except ValueError:  # its message may quote the password
+                raise ConfigError(f"store {_redact_url(url)}: not a valid Redis URL (a "
+                                  "password with '/' or '@' must be percent-encoded)") from None
         self._redis = client
         self._delete_if = client.register_script(self._DELETE_IF)
         self._touch_if = client.register_script(self._TOUCH_IF)
@@ -1655,6 +1708,11 @@ class _Dedup:
         self._claims = itertools.count()
         self._claim_pid = self._claim_prefix = None
         self._keeper_pid = None
+        self._closed = threading.Event()
+
+    def close(self):
+        """Stop the keeper thread (claims still open then expire on their own)."""
+        self._closed.set()
 
     def run(self, key, work, deadline):
         """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
@@ -1675,8 +1733,10 @@ class _Dedup:
             if self.store.add(store_key, claim, CLAIM_TTL):
                 return self._own(store_key, claim, work) + (False,)
             value = self.store.get(store_key)
-            if value is None:
+            if value is None and time.monotonic() < deadline:
                 continue  # released (the first delivery failed) or expired: claim it
+            if value is None:
+                raise _InFlightTimeout("could not claim the message before the reply deadline")
             if value[0] == "d":
                 content_type, _, body = value[1:].partition("\n")
                 return content_type, body, True
@@ -1720,8 +1780,7 @@ class _Dedup:
         threading.Thread(target=self._keep_claims, name="wxgate-claims", daemon=True).start()
 
     def _keep_claims(self):
-        while True:
-            time.sleep(CLAIM_RENEW_EVERY)
+        while not self._closed.wait(CLAIM_RENEW_EVERY):
             with self._owned_lock:
                 owned = [(key, claim) for key, (claim, _) in self._owned.items()]
             for key, claim in owned:
@@ -1762,7 +1821,10 @@ def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEO
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
             raise WeChatConnectionError(f"{what} timed out after {timeout:g} s "
                                         "(api_timeout)") from None
-        raise WeChatConnectionError(f"{what} unreachable: {reason}") from None
+        raise WeChatConnectionError(f"{what} unreachable: {type(reason).__name__}") from None
+    except (ValueError, http.client.HTTPException) as exc:
+        # Their text may quote the URL, and with it the secret or the access_token.
+        raise WeChatConnectionError(f"{what} failed: {type(exc).__name__}") from None
     try:
         document = json.loads(raw)
     except ValueError:
@@ -1820,6 +1882,8 @@ class TokenManager:
         self._force_key = self._key + ":forced"
         self._local_lock = threading.Lock()
         self._metrics = metrics
+        self._failure = None  # (error, time until which it is raised again)
+        self._last_replacement = (None, 0.0)
         #: How many times this manager called a token endpoint (for tests and metrics).
         self.fetches = 0
 
@@ -1861,13 +1925,29 @@ class TokenManager:
         record = self._read()
         if self._fresh(record):
             return record[0]
-        # Single flight in this process: the first caller fetches, the rest wait on the lock
-        # and then find its token in the store.
-        with self._local_lock:
+        failure = self._failure
+        if failure is not None and failure[1] > self._clock():
+            raise failure[0]  # a wrong AppSecret or an empty quota: do not ask again yet
+        # Single flight in this process: the first caller fetches. The others use the
+        # current token while it still works (a refresh ahead of expiry must not stall
+        # every handler), or wait on the lock and then find the new token in the store.
+        if record is not None and record[1] > self._clock():
+            if not self._local_lock.acquire(blocking=False):
+                return record[0]
+        else:
+            self._local_lock.acquire()
+        try:
             record = self._read()
             if self._fresh(record):
                 return record[0]
-            return self._refresh(record)
+            try:
+                return self._refresh(record)
+            except WeChatAPIError as exc:
+                if exc.errcode in CREDENTIAL_ERRCODES or exc.errcode == 45009:
+                    self._failure = (exc, self._clock() + FAILED_FETCH_PAUSE)
+                raise
+        finally:
+            self._local_lock.release()
 
     def invalidate_token(self, token=None):
         """Forget the stored token (only if it is still ``token``, when given)."""
@@ -1886,9 +1966,16 @@ class TokenManager:
             record = self._read()
             if record and record[0] != rejected and record[1] > self._clock():
                 return record[0]  # another thread already replaced it
+            last, when = self._last_replacement
+            if last == rejected and self._clock() - when < STABLE_FORCE_GAP:
+                # The token we fetched as a replacement is rejected too: something else is
+                # wrong (another system holding the AppSecret?). Fetching on every call would
+                # burn the quota, so give up until the gap has passed.
+                return None
             self.invalidate_token(rejected)
             token = self._refresh(None)
             if token != rejected:
+                self._last_replacement = (token, self._clock())
                 return token
             if self.grant != "stable" or not self.store.add(self._force_key, "1",
                                                             STABLE_FORCE_GAP):
@@ -1897,7 +1984,10 @@ class TokenManager:
                            "refresh", self.name)
             self.invalidate_token(rejected)
             token = self._refresh(None, force=True)
-            return token if token != rejected else None
+            if token == rejected:
+                return None
+            self._last_replacement = (token, self._clock())
+            return token
 
     def _refresh(self, stale, force=False):
         """Fetch under the store lock, or wait for the process holding it."""
@@ -2138,30 +2228,33 @@ def _forward(app, message, *, timestamp, timeout=None):
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, raw = response.status, response.read(1 << 20)
     except urllib.error.HTTPError as exc:
-        raise DeliveryError(f"backend {app.forward} answered HTTP {exc.code}") from None
+        raise DeliveryError(f"backend {_redact_url(app.forward)} answered HTTP {exc.code}") \
+            from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DeliveryError(f"backend {app.forward} failed: {reason}") from None
+        raise DeliveryError(f"backend {_redact_url(app.forward)} failed: {reason}") from None
+    except (ValueError, http.client.HTTPException) as exc:
+        raise DeliveryError(f"backend {_redact_url(app.forward)} failed: "
+                            f"{type(exc).__name__}") from None
     if status == 204 or not raw.strip():
         return None
     try:
         return json.loads(raw)
     except ValueError:
-        raise DeliveryError(f"backend {app.forward} answered something that is not JSON") \
-            from None
+        raise DeliveryError(f"backend {_redact_url(app.forward)} answered something that is "
+                            "not JSON") from None
 
 
 def _business_reply(app, message, *, timestamp):
-    """Hand a message to the app's business code: its handler, its backend, or both.
+    """Hand a message to the app's business code: its backend, its handler, or both.
 
-    With both, the handler runs first and its reply wins unless it is None.
+    With both, the backend goes first: if it fails, the handler has not run, so the retry
+    repeats nothing but the forward (which the backend recognises by ``dedup_key``). The
+    handler's reply wins unless it is None.
     """
+    forwarded = _forward(app, message, timestamp=timestamp) if app.forward else None
     reply = app.handler(message) if app.handler is not None else None
-    if app.forward:
-        forwarded = _forward(app, message, timestamp=timestamp)
-        if reply is None:
-            reply = forwarded
-    return reply
+    return forwarded if reply is None else reply
 
 
 ###############################################################################
@@ -2185,6 +2278,10 @@ class _Queue:
         raise NotImplementedError
 
     def ack(self, item_id, claim, now):
+        raise NotImplementedError
+
+    def extend(self, item_id, claim, until):
+        """Keep a claim hidden until ``until`` while its delivery still runs."""
         raise NotImplementedError
 
     def retry(self, item_id, claim, available_at, error, now):
@@ -2212,7 +2309,9 @@ class _SqliteQueue(_Queue):
     """The queue as a table beside the store's key-value table."""
 
     def __init__(self, store):
-        self.store = store
+        # Its own connection with synchronous=FULL: a push answered "success" must survive
+        # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
+        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL")
         self.store._connection().execute(
             "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
@@ -2231,30 +2330,34 @@ class _SqliteQueue(_Queue):
             " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
 
     def claim(self, now, visibility):
-        connection = self.store._connection()
         claim = uuid.uuid4().hex
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            # The head of each partition is its lowest live id; a claim moves available_at
-            # into the future, which is also what hides it from other workers.
-            row = connection.execute(
+        for _ in range(3):
+            # Read first, without the write lock, so idle polling never queues behind the
+            # pushes. The head of each partition is its lowest live id; ids only grow, so a
+            # head stays the head until it is settled.
+            rows = self.store._read(
                 "SELECT q.id, q.payload, q.attempts FROM wxgate_queue q JOIN (SELECT MIN(id)"
                 " AS head FROM wxgate_queue WHERE dead = 0 GROUP BY partition) h"
-                " ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id LIMIT 1",
-                (now,)).fetchone()
-            if row is not None:
-                connection.execute(
-                    "UPDATE wxgate_queue SET available_at = ?, claim = ?, attempts ="
-                    " attempts + 1 WHERE id = ?", (now + visibility, claim, row[0]))
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        return None if row is None else (row[0], row[1], row[2] + 1, claim)
+                " ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id LIMIT 1", (now,))
+            if not rows:
+                return None
+            row = rows[0]
+            # A claim moves available_at into the future, which hides the message; the
+            # condition makes two workers racing for it agree on one winner.
+            if self._execute(
+                    "UPDATE wxgate_queue SET available_at = ?, claim = ?, attempts = attempts"
+                    " + 1 WHERE id = ? AND available_at <= ? AND dead = 0",
+                    (now + visibility, claim, row[0], now)).rowcount == 1:
+                return row[0], row[1], row[2] + 1, claim
+        return None
 
     def ack(self, item_id, claim, now):
         return self._execute("DELETE FROM wxgate_queue WHERE id = ? AND claim = ?",
                              (item_id, claim)).rowcount == 1
+
+    def extend(self, item_id, claim, until):
+        self._execute("UPDATE wxgate_queue SET available_at = ? WHERE id = ? AND claim = ?",
+                      (until, item_id, claim))
 
     def retry(self, item_id, claim, available_at, error, now):
         self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, error = ?"
@@ -2265,15 +2368,15 @@ class _SqliteQueue(_Queue):
                       " WHERE id = ? AND claim = ?", (error, item_id, claim))
 
     def stats(self, now):
-        pending, in_flight, dead = self._execute(
+        ((pending, in_flight, dead),) = self.store._read(
             "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 0 AND claim IS NOT NULL"
             " AND available_at > ?), 0), COALESCE(SUM(dead = 1), 0) FROM wxgate_queue",
-            (now,)).fetchone()
+            (now,))
         return {"pending": pending, "in_flight": in_flight, "dead": dead}
 
     def dead(self, limit=100):
-        rows = self._execute("SELECT id, partition, payload, attempts, error FROM wxgate_queue"
-                             " WHERE dead = 1 ORDER BY id LIMIT ?", (limit,)).fetchall()
+        rows = self.store._read("SELECT id, partition, payload, attempts, error FROM"
+                                " wxgate_queue WHERE dead = 1 ORDER BY id LIMIT ?", (limit,))
         return [_dead_letter(*row) for row in rows]
 
     def revive(self, ids, now):
@@ -2371,6 +2474,18 @@ end
 if redis.call('LLEN', list) > 0 then redis.call('ZADD', p .. ':q:ready', ARGV[4], part) end
 return 1
 """
+    _EXTEND = """
+local key = ARGV[1] .. ':q:msg:' .. ARGV[2]
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+return redis.call('ZADD', ARGV[1] .. ':q:inflight', 'XX', ARGV[4], ARGV[2])
+"""
+    _PURGE = """
+local p = ARGV[1]
+local ids = redis.call('LRANGE', p .. ':q:dead', 0, -1)
+for _, id in ipairs(ids) do redis.call('DEL', p .. ':q:msg:' .. id) end
+redis.call('DEL', p .. ':q:dead')
+return #ids
+"""
     _REVIVE = """
 local p, now = ARGV[1], ARGV[2]
 local ids = {}
@@ -2378,10 +2493,10 @@ for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
 if #ids == 0 then ids = redis.call('LRANGE', p .. ':q:dead', 0, -1) end
 local count = 0
 for _, id in ipairs(ids) do
-  if redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
-    local key = p .. ':q:msg:' .. id
+  local key = p .. ':q:msg:' .. id
+  local part = redis.call('HGET', key, 'partition')
+  if part and redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
     redis.call('HSET', key, 'attempts', 0)
-    local part = redis.call('HGET', key, 'partition')
     if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
       redis.call('ZADD', p .. ':q:ready', now, part)
     end
@@ -2398,6 +2513,8 @@ return count
         self._claim = self.redis.register_script(self._CLAIM)
         self._settle = self.redis.register_script(self._SETTLE)
         self._revive = self.redis.register_script(self._REVIVE)
+        self._extend = self.redis.register_script(self._EXTEND)
+        self._purge = self.redis.register_script(self._PURGE)
 
     def push(self, partition, payload, now):
         return int(self._push(args=[self.prefix, partition, payload, repr(now)]))
@@ -2411,6 +2528,9 @@ return count
 
     def ack(self, item_id, claim, now):
         return bool(self._settle(args=[self.prefix, item_id, claim, repr(now), "ack", 0, ""]))
+
+    def extend(self, item_id, claim, until):
+        self._extend(args=[self.prefix, item_id, claim, repr(until)])
 
     def retry(self, item_id, claim, available_at, error, now):
         self._settle(args=[self.prefix, item_id, claim, repr(now), "retry", repr(available_at),
@@ -2438,12 +2558,7 @@ return count
         return int(self._revive(args=[self.prefix, repr(now), *[str(i) for i in ids]]))
 
     def purge_dead(self):
-        key = f"{self.prefix}:q:dead"
-        ids = self.redis.lrange(key, 0, -1)
-        for item_id in ids:
-            self.redis.delete(f"{self.prefix}:q:msg:{_text(item_id)}")
-            self.redis.lrem(key, 1, item_id)
-        return len(ids)
+        return int(self._purge(args=[self.prefix]))
 
 
 def _text(value):
@@ -2470,9 +2585,12 @@ class _DeliveryWorker:
     """Takes queued pushes and hands them to business code, with retries and dead letters.
 
     Runs as threads inside each gateway process, or alone as ``wxgate worker CONFIG``. Each
-    message is delivered at least once. A Python handler's completed dedup keys are kept in
-    the store, so a message re-delivered after a crash skips the handler; a forward backend
-    gets the same ``dedup_key`` again and can drop the repeat.
+    message is delivered at least once. While a delivery runs, a keeper thread renews its
+    claim, so a slow handler is never given to a second worker; a worker that dies stops
+    renewing, and its message reappears after ``queue_visibility_timeout``. A Python
+    handler's completed dedup keys are kept in the store, so a message re-delivered after a
+    crash skips the handler; a forward backend gets the same ``dedup_key`` again and can
+    drop the repeat.
     """
 
     def __init__(self, gateway, queue, *, threads=1, idle_sleep=0.05, random=None):
@@ -2482,6 +2600,8 @@ class _DeliveryWorker:
         self._random = random or random_module.random
         self._stop = threading.Event()
         self._threads = []
+        self._working = {}  # item id -> claim, for the keeper
+        self._working_lock = threading.Lock()
 
     def start(self):
         for index in range(self.threads):
@@ -2489,6 +2609,10 @@ class _DeliveryWorker:
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
+        keeper = threading.Thread(target=self._keep_claims, name="wxgate-delivery-claims",
+                                  daemon=True)
+        keeper.start()
+        self._threads.append(keeper)
 
     def stop(self, timeout=5.0):
         self._stop.set()
@@ -2510,22 +2634,47 @@ class _DeliveryWorker:
                 self._stop.wait(idle)
                 idle = min(idle * 2, 0.5)
 
+    def _keep_claims(self):
+        visibility = self.gateway.config.queue_visibility_timeout
+        while not self._stop.wait(visibility / 3):
+            with self._working_lock:
+                working = list(self._working.items())
+            for item_id, claim in working:
+                try:
+                    self.queue.extend(item_id, claim, self.gateway._clock() + visibility)
+                except Exception:
+                    logger.exception("could not renew the claim on queued message %s", item_id)
+
     def run_once(self):
         """Claim and deliver one message; return whether there was one."""
         gateway = self.gateway
-        now = gateway._clock()
-        item = self.queue.claim(now, gateway.config.queue_visibility_timeout)
+        item = self.queue.claim(gateway._clock(), gateway.config.queue_visibility_timeout)
         if item is None:
             return False
         item_id, payload, attempts, claim = item
-        document = json.loads(payload)
-        app = gateway.config.apps.get(document.get("app"))
-        if app is None:
-            self.queue.bury(item_id, claim, "no such app in this config", now)
-            return True
-        message = Message(document["message"], app=app.name, format=document["format"],
-                          encrypted=document.get("encrypted", False),
-                          client=gateway._clients[app.name])
+        with self._working_lock:
+            self._working[item_id] = claim
+        try:
+            self._deliver(item_id, payload, attempts, claim)
+        finally:
+            with self._working_lock:
+                self._working.pop(item_id, None)
+        return True
+
+    def _deliver(self, item_id, payload, attempts, claim):
+        gateway = self.gateway
+        try:
+            document = json.loads(payload)
+            app = gateway.config.apps[document["app"]]
+            message = Message(document["message"], app=app.name, format=document["format"],
+                              encrypted=document.get("encrypted", False),
+                              client=gateway._clients[app.name])
+        except Exception as exc:  # unreadable, or an app no longer configured: never retried
+            self.queue.bury(item_id, claim, f"cannot read the queued message: "
+                            f"{type(exc).__name__}", gateway._clock())
+            logger.error("queued message %s cannot be read (%s); moved to the dead letters",
+                         item_id, type(exc).__name__)
+            return
         done_key = f"{gateway.config.store_prefix}:done:{message.dedup_key or item_id}"
         started = time.monotonic()
         try:
@@ -2543,21 +2692,23 @@ class _DeliveryWorker:
                              "dead letters: %s", app.name, item_id, message.dedup_key,
                              attempts, error)
                 gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
-                return True
-            # Exponential backoff with jitter, so a recovering backend is not hit in lockstep.
-            delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** (attempts - 1))
+                return
+            # Exponential backoff with jitter (0.5x to 1.5x), so a recovering backend is not
+            # hit in lockstep; the exponent is capped before it can overflow.
+            delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** min(attempts - 1, 30))
             delay *= 0.5 + self._random()
             self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
             logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
                            "%s", app.name, item_id, message.dedup_key, attempts, delay, error)
-            return True
-        self.queue.ack(item_id, claim, gateway._clock())
+            return
+        if not self.queue.ack(item_id, claim, gateway._clock()):
+            logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
+                           "worker will find it done", app.name, item_id, message.dedup_key)
         gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                 app=app.name)
         logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
                     message.event or message.msg_type, message.dedup_key, outcome, attempts,
                     (time.monotonic() - started) * 1000)
-        return True
 
 
 ###############################################################################
@@ -2754,9 +2905,10 @@ class Gateway:
         return _DeliveryWorker(self, self.queue, threads=threads or self.config.delivery_threads)
 
     def close(self):
-        """Stop the delivery threads and release the store's connections."""
+        """Stop the delivery and claim-keeping threads, and release the store's connections."""
         if self._worker is not None:
             self._worker.stop()
+        self._dedup.close()
         self.store.close()
 
     def _ensure_worker(self):
@@ -2916,7 +3068,10 @@ class Gateway:
 
     def _log_push(self, app, message, outcome, started, environ):
         kind = message.event or message.msg_type
-        self.metrics.count("wxgate_pushes_total", app=app.name, type=kind, outcome=outcome)
+        # A label from the push: known types by name, the rest as "other", so pushes cannot
+        # grow the metrics without bound.
+        label = kind if isinstance(kind, str) and kind in _KNOWN_TYPES else "other"
+        self.metrics.count("wxgate_pushes_total", app=app.name, type=label, outcome=outcome)
         if logger.isEnabledFor(logging.INFO):
             milliseconds = (time.monotonic() - started) * 1000
             extra = None
@@ -2935,9 +3090,13 @@ class Gateway:
         finally:
             self.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                  app=app.name)
-        return self._render(app, message, reply, nonce)
+        content_type, body = self._render(app, message, reply, nonce)
+        body.encode("utf-8")  # a reply that cannot be sent fails here, inside the dedup claim
+        return content_type, body
 
     def _render(self, app, message, reply, nonce):
+        if isinstance(reply, (bytes, bytearray)):
+            reply = bytes(reply).decode("utf-8")
         if reply is None or reply == "success":
             return _TEXT, "success"
         if reply == "":
@@ -2945,8 +3104,8 @@ class Gateway:
         if isinstance(reply, dict):
             fields = _reply_fields(reply, message, self._clock())
             text = _dump_json(fields) if message.format == "json" else _dump_xml(fields)
-        elif isinstance(reply, (str, bytes)):
-            text = reply.decode("utf-8") if isinstance(reply, bytes) else reply
+        elif isinstance(reply, str):
+            text = reply
         else:
             raise TypeError(f"{app.handler_spec or app.forward} returned "
                             f"{type(reply).__name__}; expected None, a str or a dict")
@@ -3200,7 +3359,8 @@ def _sign(args):
 def _check(args):
     """``wxgate check CONFIG``: load the config and print each app with secrets redacted."""
     config = load_config(args.config)
-    print(f"{config.source}: ok; store {config.store.split('@')[-1]}, api_base "
+    store = _redact_url(config.store) if "://" in config.store else config.store
+    print(f"{config.source}: ok; store {store}, api_base "
           f"{config.api_base}, admin_secret {_redact(config.admin_secret)}")
     for app in config.apps.values():
         print(f"  [app:{app.name}] {app.path}: appid {app.appid}, {app.mode} mode, {app.format}, "
@@ -3327,7 +3487,7 @@ def _worker_command(args):
     _setup_logging(gateway.config.log_format, logging.DEBUG if args.verbose else logging.INFO)
     worker = gateway.worker(args.threads)
     logger.info("delivery worker started with %d thread(s) on %s", worker.threads,
-                gateway.config.store.split("@")[-1])
+                _redact_url(gateway.config.store))
     worker.start()
     try:
         while True:
@@ -3451,13 +3611,15 @@ def main(argv=None):
 
     worker = commands.add_parser("worker", help="deliver queued pushes (delivery = queue)")
     worker.add_argument("config")
-    worker.add_argument("--threads", type=int, help="default: [wxgate] delivery_threads")
+    worker.add_argument("--threads", type=_positive_int,
+                        help="default: [wxgate] delivery_threads")
     worker.set_defaults(run=_worker_command)
 
     queue = commands.add_parser("queue", help="inspect and replay the durable queue")
     queue.add_argument("config")
     queue.add_argument("action", choices=("stats", "list-dead", "retry-dead", "purge-dead"))
-    queue.add_argument("ids", nargs="*", help="dead letter ids for retry-dead (default: all)")
+    queue.add_argument("ids", nargs="*", type=int,
+                       help="dead letter ids for retry-dead (default: all)")
     queue.add_argument("--limit", type=int, default=100, help="for list-dead")
     queue.set_defaults(run=_queue_command)
 

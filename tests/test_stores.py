@@ -235,3 +235,24 @@ def test_failing_store_falls_back_and_recovers(tmp_path, clock, caplog):
     assert send("2").body == b"success"
     assert broken.inner.get("wxgate:dedup:test:m:2").startswith("d")
     assert testapp.get("/_wxgate/healthz").json["status"] == "ok"
+
+
+def test_two_stores_on_one_file_in_each_process_stay_consistent(tmp_path):
+    # A gateway process holds two stores on one file (its own and its durable queue's).
+    # SqliteStore used to reopen and close the database file on construction, which drops
+    # the process's POSIX locks on it; test_delivery's dead-letter test then failed with
+    # "database disk image is malformed" (this simpler setup did not reproduce that, but
+    # pins the consistency it relies on).
+    path = str(tmp_path / "w.db")
+    first = wxgate.SqliteStore(path)
+    second = wxgate.SqliteStore(path)
+    first.set("before", "1", 60)
+    code = ("import wxgate\n"
+            f"a = wxgate.SqliteStore({path!r}); b = wxgate.SqliteStore({path!r})\n"
+            "a.set('from-a', '2', 60); b.set('from-b', '3', 60); a.close(); b.close()\n")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=os.path.dirname(wxgate.__file__))
+    assert [first.get(key) for key in ("before", "from-a", "from-b")] == ["1", "2", "3"]
+    assert second.get("from-a") == "2"
+    first.close()
+    second.close()
