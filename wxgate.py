@@ -18,8 +18,10 @@ Under a real server::
 
 The module is cut into sections (``grep -n '^# .* ####' wxgate.py``): Limits and constants,
 Errors, Metrics, Configuration, Signatures and crypto, Message codec, Stores, Duplicate
-detection, access_token, WeChat API client, Delivery, WSGI application, Command line. Each uses
-only those above it (Delivery's worker reaches the gateway it is given, never the class).
+detection, access_token, WeChat API client, Delivery, Durable queue, Delivery worker, Logs and
+admin helpers, Requests, WSGI application, Push simulator, Command line. Each uses only those
+above it, with two exceptions: the configuration checks keys with the crypto section's
+``_decode_aes_key``, and the delivery worker works on the gateway object it is given.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ MAX_XML_DEPTH = 16
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
 
-# Defaults of the queue's retry schedule: 1 s, 2 s, 4 s ... capped at 5 minutes, 10 attempts.
+# Defaults of the queue's retry schedule: 1 s, 2 s, 4 s ... capped at 5 minutes, 10 attempts;
+# each delay is then jittered by 0.5x to 1.5x.
 DEFAULT_FORWARD_TIMEOUT = 4.0
 DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_RETRY_BASE = 1.0
