@@ -144,6 +144,8 @@ BUSY_BACKOFF = (0.2, 0.5)
 
 # Nested elements deeper than this are refused: WeChat's deepest push (wxa_media_check) has 3.
 MAX_XML_DEPTH = 16
+# After a shared store fails, calls skip it for this long before trying it again.
+STORE_RETRY_AFTER = 2.0
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
 
@@ -1606,7 +1608,9 @@ class _FallbackStore(Store):
 
     When Redis is down or the disk is full we log loudly and carry on with a private
     in-process store: duplicates across processes may then run twice, but no push is dropped.
-    Each call tries the shared store again, so service recovers by itself.
+    After a failure the shared store is left alone for ``STORE_RETRY_AFTER`` seconds (a
+    blackholed Redis costs a connect timeout per call), then tried again, so service
+    recovers by itself.
     """
 
     def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
@@ -1614,20 +1618,24 @@ class _FallbackStore(Store):
         self.shared = primary.shared
         self._local = MemoryStore(max_entries, clock=clock)
         self._failing = False
+        self._retry_at = 0.0  # on time.monotonic()
         self._clock = clock
         self._last_warning = 0.0
 
     def _attempt(self, operation, *args):
+        if self._failing and time.monotonic() < self._retry_at:
+            return getattr(self._local, operation)(*args)
         try:
             result = getattr(self.primary, operation)(*args)
         except Exception as exc:  # any driver's error: sqlite3, OSError, redis
-            now = self._clock()
+            now = time.monotonic()
             if not self._failing or now - self._last_warning > 10:
                 logger.error("store %s failed (%s: %s); continuing without cross-process "
                              "dedup and token sharing until it recovers",
                              type(self.primary).__name__, type(exc).__name__, exc)
                 self._last_warning = now
             self._failing = True
+            self._retry_at = now + STORE_RETRY_AFTER
             return getattr(self._local, operation)(*args)
         if self._failing:
             self._failing = False

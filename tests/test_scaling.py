@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+import wxgate
 from conftest import build_push, free_port, ini_text, open_reply, text_message
 from serving import start_gunicorn, stop
 
@@ -143,7 +144,8 @@ def test_redis_killed_mid_run_no_request_fails_and_service_recovers(tmp_path):
             if index == 2:
                 redis_process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                                  stderr=subprocess.DEVNULL)
-                time.sleep(0.5)
+                # Workers leave a failed store alone for STORE_RETRY_AFTER seconds.
+                time.sleep(0.5 + wxgate.STORE_RETRY_AFTER)
             for fields in batch:
                 for _ in range(2):  # the push and one sequential retry
                     statuses.append(send(base_url, fields)[0])

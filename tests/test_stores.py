@@ -213,7 +213,8 @@ class BrokenStore(wxgate.Store):
         self._check()
 
 
-def test_failing_store_falls_back_and_recovers(tmp_path, clock, caplog):
+def test_failing_store_falls_back_and_recovers(tmp_path, clock, caplog, monkeypatch):
+    monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.2)
     import webtest
     from conftest import Recorder, build_push, make_config, text_message
     broken = BrokenStore()
@@ -232,6 +233,7 @@ def test_failing_store_falls_back_and_recovers(tmp_path, clock, caplog):
     assert "continuing without cross-process dedup" in caplog.text
     assert testapp.get("/_wxgate/healthz", status=503).json["status"] == "store unreachable"
     broken.broken = False
+    time.sleep(0.3)  # failed stores are left alone for STORE_RETRY_AFTER seconds
     assert send("2").body == b"success"
     assert broken.inner.get("wxgate:dedup:test:m:2").startswith("d")
     assert testapp.get("/_wxgate/healthz").json["status"] == "ok"
@@ -256,3 +258,25 @@ def test_two_stores_on_one_file_in_each_process_stay_consistent(tmp_path):
     assert second.get("from-a") == "2"
     first.close()
     second.close()
+
+
+def test_a_failed_store_is_left_alone_for_a_while(monkeypatch):
+    # A blackholed Redis costs a connect timeout per call: after one failure, calls go to the
+    # local fallback without touching the shared store until STORE_RETRY_AFTER has passed.
+    monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.3)
+    calls = []
+
+    class Counting(BrokenStore):
+        def _check(self):
+            calls.append(1)
+            super()._check()
+
+    primary = Counting()
+    store = wxgate._FallbackStore(primary)
+    assert store.add("k", "v", 60) is True  # failed over to the local store
+    assert store.get("k") == "v" and store.add("k", "v", 60) is False
+    assert len(calls) == 1
+    primary.broken = False
+    time.sleep(0.35)
+    store.set("k2", "v2", 60)
+    assert len(calls) == 2 and primary.inner.get("k2") == "v2"
