@@ -32,6 +32,21 @@ def send(app, fields, status=200, **push_options):
 TRANSFER = {"MsgType": "transfer_customer_service"}
 
 
+def deliver_while_held(handler, deliver, count):
+    """Run ``deliver`` in ``count`` threads; once the first is inside the (held) handler,
+    let the handler go, and wait for all of them."""
+    threads = [threading.Thread(target=deliver) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for _ in range(500):
+        if handler.calls:
+            break
+        threading.Event().wait(0.01)
+    handler.delay.set()
+    for thread in threads:
+        thread.join(10)
+
+
 def test_same_msgid_twice_runs_the_handler_once(gateway_factory):
     handler = Recorder(reply=TRANSFER)
     app = gateway_factory(handler)
@@ -87,17 +102,7 @@ def test_concurrent_duplicates_wait_for_the_first_and_share_its_reply(gateway_fa
     def deliver():
         results.append(send(app, text_message(msg_id="300")).body)
 
-    threads = [threading.Thread(target=deliver) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    # Wait until the first delivery is inside the handler, then let it finish.
-    for _ in range(500):
-        if handler.calls:
-            break
-        threading.Event().wait(0.01)
-    handler.delay.set()
-    for thread in threads:
-        thread.join(10)
+    deliver_while_held(handler, deliver, 3)
     assert handler.calls == 1
     assert len(results) == 3 and len(set(results)) == 1
     assert b"<Encrypt>" in results[0]
@@ -128,16 +133,7 @@ def test_waiting_duplicate_runs_the_handler_when_the_first_fails(gateway_factory
     def deliver():
         statuses.append(send(app, text_message(msg_id="500"), status="*").status_int)
 
-    threads = [threading.Thread(target=deliver) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for _ in range(500):
-        if handler.calls:
-            break
-        threading.Event().wait(0.01)
-    handler.delay.set()
-    for thread in threads:
-        thread.join(10)
+    deliver_while_held(handler, deliver, 2)
     assert sorted(statuses) == [200, 500]
     assert handler.calls == 2
 
