@@ -1894,12 +1894,36 @@ class TokenManager:
         self._local_lock = threading.Lock()
         self._metrics = metrics
         self._failure = None  # (error, time until which it is raised again)
+        self._deadlines = threading.local()
         self._last_replacement = (None, 0.0)
         #: How many times this manager called a token endpoint (for tests and metrics).
         self.fetches = 0
 
     def __repr__(self):
         return f"<TokenManager {self.name} appid={self.appid} grant={self.grant}>"
+
+    # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
+    # gateway sets a per-thread deadline around the handler, and every request, backoff and
+    # wait for the token below fits in what is left of it.
+    def set_deadline(self, deadline):
+        """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
+        self._deadlines.value = deadline
+
+    def _time_left(self):
+        """The timeout for the next request: ``api_timeout``, or less near the deadline."""
+        deadline = getattr(self._deadlines, "value", None)
+        if deadline is None:
+            return self.api_timeout
+        remaining = deadline - time.monotonic()
+        if remaining < 0.05:
+            raise WeChatConnectionError(f"app {self.name}: WeChat's 5-second push window is "
+                                        "spent; no time left for an API call "
+                                        "(delivery = queue has no such limit)")
+        return min(self.api_timeout, remaining)
+
+    def _can_wait(self, seconds):
+        deadline = getattr(self._deadlines, "value", None)
+        return deadline is None or time.monotonic() + seconds < deadline - 0.05
 
     # The record kept in the store: "expires_at refresh_at token" (a token holds no space).
     # refresh_at is decided once, by the fetcher, and read by every process: a stable_token
@@ -2031,6 +2055,7 @@ class TokenManager:
                 raise WeChatConnectionError(
                     f"app {self.name}: timed out waiting for another process to fetch the "
                     "access_token")
+            self._time_left()  # gives up when the push that needs the token is out of time
             self._sleep(POLL_INTERVAL * 2)
 
     def _fetch(self, force=False):
@@ -2045,11 +2070,11 @@ class TokenManager:
             if self.grant == "stable":
                 document = _http_json(
                     "POST", self.api_base + "/cgi-bin/stable_token",
-                    body=dict(credentials, force_refresh=force), timeout=self.api_timeout,
+                    body=dict(credentials, force_refresh=force), timeout=self._time_left(),
                     what="stable_token")
             else:
                 document = _http_json("GET", self.api_base + "/cgi-bin/token",
-                                      params=credentials, timeout=self.api_timeout,
+                                      params=credentials, timeout=self._time_left(),
                                       what="token")
             errcode = _errcode(document)
             if self._metrics is not None:
@@ -2057,7 +2082,8 @@ class TokenManager:
                 if errcode:
                     self._metrics.count("wxgate_token_errors_total", app=self.name,
                                         errcode=errcode)
-            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF):
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
+                    self._can_wait(BUSY_BACKOFF[attempt]):
                 self._sleep(BUSY_BACKOFF[attempt])
                 continue
             break
@@ -2132,9 +2158,10 @@ class WeChatClient:
     def _request(self, method, path, query, body):
         for attempt in range(len(BUSY_BACKOFF) + 1):
             document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
-                                  timeout=self.tokens.api_timeout, what=path)
+                                  timeout=self.tokens._time_left(), what=path)
             errcode = _errcode(document)
-            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF):
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
+                    self.tokens._can_wait(BUSY_BACKOFF[attempt]):
                 self._sleep(BUSY_BACKOFF[attempt])
                 continue
             if errcode:
@@ -3030,7 +3057,8 @@ class Gateway:
             return self._enqueue(app, message, environ, started)
 
         def work():
-            return self._deliver(app, message, nonce)
+            # API calls from the handler must leave time to answer WeChat.
+            return self._deliver(app, message, nonce, started + self.reply_deadline * 0.9)
 
         key = message.dedup_key
         try:
@@ -3093,12 +3121,15 @@ class Gateway:
             logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f", app.name, kind,
                         message.dedup_key, outcome, milliseconds, extra=extra)
 
-    def _deliver(self, app, message, nonce):
+    def _deliver(self, app, message, nonce, deadline=None):
         """Hand the message to business code and render its answer: ``(type, body)``."""
         started = time.monotonic()
+        tokens = self._clients[app.name].tokens
+        tokens.set_deadline(deadline)
         try:
             reply = _business_reply(app, message, timestamp=self._clock())
         finally:
+            tokens.set_deadline(None)
             self.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                  app=app.name)
         content_type, body = self._render(app, message, reply, nonce)

@@ -667,3 +667,33 @@ def test_handler_sends_through_message_client(make_gateway, fake):
     assert seen == [gateway.client("test")]
     assert fake.custom_messages == [{"touser": OPENID, "msgtype": "text",
                                      "text": {"content": "hi"}}]
+
+
+def test_api_calls_from_a_handler_fit_in_the_push_window(tmp_path, fake, clock):
+    # api_timeout is 2 s per request, but a handler answering a push has WeChat's window: a
+    # hanging API is given up on when the window (shortened here to 1 s) runs out, so the
+    # push is still answered.
+    errors = []
+
+    def handler(message):
+        try:
+            message.client.send_text(message.from_user, "hi")
+        except wxgate.WeChatConnectionError as exc:
+            errors.append(str(exc))
+        return None
+
+    config = make_config(tmp_path, handler, mode="plain",
+                         extra_gateway=f"api_base = {fake.url}\napi_timeout = 2",
+                         extra_app=f"appsecret = {DEFAULT_SECRET}")
+    gateway = wxgate.make_app(config, clock=clock, reply_deadline=1.0)
+    gateway.client("test").tokens.get_token()  # fetched outside any push, with no deadline
+    fake.hang(CUSTOM_SEND_PATH, 5)
+    testapp = webtest.TestApp(gateway, lint=True)
+    query, body = build_push(text_message("hello"), mode="plain")
+    assert testapp.post(f"/wechat?{query}", body, content_type="text/xml").body == b"success"
+    (error,) = errors
+    assert "timed out after" in error and "after 2 s" not in error  # the window, not 2 s
+    # Outside a push the same call has the full api_timeout again.
+    fake.hang(CUSTOM_SEND_PATH, 0)
+    gateway.client("test").send_text(OPENID, "later")
+    assert fake.custom_messages[-1]["text"] == {"content": "later"}
