@@ -108,7 +108,7 @@ REPLY_DEADLINE = 5.0
 # every CLAIM_RENEW_EVERY seconds. A worker killed mid-handler thus holds up WeChat's retries
 # for at most CLAIM_TTL, well inside their 5-second wait, and the retry runs the handler.
 CLAIM_TTL = 3.0
-CLAIM_RENEW_EVERY = 1.0
+CLAIM_RENEW_EVERY = 0.5
 # WeChat pads to 32 bytes, not AES's 16: the doc's own safe-mode push ends in 19 pad bytes.
 PKCS7_BLOCK = 32
 # random (16) + msg_len (4): the shortest buffer that can hold an (empty) message.
