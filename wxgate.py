@@ -144,6 +144,10 @@ BUSY_BACKOFF = (0.2, 0.5)
 
 # Nested elements deeper than this are refused: WeChat's deepest push (wxa_media_check) has 3.
 MAX_XML_DEPTH = 16
+# WeChat sends no attributes. Small ones are ignored (leniently); huge or numerous ones are
+# an attack, refused like a DOCTYPE.
+MAX_XML_ATTRIBUTES = 16
+MAX_XML_ATTRIBUTE_CHARS = 1024
 # After a shared store fails, calls skip it for this long before trying it again.
 STORE_RETRY_AFTER = 2.0
 # How often a process waiting on another process's work looks at the shared store again.
@@ -1005,7 +1009,8 @@ def _parse_xml(data):
     """Parse a WeChat XML document into a dict.
 
     Elements with children become dicts, repeated elements lists, leaves their text (CDATA or
-    not). Attributes are ignored: WeChat sends none. DTDs and entities are refused.
+    not). Attributes are ignored (WeChat sends none), unless huge or numerous. DTDs and
+    entities are refused.
     """
     parser = expat.ParserCreate("utf-8")
     parser.buffer_text = True
@@ -1016,9 +1021,13 @@ def _parse_xml(data):
     stack = []
     result = []
 
-    def start(tag, _attributes):
+    def start(tag, attributes):
         if len(stack) >= MAX_XML_DEPTH:
             raise _XMLRefused(f"elements nested deeper than {MAX_XML_DEPTH}")
+        if attributes and (len(attributes) > MAX_XML_ATTRIBUTES or any(
+                len(value) > MAX_XML_ATTRIBUTE_CHARS for value in attributes.values())):
+            raise _XMLRefused(f"<{tag[:40]}> has huge or numerous attributes (WeChat sends "
+                              "none)")
         if stack and stack[-1][1] is None:
             stack[-1][1] = {}
         stack.append([tag, None, []])
