@@ -20,8 +20,10 @@ from Crypto.Cipher import AES
 
 import wxgate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-VECTORS = json.loads((SHARED / "vectors" / "wechat-vectors.json").read_text("utf-8"))
+# The published vectors live inside the repository (tests/vectors/), so a user's own clone runs
+# the whole suite with nothing beside it.
+VECTORS_FILE = Path(__file__).resolve().parent / "vectors" / "wechat-vectors.json"
+VECTORS = json.loads(VECTORS_FILE.read_text("utf-8"))
 
 # A fixed test app. The key is the official doc's; the clock is pinned near NOW.
 TOKEN = "testtoken123"
@@ -33,7 +35,7 @@ NOW = 1_714_000_000
 
 
 def vectors(kind):
-    """The shared vectors of one or more kinds, as pytest params named by their id."""
+    """The published vectors of one or more kinds, as pytest params named by their id."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return [pytest.param(case, id=case["id"]) for case in VECTORS if case["kind"] in kinds]
 

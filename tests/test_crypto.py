@@ -1,24 +1,21 @@
 """Signatures and the AES envelope (PROTOCOL.md sections 1 and 3).
 
-The module opens with the shared known-answer vectors, then hand-derived vectors and negatives
+The module opens with the published known-answer vectors (tests/vectors/), then hand-derived vectors and negatives
 that we build here with pycryptodome directly (never with wxgate), then the key rules, and only
 then round trips. Each negative asserts the exception type and WeChat's code.
 """
 
 import base64
 import hashlib
-import json
 import re
 import struct
-from pathlib import Path
 
 import pytest
 from Crypto.Cipher import AES
 
 import wxgate
 
-VECTORS_PATH = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "wechat-vectors.json"
-VECTORS = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
+from conftest import VECTORS
 KNOWN_KINDS = {"url_signature", "decrypt", "encrypt", "encrypt_only", "decrypt_wecom_echostr"}
 
 
