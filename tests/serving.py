@@ -111,15 +111,27 @@ def public_dir(prefix="wxgate-"):
     return path
 
 
+def _apache_httpd():
+    import shutil
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return shutil.which("apache2", path=path) or shutil.which("httpd", path=path)
+
+
 def apache_binary():
     """The apache2/httpd binary and mod_wsgi.so, or None when either is missing."""
-    import shutil
-    binary = shutil.which("apache2", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") \
-        or shutil.which("httpd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    binary = _apache_httpd()
     module = APACHE_MODULES / "mod_wsgi.so"
     if binary is None or not module.exists():
         return None
     return binary, module
+
+
+def apache_cgi_binary():
+    """The apache2/httpd binary when it and mod_cgid are installed, else None."""
+    binary = _apache_httpd()
+    if binary is None or not (APACHE_MODULES / "mod_cgid.so").exists():
+        return None
+    return binary
 
 
 def _unprivileged_user():
@@ -136,23 +148,51 @@ def _unprivileged_user():
 
 
 def start_apache(workdir, ini_path, *, mount="/", script=REPO / "wxgate.py", python_path=REPO,
-                 extra_conf="", timeout=20.0):
+                 extra_conf="", wsgi=True, modules=(), env=None, envvars=None, timeout=20.0):
     """Serve ``script`` under Apache httpd + mod_wsgi (daemon mode) on a free loopback port.
 
     The config is the README's: ``WSGIDaemonProcess ... python-path=``, ``WSGIScriptAlias
     MOUNT SCRIPT``, ``SetEnv WXGATE_CONFIG`` (left out when ``ini_path`` is None: the script
     sets it). Returns ``(base_url, process)``; the error log, where wxgate's own log lines land
     too, is ``process.log_path``.
+
+    :param python_path: the daemon's ``python-path``; None leaves the option out (a host
+        that puts nothing on ``sys.path``).
+    :param wsgi: False serves no WSGI script at all (a CGI-only server: ``extra_conf`` and
+        ``modules`` say what to serve).
+    :param modules: more modules to load by name (``"cgid"``, ``"alias"`` ...).
+    :param env: variables of Apache's own process environment (what Debian's
+        ``/etc/apache2/envvars`` exports), inherited by mod_wsgi's daemon processes.
+    :param envvars: a shell file sourced before Apache starts, as ``apache2ctl`` sources
+        ``/etc/apache2/envvars``.
     """
-    binary, module = apache_binary() or (None, None)
-    if binary is None:
+    binary = _apache_httpd()
+    if binary is None or (wsgi and apache_binary() is None):
         raise RuntimeError("apache2 or mod_wsgi is not installed")
     workdir, script = Path(workdir), Path(script)
     port = free_port()
     user = ""
     if os.geteuid() == 0:  # Apache refuses to serve as root: switch to a plain user
         user = "User {}\nGroup {}".format(*_unprivileged_user())
-    set_env = f'SetEnv WXGATE_CONFIG "{ini_path}"' if ini_path else ""
+    loads = "\n".join(f"LoadModule {name}_module {APACHE_MODULES}/mod_{name}.so"
+                      for name in modules)
+    served = ""
+    if wsgi:
+        set_env = f'SetEnv WXGATE_CONFIG "{ini_path}"' if ini_path else ""
+        path_option = f" python-path={python_path}" if python_path else ""
+        served = f"""\
+LoadModule wsgi_module {APACHE_MODULES / "mod_wsgi.so"}
+WSGISocketPrefix "{workdir}/wsgi"
+WSGIRestrictEmbedded On
+WSGIDaemonProcess wxgate processes=1 threads=4{path_option}
+WSGIScriptAlias {mount} "{script}" process-group=wxgate application-group=%{{GLOBAL}}
+{set_env}
+<Directory "{script.parent}">
+    <Files "{script.name}">
+        Require all granted
+    </Files>
+</Directory>
+"""
     conf = workdir / "httpd.conf"
     conf.write_text(f"""\
 ServerRoot "{workdir}"
@@ -167,25 +207,19 @@ Mutex file:{workdir} default
 LoadModule mpm_event_module {APACHE_MODULES}/mod_mpm_event.so
 LoadModule authz_core_module {APACHE_MODULES}/mod_authz_core.so
 LoadModule env_module {APACHE_MODULES}/mod_env.so
-LoadModule wsgi_module {module}
-WSGISocketPrefix "{workdir}/wsgi"
-WSGIRestrictEmbedded On
-WSGIDaemonProcess wxgate processes=1 threads=4 python-path={python_path}
-WSGIScriptAlias {mount} "{script}" process-group=wxgate application-group=%{{GLOBAL}}
-{set_env}
-<Directory "{script.parent}">
-    <Files "{script.name}">
-        Require all granted
-    </Files>
-</Directory>
+{loads}
+{served}
 {extra_conf}
 """, "utf-8")
     log_path = workdir / "error.log"
     # Debian's system Python runs mod_wsgi: keep this interpreter's PYTHON* variables away.
-    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **(env or {})}
+    command = [binary, "-f", str(conf), "-DFOREGROUND"]
+    if envvars is not None:  # what apache2ctl does with /etc/apache2/envvars
+        command = ["/bin/sh", "-c", '. "$0" && exec "$@"', str(envvars), *command]
     with open(workdir / "apache.out", "wb") as out:
-        process = subprocess.Popen([binary, "-f", str(conf), "-DFOREGROUND"], cwd=workdir,
-                                   env=environment, stdin=subprocess.DEVNULL, stdout=out,
+        process = subprocess.Popen(command, cwd=workdir, env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     process.log_path = log_path
     _wait_started(process, port, "apache2", [workdir / "apache.out", log_path], timeout)
