@@ -30,8 +30,8 @@ import pytest
 
 from conftest import APPID, GH_ID, OPENID, TOKEN, build_push, ini_text, open_reply, sha1_sign, \
     text_message
-from serving import REPO, apache_binary, public_dir, start_apache, start_gunicorn, start_nginx, \
-    stop
+from serving import REPO, apache_binary, public_dir, require, start_apache, start_gunicorn, \
+    start_nginx, stop
 
 MAX_BODY = 65536  # max_body_bytes in the ini, client_max_body_size 64k, LimitRequestBody
 ADMIN_SECRET = "deploy-admin-secret"
@@ -43,15 +43,6 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def require(available, reason):
-    """Skip with ``reason`` when a server is not installed; under CI, fail instead."""
-    if available:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}, and CI must run the deployment tests (.ci/run installs it)")
-    pytest.skip(reason)
 
 
 def http(method, url, body=None, headers=None, timeout=10):

@@ -1,0 +1,217 @@
+"""The README's code, run as written: the forwarding backends and the handler example.
+
+Each block is taken from README.md (``tests/readme.py``), not copied here, so the README cannot
+drift from what passes:
+
+- the Python and Node.js forwarding backends, each started as its own process on loopback and
+  fed wxgate's real signed forwards (fresh and stale) and hostile requests (no headers, a
+  forged signature, a non-numeric timestamp); the Node one needs ``node`` (skipped, saying why,
+  when it is missing; a failure under CI);
+- the ``shopbot.py`` handler, against the fake WeChat API: a send that fails (45015) or times
+  out is logged, and WeChat still gets ``success`` (a 500 would make it retry and re-send).
+"""
+
+import hashlib
+import hmac
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import webtest
+
+import wxgate
+from conftest import APPID, OPENID, TOKEN, AES_KEY, build_push, free_port, text_message
+from fake_wechat import CUSTOM_SEND_PATH, FakeWeChat
+from readme import code_block
+from serving import require
+
+FORWARD_SECRET = "recipe-forward-secret-0123456789"
+APPSECRET = "0123456789abcdef0123456789abcdef"
+
+
+# -- the forwarding backends -----------------------------------------------------------------
+
+
+def _start_backend(kind, tmp_path):
+    """Write the README's backend to a file and run it; return ``(url, process)``."""
+    if kind == "node":
+        node = shutil.which("node") or shutil.which("nodejs")
+        require(node, "node is not installed (apt-get install nodejs): the README's Node.js "
+                      "backend cannot be run")
+        script, command = tmp_path / "backend.js", [node]
+        script.write_text(code_block("// backend.js"), "utf-8")
+    else:
+        script, command = tmp_path / "backend.py", [sys.executable]
+        script.write_text(code_block("# backend.py"), "utf-8")
+    port = free_port()
+    log = open(tmp_path / f"{kind}.log", "wb")
+    process = subprocess.Popen(
+        [*command, str(script)], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT,
+        env={"PATH": os.environ.get("PATH", ""), "PORT": str(port),
+             "WXGATE_FORWARD_SECRET": FORWARD_SECRET})
+    log.close()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return f"http://127.0.0.1:{port}/wechat", process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                pytest.fail(f"the {kind} backend did not start:\n"
+                            + (tmp_path / f"{kind}.log").read_text("utf-8", "replace"))
+            time.sleep(0.05)
+
+
+@pytest.fixture(params=["python", "node"])
+def backend(request, tmp_path):
+    url, process = _start_backend(request.param, tmp_path)
+    yield url
+    process.kill()
+    process.wait()
+
+
+def _gateway(tmp_path, url, **options):
+    ini = tmp_path / "forward.ini"
+    ini.write_text(f"""\
+[app:shop]
+path = /wechat
+appid = {APPID}
+token = {TOKEN}
+encoding_aes_key = {AES_KEY}
+mode = safe
+forward = {url}
+forward_secret = {FORWARD_SECRET}
+forward_timeout = 5
+""", "utf-8")
+    return webtest.TestApp(wxgate.make_app(str(ini), **options), lint=True)
+
+
+def _push(testapp, now, msg_id):
+    query, body = build_push(text_message("hello", msg_id=str(msg_id)), timestamp=int(now))
+    return testapp.post(f"/wechat?{query}", body, expect_errors=True)
+
+
+def _raw(url, headers, body=b""):
+    """One HTTP/1.0 request written by hand (no header added for us); the status, or None
+    when the backend closed the connection without answering (it crashed on the request)."""
+    port = int(url.split(":")[2].split("/")[0])
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /wechat HTTP/1.0\r\nHost: 127.0.0.1\r\n{lines}\r\n".encode("latin-1")
+                     + body)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return int(answer.split()[1]) if answer.startswith(b"HTTP/") else None
+
+
+def test_backend_accepts_a_fresh_forward(backend, tmp_path):
+    """wxgate's own forward, signed now: the backend's 204 becomes WeChat's ``success``."""
+    answer = _push(_gateway(tmp_path, backend), time.time(), 6054768590064713001)
+    assert (answer.status_int, answer.body) == (200, b"success")
+
+
+def test_backend_rejects_a_stale_forward(backend, tmp_path):
+    """A validly signed forward 1000 s old (wxgate's clock behind): 401, so wxgate answers
+    500 and WeChat would retry."""
+    past = time.time() - 1000
+    answer = _push(_gateway(tmp_path, backend, clock=lambda: past), past, 6054768590064713002)
+    assert answer.status_int == 500
+    # The same backend still takes a fresh one: the refusal was the timestamp, not the secret.
+    answer = _push(_gateway(tmp_path, backend), time.time(), 6054768590064713003)
+    assert (answer.status_int, answer.body) == (200, b"success")
+
+
+def test_backend_refuses_hostile_requests_and_keeps_serving(backend, tmp_path):
+    body = b'{"app":"shop","dedup_key":"k","format":"xml","message":{}}'
+    now = str(int(time.time()))
+    good = hmac.new(FORWARD_SECRET.encode(), now.encode() + body, hashlib.sha256).hexdigest()
+    length = {"Content-Length": str(len(body))}
+    assert _raw(backend, {}) == 400  # no X-Wxgate-* headers, no body
+    assert _raw(backend, length, body) == 400  # a body, but no headers
+    assert _raw(backend, {**length, "X-Wxgate-Timestamp": now,
+                          "X-Wxgate-Signature": "0" * 64}, body) == 401  # forged
+    assert _raw(backend, {**length, "X-Wxgate-Timestamp": now,
+                          "X-Wxgate-Signature": good[:-1]}, body) == 401  # truncated
+    assert _raw(backend, {**length, "X-Wxgate-Timestamp": "soon",
+                          "X-Wxgate-Signature": good}, body) == 400  # not a timestamp
+    assert _raw(backend, {**length, "X-Wxgate-Timestamp": now,
+                          "X-Wxgate-Signature": good}, body) == 204  # the genuine article
+    answer = _push(_gateway(tmp_path, backend), time.time(), 6054768590064713004)
+    assert (answer.status_int, answer.body) == (200, b"success")
+
+
+# -- the handler example ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def shopbot(tmp_path, monkeypatch):
+    """The README's ini shape and ``shopbot.py``, against the fake WeChat API."""
+    (tmp_path / "shopbot.py").write_text(code_block("# shopbot.py"), "utf-8")
+    with FakeWeChat(APPID, APPSECRET) as wechat:
+        ini = tmp_path / "wxgate.ini"
+        ini.write_text(f"""\
+[wxgate]
+api_base = {wechat.url}
+api_timeout = 1
+
+[app:shop]
+path = /wechat
+appid = {APPID}
+appsecret = ${{WX_APPSECRET}}
+token = {TOKEN}
+encoding_aes_key = {AES_KEY}
+mode = safe
+format = auto
+handler = shopbot:on_message
+""", "utf-8")
+        monkeypatch.setenv("WX_APPSECRET", APPSECRET)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "shopbot", raising=False)
+        yield webtest.TestApp(wxgate.make_app(str(ini)), lint=True), wechat
+
+
+def _text(testapp, content, msg_id):
+    query, body = build_push(text_message(content, msg_id=str(msg_id)),
+                             timestamp=int(time.time()))
+    return testapp.post(f"/wechat?{query}", body, expect_errors=True)
+
+
+def test_handler_example_sends_the_reply(shopbot):
+    testapp, wechat = shopbot
+    answer = _text(testapp, "hello", 6054768590064714001)
+    assert (answer.status_int, answer.body) == (200, b"success")
+    assert [(m["touser"], m["text"]["content"]) for m in wechat.custom_messages] == \
+        [(OPENID, "收到: hello")]
+
+
+@pytest.mark.parametrize("failure", ["45015", "timeout"])
+def test_handler_example_logs_a_failed_send_and_still_answers_success(shopbot, failure,
+                                                                       caplog):
+    testapp, wechat = shopbot
+    if failure == "timeout":
+        wechat.hang(CUSTOM_SEND_PATH, 3)  # longer than api_timeout = 1
+    else:
+        wechat.fail_next(CUSTOM_SEND_PATH, 45015)
+    with caplog.at_level(logging.WARNING, logger="shopbot"):
+        answer = _text(testapp, "hello", 6054768590064714002)
+    assert (answer.status_int, answer.body) == (200, b"success")  # no 500, so no retry
+    warnings = [r.getMessage() for r in caplog.records if r.name == "shopbot"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"reply to {OPENID} not sent")
+    assert ("45015" in warnings[0]) == (failure == "45015")
+    assert APPSECRET not in caplog.text
+
+
+def test_handler_example_transfers_to_an_agent(shopbot):
+    testapp, wechat = shopbot
+    answer = _text(testapp, "转人工", 6054768590064714003)
+    assert answer.status_int == 200 and answer.body != b"success"  # the encrypted reply
+    assert wechat.custom_messages == []
