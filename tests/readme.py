@@ -8,17 +8,20 @@ README loses or duplicates fails loudly.
 """
 
 import re
+import textwrap
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-_FENCE = re.compile(r"^```[a-z]*\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+_FENCE = re.compile(r"^( *)```[a-z]*\n(.*?)^\1```$", re.MULTILINE | re.DOTALL)
 
 
 def code_block(first_line):
     """The text of the one fenced block in README.md whose first line starts with
-    ``first_line`` (fences excluded, final newline kept)."""
-    blocks = [match.group(1) for match in _FENCE.finditer(README.read_text("utf-8"))
-              if match.group(1).startswith(first_line)]
+    ``first_line`` (fences excluded, dedented, final newline kept)."""
+    # A block inside a list item is indented with it: dedent it as the reader sees it.
+    blocks = [textwrap.dedent(match.group(2))
+              for match in _FENCE.finditer(README.read_text("utf-8"))]
+    blocks = [block for block in blocks if block.startswith(first_line)]
     if len(blocks) != 1:
         raise LookupError(f"README.md has {len(blocks)} code blocks starting with "
                           f"{first_line!r}, not one")

@@ -163,7 +163,7 @@ def start_apache(workdir, ini_path, *, mount="/", script=REPO / "wxgate.py", pyt
     """Serve ``script`` under Apache httpd + mod_wsgi (daemon mode) on a free loopback port.
 
     The config is the README's: ``WSGIDaemonProcess ... python-path=``, ``WSGIScriptAlias
-    MOUNT SCRIPT``, ``SetEnv WXGATE_CONFIG`` (left out when ``ini_path`` is None: the script
+    MOUNT SCRIPT``, ``WSGIPassAuthorization On``, ``SetEnv WXGATE_CONFIG`` (left out when ``ini_path`` is None: the script
     sets it). Returns ``(base_url, process)``; the error log, where wxgate's own log lines land
     too, is ``process.log_path``.
 
@@ -197,6 +197,7 @@ WSGISocketPrefix "{workdir}/wsgi"
 WSGIRestrictEmbedded On
 WSGIDaemonProcess wxgate processes=1 threads=4{path_option}
 WSGIScriptAlias {mount} "{script}" process-group=wxgate application-group=%{{GLOBAL}}
+WSGIPassAuthorization On
 {set_env}
 <Directory "{script.parent}">
     <Files "{script.name}">
@@ -242,7 +243,8 @@ def start_nginx(workdir, upstream, *, client_max_body_size="64k", timeout=20.0):
 
     The server block is the README's: ``client_max_body_size`` (align it with max_body_bytes),
     ``X-Forwarded-For``/``-Proto`` and ``X-Request-Id $request_id`` to the upstream; the
-    request id is also sent back to the client, so a test can find it in the logs.
+    request id is also sent back to the client and written in the access log
+    (``workdir/access.log``, the README's ``log_format wxgate``: ``rid=$request_id``).
     Returns ``(base_url, process)``; ``process.log_path`` is nginx's error log.
     """
     import shutil
@@ -262,7 +264,9 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/error.log info;
 events {{ worker_connections 64; }}
 http {{
-    access_log {workdir}/access.log;
+    log_format wxgate '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                      '$request_time rid=$request_id';
+    access_log {workdir}/access.log wxgate;
 {temp}
     server {{
         listen 127.0.0.1:{port};

@@ -30,6 +30,8 @@ import pytest
 
 from conftest import APPID, GH_ID, OPENID, TOKEN, build_push, ini_text, open_reply, sha1_sign, \
     text_message
+from fake_wechat import FakeWeChat
+from readme import code_block
 from serving import REPO, apache_binary, public_dir, require, start_apache, start_gunicorn, \
     start_nginx, stop
 
@@ -231,35 +233,40 @@ def test_apache_mod_wsgi_at_the_root(served_dir):
         assert status == 413
     log = log_text(process)
     assert "cannot start" not in log, log[-3000:]
-    assert "push app=test type=text" in log  # wxgate's log lines reach Apache's error log
+    # wxgate's INFO lines reach Apache's error log, under mod_wsgi's [wsgi:error] tag (the
+    # README says so, and how to route them elsewhere).
+    lines = [line for line in log.splitlines() if "push app=test type=text" in line]
+    assert lines and all("[wsgi:error]" in line and " INFO wxgate: " in line for line in lines)
 
 
 def test_apache_mod_wsgi_mounted_under_wechat_shared_hosting_layout(served_dir):
-    """``WSGIScriptAlias /wechat .../wxgate.wsgi``: SCRIPT_NAME=/wechat, and the ini's
+    """``WSGIScriptAlias /wechat .../passenger_wsgi.py``: SCRIPT_NAME=/wechat, and the ini's
     ``path = /wechat`` (and ``/wechat/shop`` below it) still match.
 
-    The layout is the README's shared-hosting recipe: only ``wxgate.py`` copied into a
-    directory beside the ini, and an entry script that sets ``WXGATE_CONFIG`` itself (no
-    ``SetEnv``, no install, the repository not on the path).
+    The layout is the README's shared-hosting recipe, its entry file taken from README.md: only
+    ``wxgate.py`` copied into a directory beside the ini, and nothing else: no ``SetEnv``, no
+    install, and no ``python-path`` (a host that puts nothing on ``sys.path``), so the entry
+    file itself must make the copy importable.
     """
     _require_apache()
     site = served_dir / "site"
     site.mkdir(mode=0o755)
     site.chmod(0o755)
-    shutil.copy(REPO / "wxgate.py", site / "wxgate.py")
+    # The copy says who it is on stderr (Apache's error log), so the test knows which
+    # wxgate.py was served.
+    source = (REPO / "wxgate.py").read_text("utf-8")
+    (site / "wxgate.py").write_text(
+        source + "\nprint('wxgate loaded from', __file__, file=sys.stderr, flush=True)\n",
+        "utf-8")
     shop = ("\n[app:shop]\npath = /wechat/shop\nappid = wx0000000000000001\n"
             f"token = {TOKEN}\nmode = plain\nhandler = wxgate:demo_handler\n")
     write_ini(site, more=shop)
-    script = site / "wxgate.wsgi"
-    script.write_text(
-        "import os\n"
-        "os.environ.setdefault('WXGATE_CONFIG',\n"
-        "                      os.path.join(os.path.dirname(__file__), 'wxgate.ini'))\n"
-        "from wxgate import application\n", "utf-8")
+    script = site / "passenger_wsgi.py"
+    script.write_text(code_block("# passenger_wsgi.py"), "utf-8")
     for path in site.iterdir():
         path.chmod(0o644)
     base_url, process = start_apache(served_dir, None, mount="/wechat", script=script,
-                                     python_path=site)
+                                     python_path=None)
     with serving(process):
         assert_serves(base_url, "/wechat")
         status, body, echostr = handshake(base_url, "/wechat/shop")
@@ -272,7 +279,77 @@ def test_apache_mod_wsgi_mounted_under_wechat_shared_hosting_layout(served_dir):
         assert status == 404 and b"no wxgate app" not in body  # Apache's own, outside it
     log = log_text(process)
     assert "cannot start" not in log, log[-3000:]
-    assert f"Adding '{site}' to path" in log  # the copy was served, not the repository
+    assert "to path" not in log  # mod_wsgi added no python-path
+    assert f"wxgate loaded from {site / 'wxgate.py'}" in log  # the copy was served
+
+
+APPSECRET = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("how", ["envvars", "setenv"])
+def test_apache_mod_wsgi_secrets_from_apaches_environment(served_dir, how):
+    """``appsecret = ${WX_APPSECRET}`` under mod_wsgi, the README's way: a root-only secrets
+    file sourced by Apache's envvars (here, as apache2ctl does, by the shell that execs
+    apache2) reaches the daemon's os.environ, so the token endpoint works. ``SetEnv`` alone
+    does not: the app cannot start, and the log names the variable, not a value."""
+    _require_apache()
+    with FakeWeChat(APPID, APPSECRET) as wechat:
+        ini_path = write_ini(served_dir, extra_gateway=f"api_base = {wechat.url}\n"
+                                                       f"admin_secret = {ADMIN_SECRET}\n")
+        with open(ini_path, "a", encoding="utf-8") as ini:
+            ini.write("appsecret = ${WX_APPSECRET}\n")  # the [app:test] section is last
+        secrets_env = served_dir / "secrets.env"
+        secrets_env.write_text(f"WX_APPSECRET={APPSECRET}\n", "utf-8")
+        secrets_env.chmod(0o600)  # root-only: read before Apache drops to www-data
+        envvars, extra_conf = None, ""
+        if how == "envvars":
+            envvars = served_dir / "envvars"
+            lines = [line for line in code_block("# as root").splitlines()
+                     if line.startswith("set -a;")]
+            assert len(lines) == 1
+            envvars.write_text(lines[0].replace("/etc/wxgate/secrets.env", str(secrets_env))
+                               + "\n", "utf-8")
+        else:
+            extra_conf = f"SetEnv WX_APPSECRET {APPSECRET}"
+        base_url, process = start_apache(served_dir, ini_path, envvars=envvars,
+                                         extra_conf=extra_conf)
+        with serving(process):
+            status, _, body = http("GET", f"{base_url}/_wxgate/token/test",
+                                   headers={"Authorization": f"Bearer {ADMIN_SECRET}"})
+            if how == "envvars":
+                assert status == 200, body
+                assert json.loads(body)["access_token"] == wechat.current_stable_token(APPID)
+                assert_serves(base_url)
+            else:
+                assert status == 500
+    log = log_text(process)
+    assert APPSECRET not in log
+    if how == "setenv":
+        assert "cannot start" in log and "WX_APPSECRET" in log
+
+
+def test_apache_mod_wsgi_log_routed_to_a_file(served_dir):
+    """The README's ``wxgate.wsgi`` entry file configures logging before importing wxgate:
+    wxgate's lines go to that file, not to Apache's error log as ``[wsgi:error]``."""
+    _require_apache()
+    ini_path = write_ini(served_dir)
+    logs = served_dir / "logs"
+    logs.mkdir()
+    if os.geteuid() == 0:  # the daemon runs as www-data (or nobody): let it write there
+        import pwd
+        from serving import _unprivileged_user
+        entry = pwd.getpwnam(_unprivileged_user()[0])
+        os.chown(logs, entry.pw_uid, entry.pw_gid)
+    script = served_dir / "wxgate.wsgi"
+    script.write_text(code_block("# /srv/wxgate/wxgate.wsgi").replace(
+        "/var/log/wxgate/wxgate.log", str(logs / "wxgate.log")), "utf-8")
+    script.chmod(0o644)
+    base_url, process = start_apache(served_dir, ini_path, script=script)
+    with serving(process):
+        assert_serves(base_url)
+    routed = (logs / "wxgate.log").read_text("utf-8")
+    assert " INFO wxgate: push app=test type=text" in routed
+    assert "push app=" not in log_text(process)
 
 
 # -- nginx in front of gunicorn --------------------------------------------------------------
@@ -358,5 +435,14 @@ def test_nginx_request_id_reaches_wxgate_json_log(proxied):
         time.sleep(0.05)
     assert matching, f"no JSON log line with request_id {request_id}: {records[-5:]}"
     assert matching[-1]["outcome"] == "handled" and matching[-1]["app"] == "test"
+    # The README's log_format puts the same id in nginx's access log: the two lines match.
+    access_log = Path(proxied["nginx"].log_path).with_name("access.log")
+    deadline = time.monotonic() + 5
+    while f"rid={request_id}" not in access_log.read_text("utf-8") \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)  # nginx writes the line after the response
+    lines = [line for line in access_log.read_text("utf-8").splitlines()
+             if line.endswith(f"rid={request_id}")]
+    assert len(lines) == 1 and '"POST /wechat?' in lines[0] and " 200 " in lines[0], lines
     assert TOKEN not in log_text(proxied["gunicorn"])  # logs never carry secrets
     assert ADMIN_SECRET not in log_text(proxied["gunicorn"])
