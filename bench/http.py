@@ -365,7 +365,8 @@ def main(argv=None):
                 results[name].append(result)
                 print(f"  {name:<24} {result['rps']:>9,.0f} req/s  p50 {result['p50']:.2f} ms"
                       f"  p99 {result['p99']:.2f} ms  errors {result['errors']}  server CPU "
-                      f"{result['cpu'] * 1e6:.0f} µs/req  RSS {result['rss']:.1f} MiB", file=sys.stderr)
+                      f"{result['cpu'] * 1e6:.0f} µs/req  RSS {result['rss']:.1f} MiB",
+                      file=sys.stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     elapsed = time.perf_counter() - started
