@@ -12,13 +12,17 @@ sync workers close the connection after each response, so every request opens on
   query, check msg_signature, decrypt, parse;
 - wxgate (``wxgate:application``) in safe mode with a no-op handler, as deployed: with its
   per-push INFO line on stderr, and once more with that line off (``--sqlite`` adds a row on
-  the sqlite store).
+  the sqlite store);
+- what users would run instead: Flask + wechatpy, the hand-written view that checks,
+  decrypts, parses, dedups in a dict and answers ``success`` (bench/flask_wechatpy_app.py),
+  and WeRoBot's WSGI app with sessions off (bench/werobot_app.py); both with a no-op handler.
 
 The same client sends them all the same safe-mode XML text pushes, each with its own MsgId
 (20000 of them, built up front; wxgate's LRU is set to 1000 keys, so a push that comes round
 again has long been evicted and is processed in full). Besides requests per second and
 latency it reports the CPU time the gunicorn processes used per request (from /proc), which
-a busy machine disturbs less than throughput.
+a busy machine disturbs less than throughput, and the resident memory (VmRSS) of each gunicorn
+worker after the round, averaged over the workers.
 
 The client is wrk (``apt-get install wrk``) with one thread, so pushes go out in order and no
 two are in flight at once, and a Lua script that cycles through the prepared requests; where
@@ -131,6 +135,22 @@ def cpu_seconds(master):
         if int(name) == master or int(fields[1]) == master:  # fields[1] is the ppid
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick
+
+
+def worker_rss(master):
+    """Mean VmRSS in MiB of the master's child processes (the gunicorn workers); Linux only."""
+    sizes = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", encoding="ascii") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except (OSError, ValueError):
+            continue
+        if int(fields.get("PPid", "0")) == master and "VmRSS" in fields:
+            sizes.append(int(fields["VmRSS"].split()[0]) / 1024)  # kB
+    return sum(sizes) / len(sizes) if sizes else float("nan")
 
 
 class Server:
@@ -301,7 +321,8 @@ def main(argv=None):
     rounds = args.rounds or (1 if args.quick else 3)
 
     folder = tempfile.mkdtemp(prefix="wxgate-http-bench-")
-    shutil.copy(os.path.join(HERE, "trivial_app.py"), folder)
+    for name in ("trivial_app.py", "flask_wechatpy_app.py", "werobot_app.py"):
+        shutil.copy(os.path.join(HERE, name), folder)
     pushes = make_pushes(DISTINCT, int(time.time()))
     requests_file = os.path.join(folder, "pushes.tsv")
     with open(requests_file, "w", encoding="utf-8") as f:
@@ -313,6 +334,8 @@ def main(argv=None):
         "floor app": ("trivial_app:floor_app", {}),
         "wxgate": ("wxgate:application", memory),
         "wxgate, push log off": ("trivial_app:wxgate_quiet()", memory),
+        "Flask + wechatpy": ("flask_wechatpy_app:app", {}),
+        "WeRoBot, sessions off": ("werobot_app:app", {}),
     }
     if args.sqlite:
         db = os.path.join(folder, "wxgate.db")
@@ -336,12 +359,14 @@ def main(argv=None):
                         cpu = cpu_seconds(server.process.pid)
                         result = run_python(server.port, pushes, count, args.connections)
                     result["cpu"] = (cpu_seconds(server.process.pid) - cpu) / result["requests"]
+                    result["rss"] = worker_rss(server.process.pid)
                 finally:
                     server.stop()
                 results[name].append(result)
                 print(f"  {name:<24} {result['rps']:>9,.0f} req/s  p50 {result['p50']:.2f} ms"
                       f"  p99 {result['p99']:.2f} ms  errors {result['errors']}  server CPU "
-                      f"{result['cpu'] * 1e6:.0f} µs/req", file=sys.stderr)
+                      f"{result['cpu'] * 1e6:.0f} µs/req  RSS {result['rss']:.1f} MiB",
+                      file=sys.stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     elapsed = time.perf_counter() - started
@@ -349,7 +374,7 @@ def main(argv=None):
     best = {name: max(runs, key=lambda r: r["rps"]) for name, runs in results.items()}
     base = best["trivial app"]["rps"]
     header = (f"{'server':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-              f"{'CPU µs/req':>11} {'of trivial':>11}")
+              f"{'CPU µs/req':>11} {'of trivial':>11} {'RSS MiB':>8}")
     print(header)
     print("-" * len(header))
     for name, r in best.items():
@@ -358,7 +383,8 @@ def main(argv=None):
             rates = ", ".join(f"{x['rps']:,.0f}" for x in results[name])
             spread = f"   (rounds: {rates})"
         print(f"{name:<24} {r['rps']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
-              f"{r['errors']:>7} {r['cpu'] * 1e6:>11.0f} {r['rps'] / base:>10.0%}{spread}")
+              f"{r['errors']:>7} {r['cpu'] * 1e6:>11.0f} {r['rps'] / base:>10.0%} "
+              f"{r['rss']:>8.1f}{spread}")
     print()
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout \
         if client == "wrk" else ""
@@ -369,6 +395,9 @@ def main(argv=None):
           + f"; {elapsed:.0f} s in all")
     print(f"Python {platform.python_version()} ({platform.python_implementation()}), "
           f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs: {cpu_model()}")
+    print("peers: " + ", ".join(f"{name} {version(name)}" for name in (
+        "Flask", "Werkzeug", "wechatpy", "WeRoBot", "bottle", "xmltodict", "cryptography")))
+    print("RSS MiB: mean VmRSS of the gunicorn workers after the round")
 
 
 if __name__ == "__main__":
