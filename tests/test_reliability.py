@@ -11,10 +11,8 @@ marker. bench/outage.py runs the same faults at a larger scale and prints the co
 """
 
 import concurrent.futures
-import dataclasses
 import http.client
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -240,7 +238,7 @@ def test_gateway_killed_during_the_insert_loses_nothing_sqlite(tmp_path, backend
     port = free_port()
     database = tmp_path / "queue.db"
     source = write_ini(tmp_path, store=f"sqlite://{database}",
-                       extra_gateway=f"queue_visibility_timeout = 5\ndelivery_threads = 1",
+                       extra_gateway="queue_visibility_timeout = 5\ndelivery_threads = 1",
                        extra_app=f"forward = {backend.url}\nforward_timeout = 2\n{QUEUE_APP}")
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(serve_command(source, port), cwd=REPO, stdout=log,
