@@ -3002,13 +3002,13 @@ def _sealed_refusal(cause):
     keep free of decrypted bytes. A parse error of the decrypted text is named by its class
     only: its message may quote the plaintext.
     """
+    code = cause.code if cause.code is not None else PARSE_ERROR
     if isinstance(cause, DecryptError):
         kind = cause.message
-    else:
-        kind = f"decrypted payload refused ({type(cause).__name__}, {cause.status})"
-        if cause.code is not None:
-            kind = f"{kind} (WeChat {cause.code})"
-    error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=cause.code)
+    else:  # a payload we cannot read is WeChat's -40002, a 415 included
+        kind = f"decrypted payload refused ({type(cause).__name__}, {cause.status}) " \
+               f"(WeChat {code})"
+    error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
     error.public = SEALED_REFUSAL
     return error
 
