@@ -2994,6 +2994,7 @@ def _check_timestamp(timestamp, now, window):
         raise ReplayError(f"timestamp {timestamp} is {-age} s ahead of our clock, more than "
                           f"{ahead} s: a forged timestamp, or a clock that needs NTP")
 
+
 def _sealed_refusal(cause):
     """The one refusal for every failure after msg_signature (see ``Gateway._read_push``).
 
@@ -3724,7 +3725,8 @@ def _handshake_command(args):
     if status == 200 and body == echostr.encode():
         print(f"PASS: {_redact_url(url)} echoed echostr exactly; WeChat's console would accept it")
         return 0
-    print(f"FAIL: {_redact_url(url)} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
+    print(f"FAIL: {_redact_url(url)} answered {status} {body[:200]!r}; WeChat expects 200 "
+          "and exactly "
           f"{echostr!r} (check the token in the console and in [app:{app.name}])")
     return 1
 

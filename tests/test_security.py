@@ -4,7 +4,6 @@ slow clients, and small leaks. Each test fails on the code before the fix.
 """
 
 import base64
-import dataclasses
 import http.client
 import logging
 import os
