@@ -70,6 +70,7 @@ import hashlib
 import hmac
 import http.client
 import importlib
+import io
 import itertools
 import json
 import logging
@@ -118,6 +119,16 @@ ENCODING_AES_KEY_LENGTH = 43
 
 DEFAULT_API_BASE = "https://api.weixin.qq.com"
 DEFAULT_TIMESTAMP_WINDOW = 300
+# A timestamp may be this far ahead of our clock, however wide the window: the window's
+# past side covers network delay and WeChat's retries (which keep the first timestamp), the
+# future side only clock skew, and NTP keeps that under a second. A push stamped ahead
+# would otherwise stay valid for twice the window.
+MAX_CLOCK_AHEAD = 60
+# Handled pushes and signed queries are remembered this long past the end of their window,
+# for the clocks of several workers that differ slightly.
+REMEMBER_MARGIN = 10.0
+_WINDOW_OFF = ("timestamp_window = 0 turns the replay check off: a captured push is handled "
+               "again once dedup_ttl has passed, for ever")
 DEFAULT_MAX_BODY_BYTES = 65536
 DEFAULT_DEDUP_SIZE = 10000
 DEFAULT_DEDUP_TTL = 300
@@ -132,6 +143,10 @@ STABLE_FORCE_GAP = 30.0
 # push would otherwise ask again; the same error is raised for this long instead.
 FAILED_FETCH_PAUSE = 60.0
 DEFAULT_ADMIN_PATH = "/_wxgate"
+# `wxgate serve` gives a client this long to send its whole request (line, headers, body):
+# WeChat sends a few kilobytes at once, and a client trickling bytes would hold a thread and
+# its descriptors for as long as it liked.
+DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 # Business APIs answer these when the token is dead, replaced or expired.
@@ -176,6 +191,9 @@ _KNOWN_TYPES = frozenset({
 FORMATS = ("auto", "xml", "json")
 TOKEN_GRANTS = ("stable", "classic")
 
+# The body of every refusal after msg_signature, whatever failed (issue 10: no oracle).
+SEALED_REFUSAL = "Encrypt does not decrypt to a push for this app"
+
 # The official WXBizMsgCrypt sample's return codes (PROTOCOL.md §3.2).
 VALIDATE_SIGNATURE_ERROR = -40001
 PARSE_ERROR = -40002
@@ -192,6 +210,10 @@ GEN_RETURN_ERROR = -40011
 ###############################################################################
 
 
+# The default of ``WxgateError(code=...)``: the class's own code (None is a real choice).
+_CLASS_CODE = object()
+
+
 class WxgateError(Exception):
     """The root of wxgate's errors: a short message, the HTTP status to answer, WeChat's code.
 
@@ -203,8 +225,10 @@ class WxgateError(Exception):
     status = 400
     code = None
 
-    def __init__(self, message, *, status=None, code=None):
-        if code is not None:
+    def __init__(self, message, *, status=None, code=_CLASS_CODE):
+        # ``code=None`` means "no code", not "the class's": a missing msg_signature is a
+        # MessageError but no -40002, and must not say so in the body, the log or a metric.
+        if code is not _CLASS_CODE:
             self.code = code
         if status is not None:
             self.status = status
@@ -220,7 +244,7 @@ class ConfigError(WxgateError):
     status = 500
 
     def __init__(self, message, *, source=None, section=None, option=None, lineno=None,
-                 code=None):
+                 code=_CLASS_CODE):
         where = " ".join(
             part for part in (
                 f"{source}:{lineno}" if source and lineno else source,
@@ -290,13 +314,20 @@ def _redact(value):
 
 
 def _redact_url(url):
-    """A URL without what may be secret in it (user:password@ and the query)."""
+    """A URL fit to print: its userinfo shown as ``***@``, its query and fragment dropped.
+
+    The one way wxgate names a URL (store, forward, api_base, --url). The userinfo ends at
+    the *last* ``@``: redis-py takes raw passwords, so ``redis://:p@ss/w0rd@host/0`` is a
+    password ``p@ss/w0rd``, and a ``/``, ``#``, ``?`` or ``:`` may come before the host.
+    """
     scheme, separator, rest = str(url).partition("://")
     if not separator:
         return "<not a URL>"
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
-    host, slash, path = rest.partition("/")
-    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
+    # XXX: an "@" in a path or query without userinfo also hides the host; better that
+    # than printing half a password.
+    userinfo, at, rest = rest.rpartition("@")
+    rest = re.split(r"[?#]", rest, 1)[0]
+    return f"{scheme}://{'***@' if at else ''}{rest}"
 
 
 ###############################################################################
@@ -307,6 +338,7 @@ _METRIC_HELP = {
     "wxgate_pushes_total": ("counter", "Pushes answered, by app, message type and outcome."),
     "wxgate_duplicates_total": ("counter", "WeChat retries answered from the dedup store."),
     "wxgate_refused_total": ("counter", "Requests refused, by app, status and WeChat code."),
+    "wxgate_query_reused_total": ("counter", "Signed queries sent again with another body."),
     "wxgate_handler_seconds": ("histogram", "Time in business code (handler or forward)."),
     "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
     "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
@@ -522,17 +554,28 @@ def _option_lines(text):
 
 
 def _expand_env(value, environ, where):
-    """Replace each ``${NAME}`` by the environment variable; anything else stays as written."""
+    """Replace each ``${NAME}`` by the environment variable; anything else stays as written.
+
+    A value left empty (or only spaces) by the expansion is an error, not an empty setting:
+    ``token = ${WX_TOKEN}`` with ``WX_TOKEN=`` would otherwise let anyone sign pushes.
+    """
     if "${" not in value:
         return value
+    names = []
 
     def substitute(match):
         name = match.group(1)
         if name not in environ:
             raise ConfigError(f"environment variable {name} is not set", **where)
+        names.append(name)
         return environ[name]
 
-    return _ENV_REFERENCE.sub(substitute, value)
+    expanded = _ENV_REFERENCE.sub(substitute, value)
+    if names and not expanded.strip():
+        which = ", ".join(dict.fromkeys(names))
+        raise ConfigError(f"environment variable {which} is empty: set it, or remove the "
+                          "option", **where)
+    return expanded
 
 
 class _SectionReader:
@@ -546,7 +589,7 @@ class _SectionReader:
         return {"source": self.source, "section": self.section, "option": option,
                 "lineno": self.lines.get((self.section, option))}
 
-    def error(self, option, message, code=None):
+    def error(self, option, message, code=_CLASS_CODE):
         return ConfigError(message, code=code, **self.where(option))
 
     def check_known(self, known):
@@ -619,7 +662,8 @@ def _parse_config(text, environ, source="<config>"):
     gateway.check_known(_GATEWAY_OPTIONS)
     api_base = gateway.text("api_base", DEFAULT_API_BASE).rstrip("/")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", api_base):
-        raise gateway.error("api_base", f"expected an http:// or https:// URL, got {api_base!r}")
+        raise gateway.error("api_base", "expected an http:// or https:// URL, got "
+                            f"{_redact_url(api_base)!r}")
     admin_path = "/" + gateway.text("admin_path", DEFAULT_ADMIN_PATH).strip("/")
     if admin_path == "/":
         raise gateway.error("admin_path", "must not be '/'; the default is /_wxgate")
@@ -726,7 +770,8 @@ def _parse_app(reader, base_dir):
                                f"{type(exc).__name__}: {exc}") from None
     forward_secret = reader.text("forward_secret", "")
     if forward and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", forward):
-        raise reader.error("forward", f"expected an http:// or https:// URL, got {forward!r}")
+        raise reader.error("forward", "expected an http:// or https:// URL, got "
+                           f"{_redact_url(forward)!r}")
     if forward and not forward_secret:
         raise reader.error("forward_secret", "is required with forward: the backend checks "
                            "X-Wxgate-Signature with it (wxgate genkey prints a random one)")
@@ -949,13 +994,15 @@ def _decrypt_buffer(encrypt, aes_key):
         raise DecryptError("bad padding: wrong key, or the message was altered",
                            code=ILLEGAL_BUFFER)
     buffer = buffer[:-pad]
+    # From here on a message names the kind of failure only, never a decrypted value (a
+    # length, a byte, the appid found): whoever can sign could read plaintext through them.
     if len(buffer) < MIN_BUFFER_BYTES:
-        raise DecryptError(f"decrypted buffer is {len(buffer)} bytes, shorter than "
-                           f"{MIN_BUFFER_BYTES}", code=ILLEGAL_BUFFER)
+        raise DecryptError(f"decrypted buffer is shorter than {MIN_BUFFER_BYTES} bytes",
+                           code=ILLEGAL_BUFFER)
     (length,) = struct.unpack_from(">I", buffer, RANDOM_PREFIX_BYTES)
     end = MIN_BUFFER_BYTES + length
     if end > len(buffer):
-        raise DecryptError(f"length field {length} points past the end of the buffer",
+        raise DecryptError("length field points past the end of the buffer",
                            code=ILLEGAL_BUFFER)
     try:
         message = buffer[MIN_BUFFER_BYTES:end].decode("utf-8")
@@ -975,7 +1022,9 @@ def decrypt_message(encrypt, aes_key, appid):
     """
     _, message, found = _decrypt_buffer(encrypt, aes_key)
     if not hmac.compare_digest(found.encode("utf-8"), appid.encode("utf-8")):
-        raise DecryptError(f"message is for appid {found!r} but this app has {appid!r}",
+        # Never quote ``found``: when the key is right but the length field is forged, it
+        # is any slice of the plaintext (issue 10).
+        raise DecryptError(f"message is not for this app's appid {appid!r}",
                            code=VALIDATE_APPID_ERROR)
     return message
 
@@ -1432,15 +1481,21 @@ class SqliteStore(Store):
     shared = True
     _CLEANUP_EVERY = 256
 
+    # Idle connections kept per process. A connection is borrowed for one operation and given
+    # back, so a process holds at most this many plus one per operation running right now,
+    # whatever its threads do: `wxgate serve` starts a thread per request and gevent a
+    # greenlet, and a connection tied to each of them leaked its descriptors (issue 10).
+    _POOL_SIZE = 4
+
     def __init__(self, path, *, clock=time.time, busy_timeout=2.0, synchronous="NORMAL"):
         self.path = os.path.abspath(path)
         self._clock = clock
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
-        self._local = threading.local()
-        # Connections made before a fork: never used again, and never closed either, since
-        # closing an inherited handle can release the parent's POSIX locks.
-        self._inherited = []
+        # pid -> (lock, idle connections). Connections made before a fork stay in their
+        # parent's entry: never used again, and never closed either, since closing an
+        # inherited handle can release the parent's POSIX locks.
+        self._pools = {}
         self._writes = 0
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
@@ -1453,35 +1508,58 @@ class SqliteStore(Store):
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
             pass
-        self._connection()  # create the schema now, so a bad path fails at startup
+        self._using(lambda connection: None)  # the schema now: a bad path fails at startup
 
-    def _connection(self):
-        # One connection per thread and per process: sqlite connections must not cross a
-        # fork (gunicorn --preload) or be shared between threads.
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            if getattr(local, "connection", None) is not None:
-                self._inherited.append(local.connection)
-            connection = sqlite3.connect(self.path, timeout=self._busy_timeout,
-                                         isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(f"PRAGMA synchronous={self._synchronous}")
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
-                " expires_at REAL NOT NULL)")
-            connection.execute(
-                "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)")
-            for suffix in ("-wal", "-shm"):
-                try:
-                    os.chmod(self.path + suffix, 0o600)
-                except OSError:
-                    pass
-            local.connection, local.pid = connection, os.getpid()
-        return local.connection
+    def _pool(self):
+        pid = os.getpid()
+        pool = self._pools.get(pid)
+        if pool is None:  # setdefault is atomic: two threads agree on one pool
+            pool = self._pools.setdefault(pid, (threading.Lock(), []))
+        return pool
+
+    def _connect(self):
+        connection = sqlite3.connect(self.path, timeout=self._busy_timeout,
+                                     isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA synchronous={self._synchronous}")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
+            " expires_at REAL NOT NULL)")
+        connection.execute(
+            "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)")
+        for suffix in ("-wal", "-shm"):
+            try:
+                os.chmod(self.path + suffix, 0o600)
+            except OSError:
+                pass
+        return connection
+
+    def _using(self, operation):
+        """Run ``operation(connection)`` on a connection of this process's pool.
+
+        A connection serves one thread at a time (sqlite connections must not be shared
+        mid-statement, nor cross a fork); past ``_POOL_SIZE`` idle ones, it is closed.
+        """
+        lock, idle = self._pool()
+        with lock:
+            connection = idle.pop() if idle else None
+        if connection is None:
+            connection = self._connect()
+        try:
+            return operation(connection)
+        finally:
+            with lock:
+                kept = len(idle) < self._POOL_SIZE
+                if kept:
+                    idle.append(connection)
+            if not kept:
+                connection.close()
 
     def _write(self, statements):
-        connection = self._connection()
         self._writes += 1
+        return self._using(lambda connection: self._transaction(connection, statements))
+
+    def _transaction(self, connection, statements):
         connection.execute("BEGIN IMMEDIATE")
         try:
             changed = 0
@@ -1506,11 +1584,23 @@ class SqliteStore(Store):
     def _read(self, sql, parameters=()):
         """All rows of a SELECT, its cursor closed: a statement left unfinished keeps its
         snapshot of the file (WAL) open and hides what other processes write after it."""
-        cursor = self._connection().execute(sql, parameters)
-        try:
-            return cursor.fetchall()
-        finally:
-            cursor.close()
+        def read(connection):
+            cursor = connection.execute(sql, parameters)
+            try:
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+        return self._using(read)
+
+    def _execute(self, sql, parameters=()):
+        """One statement in autocommit mode; return ``(rowcount, lastrowid)``."""
+        def execute(connection):
+            cursor = connection.execute(sql, parameters)
+            try:
+                return cursor.rowcount, cursor.lastrowid
+            finally:
+                cursor.close()
+        return self._using(execute)
 
     def get(self, key):
         rows = self._read("SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
@@ -1537,10 +1627,11 @@ class SqliteStore(Store):
         self._read("SELECT 1")
 
     def close(self):
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
+        lock, idle = self._pool()
+        with lock:
+            connections, idle[:] = list(idle), []
+        for connection in connections:
             connection.close()
-            self._local.pid = None
 
 
 class RedisStore(Store):
@@ -1678,6 +1769,13 @@ class _FallbackStore(Store):
 ###############################################################################
 
 
+def _store_key(message):
+    """Where a message's dedup key lives in the store: a push that came unencrypted (and so
+    unauthenticated) has its own namespace, so a forged plain body can never claim the key
+    of a genuine encrypted push and have it answered "duplicate"."""
+    return message.dedup_key if message.encrypted else f"clear:{message.dedup_key}"
+
+
 class _InFlightTimeout(WxgateError):
     status = 503
 
@@ -1734,11 +1832,12 @@ class _Dedup:
         """Stop the keeper thread (claims still open then expire on their own)."""
         self._closed.set()
 
-    def run(self, key, work, deadline):
+    def run(self, key, work, deadline, ttl=None):
         """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
 
         ``deadline`` is on ``time.monotonic()``: it measures WeChat's real 5-second wait,
-        whatever the injected clock says.
+        whatever the injected clock says. ``ttl`` (default: the dedup ttl) is how long the
+        answer is remembered.
 
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
         """
@@ -1751,7 +1850,7 @@ class _Dedup:
         claim = f"{self._claim_prefix}{next(self._claims)}"
         while True:
             if self.store.add(store_key, claim, CLAIM_TTL):
-                return self._own(store_key, claim, work) + (False,)
+                return self._own(store_key, claim, work, ttl or self.ttl) + (False,)
             value = self.store.get(store_key)
             if value is None and time.monotonic() < deadline:
                 continue  # released (the first delivery failed) or expired: claim it
@@ -1770,7 +1869,7 @@ class _Dedup:
             else:
                 self._sleep(min(POLL_INTERVAL, remaining))
 
-    def _own(self, store_key, claim, work):
+    def _own(self, store_key, claim, work, ttl):
         event = _Gate()
         with self._owned_lock:
             self._owned[store_key] = (claim, event)
@@ -1784,7 +1883,7 @@ class _Dedup:
                 # than a repeated one.
                 self.store.delete(store_key, claim)
                 raise
-            self.store.set(store_key, f"d{content_type}\n{body}", self.ttl)
+            self.store.set(store_key, f"d{content_type}\n{body}", ttl)
             return content_type, body
         finally:
             with self._owned_lock:
@@ -2359,22 +2458,23 @@ class _SqliteQueue(_Queue):
         # Its own connection with synchronous=FULL: a push answered "success" must survive
         # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
         self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL")
-        self.store._connection().execute(
+        self.store._execute(
             "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
             " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
             " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL)")
-        self.store._connection().execute(
+        self.store._execute(
             "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)")
 
     def _execute(self, sql, parameters=()):
-        return self.store._connection().execute(sql, parameters)
+        """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
+        return self.store._execute(sql, parameters)
 
     def push(self, partition, payload, now):
         # One statement in autocommit mode: durable (WAL) once it returns.
         return self._execute(
             "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
-            " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
+            " VALUES (?, ?, ?, ?)", (partition, payload, now, now))[1]
 
     def claim(self, now, visibility):
         claim = uuid.uuid4().hex
@@ -2394,13 +2494,13 @@ class _SqliteQueue(_Queue):
             if self._execute(
                     "UPDATE wxgate_queue SET available_at = ?, claim = ?, attempts = attempts"
                     " + 1 WHERE id = ? AND available_at <= ? AND dead = 0",
-                    (now + visibility, claim, row[0], now)).rowcount == 1:
+                    (now + visibility, claim, row[0], now))[0] == 1:
                 return row[0], row[1], row[2] + 1, claim
         return None
 
     def ack(self, item_id, claim, now):
         return self._execute("DELETE FROM wxgate_queue WHERE id = ? AND claim = ?",
-                             (item_id, claim)).rowcount == 1
+                             (item_id, claim))[0] == 1
 
     def extend(self, item_id, claim, until):
         self._execute("UPDATE wxgate_queue SET available_at = ? WHERE id = ? AND claim = ?",
@@ -2427,7 +2527,9 @@ class _SqliteQueue(_Queue):
         return [_dead_letter(*row) for row in rows]
 
     def revive(self, ids, now):
-        connection = self.store._connection()
+        return self.store._using(lambda connection: self._revive(connection, ids, now))
+
+    def _revive(self, connection, ids, now):
         where = "dead = 1" + (f" AND id IN ({','.join('?' * len(ids))})" if ids else "")
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -2447,7 +2549,7 @@ class _SqliteQueue(_Queue):
         return len(rows)
 
     def purge_dead(self):
-        return self._execute("DELETE FROM wxgate_queue WHERE dead = 1").rowcount
+        return self._execute("DELETE FROM wxgate_queue WHERE dead = 1")[0]
 
 
 def _dead_letter(item_id, partition, payload, attempts, error):
@@ -2722,7 +2824,8 @@ class _DeliveryWorker:
             logger.error("queued message %s cannot be read (%s); moved to the dead letters",
                          item_id, type(exc).__name__)
             return
-        done_key = f"{gateway.config.store_prefix}:done:{message.dedup_key or item_id}"
+        key = _store_key(message) if message.dedup_key else item_id
+        done_key = f"{gateway.config.store_prefix}:done:{key}"
         started = time.monotonic()
         try:
             if gateway.store.get(done_key) is None:
@@ -2876,13 +2979,39 @@ def _required(query, *names):
 
 
 def _check_timestamp(timestamp, now, window):
+    """Refuse a timestamp older than ``window`` or more than ``MAX_CLOCK_AHEAD`` ahead."""
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
         raise MessageError(f"timestamp {timestamp[:20]!r} is not a number of seconds",
                            code=None)
-    if window and abs(now - int(timestamp)) > window:
-        raise ReplayError(f"timestamp {timestamp} is {int(now) - int(timestamp)} s away from "
-                          f"our clock, beyond timestamp_window ({window} s): a replay, or a "
-                          "clock that needs NTP")
+    if not window:
+        return
+    age = int(now) - int(timestamp)
+    if age > window:
+        raise ReplayError(f"timestamp {timestamp} is {age} s old, beyond timestamp_window "
+                          f"({window} s): a replay, or a clock that needs NTP")
+    ahead = min(window, MAX_CLOCK_AHEAD)
+    if -age > ahead:
+        raise ReplayError(f"timestamp {timestamp} is {-age} s ahead of our clock, more than "
+                          f"{ahead} s: a forged timestamp, or a clock that needs NTP")
+
+
+def _sealed_refusal(cause):
+    """The one refusal for every failure after msg_signature (see ``Gateway._read_push``).
+
+    The client gets ``SEALED_REFUSAL`` and 400, whatever failed; ``message`` (for the log
+    line) adds the kind of failure and WeChat's code, which our messages past decryption
+    keep free of decrypted bytes. A parse error of the decrypted text is named by its class
+    only: its message may quote the plaintext.
+    """
+    code = cause.code if cause.code is not None else PARSE_ERROR
+    if isinstance(cause, DecryptError):
+        kind = cause.message
+    else:  # a payload we cannot read is WeChat's -40002, a 415 included
+        kind = f"decrypted payload refused ({type(cause).__name__}, {cause.status}) " \
+               f"(WeChat {code})"
+    error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
+    error.public = SEALED_REFUSAL
+    return error
 
 
 ###############################################################################
@@ -2911,6 +3040,8 @@ class Gateway:
                  sleep=time.sleep, reply_deadline=REPLY_DEADLINE, start_worker=True):
         self.config = config
         self.reply_deadline = reply_deadline
+        if not config.timestamp_window:
+            logger.warning("%s", _WINDOW_OFF)
         self.metrics = _Metrics()
         self._clock, self._random_bytes = clock, random_bytes
         if store is None:
@@ -2983,17 +3114,19 @@ class Gateway:
     def _respond(self, environ):
         path = environ.get("PATH_INFO") or "/"
         app = self._routes.get(path)
-        full_path = path
         if app is None and environ.get("SCRIPT_NAME"):
             # Mounted below a prefix (mod_wsgi's WSGIScriptAlias /wechat ...): match the
             # whole path, so the ini's path means the same URL under every server.
-            full_path = (environ["SCRIPT_NAME"] + environ.get("PATH_INFO", "")).rstrip("/")
-            app = self._routes.get(full_path or "/")
+            whole = (environ["SCRIPT_NAME"] + environ.get("PATH_INFO", "")).rstrip("/")
+            app = self._routes.get(whole or "/")
         if app is None:
+            # admin_path, like an app's path, is the whole URL path under every server: under
+            # WSGIScriptAlias /wechat the admin endpoints are served only if admin_path
+            # starts with /wechat, never at /wechat/_wxgate by surprise.
+            full_path = environ.get("SCRIPT_NAME", "") + path
             admin = self.config.admin_path + "/"
-            for candidate in (path, full_path):  # admin_path below the mount, or the whole
-                if candidate.startswith(admin):
-                    return self._admin(environ, candidate[len(admin) - 1:])
+            if full_path.startswith(admin):
+                return self._admin(environ, full_path[len(admin) - 1:])
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         method = environ.get("REQUEST_METHOD", "")
         try:
@@ -3009,7 +3142,8 @@ class Gateway:
             logger.warning("app=%s %s refused %d: %s", app.name, method, exc.status, exc.message,
                            extra={"app": app.name, "outcome": f"refused-{exc.status}",
                                   "request_id": _request_id(environ)})
-            return exc.status, [("Content-Type", _TEXT)], exc.message.encode("utf-8")
+            public = getattr(exc, "public", None) or exc.message
+            return exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
 
     def _handshake(self, app, environ):
         query = _query(environ)
@@ -3023,47 +3157,98 @@ class Gateway:
             echostr.encode("utf-8")
 
     def _read_push(self, app, environ):
-        """Verify, decrypt and parse a push; return ``(message, nonce)`` or raise."""
+        """Verify, decrypt and parse a push; return ``(message, nonce, timestamp)`` or raise.
+
+        safe and compat modes need ``Encrypt`` and ``msg_signature`` (WeChat sends both in
+        either mode) and read only the decrypted fields: the clear ones of a compat push are
+        covered by no signature. A plain app reads those clear fields, so the console can move
+        to compat first; its only protection is the URL ``signature``, which does not cover
+        the body (the README says what that means).
+        """
         query = _query(environ)
         timestamp, nonce = _required(query, "timestamp", "nonce")
         _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
         if app.mode == "plain":  # checked before we even read the body
-            check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
+            signature = _required(query, "signature")[0]
+            check_signature(signature, app.token, timestamp, nonce)
         body = _read_body(environ, self.config.max_body_bytes)
         if not body.strip():
-            raise MessageError("empty body")
+            raise MessageError("empty body", code=None)
         fmt = _sniff_format(body)
         if app.format != "auto" and fmt != app.format:
             raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
                                code=None)
         fields = _parse_body(body, fmt)
         encrypt = fields.get("Encrypt")
-        if encrypt is not None:
-            if app.mode == "plain":
-                raise MessageError("encrypted push, but the app has mode = plain: set mode to "
-                                   "safe or compat and its encoding_aes_key", code=None)
-            if not isinstance(encrypt, str):
-                raise MessageError("Encrypt is not a string")
-            # msg_signature covers Encrypt: check it before decoding a single byte.
-            check_signature(_required(query, "msg_signature")[0], app.token, timestamp, nonce,
-                            encrypt)
+        if app.mode == "plain":
+            if encrypt is not None:
+                fields = {name: value for name, value in fields.items() if name != "Encrypt"}
+                if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
+                    raise MessageError("encrypted push, but the app has mode = plain: set mode "
+                                       "to compat (or safe) and its encoding_aes_key", code=None)
+            self._bind_query(app, signature, timestamp, nonce, body)
+            return Message(fields, app=app.name, format=fmt, encrypted=False,
+                           client=self._clients[app.name]), nonce, timestamp
+        if encrypt is None:
+            raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
+        if not isinstance(encrypt, str):
+            raise MessageError("Encrypt is not a string", code=None)
+        # msg_signature covers Encrypt: check it before decoding a single byte.
+        signature = _required(query, "msg_signature")[0]
+        check_signature(signature, app.token, timestamp, nonce, encrypt)
+        self._bind_query(app, signature, timestamp, nonce, body)
+        try:
             inner = decrypt_message(encrypt, self._aes_keys[app.name], app.appid).encode()
             fmt = _sniff_format(inner)
             if app.format != "auto" and fmt != app.format:
-                raise MessageError(f"app expects {app.format} but the decrypted push is {fmt}",
-                                   status=415, code=None)
-            fields = _parse_body(inner, fmt)  # in compat mode the clear fields are ignored
-        elif app.mode == "safe":
-            raise MessageError("safe mode refuses an unencrypted push", code=None)
-        elif app.mode == "compat":
-            check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
-        return Message(fields, app=app.name, format=fmt, encrypted=encrypt is not None,
-                       client=self._clients[app.name]), nonce
+                raise MessageError(f"app expects {app.format} but the decrypted push is "
+                                   f"{fmt}", status=415, code=None)
+            fields = _parse_body(inner, fmt)
+        except WxgateError as exc:
+            # One answer for every failure past msg_signature: distinct ones (padding,
+            # length, UTF-8, appid, parsing) would be an oracle for whoever has the Token.
+            # The log line keeps the kind and WeChat's code, never a decrypted byte.
+            raise _sealed_refusal(exc) from None
+        return Message(fields, app=app.name, format=fmt, encrypted=True,
+                       client=self._clients[app.name]), nonce, timestamp
+
+    def _remember_for(self, timestamp):
+        """Seconds to remember a push's key and its query: at least until the timestamp has
+        left the window, so a replay is never handled again however short dedup_ttl is."""
+        window = self.config.timestamp_window
+        if not window:
+            return self.config.dedup_ttl
+        return max(self.config.dedup_ttl,
+                   int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
+
+    def _bind_query(self, app, signature, timestamp, nonce, body):
+        """Bind one signed query to one body until its timestamp leaves the window.
+
+        The URL signature covers token, timestamp and nonce, never the body, so anyone who
+        saw a query (access logs hold them all) could send another body with it. WeChat's
+        retries resend the same bytes: a byte-identical body passes, to be answered as a
+        duplicate; a different one is a forgery, refused with 403. The pair lives in the
+        shared store, so the bind holds across workers.
+        """
+        query_id = hashlib.sha1(f"{signature.lower()}\n{timestamp}\n{nonce}".encode(
+            "utf-8", "surrogateescape")).hexdigest()
+        key = f"{self.config.store_prefix}:query:{app.name}:{query_id}"
+        digest = hashlib.sha256(body).hexdigest()
+        if self.store.add(key, digest, self._remember_for(timestamp)):
+            return
+        bound = self.store.get(key)
+        if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
+                                                digest.encode("ascii")):
+            return
+        self.metrics.count("wxgate_query_reused_total", app=app.name)
+        raise SignatureError("signed query reused with a different body: a forged or altered "
+                             "push, refused", code=None)
 
     def _push(self, app, environ, started):
-        message, nonce = self._read_push(app, environ)
+        message, nonce, timestamp = self._read_push(app, environ)
+        ttl = self._remember_for(timestamp)
         if app.delivery == "queue":
-            return self._enqueue(app, message, environ, started)
+            return self._enqueue(app, message, environ, started, ttl)
 
         def work():
             # API calls from the handler must leave time to answer WeChat.
@@ -3075,7 +3260,7 @@ class Gateway:
                 content_type, reply, duplicate = work() + (False,)
             else:
                 content_type, reply, duplicate = self._dedup.run(
-                    key, work, started + self.reply_deadline)
+                    _store_key(message), work, started + self.reply_deadline, ttl)
         except _InFlightTimeout as exc:
             self._log_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
@@ -3090,11 +3275,11 @@ class Gateway:
         self._log_push(app, message, "duplicate" if duplicate else "handled", started, environ)
         return 200, [("Content-Type", content_type)], reply.encode("utf-8")
 
-    def _enqueue(self, app, message, environ, started):
+    def _enqueue(self, app, message, environ, started, ttl):
         """Queue mode: store the push durably and answer ``success`` at once."""
-        key = message.dedup_key or uuid.uuid4().hex
+        key = _store_key(message) if message.dedup_key else uuid.uuid4().hex
         marker = f"{self.config.store_prefix}:queued:{key}"
-        if not self.store.add(marker, "1", self.config.dedup_ttl):
+        if not self.store.add(marker, "1", ttl):
             self.metrics.count("wxgate_duplicates_total", app=app.name)
             self._log_push(app, message, "duplicate", started, environ)
             return 200, [("Content-Type", _TEXT)], b"success"
@@ -3177,7 +3362,7 @@ class Gateway:
             if method != "GET":
                 return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
         if subpath == "/healthz":
-            return self._healthz()
+            return self._healthz(self._authorized(environ) or _from_loopback(environ))
         if subpath == "/metrics":
             if not (self._authorized(environ) or _from_loopback(environ)):
                 return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
@@ -3209,7 +3394,9 @@ class Gateway:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             credential.strip().encode("utf-8", "surrogateescape"), secret.encode("utf-8"))
 
-    def _healthz(self):
+    def _healthz(self, detailed):
+        """The store's (and queue's) state; names, version and counts only for ``detailed``
+        callers (the admin secret, or loopback, as for /metrics): the rest get the status."""
         try:
             self.store.ping()
             status, state = 200, "ok"
@@ -3224,7 +3411,10 @@ class Gateway:
             except Exception as exc:
                 status, document["status"] = 503, "queue unreachable"
                 logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
-        return status, [("Content-Type", _JSON)], _dump_json(document).encode()
+        if not detailed:
+            document = {"status": document["status"]}
+        return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+            _dump_json(document).encode()
 
     def _gauges(self):
         if self.queue is None:
@@ -3269,8 +3459,9 @@ class _LazyApplication:
                         if not path:
                             raise ConfigError("WXGATE_CONFIG is not set: point it at your "
                                               "wxgate ini file")
-                        self._app = make_app(path)
-                        _setup_logging(self._app.config.log_format)
+                        config = load_config(path)
+                        _setup_logging(config.log_format)  # before the app logs anything
+                        self._app = make_app(config)
                     except WxgateError as exc:
                         logger.error("cannot start: %s", exc.message)
                     except Exception:
@@ -3359,20 +3550,59 @@ def _push_fields(args, now):
 ###############################################################################
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's input that ends in TimeoutError once ``seconds`` have passed in all."""
+
+    def __init__(self, sock, seconds):
+        self._sock, self._seconds = sock, seconds
+        self._deadline = time.monotonic() + seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"request not read within {self._seconds:g} s")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._seconds)  # for writing the response
+
+
 def _serve(args):
     """``wxgate serve CONFIG``: a threaded stdlib server, for development and the demo."""
     import socketserver
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+    read_timeout = args.read_timeout
+
     class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         daemon_threads = True
 
+        def handle_error(self, request, client_address):
+            if isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
+                logger.warning("%s: connection dropped: %s", client_address[0],
+                               type(sys.exc_info()[1]).__name__)
+                return
+            super().handle_error(request, client_address)
+
     class QuietHandler(WSGIRequestHandler):
+        def setup(self):
+            super().setup()
+            buffered, self.rfile = self.rfile, None
+            buffered.close()  # only drops its reference to the socket
+            # One deadline for the whole request, not a timeout per recv(): a client
+            # sending a byte every few seconds would never trip the latter.
+            self.rfile = io.BufferedReader(_DeadlineReader(self.connection, read_timeout))
+
         def log_message(self, format, *arguments):  # wxgate logs each push itself
             logger.debug("%s %s", self.address_string(), format % arguments)
 
-    app = make_app(args.config)
-    _setup_logging(app.config.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    config = load_config(args.config)
+    _setup_logging(config.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    app = make_app(config)
     host, port = _parse_listen(app.config.listen)
     host, port = args.host or host, args.port or port
     server = make_server(host, port, app, server_class=ThreadingWSGIServer,
@@ -3412,7 +3642,9 @@ def _check(args):
     config = load_config(args.config)
     store = _redact_url(config.store) if "://" in config.store else config.store
     print(f"{config.source}: ok; store {store}, api_base "
-          f"{config.api_base}, admin_secret {_redact(config.admin_secret)}")
+          f"{_redact_url(config.api_base)}, admin_secret {_redact(config.admin_secret)}")
+    if not config.timestamp_window:
+        print(f"warning: {_WINDOW_OFF}")
     for app in config.apps.values():
         print(f"  [app:{app.name}] {app.path}: appid {app.appid}, {app.mode} mode, {app.format}, "
               f"handler {app.handler_spec}, token {_redact(app.token)}, encoding_aes_key "
@@ -3443,7 +3675,7 @@ def _push(args):
     now = int(time.time())
     fields = _push_fields(args, now)
     query, body = _build_push(app, fields, fmt, timestamp=now, nonce=str(secrets.randbelow(10**9)))
-    print(f"POST {url} ({app.mode} mode, {fmt}): {fields.get('MsgType')}"
+    print(f"POST {_redact_url(url)} ({app.mode} mode, {fmt}): {fields.get('MsgType')}"
           f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
     failed = False
     for attempt in range(1, args.repeat + 1):
@@ -3457,7 +3689,7 @@ def _push(args):
         except urllib.error.HTTPError as exc:
             status, reply = exc.code, exc.read()
         except (urllib.error.URLError, OSError) as exc:
-            print(f"wxgate: cannot reach {url}: {getattr(exc, 'reason', exc)} "
+            print(f"wxgate: cannot reach {_redact_url(url)}: {getattr(exc, 'reason', exc)} "
                   "(is `wxgate serve` running?)", file=sys.stderr)
             return 1
         elapsed = (time.monotonic() - started) * 1000
@@ -3488,12 +3720,13 @@ def _handshake_command(args):
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
-        print(f"FAIL: cannot reach {url}: {getattr(exc, 'reason', exc)}")
+        print(f"FAIL: cannot reach {_redact_url(url)}: {getattr(exc, 'reason', exc)}")
         return 1
     if status == 200 and body == echostr.encode():
-        print(f"PASS: {url} echoed echostr exactly; WeChat's console would accept it")
+        print(f"PASS: {_redact_url(url)} echoed echostr exactly; WeChat's console would accept it")
         return 0
-    print(f"FAIL: {url} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
+    print(f"FAIL: {_redact_url(url)} answered {status} {body[:200]!r}; WeChat expects 200 "
+          "and exactly "
           f"{echostr!r} (check the token in the console and in [app:{app.name}])")
     return 1
 
@@ -3509,8 +3742,10 @@ def _decrypt_command(args):
     if os.path.isfile(body):
         with open(body, "rb") as file:
             raw = file.read()
+        what = "the file"
     else:
-        raw = body.encode("utf-8")
+        raw = body.encode("utf-8", "surrogateescape")
+        what = "the argument"
     try:
         if raw.strip()[:1] in (b"<", b"{"):
             fields = _parse_body(raw, _sniff_format(raw))
@@ -3519,7 +3754,12 @@ def _decrypt_command(args):
                 raise MessageError("the body has no Encrypt field: it is not encrypted",
                                    code=None)
         else:
-            encrypt = raw.decode("utf-8").strip()  # the bare Encrypt value
+            try:
+                encrypt = raw.decode("utf-8").strip()  # the bare Encrypt value
+            except UnicodeDecodeError:
+                print(f"wxgate: cannot decrypt: {what} is not UTF-8, so neither a push body "
+                      "nor an Encrypt value", file=sys.stderr)
+                return 2
         if args.msg_signature:
             check_signature(args.msg_signature, app.token, args.timestamp, args.nonce, encrypt)
             print(f"msg_signature ok for app {app.name}", file=sys.stderr)
@@ -3534,8 +3774,9 @@ def _decrypt_command(args):
 
 def _worker_command(args):
     """``wxgate worker CONFIG``: deliver queued pushes in this process until interrupted."""
-    gateway = Gateway(load_config(args.config), start_worker=False)
-    _setup_logging(gateway.config.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    config = load_config(args.config)
+    _setup_logging(config.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    gateway = Gateway(config, start_worker=False)
     worker = gateway.worker(args.threads)
     logger.info("delivery worker started with %d thread(s) on %s", worker.threads,
                 _redact_url(gateway.config.store))
@@ -3605,6 +3846,9 @@ def main(argv=None):
     serve.add_argument("config", help="the ini file")
     serve.add_argument("--host", help="listen address (default: [wxgate] listen)")
     serve.add_argument("--port", type=int, help="listen port (default: [wxgate] listen)")
+    serve.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                       metavar="SECONDS", help="time a client has to send its whole request "
+                       f"(default: {DEFAULT_READ_TIMEOUT:g})")
     serve.set_defaults(run=_serve)
 
     genkey = commands.add_parser("genkey", help="print a fresh EncodingAESKey and Token")

@@ -143,9 +143,18 @@ def render(fields, fmt):
     return f"<xml>{xml_of(fields)}</xml>"
 
 
-def build_push(fields, *, mode="safe", fmt="xml", timestamp=NOW, nonce="415670741",
+def push_nonce(fields, mode="safe", fmt="xml"):
+    """The nonce WeChat would pick: a new one per push, the same one for a retry (wxgate binds
+    one signed query to one body, so two different pushes must not share a query)."""
+    digest = hashlib.sha1(f"{mode}:{fmt}:{render(fields, fmt)}".encode("utf-8")).hexdigest()
+    return str(int(digest[:8], 16))
+
+
+def build_push(fields, *, mode="safe", fmt="xml", timestamp=NOW, nonce=None,
                token=TOKEN, key=AES_KEY, appid=APPID):
     """Return ``(query_string, body_bytes)`` as WeChat would send them."""
+    if nonce is None:
+        nonce = push_nonce(fields, mode, fmt)
     timestamp = str(timestamp)
     query = {"signature": sha1_sign(token, timestamp, nonce), "timestamp": timestamp,
              "nonce": nonce, "openid": fields.get("FromUserName", OPENID)}

@@ -196,7 +196,7 @@ def test_transfer_customer_service_reply(make_testapp, clock, mode, fmt):
     handler = Recorder(reply={"MsgType": "transfer_customer_service"})
     testapp = make_testapp(handler, mode=mode)
     clock.advance(7)
-    response = post(testapp, *build_push(text_message(), mode=mode, fmt=fmt))
+    response = post(testapp, *build_push(text_message(), mode=mode, fmt=fmt, nonce="415670741"))
     if mode == "plain":
         plaintext = response.text
     else:
@@ -214,14 +214,17 @@ def test_transfer_customer_service_reply(make_testapp, clock, mode, fmt):
     assert response.content_type == ("application/json" if fmt == "json" else "text/xml")
 
 
-def test_reply_in_the_mode_of_each_request_in_compat(make_testapp):
+def test_reply_in_the_mode_of_each_request_in_plain(make_testapp):
     # The WeRoBot pitfall: after one encrypted push, plaintext pushes got encrypted replies.
+    # A plain app reads a compat push's clear fields (the console moved first) and replies
+    # in plaintext, as to a plain push.
     handler = Recorder(reply={"MsgType": "transfer_customer_service"})
-    testapp = make_testapp(handler, mode="compat")
-    encrypted = post(testapp, *build_push(text_message(msg_id="1"), mode="compat"))
-    assert b"<Encrypt>" in encrypted.body
+    testapp = make_testapp(handler, mode="plain")
+    compat = post(testapp, *build_push(text_message(msg_id="1"), mode="compat"))
+    assert b"<Encrypt>" not in compat.body and b"transfer_customer_service" in compat.body
     plain = post(testapp, *build_push(text_message(msg_id="2"), mode="plain"))
     assert b"<Encrypt>" not in plain.body and b"transfer_customer_service" in plain.body
+    assert [m.encrypted for m in handler.messages] == [False, False]
 
 
 def test_official_reply_vector_byte_exact_through_the_app(tmp_path):
@@ -306,26 +309,28 @@ def test_wrong_msg_signature_is_403_before_decryption(make_testapp, recorder, ca
     assert recorder.calls == 0
 
 
-@pytest.mark.parametrize("mode", ["plain", "compat"])
-def test_wrong_url_signature_is_403(make_testapp, recorder, mode):
-    testapp = make_testapp(recorder, mode=mode)
-    query, body = build_push(text_message(), mode="plain")
+@pytest.mark.parametrize("sent", ["plain", "compat"])
+def test_wrong_url_signature_is_403(make_testapp, recorder, sent):
+    testapp = make_testapp(recorder, mode="plain")
+    query, body = build_push(text_message(), mode=sent)
     post(testapp, query.replace("signature=", "signature=1", 1), body, status=403)
     assert recorder.calls == 0
 
 
-def test_wrong_appid_inside_the_buffer_is_40005(make_testapp, recorder, caplog):
+def test_wrong_appid_inside_the_buffer_is_40005_in_the_log_only(make_testapp, recorder, caplog):
     testapp = make_testapp(recorder)
     with caplog.at_level(logging.WARNING, "wxgate"):
         response = post(testapp, *build_push(text_message(), appid="wxOTHER"), status=400)
-    assert "-40005" in response.text and "wxOTHER" in caplog.text
+    assert response.text == wxgate.SEALED_REFUSAL
+    assert "-40005" in caplog.text and "wxOTHER" not in caplog.text
     assert recorder.calls == 0
 
 
-def test_wrong_key_is_a_4xx_decrypt_error(make_testapp, recorder):
+def test_wrong_key_is_a_4xx_decrypt_error(make_testapp, recorder, caplog):
     testapp = make_testapp(recorder)
-    response = post(testapp, *build_push(text_message(), key="B" * 43), status=400)
-    assert "-4000" in response.text
+    with caplog.at_level(logging.WARNING, "wxgate"):
+        response = post(testapp, *build_push(text_message(), key="B" * 43), status=400)
+    assert response.text == wxgate.SEALED_REFUSAL and "-4000" in caplog.text
 
 
 @pytest.mark.parametrize("offset", [-400, 400])

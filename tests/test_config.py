@@ -724,6 +724,9 @@ body = ("<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o1
         "</MsgType><Content><![CDATA[hello]]></Content><MsgId>123</MsgId></xml>")
 response = testapp.post("/wechat?" + query, body.encode(), content_type="text/xml")
 out["push"] = [response.status_int, response.text]
+nonce = "43"  # another push, another query: wxgate binds one query to one body
+signature = hashlib.sha1("".join(sorted([token, timestamp, nonce])).encode()).hexdigest()
+query = f"signature={signature}&timestamp={timestamp}&nonce={nonce}"
 response = testapp.post("/wechat?" + query, json.dumps({
     "ToUserName": "gh_1", "FromUserName": "o1", "CreateTime": 1700000001, "MsgType": "text",
     "Content": "kf", "MsgId": "124"}).encode(), content_type="text/xml")

@@ -111,10 +111,19 @@ def value(samples, name, **labels):
 # -- healthz -----------------------------------------------------------------------------------
 
 
-def test_healthz_is_ok_without_a_secret_and_shows_none(ops):
+def test_healthz_is_ok_without_a_secret_and_shows_only_the_status(ops):
     response = ops.get("/_wxgate/healthz", extra_environ=REMOTE)
     assert response.status_int == 200
     assert response.content_type == "application/json"
+    assert response.json == {"status": "ok"}  # no app names, version or counts (issue 10)
+
+
+@pytest.mark.parametrize("how", ["secret", "loopback"])
+def test_healthz_details_for_the_admin_secret_or_loopback(ops, how):
+    if how == "secret":
+        response = ops.get("/_wxgate/healthz", headers=bearer(), extra_environ=REMOTE)
+    else:
+        response = ops.get("/_wxgate/healthz", extra_environ=LOOPBACK)
     document = response.json
     assert document["status"] == "ok"
     assert document["apps"] == ["test"]
@@ -128,14 +137,21 @@ def test_healthz_refuses_other_methods(ops):
     ops.post("/_wxgate/healthz", "", extra_environ=REMOTE, status=405)
 
 
-def test_healthz_and_metrics_under_a_mount_prefix(ops):
+def test_admin_path_is_the_whole_url_path_under_a_mount_prefix(tmp_path, clock):
     # README's mod_wsgi recipe: WSGIScriptAlias /wechat .../wxgate.py. A request for
-    # /wechat/_wxgate/healthz arrives as SCRIPT_NAME=/wechat, PATH_INFO=/_wxgate/healthz; it is
-    # the only URL under that alias where the admin endpoints can be.
+    # /wechat/_wxgate/healthz arrives as SCRIPT_NAME=/wechat, PATH_INFO=/_wxgate/healthz.
+    # admin_path, like an app's path, names the whole URL: /_wxgate is outside the mount
+    # (not served, as the README says), and admin_path = /wechat/_wxgate serves them there.
     mounted = dict(REMOTE, SCRIPT_NAME="/wechat")
-    response = ops.get("/_wxgate/healthz", extra_environ=mounted)
-    assert response.status_int == 200 and response.json["status"] == "ok"
-    ops.get("/_wxgate/metrics", headers=bearer(), extra_environ=mounted, status=200)
+    app, testapp = gateway(tmp_path, clock)
+    testapp.get("/_wxgate/healthz", extra_environ=mounted, status=404)
+    testapp.get("/_wxgate/metrics", headers=bearer(), extra_environ=mounted, status=404)
+    app.close()
+    app, testapp = gateway(tmp_path, clock, extra_gateway="admin_path = /wechat/_wxgate")
+    response = testapp.get("/_wxgate/healthz", extra_environ=mounted)
+    assert response.status_int == 200 and response.json == {"status": "ok"}
+    testapp.get("/_wxgate/metrics", headers=bearer(), extra_environ=mounted, status=200)
+    app.close()
 
 
 class BrokenStore(wxgate.Store):
@@ -166,7 +182,7 @@ def test_healthz_reports_the_queue_when_there_is_one(tmp_path, clock):
                            extra_app="delivery = queue")
     try:
         push(testapp, text_message(msg_id="hq1"))
-        document = testapp.get("/_wxgate/healthz", extra_environ=REMOTE).json
+        document = testapp.get("/_wxgate/healthz", extra_environ=LOOPBACK).json
         assert document["status"] == "ok" and document["store"] == "sqlite"
         assert document["queue"] == {"pending": 1, "in_flight": 0, "dead": 0}
         assert str(tmp_path) not in json.dumps(document)  # no filesystem path either

@@ -94,7 +94,7 @@ def test_sqlite_file_and_directory_are_owner_only(tmp_path):
     store.set("k", "v", 60)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
-    assert store._connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._read("PRAGMA journal_mode")[0][0] == "wal"
     store.close()
 
 
@@ -105,7 +105,7 @@ def test_sqlite_cleans_expired_rows_as_it_goes(tmp_path, clock):
     clock.advance(11)
     for index in range(300):
         store.set(f"new{index}", "v", 10)
-    rows = store._connection().execute("SELECT COUNT(*) FROM wxgate_kv").fetchone()[0]
+    rows = store._read("SELECT COUNT(*) FROM wxgate_kv")[0][0]
     assert rows < 600
     store.close()
 
