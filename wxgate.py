@@ -165,6 +165,8 @@ MAX_XML_ATTRIBUTES = 16
 MAX_XML_ATTRIBUTE_CHARS = 1024
 # After a shared store fails, calls skip it for this long before trying it again.
 STORE_RETRY_AFTER = 2.0
+# How long the health check's own write lives: it only proves the store can be written.
+HEALTH_TTL = 60.0
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
 
@@ -1465,6 +1467,22 @@ class MemoryStore(Store):
         return len(self._entries)
 
 
+def _rollback(connection):
+    """End a failed transaction without hiding why it failed.
+
+    When COMMIT fails on a full disk (SQLITE_FULL) or on an I/O error, sqlite has already
+    rolled the transaction back, and a ROLLBACK would raise "cannot rollback - no transaction
+    is active", which the caller would then report instead of "database or disk is full".
+    So roll back only a transaction still open, and never let the rollback's own error
+    replace the one being raised.
+    """
+    if connection.in_transaction:
+        try:
+            connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 class SqliteStore(Store):
     """A store in one sqlite file, shared by every process on a host (gunicorn workers).
 
@@ -1570,7 +1588,7 @@ class SqliteStore(Store):
                                    (self._clock(),))
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            _rollback(connection)
             raise
         return changed
 
@@ -1704,64 +1722,199 @@ def open_store(url, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
 
 
 class _FallbackStore(Store):
-    """A shared store that keeps pushes flowing when it fails.
+    """A shared store that keeps pushes flowing when it fails, and loses as little as it can.
 
-    When Redis is down or the disk is full we log loudly and carry on with a private
-    in-process store: duplicates across processes may then run twice, but no push is dropped.
-    After a failure the shared store is left alone for ``STORE_RETRY_AFTER`` seconds (a
-    blackholed Redis costs a connect timeout per call), then tried again, so service
-    recovers by itself.
+    When Redis is down or the disk is full we log loudly and carry on: what cannot be
+    written to the shared store goes to a private in-process store, so no push is dropped.
+    What is lost meanwhile is only what other processes cannot see: a retry that lands on
+    another process may run its handler again (the dedup section keeps each process's own
+    recent answers, so a retry landing here never does).
+
+    - Reads and writes fail separately. sqlite on a full disk still reads, so while only
+      writes fail, reads still go to the shared store: a message handled before the outage
+      is found done there, by every process.
+    - After a failure, the failing kind of operation is left alone for ``STORE_RETRY_AFTER``
+      seconds (a blackholed Redis costs a connect timeout per call), then tried again.
+    - Values set while writes fail are journalled, and written back (with ``add``, never
+      over what the shared store holds) as soon as a write succeeds again, so messages
+      handled during the outage are known to every process after it.
     """
 
     def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
         self.primary = primary
         self.shared = primary.shared
         self._local = MemoryStore(max_entries, clock=clock)
-        self._failing = False
-        self._retry_at = 0.0  # on time.monotonic()
+        self._max_entries = max_entries
+        # key -> (value, expires_at): the sets to write back. Guarded by _lock, as are the
+        # failure flags, so a recovery takes the journal exactly once however many threads
+        # see the store come back at the same moment.
+        self._journal = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._write_failing = self._read_failing = False
+        self._write_retry_at = self._read_retry_at = 0.0  # on time.monotonic()
         self._clock = clock
         self._last_warning = 0.0
 
-    def _attempt(self, operation, *args):
-        if self._failing and time.monotonic() < self._retry_at:
-            return getattr(self._local, operation)(*args)
+    @property
+    def failing(self):
+        """True while the shared store's writes (or reads) fail."""
+        return self._write_failing or self._read_failing
+
+    def _skip(self, write):
+        if write:
+            return self._write_failing and time.monotonic() < self._write_retry_at
+        return self._read_failing and time.monotonic() < self._read_retry_at
+
+    def _failed(self, exc, write):
+        now = time.monotonic()
+        with self._lock:
+            warn = not self.failing or now - self._last_warning > 10
+            if warn:
+                self._last_warning = now
+            if write:
+                self._write_failing, self._write_retry_at = True, now + STORE_RETRY_AFTER
+            else:
+                self._read_failing, self._read_retry_at = True, now + STORE_RETRY_AFTER
+        if warn:
+            logger.error("store %s failed (%s: %s); continuing without cross-process "
+                         "dedup and token sharing until it recovers",
+                         type(self.primary).__name__, type(exc).__name__, _cause(exc))
+
+    def _succeeded(self, write):
+        if not (self._write_failing if write else self._read_failing):
+            return
+        with self._lock:
+            if write:
+                if not self._write_failing:
+                    return
+                self._write_failing = False
+                journal, self._journal = self._journal, collections.OrderedDict()
+            else:
+                self._read_failing, journal = False, None
+            recovered = not self.failing
+        if journal:
+            # Off the request's thread: a long outage may have journalled thousands of keys,
+            # and the push that found the store back should not wait for them.
+            threading.Thread(target=self._write_back, args=(journal,), daemon=True,
+                             name="wxgate-write-back").start()
+        if recovered:
+            logger.warning("store %s recovered", type(self.primary).__name__)
+
+    def _write_back(self, journal):
+        """Write what was set during the outage to the shared store, then forget it here."""
+        now, written = self._clock(), 0
+        items = list(journal.items())
+        for index, (key, (value, expires_at)) in enumerate(items):
+            if expires_at <= now:
+                continue
+            try:
+                written += bool(self.primary.add(key, value, expires_at - now))
+            except Exception as exc:
+                # Failing again: what is left goes back in the journal for the next recovery.
+                with self._lock:
+                    for left, entry in items[index:]:
+                        self._journal.setdefault(left, entry)
+                self._failed(exc, write=True)
+                return
+        # The local copies stay: they are still true (a done key stays done), they are read
+        # only while the shared store fails, and the LRU bounds them.
+        logger.info("store %s: wrote back %d key(s) set during the outage",
+                    type(self.primary).__name__, written)
+
+    def _read_primary(self, key):
+        """The shared store's value, or None when absent or when reads fail too."""
+        if self._skip(write=False):
+            return None
+        try:
+            value = self.primary.get(key)
+        except Exception as exc:
+            self._failed(exc, write=False)
+            return None
+        self._succeeded(write=False)
+        return value
+
+    def _write(self, operation, *args):
+        """``(True, result)`` from the shared store, or ``(False, None)`` when it failed."""
+        if self._skip(write=True):
+            return False, None
         try:
             result = getattr(self.primary, operation)(*args)
         except Exception as exc:  # any driver's error: sqlite3, OSError, redis
-            now = time.monotonic()
-            if not self._failing or now - self._last_warning > 10:
-                logger.error("store %s failed (%s: %s); continuing without cross-process "
-                             "dedup and token sharing until it recovers",
-                             type(self.primary).__name__, type(exc).__name__, exc)
-                self._last_warning = now
-            self._failing = True
-            self._retry_at = now + STORE_RETRY_AFTER
-            return getattr(self._local, operation)(*args)
-        if self._failing:
-            self._failing = False
-            logger.warning("store %s recovered", type(self.primary).__name__)
-        return result
+            self._failed(exc, write=True)
+            return False, None
+        self._succeeded(write=True)
+        return True, result
 
     def add(self, key, value, ttl):
-        return self._attempt("add", key, value, ttl)
+        done, result = self._write("add", key, value, ttl)
+        if done:
+            return result
+        # The shared store may still say the key is taken (a full disk still reads): then it
+        # is, for every process. Only a key absent there is claimed here, in this process.
+        if self._read_primary(key) is not None:
+            return False
+        return self._local.add(key, value, ttl)
 
     def get(self, key):
-        return self._attempt("get", key)
+        if not self.failing:
+            try:
+                return self.primary.get(key)
+            except Exception as exc:
+                self._failed(exc, write=False)
+        # Degraded: what this process wrote during the outage is newer than the shared store.
+        value = self._local.get(key)
+        return value if value is not None else self._read_primary(key)
 
     def set(self, key, value, ttl):
-        return self._attempt("set", key, value, ttl)
+        done, _ = self._write("set", key, value, ttl)
+        if done:
+            return
+        self._local.set(key, value, ttl)
+        with self._lock:
+            self._journal[key] = (value, self._clock() + ttl)
+            self._journal.move_to_end(key)
+            while len(self._journal) > self._max_entries:
+                self._journal.popitem(last=False)
 
     def delete(self, key, value=None):
-        return self._attempt("delete", key, value)
+        local = self._local.delete(key, value)
+        if local:
+            with self._lock:
+                self._journal.pop(key, None)
+        done, result = self._write("delete", key, value)
+        return bool(result) or local
 
     def touch(self, key, value, ttl):
-        return self._attempt("touch", key, value, ttl)
+        if self._local.touch(key, value, ttl):
+            return True
+        return bool(self._write("touch", key, value, ttl)[1])
+
+    def check_write(self, key):
+        """Write ``key`` to the shared store now; raise if it cannot be written.
+
+        The health check: the store is healthy only when a write succeeds, so after a
+        failure it stays unhealthy until one does (this one, or a push's).
+        """
+        try:
+            self.primary.set(key, str(self._clock()), HEALTH_TTL)
+        except Exception as exc:
+            self._failed(exc, write=True)
+            raise
+        self._succeeded(write=True)
 
     def ping(self):
         self.primary.ping()
 
     def close(self):
         self.primary.close()
+
+
+def _cause(exc):
+    """An exception's own message, or the one it was raised from (sqlite's real error)."""
+    text = str(exc)
+    if not text and exc.__cause__ is not None:
+        text = str(exc.__cause__)
+    return text
 
 
 ###############################################################################
@@ -1814,11 +1967,19 @@ class _Dedup:
     running in this process. So a slow handler keeps its retries waiting for its reply
     instead of running again, while the claim of a worker that was killed expires within
     ``CLAIM_TTL`` and the next delivery takes over.
+
+    With a shared store, each process also remembers the answers it gave recently (an LRU
+    of ``max_entries`` keys, each for its ttl) and looks there before the store. Whatever
+    the store does (Redis down, a full disk), a retry landing on the process that handled
+    the message is answered from there and never runs the work again.
     """
 
-    def __init__(self, store, *, prefix, ttl, clock=time.time, sleep=time.sleep):
+    def __init__(self, store, *, prefix, ttl, clock=time.time, sleep=time.sleep,
+                 max_entries=DEFAULT_DEDUP_SIZE):
         self.store, self.prefix, self.ttl = store, prefix, ttl
         self._clock, self._sleep = clock, sleep
+        # A memory store is its own memory: no second copy of it.
+        self._recent = MemoryStore(max_entries, clock=clock) if store.shared else None
         # key -> (claim, Event) for work running in this process: waiters here sleep on the
         # Event instead of polling the store, and the keeper renews the claim.
         self._owned = {}
@@ -1832,16 +1993,32 @@ class _Dedup:
         """Stop the keeper thread (claims still open then expire on their own)."""
         self._closed.set()
 
-    def run(self, key, work, deadline, ttl=None):
+    def store_key(self, key, kind="dedup"):
+        """Where ``key``'s state lives in the store (``kind``: "dedup", or "queued")."""
+        return f"{self.prefix}:{kind}:{key}"
+
+    @staticmethod
+    def done_value(content_type, body):
+        """The store's value for a key whose answer is ``(content_type, body)``."""
+        return f"d{content_type}\n{body}"
+
+    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False):
         """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
 
         ``deadline`` is on ``time.monotonic()``: it measures WeChat's real 5-second wait,
         whatever the injected clock says. ``ttl`` (default: the dedup ttl) is how long the
-        answer is remembered.
+        answer is remembered. ``recorded`` says that ``work()`` itself stores the done
+        value, in the same transaction as its effect (the queue's insert): the key is then
+        never "done" without the effect, nor the effect without "done".
 
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
         """
-        store_key = f"{self.prefix}:dedup:{key}"
+        store_key = self.store_key(key, kind)
+        if self._recent is not None:
+            value = self._recent.get(store_key)
+            if value is not None:
+                content_type, _, body = value[1:].partition("\n")
+                return content_type, body, True
         if self._claim_pid != os.getpid():
             # Containers often give every host's workers the same pids: add randomness,
             # drawn once per process (after any fork).
@@ -1850,7 +2027,15 @@ class _Dedup:
         claim = f"{self._claim_prefix}{next(self._claims)}"
         while True:
             if self.store.add(store_key, claim, CLAIM_TTL):
-                return self._own(store_key, claim, work, ttl or self.ttl) + (False,)
+                if time.monotonic() >= deadline:
+                    # A takeover (the first owner's claim expired, or was released) after
+                    # WeChat stopped waiting: nobody would read the reply, and the work
+                    # would run for nothing, or run again beside a retry that is already
+                    # on its way. Give the key back for that retry.
+                    self.store.delete(store_key, claim)
+                    raise _InFlightTimeout("claimed the message only after the reply "
+                                           "deadline; left to WeChat's next retry")
+                return self._own(store_key, claim, work, ttl or self.ttl, recorded) + (False,)
             value = self.store.get(store_key)
             if value is None and time.monotonic() < deadline:
                 continue  # released (the first delivery failed) or expired: claim it
@@ -1869,7 +2054,7 @@ class _Dedup:
             else:
                 self._sleep(min(POLL_INTERVAL, remaining))
 
-    def _own(self, store_key, claim, work, ttl):
+    def _own(self, store_key, claim, work, ttl, recorded=False):
         event = _Gate()
         with self._owned_lock:
             self._owned[store_key] = (claim, event)
@@ -1883,7 +2068,12 @@ class _Dedup:
                 # than a repeated one.
                 self.store.delete(store_key, claim)
                 raise
-            self.store.set(store_key, f"d{content_type}\n{body}", ttl)
+            done = self.done_value(content_type, body)
+            # This process's memory first: it holds whatever the store does next.
+            if self._recent is not None:
+                self._recent.set(store_key, done, ttl)
+            if not recorded:
+                self.store.set(store_key, done, ttl)
             return content_type, body
         finally:
             with self._owned_lock:
@@ -2416,11 +2606,24 @@ class _Queue:
     a worker that dies before acknowledging lets it reappear.
     """
 
-    def push(self, partition, payload, now):
+    def push(self, partition, payload, now, marker=None):
+        """Queue ``payload``; return its id.
+
+        ``marker`` is ``(key, value, ttl)``, a push's dedup key in the store: the insert and
+        setting ``key`` to ``value`` are one transaction, and a key already done (a value
+        starting with "d") means the push is already queued: nothing is inserted and the
+        result is None. So "queued" is never recorded for a message that is not in the
+        queue, and a message is never queued twice under one key.
+        """
         raise NotImplementedError
 
     def claim(self, now, visibility):
-        """``(id, payload, attempts, claim)`` of a message due for delivery, or None."""
+        """``(id, payload, attempt, claim)`` of a message due for delivery, or None.
+
+        ``attempt`` is this attempt's number: one more than the attempts that ended (in
+        :meth:`retry` or :meth:`bury`). An attempt cut off by a kill never ended, so it is
+        not counted: it is noted in the message's errors instead.
+        """
         raise NotImplementedError
 
     def ack(self, item_id, claim, now):
@@ -2431,10 +2634,11 @@ class _Queue:
         raise NotImplementedError
 
     def retry(self, item_id, claim, available_at, error, now):
+        """End a failed attempt: count it, add ``error`` to the message's errors."""
         raise NotImplementedError
 
     def bury(self, item_id, claim, error, now):
-        """Move a message to the dead-letter list."""
+        """End the last attempt: count it, and move the message to the dead letters."""
         raise NotImplementedError
 
     def stats(self, now):
@@ -2470,11 +2674,34 @@ class _SqliteQueue(_Queue):
         """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
         return self.store._execute(sql, parameters)
 
-    def push(self, partition, payload, now):
-        # One statement in autocommit mode: durable (WAL) once it returns.
-        return self._execute(
-            "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
-            " VALUES (?, ?, ?, ?)", (partition, payload, now, now))[1]
+    def push(self, partition, payload, now, marker=None):
+        # One transaction: durable (WAL, synchronous=FULL) once COMMIT returns. The marker
+        # lives in the key-value table of the same file, so it commits with the row or not
+        # at all; a duplicate's transaction waits for this one's write lock.
+        return self.store._using(lambda connection: self._push(connection, partition,
+                                                               payload, now, marker))
+
+    def _push(self, connection, partition, payload, now, marker):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if marker is not None:
+                key, value, ttl = marker
+                row = connection.execute("SELECT value FROM wxgate_kv WHERE key = ? AND"
+                                         " expires_at > ?", (key, now)).fetchone()
+                if row is not None and row[0].startswith("d"):
+                    connection.execute("COMMIT")
+                    return None
+            item_id = connection.execute(
+                "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
+                " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
+            if marker is not None:
+                connection.execute("INSERT OR REPLACE INTO wxgate_kv VALUES (?, ?, ?)",
+                                   (key, value, now + ttl))
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+        return item_id
 
     def claim(self, now, visibility):
         claim = uuid.uuid4().hex
@@ -2490,11 +2717,14 @@ class _SqliteQueue(_Queue):
                 return None
             row = rows[0]
             # A claim moves available_at into the future, which hides the message; the
-            # condition makes two workers racing for it agree on one winner.
+            # condition makes two workers racing for it agree on one winner. A claim still
+            # set is one whose attempt never ended (its worker was killed): noted, not
+            # counted, since the backend may well have taken the message.
             if self._execute(
-                    "UPDATE wxgate_queue SET available_at = ?, claim = ?, attempts = attempts"
-                    " + 1 WHERE id = ? AND available_at <= ? AND dead = 0",
-                    (now + visibility, claim, row[0], now))[0] == 1:
+                    "UPDATE wxgate_queue SET available_at = ?, error = CASE WHEN claim IS NULL"
+                    " THEN error ELSE COALESCE(error || char(10), '') || ? END, claim = ?"
+                    " WHERE id = ? AND available_at <= ? AND dead = 0",
+                    (now + visibility, _CUT_OFF, claim, row[0], now))[0] == 1:
                 return row[0], row[1], row[2] + 1, claim
         return None
 
@@ -2507,12 +2737,16 @@ class _SqliteQueue(_Queue):
                       (until, item_id, claim))
 
     def retry(self, item_id, claim, available_at, error, now):
-        self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, error = ?"
-                      " WHERE id = ? AND claim = ?", (available_at, error, item_id, claim))
+        self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, attempts ="
+                      " attempts + 1, error = COALESCE(error || char(10), '') || 'attempt '"
+                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
+                      (available_at, error, item_id, claim))
 
     def bury(self, item_id, claim, error, now):
-        self._execute("UPDATE wxgate_queue SET dead = 1, claim = NULL, error = ?"
-                      " WHERE id = ? AND claim = ?", (error, item_id, claim))
+        self._execute("UPDATE wxgate_queue SET dead = 1, claim = NULL, attempts = attempts"
+                      " + 1, error = COALESCE(error || char(10), '') || 'attempt '"
+                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
+                      (error, item_id, claim))
 
     def stats(self, now):
         ((pending, in_flight, dead),) = self.store._read(
@@ -2544,7 +2778,7 @@ class _SqliteQueue(_Queue):
                     " VALUES (?, ?, ?, ?)", (partition, payload, now, now))
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            _rollback(connection)
             raise
         return len(rows)
 
@@ -2552,14 +2786,19 @@ class _SqliteQueue(_Queue):
         return self._execute("DELETE FROM wxgate_queue WHERE dead = 1")[0]
 
 
+# Noted in a message's errors when a claim on it expired before its attempt ended.
+_CUT_OFF = "an attempt was cut off (its worker stopped, or its claim expired): not counted"
+
+
 def _dead_letter(item_id, partition, payload, attempts, error):
     try:
         document = json.loads(payload)
     except ValueError:
         document = {}
+    errors = (error or "").split("\n") if error else []
     return {"id": int(item_id), "partition": partition, "app": document.get("app"),
             "dedup_key": document.get("dedup_key"), "attempts": int(attempts),
-            "error": error}
+            "error": errors[-1] if errors else None, "errors": errors}
 
 
 class _RedisQueue(_Queue):
@@ -2571,6 +2810,10 @@ class _RedisQueue(_Queue):
 
     _PUSH = """
 local p = ARGV[1]
+if ARGV[5] ~= '' then
+  local done = redis.call('GET', ARGV[5])
+  if done and string.sub(done, 1, 1) == 'd' then return false end
+end
 local id = redis.call('INCR', p .. ':q:seq')
 redis.call('HSET', p .. ':q:msg:' .. id, 'partition', ARGV[2], 'payload', ARGV[3],
            'attempts', 0)
@@ -2578,6 +2821,7 @@ if redis.call('RPUSH', p .. ':q:part:' .. ARGV[2], id) == 1 then
   redis.call('ZADD', p .. ':q:ready', ARGV[4], ARGV[2])
 end
 redis.call('INCR', p .. ':q:pending')
+if ARGV[5] ~= '' then redis.call('SET', ARGV[5], ARGV[6], 'PX', ARGV[7]) end
 return id
 """
     _CLAIM = """
@@ -2593,7 +2837,11 @@ redis.call('ZREM', p .. ':q:ready', heads[1])
 local id = redis.call('LINDEX', p .. ':q:part:' .. heads[1], 0)
 if not id then return false end
 local key = p .. ':q:msg:' .. id
-local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+local attempts = tonumber(redis.call('HGET', key, 'attempts') or 0) + 1
+if redis.call('HEXISTS', key, 'claim') == 1 then
+  local errors = redis.call('HGET', key, 'error')
+  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. ARGV[5])
+end
 redis.call('HSET', key, 'claim', ARGV[4])
 redis.call('ZADD', p .. ':q:inflight', now + tonumber(ARGV[3]), id)
 return {id, redis.call('HGET', key, 'payload'), attempts}
@@ -2607,15 +2855,19 @@ local part = redis.call('HGET', key, 'partition')
 local list = p .. ':q:part:' .. part
 redis.call('ZREM', p .. ':q:inflight', id)
 redis.call('HDEL', key, 'claim')
+if ARGV[5] ~= 'ack' then
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  local errors = redis.call('HGET', key, 'error')
+  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. 'attempt ' ..
+             attempts .. ': ' .. ARGV[7])
+end
 if ARGV[5] == 'retry' then
-  redis.call('HSET', key, 'error', ARGV[7])
   redis.call('ZADD', p .. ':q:ready', ARGV[6], part)
   return 1
 end
 redis.call('LREM', list, 1, id)
 redis.call('DECR', p .. ':q:pending')
 if ARGV[5] == 'bury' then
-  redis.call('HSET', key, 'error', ARGV[7])
   redis.call('RPUSH', p .. ':q:dead', id)
 else
   redis.call('DEL', key)
@@ -2646,6 +2898,7 @@ for _, id in ipairs(ids) do
   local part = redis.call('HGET', key, 'partition')
   if part and redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
     redis.call('HSET', key, 'attempts', 0)
+    redis.call('HDEL', key, 'error', 'claim')
     if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
       redis.call('ZADD', p .. ':q:ready', now, part)
     end
@@ -2665,12 +2918,15 @@ return count
         self._extend = self.redis.register_script(self._EXTEND)
         self._purge = self.redis.register_script(self._PURGE)
 
-    def push(self, partition, payload, now):
-        return int(self._push(args=[self.prefix, partition, payload, repr(now)]))
+    def push(self, partition, payload, now, marker=None):
+        key, value, ttl = marker or ("", "", 0)
+        item_id = self._push(args=[self.prefix, partition, payload, repr(now), key, value,
+                                   max(1, int(ttl * 1000))])
+        return None if item_id is None else int(item_id)
 
     def claim(self, now, visibility):
         claim = uuid.uuid4().hex
-        row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim])
+        row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim, _CUT_OFF])
         if not row:
             return None
         return int(row[0]), _text(row[1]), int(row[2]), claim
@@ -2866,6 +3122,62 @@ class _DeliveryWorker:
 ###############################################################################
 
 
+def _worker_processes(argv, environ, under_gunicorn):
+    """Why this looks like one of several worker processes (a short reason), or "".
+
+    Read from gunicorn's own settings (``-w``/``--workers`` on its command line or in
+    ``GUNICORN_CMD_ARGS``, ``WEB_CONCURRENCY``) when gunicorn is the server, else from
+    processes beside this one: children of the same parent running the same command
+    (gunicorn, Apache's prefork children, uwsgi without its own settings). Best effort: it
+    only decides whether to warn.
+    """
+    if under_gunicorn:
+        import shlex
+        words = list(argv[1:])
+        try:
+            words += shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
+        except ValueError:
+            pass
+        workers = environ.get("WEB_CONCURRENCY")
+        for index, word in enumerate(words):  # the last setting wins, as in gunicorn
+            if word in ("-w", "--workers") and index + 1 < len(words):
+                workers = words[index + 1]
+            elif word.startswith("--workers="):
+                workers = word.split("=", 1)[1]
+            elif word.startswith("-w") and word[2:].isdigit():
+                workers = word[2:]
+        try:
+            count = int(workers or 1)
+        except ValueError:
+            count = 1
+        return f"gunicorn with {count} workers" if count > 1 else ""
+    siblings = _sibling_processes()
+    return f"{siblings + 1} processes running this command" if siblings else ""
+
+
+def _sibling_processes():
+    """How many other children of our parent run our command line (0 when unknown)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as file:
+            command = file.read()
+        with open("/proc/self/stat", "rb") as file:
+            parent = file.read().rsplit(b")", 1)[1].split()[1].decode()
+        with open(f"/proc/{parent}/task/{parent}/children", "rb") as file:
+            children = file.read().split()
+    except (OSError, IndexError, ValueError):
+        return 0
+    count = 0
+    for child in children:
+        if child.decode() == str(os.getpid()):
+            continue
+        try:
+            with open(f"/proc/{child.decode()}/cmdline", "rb") as file:
+                count += file.read() == command
+        except OSError:
+            pass
+    return count
+
+
 def _from_loopback(environ):
     # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
     return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
@@ -3032,8 +3344,10 @@ class Gateway:
     :param sleep: waits (busy backoff, polling).
     :param reply_deadline: how long a duplicate waits for the first delivery's reply;
         WeChat's 5 s unless a test wants it shorter.
-    :param start_worker: start the queue's delivery threads on the first request (the
-        default, when an app has ``delivery = queue`` and ``delivery_threads`` > 0).
+    :param start_worker: run the queue's delivery threads in this process (the default,
+        when an app has ``delivery = queue`` and ``delivery_threads`` > 0). They start with
+        :meth:`start_delivery` (``wxgate serve`` calls it at startup) or else with the
+        first request, in the process that serves it; never under CGI.
     """
 
     def __init__(self, config, *, clock=time.time, random_bytes=os.urandom, store=None,
@@ -3049,7 +3363,7 @@ class Gateway:
         self.store = store if not store.shared else _FallbackStore(
             store, clock=clock, max_entries=config.dedup_size)
         self._dedup = _Dedup(self.store, prefix=config.store_prefix, ttl=config.dedup_ttl,
-                             clock=clock, sleep=sleep)
+                             clock=clock, sleep=sleep, max_entries=config.dedup_size)
         self._routes = {app.path: app for app in config.apps.values()}
         self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
         self._clients = {
@@ -3067,6 +3381,15 @@ class Gateway:
         self._worker = None
         self._worker_pid = None
         self._worker_lock = threading.Lock()
+        self._cgi_warned = False
+        if not store.shared:
+            workers = _worker_processes(sys.argv, os.environ, "gunicorn" in sys.modules)
+            if workers:
+                logger.warning("store = memory in one of several worker processes (%s): "
+                               "each keeps its own memory, so a retry that lands on another "
+                               "worker runs the handler again and every worker fetches its "
+                               "own access_token; use store = sqlite:///path/to/wxgate.db "
+                               "(one host) or redis://... (several)", workers)
 
     def client(self, name):
         """The :class:`WeChatClient` of app ``name``."""
@@ -3077,10 +3400,31 @@ class Gateway:
                 from None
 
     def worker(self, threads=None):
-        """A delivery worker for the durable queue (not started)."""
+        """A delivery worker for the durable queue (not started).
+
+        :param threads: delivery threads; by default ``delivery_threads``, and at least
+            one: ``delivery_threads = 0`` turns off the gateway's own threads so that a
+            separate ``wxgate worker`` delivers, which then needs a thread of its own.
+        """
         if self.queue is None:
             raise WxgateError("no app has delivery = queue")
-        return _DeliveryWorker(self, self.queue, threads=threads or self.config.delivery_threads)
+        if threads is None:
+            threads = max(1, self.config.delivery_threads)
+        return _DeliveryWorker(self, self.queue, threads=threads)
+
+    def start_delivery(self):
+        """Start this process's delivery threads now, if it is to run any.
+
+        Idempotent, and per process: threads do not survive a fork, so a forked child (the
+        app built before gunicorn --preload forks its workers) starts its own on its first
+        request.
+        """
+        if self._start_worker and self._worker_pid != os.getpid():
+            with self._worker_lock:
+                if self._worker_pid != os.getpid():
+                    self._worker = self.worker()
+                    self._worker.start()
+                    self._worker_pid = os.getpid()
 
     def close(self):
         """Stop the delivery and claim-keeping threads, and release the store's connections."""
@@ -3089,18 +3433,28 @@ class Gateway:
         self._dedup.close()
         self.store.close()
 
-    def _ensure_worker(self):
-        # Started on the first request, in the process that serves it: threads do not
-        # survive a fork, and gunicorn --preload builds the app before forking its workers.
-        with self._worker_lock:
-            if self._worker_pid != os.getpid():
-                self._worker = self.worker()
-                self._worker.start()
-                self._worker_pid = os.getpid()
+    def _under_cgi(self):
+        # One process per request (wsgiref's CGIHandler sets wsgi.run_once): nothing may
+        # rely on a thread outliving the response. Said once per process, which here is
+        # once per request, so that it shows in the server's error log.
+        if self._cgi_warned:
+            return
+        self._cgi_warned = True
+        if self.queue is not None and self.config.delivery_threads > 0:
+            logger.warning("delivery = queue under CGI: a delivery thread would die with the "
+                           "request's process, so none is started; set [wxgate] "
+                           "delivery_threads = 0 and run `wxgate worker CONFIG` elsewhere")
+        if not self.store.shared:
+            logger.warning("store = memory under CGI: each request is a new process that "
+                           "starts empty, so every retry runs the handler again and every "
+                           "API call fetches a new access_token; use store = "
+                           "sqlite:///path/to/wxgate.db")
 
     def __call__(self, environ, start_response):
-        if self._start_worker and self._worker_pid != os.getpid():
-            self._ensure_worker()
+        if environ.get("wsgi.run_once"):
+            self._under_cgi()
+        elif self._start_worker and self._worker_pid != os.getpid():
+            self.start_delivery()
         try:
             status, headers, body = self._respond(environ)
         except Exception:  # a bug of ours: never let it escape to the server
@@ -3276,27 +3630,51 @@ class Gateway:
         return 200, [("Content-Type", content_type)], reply.encode("utf-8")
 
     def _enqueue(self, app, message, environ, started, ttl):
-        """Queue mode: store the push durably and answer ``success`` at once."""
-        key = _store_key(message) if message.dedup_key else uuid.uuid4().hex
-        marker = f"{self.config.store_prefix}:queued:{key}"
-        if not self.store.add(marker, "1", ttl):
-            self.metrics.count("wxgate_duplicates_total", app=app.name)
-            self._log_push(app, message, "duplicate", started, environ)
-            return 200, [("Content-Type", _TEXT)], b"success"
+        """Queue mode: store the push durably, then answer ``success``.
+
+        ``success`` is sent only for a message that is in the queue (or was delivered from
+        it). The push claims its dedup key like a sync push (``queued:`` namespace), and
+        the insert itself sets the key to done, in one transaction with the row. So:
+
+        - a duplicate arriving during the insert finds the claim and waits for it, as a
+          sync duplicate waits for the handler, until the reply deadline;
+        - an insert that fails (a locked database, Redis down) releases the claim and
+          answers 500, and so does every copy waiting on it: WeChat retries;
+        - a gateway killed during the insert leaves a claim that expires within
+          ``CLAIM_TTL`` and a transaction that never committed: the retry queues it.
+        """
+        key = _store_key(message) if message.dedup_key else None
         payload = _dump_json({"app": app.name, "dedup_key": message.dedup_key,
                               "format": message.format, "encrypted": message.encrypted,
                               "message": message._fields})
+        partition = f"{app.name}:{message.from_user or ''}"
+        done = _Dedup.done_value(_TEXT, "success")
+
+        def work():
+            marker = None if key is None else (self._dedup.store_key(key, "queued"), done, ttl)
+            self.queue.push(partition, payload, self._clock(), marker)
+            return _TEXT, "success"
+
         try:
-            self.queue.push(f"{app.name}:{message.from_user or ''}", payload, self._clock())
+            if key is None:  # nothing to deduplicate by: queue every copy
+                work()
+                duplicate = False
+            else:
+                duplicate = self._dedup.run(key, work, started + self.reply_deadline, ttl,
+                                            kind="queued", recorded=True)[2]
+        except _InFlightTimeout as exc:
+            self._log_push(app, message, "in-flight-timeout", started, environ)
+            return exc.status, [("Content-Type", _TEXT)], b""
         except Exception as exc:
             # Without the store nothing is durable: answer 500 so WeChat retries, rather
             # than acknowledge a message we might lose.
-            self.store.delete(marker, "1")
             logger.error("app=%s cannot queue %s (%s: %s); answering 500 so WeChat retries",
-                         app.name, key, type(exc).__name__, exc)
+                         app.name, key, type(exc).__name__, _cause(exc))
             self._log_push(app, message, "queue-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
-        self._log_push(app, message, "queued", started, environ)
+        if duplicate:
+            self.metrics.count("wxgate_duplicates_total", app=app.name)
+        self._log_push(app, message, "duplicate" if duplicate else "queued", started, environ)
         return 200, [("Content-Type", _TEXT)], b"success"
 
     def _log_push(self, app, message, outcome, started, environ):
@@ -3398,10 +3776,16 @@ class Gateway:
         """The store's (and queue's) state; names, version and counts only for ``detailed``
         callers (the admin secret, or loopback, as for /metrics): the rest get the status."""
         try:
-            self.store.ping()
+            if isinstance(self.store, _FallbackStore):
+                # A write, not a ping: sqlite on a full disk still answers SELECT 1, and a
+                # store that failed stays unhealthy until a write succeeds again.
+                self.store.check_write(f"{self.config.store_prefix}:healthz:{os.getpid()}")
+            else:
+                self.store.ping()
             status, state = 200, "ok"
         except Exception as exc:
-            logger.error("healthz: store unreachable: %s: %s", type(exc).__name__, exc)
+            logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
+                         _cause(exc))
             status, state = 503, "store unreachable"
         document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
                     "store": self.config.store.split("://")[0]}
@@ -3603,6 +3987,7 @@ def _serve(args):
     config = load_config(args.config)
     _setup_logging(config.log_format, logging.DEBUG if args.verbose else logging.INFO)
     app = make_app(config)
+    app.start_delivery()  # now, not on the first request: queued messages wait for nobody
     host, port = _parse_listen(app.config.listen)
     host, port = args.host or host, args.port or port
     server = make_server(host, port, app, server_class=ThreadingWSGIServer,
@@ -3776,16 +4161,26 @@ def _worker_command(args):
     """``wxgate worker CONFIG``: deliver queued pushes in this process until interrupted."""
     config = load_config(args.config)
     _setup_logging(config.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    import signal
     gateway = Gateway(config, start_worker=False)
     worker = gateway.worker(args.threads)
+    stopping = threading.Event()
+
+    def stop(number, _frame):
+        logger.info("delivery worker stopping on %s", signal.Signals(number).name)
+        stopping.set()
+
+    # SIGTERM (systemd, docker stop, kill) as Ctrl-C: stop claiming, let the deliveries
+    # running now finish (up to 5 s), then exit 0. A delivery cut off after that is not
+    # counted as an attempt, and reappears after queue_visibility_timeout.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     logger.info("delivery worker started with %d thread(s) on %s", worker.threads,
                 _redact_url(gateway.config.store))
     worker.start()
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        while not stopping.wait(3600):
+            pass
     finally:
         gateway.close()
     return 0

@@ -6,8 +6,8 @@ and restarts, a tmpfs that fills up in a private mount namespace (tests/faults.p
 ``wxgate serve`` and ``wxgate worker`` processes killed with SIGKILL. No hook inside wxgate.
 
 Each test asserts what the issue requires, so on the code the issue was filed against it
-fails: it is marked ``xfail(strict=True)`` until the fix lands, and the fix removes the
-marker. bench/outage.py runs the same faults at a larger scale and prints the counts.
+fails (each was committed first as a strict xfail, and the fix removed the markers).
+bench/outage.py runs the same faults at a larger scale and prints the counts.
 """
 
 import concurrent.futures
@@ -44,10 +44,6 @@ def record(message):
     time.sleep(float(os.environ.get("WXGATE_TEST_DELAY", "0")))
     return None
 '''
-
-
-def xfail(point, what):
-    return pytest.mark.xfail(strict=True, reason=f"issue 14 point {point}: {what}")
 
 
 def messages(count, start=0, prefix="r"):
@@ -186,7 +182,6 @@ def backend():
         yield server
 
 
-@xfail(1, "a duplicate gets success while the first copy's sqlite insert fails (locked)")
 def test_success_only_once_durably_queued_sqlite_locked(tmp_path, backend):
     # Another program holds the database's write lock: the first copy's marker and insert
     # each wait the busy timeout, then fail ("database is locked"); a duplicate arriving
@@ -207,7 +202,6 @@ def test_success_only_once_durably_queued_sqlite_locked(tmp_path, backend):
     app.close()
 
 
-@xfail(1, "a duplicate gets success while the first copy's Redis insert stalls")
 def test_success_only_once_durably_queued_redis_paused(tmp_path, backend):
     with RedisServer(tmp_path) as server:
         app, _ = queue_app(tmp_path, backend, server.url)
@@ -233,7 +227,6 @@ def test_success_only_once_durably_queued_redis_paused(tmp_path, backend):
         control.close()
 
 
-@xfail(1, "a gateway killed between the queued: marker and the insert loses the message")
 def test_gateway_killed_during_the_insert_loses_nothing_sqlite(tmp_path, backend):
     port = free_port()
     database = tmp_path / "queue.db"
@@ -286,8 +279,6 @@ def count_reruns(app, handler, batch):
     return handler.calls - before
 
 
-@xfail(2, "a Redis outage runs messages handled before it again, and those handled during "
-          "it again after recovery")
 def test_redis_outage_runs_nothing_twice_on_one_process(tmp_path):
     handler = Recorder()
     with RedisServer(tmp_path) as server:
@@ -323,8 +314,6 @@ def disk_gateway(tmp_path, module, record, **extra):
                             env={"WXGATE_TEST_RECORD": str(record), "PYTHONPATH": str(REPO)})
 
 
-@xfail(2, "a full disk runs messages handled before it again, and those handled during it "
-          "again once there is room")
 def test_full_disk_runs_nothing_twice_on_one_process(tmp_path):
     module, record = handler_module(tmp_path)
     port, disk_context = disk_gateway(tmp_path, module, record)
@@ -352,7 +341,6 @@ def test_full_disk_runs_nothing_twice_on_one_process(tmp_path):
 # -- point 3: healthz says 200 while the sqlite disk is full ---------------------------------
 
 
-@xfail(3, "/_wxgate/healthz answers 200 while the sqlite store cannot be written")
 def test_healthz_is_not_200_while_the_disk_is_full(tmp_path):
     module, record = handler_module(tmp_path)
     port, disk_context = disk_gateway(tmp_path, module, record)
@@ -378,7 +366,6 @@ def test_healthz_is_not_200_while_the_disk_is_full(tmp_path):
 # -- point 4: the log hides the real error ------------------------------------------------
 
 
-@xfail(4, "a COMMIT failing on a full disk is logged as 'cannot rollback'")
 def test_full_disk_log_names_the_real_cause(tmp_path):
     module, record = handler_module(tmp_path)
     port, disk_context = disk_gateway(tmp_path, module, record)
@@ -399,7 +386,6 @@ def test_full_disk_log_names_the_real_cause(tmp_path):
 # -- point 5: a takeover ignores the push deadline -------------------------------------------
 
 
-@xfail(5, "a retry that takes over an expired claim runs the handler after the deadline")
 def test_takeover_after_the_deadline_is_refused(tmp_path):
     # A worker claimed the message and was killed: its claim stays in the store until it
     # expires. WeChat's retry waits for it; the claim expires only once the retry's reply
@@ -440,7 +426,6 @@ def test_takeover_after_the_deadline_is_refused(tmp_path):
 # -- point 6: store = memory with several workers --------------------------------------------
 
 
-@xfail(6, "no WARNING at start when store = memory runs under several gunicorn workers")
 def test_memory_store_under_several_workers_warns_at_start(tmp_path):
     module, record = handler_module(tmp_path)
     source = write_ini(tmp_path, store="memory", module=module)
@@ -476,8 +461,6 @@ def queue_store(request, tmp_path):
     return server["url"]
 
 
-@xfail(7, "an attempt a kill cut off (after the backend took the message) counts, and "
-          "buries the message after one real failure")
 def test_attempt_cut_off_by_a_kill_does_not_count(tmp_path, backend, queue_store):
     source = write_ini(tmp_path, store=queue_store, extra_gateway="queue_visibility_timeout = 3",
                        extra_app=f"forward = {backend.url}\nforward_timeout = 2\n{QUEUE_APP}"
@@ -518,7 +501,6 @@ def test_attempt_cut_off_by_a_kill_does_not_count(tmp_path, backend, queue_store
     app.close()
 
 
-@xfail(7, "queue list-dead shows only the last attempt's error")
 def test_list_dead_shows_the_error_of_each_attempt(tmp_path, backend, queue_store):
     source = write_ini(tmp_path, store=queue_store,
                        extra_app=f"forward = {backend.url}\n{QUEUE_APP}queue_max_attempts = 2\n")
