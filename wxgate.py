@@ -1773,7 +1773,9 @@ class _FallbackStore(Store):
                 self._last_warning = now
             if write:
                 self._write_failing, self._write_retry_at = True, now + STORE_RETRY_AFTER
-            else:
+            # A store that cannot be reached at all (Redis down or blackholed: a connect
+            # timeout per call) will not read either; a full disk will.
+            if not write or _unreachable(exc):
                 self._read_failing, self._read_retry_at = True, now + STORE_RETRY_AFTER
         if warn:
             logger.error("store %s failed (%s: %s); continuing without cross-process "
@@ -1907,6 +1909,12 @@ class _FallbackStore(Store):
 
     def close(self):
         self.primary.close()
+
+
+def _unreachable(exc):
+    """Whether a store's error means it cannot be reached (rather than refusing a write)."""
+    return isinstance(exc, (ConnectionError, TimeoutError)) or \
+        type(exc).__name__ in ("ConnectionError", "TimeoutError")  # redis's own classes
 
 
 def _cause(exc):

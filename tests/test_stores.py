@@ -263,6 +263,8 @@ def test_two_stores_on_one_file_in_each_process_stay_consistent(tmp_path):
 def test_a_failed_store_is_left_alone_for_a_while(monkeypatch):
     # A blackholed Redis costs a connect timeout per call: after one failure, calls go to the
     # local fallback without touching the shared store until STORE_RETRY_AFTER has passed.
+    # A failed write is followed by one read (a full disk still reads, issue 14); once that
+    # fails too, neither is tried again for a while.
     monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.3)
     calls = []
 
@@ -274,9 +276,26 @@ def test_a_failed_store_is_left_alone_for_a_while(monkeypatch):
     primary = Counting()
     store = wxgate._FallbackStore(primary)
     assert store.add("k", "v", 60) is True  # failed over to the local store
+    assert len(calls) == 2  # the add, then a read: is the key taken in the shared store?
     assert store.get("k") == "v" and store.add("k", "v", 60) is False
-    assert len(calls) == 1
+    assert len(calls) == 2
     primary.broken = False
     time.sleep(0.35)
     store.set("k2", "v2", 60)
-    assert len(calls) == 2 and primary.inner.get("k2") == "v2"
+    assert len(calls) == 3 and primary.inner.get("k2") == "v2"
+
+
+def test_an_unreachable_store_costs_one_call_per_outage(monkeypatch):
+    # Connection refused or timed out: reads will not work either, so not even one is tried.
+    calls = []
+
+    class Unreachable(BrokenStore):
+        def _check(self):
+            calls.append(1)
+            if self.broken:
+                raise ConnectionRefusedError("connection refused (simulated)")
+
+    store = wxgate._FallbackStore(Unreachable())
+    assert store.add("k", "v", 60) is True and store.get("k") == "v"
+    assert store.add("k", "v", 60) is False
+    assert len(calls) == 1
