@@ -335,8 +335,8 @@ def test_gateway_killed_mid_delivery_loses_nothing(tmp_path, backend, queue_stor
         assert delivered_before_restart < 500, "the kill came too late to prove anything"
         process = start_gateway(source, port)
         assert wait_for_port(port)
-        # The delivery threads start with the first request after the restart.
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/_wxgate/healthz", timeout=5).read()
+        # No request after the restart: `wxgate serve` starts its delivery threads at once
+        # (issue 15: they used to wait for the first request).
         assert wait_for(lambda: len(set(backend.keys())) == 500, 60), len(backend.received)
     finally:
         process.kill()
@@ -347,3 +347,65 @@ def test_gateway_killed_mid_delivery_loses_nothing(tmp_path, backend, queue_stor
           f"{repeats} repeated (in flight at the kill, same dedup_key)")
     assert set(keys) == {f"test:m:{10_000 + i}" for i in range(500)}
     assert repeats <= 2  # at most one per delivery thread in flight at the kill
+
+
+def test_worker_with_delivery_threads_0_delivers_and_stops_on_sigterm(tmp_path, backend,
+                                                                      queue_store):
+    # Issue 15: the README's advice, delivery_threads = 0 plus `wxgate worker`, delivered
+    # nothing ("started with 0 thread(s)"); and SIGTERM killed the worker without a word.
+    source = tmp_path / "queue.ini"
+    source.write_text(ini_text(
+        extra_gateway=f"timestamp_window = 0\nstore = {queue_store}\ndelivery_threads = 0",
+        extra_app=f"forward = {backend.url}\nforward_secret = {SECRET}\n" + QUEUE_APP
+    ).replace("handler = wxgate:demo_handler", ""))
+    app = wxgate.make_app(str(source))
+    for fields in pushes(5):
+        post(app, fields)
+    assert not [t for t in threading.enumerate() if t.name.startswith("wxgate-delivery")]
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as output:
+        worker = subprocess.Popen([sys.executable, "-m", "wxgate", "worker", str(source)],
+                                  cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: len(backend.received) == 5, 20), log.read_text()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    finally:
+        worker.kill()
+        worker.wait(10)
+    text = log.read_text()
+    assert "started with 1 thread(s)" in text and "stopping on SIGTERM" in text
+    assert "Traceback" not in text
+    app.close()
+
+
+def test_cgi_starts_no_delivery_thread_and_warns_once(tmp_path, backend, caplog):
+    # Under CGI (wsgi.run_once) the process ends with the response: a delivery thread
+    # would be cut off mid-delivery, so none starts, and the log says what to do instead.
+    config = forward_config(tmp_path, backend, extra_app=QUEUE_APP,
+                            extra_gateway=f"store = sqlite://{tmp_path}/cgi.db")
+    app = wxgate.make_app(config)
+    testapp = webtest.TestApp(app, lint=True, extra_environ={"wsgi.run_once": True})
+    before = {t for t in threading.enumerate() if t.name.startswith("wxgate-delivery")}
+    with caplog.at_level("WARNING", "wxgate"):
+        for fields in pushes(2):
+            query, body = build_push(fields)
+            assert testapp.post(f"/wechat?{query}", body, content_type="text/xml").body \
+                == b"success"
+    started = {t for t in threading.enumerate() if t.name.startswith("wxgate-delivery")}
+    assert started == before
+    warnings = [r.getMessage() for r in caplog.records if "under CGI" in r.getMessage()]
+    assert len(warnings) == 1 and "delivery_threads = 0" in warnings[0]
+    app.close()
+
+
+def test_memory_store_under_cgi_warns_once(tmp_path, caplog):
+    app = wxgate.make_app(make_config(tmp_path, Recorder(),
+                                      extra_gateway="timestamp_window = 0"))
+    testapp = webtest.TestApp(app, lint=True, extra_environ={"wsgi.run_once": True})
+    with caplog.at_level("WARNING", "wxgate"):
+        for msg_id in ("cgi-1", "cgi-2"):
+            query, body = build_push(text_message(msg_id=msg_id))
+            testapp.post(f"/wechat?{query}", body, content_type="text/xml")
+    warnings = [r.getMessage() for r in caplog.records if "under CGI" in r.getMessage()]
+    assert len(warnings) == 1 and "store = sqlite" in warnings[0]

@@ -448,6 +448,19 @@ def test_memory_store_under_several_workers_warns_at_start(tmp_path):
     assert logs["four"], "four workers with store = memory: expected a WARNING line"
 
 
+@pytest.mark.parametrize("argv, environ, expected", [
+    (["gunicorn", "-w", "4"], {}, "gunicorn with 4 workers"),
+    (["gunicorn", "--workers=3"], {}, "gunicorn with 3 workers"),
+    (["gunicorn"], {"GUNICORN_CMD_ARGS": "-w 2 --threads 4"}, "gunicorn with 2 workers"),
+    (["gunicorn"], {"WEB_CONCURRENCY": "5"}, "gunicorn with 5 workers"),
+    (["gunicorn", "-w", "1", "--threads", "4"], {"GUNICORN_CMD_ARGS": "-w 1"}, ""),
+    (["gunicorn", "-w", "4"], {"GUNICORN_CMD_ARGS": "-w 1"}, ""),  # the environment's last
+], ids=["-w 4", "--workers=3", "GUNICORN_CMD_ARGS", "WEB_CONCURRENCY", "one worker, threads",
+        "last setting wins"])
+def test_several_gunicorn_workers_are_recognised(argv, environ, expected):
+    assert wxgate._worker_processes(argv, environ, True) == expected
+
+
 # -- point 7: dead letters include messages the backend accepted ------------------------------
 
 

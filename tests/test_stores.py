@@ -299,3 +299,44 @@ def test_an_unreachable_store_costs_one_call_per_outage(monkeypatch):
     assert store.add("k", "v", 60) is True and store.get("k") == "v"
     assert store.add("k", "v", 60) is False
     assert len(calls) == 1
+
+
+def test_keys_set_during_an_outage_are_written_back_when_it_ends(monkeypatch):
+    # Issue 14: a message handled while the store failed ran again after recovery, on every
+    # other process. What was set meanwhile is now written back once a write succeeds.
+    monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.1)
+    primary = BrokenStore()
+    primary.inner.set("kept", "shared", 60)
+    store = wxgate._FallbackStore(primary)
+    store.set("during", "d-reply", 60)
+    store.set("kept", "local", 60)
+    assert primary.inner.get("during") is None
+    primary.broken = False
+    time.sleep(0.15)
+    store.set("after", "1", 60)  # the first write that succeeds starts the write-back
+    assert wait_until(lambda: primary.inner.get("during") == "d-reply")
+    assert primary.inner.get("kept") == "shared"  # never over what the shared store holds
+
+
+def test_a_full_disk_still_reads_the_shared_store(monkeypatch):
+    # Writes fail, reads work (sqlite on a full disk): a key done before the outage is still
+    # found in the shared store, so its retry is a duplicate in every process.
+    class WritesFail(BrokenStore):
+        def get(self, key):
+            return self.inner.get(key)
+
+    primary = WritesFail()
+    primary.inner.set("done", "dtext/plain\nsuccess", 60)
+    store = wxgate._FallbackStore(primary)
+    assert store.add("done", "p1", 3) is False
+    assert store.get("done").startswith("d")
+    assert store.add("new", "p2", 3) is True  # claimed in this process meanwhile
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
