@@ -219,10 +219,21 @@ def queue_kills(directory, count, store="sqlite", seconds=60.0):
         app.close()
     if redis_server:
         redis_server.kill()
+    # Since the fix, each dead letter lists every attempt's error and each cut-off attempt:
+    # one buried before queue_max_attempts attempts really failed was buried by a count that
+    # included a kill. One the backend had taken in a cut-off attempt and then refused three
+    # times for real is a dead letter by the rule (the gateway never learned of the 204).
+    def real_failures(letter):
+        return sum(error.startswith("attempt ") for error in letter.get("errors") or [])
+
     return {"store": store, "messages": count, "worker_kills": kills,
             "dead_letters": len(dead),
             "dead_letters_the_backend_had_accepted": sum(letter["dedup_key"] in accepted
-                                                         for letter in dead)}
+                                                         for letter in dead),
+            "dead_letters_with_fewer_than_3_real_failures": sum(real_failures(letter) < 3
+                                                                for letter in dead),
+            "cut_off_attempts_noted": sum(len(letter.get("errors") or []) -
+                                          real_failures(letter) for letter in dead)}
 
 
 CASES = {"ack-insert": ack_insert, "redis": redis_outage, "disk": full_disk,
