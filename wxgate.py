@@ -518,6 +518,12 @@ _APP_OPTIONS = {
     "delivery", "queue_max_attempts", "queue_retry_base", "queue_retry_max",
 }
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Secrets that only the running gateway uses (the API, the admin endpoints, the backend):
+# `wxgate handshake`, `push`, `decrypt` and `check` work without them, so on a host whose
+# secrets live in a systemd EnvironmentFile they run from a plain shell.
+_SERVER_SECRETS = frozenset({"appsecret", "admin_secret", "forward_secret"})
+# WeChat's console takes a Token of 3 to 32 letters and digits.
+_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
 
 
 def load_config(path, environ=None):
@@ -529,16 +535,26 @@ def load_config(path, environ=None):
     :raises ConfigError: the file is missing or unreadable, or a value is wrong; the message
         names the file, section and option, never a secret's value.
     """
+    return _load_config(path, environ)
+
+
+def _load_config(path, environ=None, unset=None):
+    """:func:`load_config`; with an ``unset`` list, a secret only the server uses (see
+    ``_SERVER_SECRETS``) may name an unset variable: it loads empty, and ``(section, option,
+    variable)`` is appended to ``unset``. For the commands that need only the token and key.
+    """
     environ = os.environ if environ is None else environ
     source = os.fspath(path)
     try:
-        with open(source, encoding="utf-8") as file:
+        # utf-8-sig: Windows' Notepad starts a UTF-8 file with a BOM, which configparser
+        # would read as part of the first line ("option before any [section]").
+        with open(source, encoding="utf-8-sig") as file:
             text = file.read()
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", source=source) from None
     except UnicodeDecodeError:
         raise ConfigError("config file is not UTF-8", source=source) from None
-    return _parse_config(text, environ, source)
+    return _parse_config(text, environ, source, unset=unset)
 
 
 def _option_lines(text):
@@ -555,24 +571,32 @@ def _option_lines(text):
     return lines
 
 
-def _expand_env(value, environ, where):
+def _expand_env(value, environ, where, unset=None):
     """Replace each ``${NAME}`` by the environment variable; anything else stays as written.
 
     A value left empty (or only spaces) by the expansion is an error, not an empty setting:
     ``token = ${WX_TOKEN}`` with ``WX_TOKEN=`` would otherwise let anyone sign pushes.
+    With an ``unset`` list, a variable that is not set is appended to it and the value is
+    ``""`` instead of an error.
     """
     if "${" not in value:
         return value
-    names = []
+    names, missing = [], []
 
     def substitute(match):
         name = match.group(1)
         if name not in environ:
-            raise ConfigError(f"environment variable {name} is not set", **where)
+            if unset is None:
+                raise ConfigError(f"environment variable {name} is not set", **where)
+            missing.append(name)
+            return ""
         names.append(name)
         return environ[name]
 
     expanded = _ENV_REFERENCE.sub(substitute, value)
+    if missing:
+        unset.extend(missing)
+        return ""
     if names and not expanded.strip():
         which = ", ".join(dict.fromkeys(names))
         raise ConfigError(f"environment variable {which} is empty: set it, or remove the "
@@ -583,9 +607,14 @@ def _expand_env(value, environ, where):
 class _SectionReader:
     """Typed, checked access to one ini section; every error names file, section and option."""
 
-    def __init__(self, parser, section, environ, source, lines):
+    def __init__(self, parser, section, environ, source, lines, unset=None):
         self.values = dict(parser.items(section)) if parser.has_section(section) else {}
         self.section, self.environ, self.source, self.lines = section, environ, source, lines
+        self.unset = unset  # see _load_config
+
+    def was_unset(self, option):
+        """Whether ``option`` loaded empty because its variable is not set (see unset)."""
+        return any(entry[:2] == (self.section, option) for entry in self.unset or ())
 
     def where(self, option):
         return {"source": self.source, "section": self.section, "option": option,
@@ -605,7 +634,12 @@ class _SectionReader:
             if required:
                 raise self.error(option, "is required")
             return default
-        return _expand_env(raw.strip(), self.environ, self.where(option))
+        if self.unset is None or option not in _SERVER_SECRETS:
+            return _expand_env(raw.strip(), self.environ, self.where(option))
+        missing = []
+        value = _expand_env(raw.strip(), self.environ, self.where(option), missing)
+        self.unset.extend((self.section, option, name) for name in missing)
+        return value if value else default
 
     def number(self, option, default, *, kind=int, minimum=0, maximum=None):
         raw = self.text(option)
@@ -629,8 +663,11 @@ class _SectionReader:
         return value
 
 
-def _parse_config(text, environ, source="<config>"):
-    """Build a :class:`Config` from ini text; pure apart from importing handler modules."""
+def _parse_config(text, environ, source="<config>", *, unset=None):
+    """Build a :class:`Config` from ini text; pure apart from importing handler modules.
+
+    :param unset: a list, to load with server-only secrets unset (see ``_load_config``).
+    """
     parser = configparser.ConfigParser(
         interpolation=None, inline_comment_prefixes=(";", "#"), default_section="\0none")
     try:
@@ -660,7 +697,7 @@ def _parse_config(text, environ, source="<config>"):
             raise ConfigError("unknown section; expected [wxgate] or [app:NAME]",
                               source=source, section=section, lineno=lines.get((section, None)))
 
-    gateway = _SectionReader(parser, "wxgate", environ, source, lines)
+    gateway = _SectionReader(parser, "wxgate", environ, source, lines, unset)
     gateway.check_known(_GATEWAY_OPTIONS)
     api_base = gateway.text("api_base", DEFAULT_API_BASE).rstrip("/")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", api_base):
@@ -684,7 +721,8 @@ def _parse_config(text, environ, source="<config>"):
     for section in parser.sections():
         if not section.startswith("app:"):
             continue
-        app = _parse_app(_SectionReader(parser, section, environ, source, lines), base_dir)
+        app = _parse_app(_SectionReader(parser, section, environ, source, lines, unset),
+                         base_dir)
         if app.path in paths:
             raise ConfigError(f"path {app.path!r} is already used by [app:{paths[app.path]}]",
                               **_SectionReader(parser, section, environ, source, lines)
@@ -757,7 +795,7 @@ def _parse_app(reader, base_dir):
     if mode != "plain" and _AES is None:
         raise reader.error("mode", f"{mode} mode needs AES: pip install pycryptodome (or, for "
                            "Debian's system Python, apt-get install python3-pycryptodome)")
-    token = reader.text("token", required=True)
+    token = _check_token(reader, reader.text("token", required=True))
     handler_spec = reader.text("handler", "")
     forward = reader.text("forward", "")
     if not handler_spec and not forward:
@@ -774,7 +812,7 @@ def _parse_app(reader, base_dir):
     if forward and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", forward):
         raise reader.error("forward", "expected an http:// or https:// URL, got "
                            f"{_redact_url(forward)!r}")
-    if forward and not forward_secret:
+    if forward and not forward_secret and not reader.was_unset("forward_secret"):
         raise reader.error("forward_secret", "is required with forward: the backend checks "
                            "X-Wxgate-Signature with it (wxgate genkey prints a random one)")
     return AppConfig(
@@ -802,6 +840,28 @@ def _parse_app(reader, base_dir):
         queue_retry_max=reader.number("queue_retry_max", DEFAULT_RETRY_MAX, kind=float,
                                       minimum=0.001),
     )
+
+
+def _check_token(reader, token):
+    """The app's token, if WeChat's console could have issued it; never echoed in errors.
+
+    The console takes 3 to 32 letters and digits, so anything else is a copying mistake
+    that would fail every signature: quotes kept from a shell or a YAML file, a space, a
+    character lost or added.
+    """
+    if _TOKEN_PATTERN.fullmatch(token):
+        return token
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+        raise reader.error("token", "is in quotes: remove them (ini values take no quotes); "
+                           "WeChat's tokens are 3 to 32 letters and digits")
+    if not 3 <= len(token) <= 32:
+        problem = f"got {len(token)} characters"
+    elif any(character.isspace() for character in token):
+        problem = "it has a space inside"
+    else:
+        problem = "it has characters other than letters and digits"
+    raise reader.error("token", f"expected 3 to 32 letters and digits, as WeChat's console "
+                       f"takes, but {problem}")
 
 
 def _resolve_handler(spec, base_dir):
@@ -2114,12 +2174,15 @@ class _Dedup:
 ###############################################################################
 
 
-def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what=""):
+def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what="",
+               limit="api_timeout"):
     """One HTTP call to WeChat's API; return the decoded JSON object.
 
-    ``what`` names the endpoint in errors: the URL itself may carry a secret or a token, so
-    it never reaches a message or a log line.
+    ``what`` names the endpoint in errors, and the URL appears only redacted (its query may
+    carry the AppSecret or a token). ``limit`` names what set ``timeout``, for the message
+    of a call that runs out of it.
     """
+    shown = _redact_url(url)
     if params:
         url = f"{url}?{urllib.parse.urlencode(params)}"
     data = None
@@ -2136,9 +2199,10 @@ def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEO
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            raise WeChatConnectionError(f"{what} timed out after {timeout:g} s "
-                                        "(api_timeout)") from None
-        raise WeChatConnectionError(f"{what} unreachable: {type(reason).__name__}") from None
+            raise WeChatConnectionError(f"{what} timed out after {timeout:.3g} s ({limit})") \
+                from None
+        raise WeChatConnectionError(f"{what} unreachable at {shown}: {type(reason).__name__}") \
+            from None
     except (ValueError, http.client.HTTPException) as exc:
         # Their text may quote the URL, and with it the secret or the access_token.
         raise WeChatConnectionError(f"{what} failed: {type(exc).__name__}") from None
@@ -2226,6 +2290,13 @@ class TokenManager:
                                         "spent; no time left for an API call "
                                         "(delivery = queue has no such limit)")
         return min(self.api_timeout, remaining)
+
+    def _limit(self, timeout):
+        """What set ``timeout`` (from :meth:`_time_left`), for a timeout's message."""
+        if timeout < self.api_timeout:
+            return "what was left of WeChat's 5-second push window; delivery = queue has " \
+                "no such limit"
+        return "api_timeout"
 
     def _can_wait(self, seconds):
         deadline = getattr(self._deadlines, "value", None)
@@ -2373,15 +2444,16 @@ class TokenManager:
                        "secret": self._appsecret}
         for attempt in range(len(BUSY_BACKOFF) + 1):
             self.fetches += 1
+            timeout = self._time_left()
             if self.grant == "stable":
                 document = _http_json(
                     "POST", self.api_base + "/cgi-bin/stable_token",
-                    body=dict(credentials, force_refresh=force), timeout=self._time_left(),
-                    what="stable_token")
+                    body=dict(credentials, force_refresh=force), timeout=timeout,
+                    what="stable_token", limit=self._limit(timeout))
             else:
                 document = _http_json("GET", self.api_base + "/cgi-bin/token",
-                                      params=credentials, timeout=self._time_left(),
-                                      what="token")
+                                      params=credentials, timeout=timeout, what="token",
+                                      limit=self._limit(timeout))
             errcode = _errcode(document)
             if self._metrics is not None:
                 self._metrics.count("wxgate_token_fetches_total", app=self.name)
@@ -2463,8 +2535,9 @@ class WeChatClient:
 
     def _request(self, method, path, query, body):
         for attempt in range(len(BUSY_BACKOFF) + 1):
+            timeout = self.tokens._time_left()
             document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
-                                  timeout=self.tokens._time_left(), what=path)
+                                  timeout=timeout, what=path, limit=self.tokens._limit(timeout))
             errcode = _errcode(document)
             if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
                     self.tokens._can_wait(BUSY_BACKOFF[attempt]):
@@ -2572,8 +2645,12 @@ def _forward(app, message, *, timestamp, timeout=None):
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, raw = response.status, response.read(1 << 20)
     except urllib.error.HTTPError as exc:
-        raise DeliveryError(f"backend {_redact_url(app.forward)} answered HTTP {exc.code}") \
-            from None
+        hint = ""
+        if exc.code in (401, 403):  # what tests/backend.py and the README's examples answer
+            hint = (": check that [app:...] forward_secret is the secret the backend checks "
+                    "X-Wxgate-Signature with, and that both clocks are right")
+        raise DeliveryError(f"backend {_redact_url(app.forward)} answered HTTP {exc.code}"
+                            f"{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DeliveryError(f"backend {_redact_url(app.forward)} failed: {reason}") from None
@@ -2587,6 +2664,11 @@ def _forward(app, message, *, timestamp, timeout=None):
     except ValueError:
         raise DeliveryError(f"backend {_redact_url(app.forward)} answered something that is "
                             "not JSON") from None
+
+
+def _business_name(app):
+    """The app's business code, fit for a log line: its handler, or its backend redacted."""
+    return app.handler_spec or _redact_url(app.forward)
 
 
 def _business_reply(app, message, *, timestamp):
@@ -3216,19 +3298,36 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False)
 
 
+def _level_before_handlers(level):
+    """Before ``wxgate serve`` or ``worker`` imports the handler: the root logger at ``level``.
+
+    Most handler modules call ``logging.basicConfig()``, which adds a root handler but sets
+    no level unless asked: the root's default WARNING then hid every INFO line, theirs and
+    ours. With the root at INFO first, a bare ``basicConfig()`` shows both, and an explicit
+    ``basicConfig(level=logging.WARNING)`` still wins for the user's own loggers.
+    """
+    root = logging.getLogger()
+    if not root.handlers and root.level == logging.WARNING:  # nobody has touched it yet
+        root.setLevel(level)
+
+
 def _setup_logging(log_format, level=logging.INFO):
-    """Give the ``wxgate`` logger a handler when nobody configured logging.
+    """Make the ``wxgate`` logger's lines show, once, whoever configured logging.
 
     Under gunicorn or mod_wsgi nothing configures Python logging, and the per-push INFO lines
-    would vanish. We only add a handler when neither our logger nor the root has one.
+    would vanish: we add a handler when neither our logger nor the root has one. When the
+    root has one (a handler module's ``basicConfig``, an entry file's), our lines go there,
+    and only there; our own level is still ``level`` unless the deployer set one for
+    ``wxgate``, so a root at WARNING hides their INFO lines but not ours.
     """
+    if logger.level == logging.NOTSET:
+        logger.setLevel(level)
     if logger.handlers or logging.getLogger().handlers:
         return  # logging is the deployer's: their handlers, their format
     handler = logging.StreamHandler()
     handler.setFormatter(_JSONFormatter() if log_format == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(level)
 
 
 ###############################################################################
@@ -3626,9 +3725,15 @@ class Gateway:
         except _InFlightTimeout as exc:
             self._log_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
+        except DeliveryError as exc:  # the backend failed: its reason is the whole story
+            logger.error("app=%s delivery of %s (key %s) failed: %s; answering 500 so "
+                         "WeChat retries", app.name, message.event or message.msg_type, key,
+                         exc.message)
+            self._log_push(app, message, "handler-error", started, environ)
+            return 500, [("Content-Type", _TEXT)], b""
         except Exception:
             logger.exception("app=%s %s raised on %s (key %s); answering 500 so WeChat "
-                             "retries", app.name, app.handler_spec or app.forward,
+                             "retries", app.name, _business_name(app),
                              message.event or message.msg_type, key)
             self._log_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
@@ -3729,7 +3834,7 @@ class Gateway:
         elif isinstance(reply, str):
             text = reply
         else:
-            raise TypeError(f"{app.handler_spec or app.forward} returned "
+            raise TypeError(f"{_business_name(app)} returned "
                             f"{type(reply).__name__}; expected None, a str or a dict")
         if not message.encrypted:
             return _CONTENT_TYPES[message.format], text
@@ -3992,14 +4097,24 @@ def _serve(args):
         def log_message(self, format, *arguments):  # wxgate logs each push itself
             logger.debug("%s %s", self.address_string(), format % arguments)
 
+    level = logging.DEBUG if args.verbose else logging.INFO
+    _level_before_handlers(level)
     config = load_config(args.config)
-    _setup_logging(config.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    app = make_app(config)
-    app.start_delivery()  # now, not on the first request: queued messages wait for nobody
-    host, port = _parse_listen(app.config.listen)
+    _setup_logging(config.log_format, level)
+    host, port = _parse_listen(config.listen)
     host, port = args.host or host, args.port or port
-    server = make_server(host, port, app, server_class=ThreadingWSGIServer,
-                         handler_class=QuietHandler)
+    if not 0 <= port < 65536:
+        print(f"wxgate: cannot listen on port {port}: a port is 1 to 65535", file=sys.stderr)
+        return 2
+    app = make_app(config)
+    try:
+        server = make_server(host, port, app, server_class=ThreadingWSGIServer,
+                             handler_class=QuietHandler)
+    except OSError as exc:  # in use, not an address of this host, or a privileged port
+        app.close()
+        print(f"wxgate: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    app.start_delivery()  # now, not on the first request: queued messages wait for nobody
     for item in app.config.apps.values():
         logger.info("serving app %s (%s mode, %s) on http://%s:%d%s", item.name, item.mode,
                     item.format, host, server.server_port, item.path)
@@ -4031,17 +4146,30 @@ def _sign(args):
 
 
 def _check(args):
-    """``wxgate check CONFIG``: load the config and print each app with secrets redacted."""
-    config = load_config(args.config)
+    """``wxgate check CONFIG``: load the config and print each app with secrets redacted.
+
+    Offline, the server-only secrets may be unset (a shell without the systemd unit's
+    EnvironmentFile): each one is named, since ``serve`` will need it. ``--online`` fetches
+    a token, and needs the AppSecret.
+    """
+    unset = None if args.online else []
+    config = _load_config(args.config, unset=unset)
     store = _redact_url(config.store) if "://" in config.store else config.store
     print(f"{config.source}: ok; store {store}, api_base "
           f"{_redact_url(config.api_base)}, admin_secret {_redact(config.admin_secret)}")
     if not config.timestamp_window:
         print(f"warning: {_WINDOW_OFF}")
     for app in config.apps.values():
+        business = [f"handler {app.handler_spec}"] if app.handler_spec else []
+        if app.forward:
+            business.append(f"forward {_redact_url(app.forward)}")
         print(f"  [app:{app.name}] {app.path}: appid {app.appid}, {app.mode} mode, {app.format}, "
-              f"handler {app.handler_spec}, token {_redact(app.token)}, encoding_aes_key "
-              f"{_redact(app.encoding_aes_key)}, appsecret {_redact(app.appsecret)}")
+              f"{', '.join(business)}, {app.delivery} delivery, token {_redact(app.token)}, "
+              f"encoding_aes_key {_redact(app.encoding_aes_key)}, appsecret "
+              f"{_redact(app.appsecret)}")
+    for section, option, name in unset or ():
+        print(f"warning: [{section}] {option}: environment variable {name} is not set here; "
+              "serve, worker and token will need it")
     if args.online:
         gateway = Gateway(config)
         for name in config.apps:
@@ -4060,7 +4188,7 @@ def _token(args):
 def _push(args):
     """``wxgate push CONFIG``: act as WeChat, send a push, and print the decrypted reply."""
     import secrets
-    config = load_config(args.config)
+    config = _load_config(args.config, unset=[])  # it needs the token and key only
     app = _pick_app(config, args.app)
     host, port = _parse_listen(config.listen)
     url = args.url or f"http://{host}:{port}{app.path}"
@@ -4085,6 +4213,11 @@ def _push(args):
             print(f"wxgate: cannot reach {_redact_url(url)}: {getattr(exc, 'reason', exc)} "
                   "(is `wxgate serve` running?)", file=sys.stderr)
             return 1
+        except (ValueError, http.client.HTTPException) as exc:
+            # http.client's InvalidURL quotes the URL, password included: its class only.
+            print(f"wxgate: cannot send to {_redact_url(url)}: {type(exc).__name__} (is "
+                  "--url a whole URL, with any password percent-encoded?)", file=sys.stderr)
+            return 1
         elapsed = (time.monotonic() - started) * 1000
         try:
             shown = _open_reply(app, reply) if status == 200 else reply.decode("utf-8", "replace")
@@ -4097,45 +4230,109 @@ def _push(args):
 
 
 def _handshake_command(args):
-    """``wxgate handshake CONFIG``: the URL check of WeChat's console, with a plain verdict."""
+    """``wxgate handshake CONFIG``: the URL check of WeChat's console, with a plain verdict.
+
+    ``--token`` signs with the console's value instead of the ini's, which is how a token
+    that differs between the two shows up: the console's check fails, and so does ours.
+    """
     import secrets
-    config = load_config(args.config)
+    config = _load_config(args.config, unset=[])  # it needs the token only
     app = _pick_app(config, args.app)
     host, port = _parse_listen(config.listen)
     url = args.url or f"http://{host}:{port}{app.path}"
+    token = app.token if args.token is None else args.token
     timestamp, nonce = str(int(time.time())), str(secrets.randbelow(10**9))
     echostr = str(secrets.randbelow(10**19))
-    query = urllib.parse.urlencode({"signature": sign(app.token, timestamp, nonce),
+    query = urllib.parse.urlencode({"signature": sign(token, timestamp, nonce),
                                     "timestamp": timestamp, "nonce": nonce, "echostr": echostr})
+    shown = _redact_url(url)
     try:
         with urllib.request.urlopen(f"{url}?{query}", timeout=REPLY_DEADLINE) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
-        print(f"FAIL: cannot reach {_redact_url(url)}: {getattr(exc, 'reason', exc)}")
+        print(f"FAIL: cannot reach {shown}: {getattr(exc, 'reason', exc)}")
+        return 1
+    except (ValueError, http.client.HTTPException) as exc:
+        # http.client's InvalidURL quotes the URL, password included: its class only.
+        print(f"FAIL: cannot send to {shown}: {type(exc).__name__} (is --url a whole URL, "
+              "with any password percent-encoded?)")
         return 1
     if status == 200 and body == echostr.encode():
-        print(f"PASS: {_redact_url(url)} echoed echostr exactly; WeChat's console would accept it")
+        refused = _console_refuses(url)
+        verdict = (f"but the console itself would refuse the URL: it takes only https:// on "
+                   f"port 443 at a public address, and this is {refused}" if refused
+                   else "WeChat's console would accept it")
+        print(f"PASS: {shown} echoed echostr exactly; {verdict}")
         return 0
-    print(f"FAIL: {_redact_url(url)} answered {status} {body[:200]!r}; WeChat expects 200 "
-          "and exactly "
-          f"{echostr!r} (check the token in the console and in [app:{app.name}])")
+    print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
+          f"{echostr!r}: {_handshake_hint(status, app, args.token)}")
     return 1
+
+
+def _console_refuses(url):
+    """Why WeChat's console would not take ``url`` as a push URL (a short reason), or "".
+
+    XXX: from the console's own form and issue 15: https only, on the default port, and
+    WeChat's servers must reach the host, which a loopback or private address is not.
+    """
+    import ipaddress
+    split = urllib.parse.urlsplit(url)
+    if split.scheme != "https":
+        return f"{split.scheme}://"
+    try:
+        port = split.port
+    except ValueError:
+        port = None
+    if port not in (None, 443):
+        return f"port {port}"
+    try:
+        address = ipaddress.ip_address((split.hostname or "").strip("[]"))
+    except ValueError:
+        return "a loopback name" if split.hostname in ("localhost", None) else ""
+    return "a private or loopback address" if not address.is_global else ""
+
+
+def _handshake_hint(status, app, console_token):
+    """What a failed handshake's status points at, for app ``app``."""
+    where = f"[app:{app.name}]"
+    if status == 404:
+        return (f"nothing answers at this path: the URL's path must be the ini's {where} path "
+                f"{app.path!r} (behind a proxy, check that it passes the path unchanged)")
+    if status in (500, 502, 503, 504):
+        return "the server failed: its log (wxgate serve's output, or the WSGI server's " \
+               "error log) says why"
+    if status == 403 and console_token is not None and console_token != app.token:
+        return (f"the console's token (given with --token) is not the one in the ini's {where}: "
+                "copy the console's token into the ini, or click the console's button to "
+                "set the ini's")
+    if status == 403:
+        return (f"the signature was refused: check that the token in the console and in "
+                f"{where} are the same (try --token), or a clock far off (NTP)")
+    return f"check the URL, and the token in the console and in {where}"
 
 
 def _decrypt_command(args):
     """``wxgate decrypt CONFIG BODY_OR_FILE ...``: verify and decrypt a captured push."""
-    config = load_config(args.config)
+    config = _load_config(args.config, unset=[])  # it needs the token and key only
     app = _pick_app(config, args.app)
     if app.aes_key is None:
         raise WxgateError(f"app {app.name!r} has mode = plain and no encoding_aes_key: "
                           "there is nothing to decrypt with")
     body = args.body
     if os.path.isfile(body):
-        with open(body, "rb") as file:
-            raw = file.read()
+        try:
+            with open(body, "rb") as file:
+                raw = file.read()
+        except OSError as exc:
+            print(f"wxgate: cannot decrypt: cannot read {body}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
         what = "the file"
+    elif _looks_like_a_path(body):
+        print(f"wxgate: cannot decrypt: no such file: {body}", file=sys.stderr)
+        return 2
     else:
         raw = body.encode("utf-8", "surrogateescape")
         what = "the argument"
@@ -4165,10 +4362,29 @@ def _decrypt_command(args):
     return 0
 
 
+def _looks_like_a_path(text):
+    """Whether a BODY_OR_FILE that is not a file was meant as one (a path, not a value).
+
+    An ``Encrypt`` value is Base64, whose alphabet has ``/`` too: only text that is not
+    Base64 and has a path's shape (a separator, or a file extension) counts.
+    """
+    stripped = text.strip()
+    if stripped[:1] in ("<", "{"):
+        return False
+    try:
+        _strict_b64decode(stripped)
+        return False
+    except (binascii.Error, ValueError):
+        pass
+    return os.sep in stripped or bool(re.search(r"\.[A-Za-z0-9]{1,5}$", stripped))
+
+
 def _worker_command(args):
     """``wxgate worker CONFIG``: deliver queued pushes in this process until interrupted."""
+    level = logging.DEBUG if args.verbose else logging.INFO
+    _level_before_handlers(level)
     config = load_config(args.config)
-    _setup_logging(config.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    _setup_logging(config.log_format, level)
     import signal
     gateway = Gateway(config, start_worker=False)
     worker = gateway.worker(args.threads)
@@ -4295,6 +4511,8 @@ def main(argv=None):
     handshake.add_argument("config")
     handshake.add_argument("--app", help="the app's name (needed when there are several)")
     handshake.add_argument("--url", help="default: the app's path on [wxgate] listen")
+    handshake.add_argument("--token", help="sign with this token (the console's) instead of "
+                           "the ini's, to check that the two are the same")
     handshake.set_defaults(run=_handshake_command)
 
     decrypt = commands.add_parser("decrypt", help="verify and decrypt a captured push")
@@ -4333,4 +4551,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Under `python -m wxgate` or `python wxgate.py` this module is __main__, and a handler's
+    # `import wxgate` would load a second copy whose WeChatAPIError the client never raises:
+    # the README's `except wxgate.WeChatAPIError` would then never catch. One module it is.
+    sys.modules.setdefault("wxgate", sys.modules[__name__])
     sys.exit(main())
