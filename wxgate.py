@@ -3471,6 +3471,11 @@ class Gateway:
             store, clock=clock, max_entries=config.dedup_size)
         self._dedup = _Dedup(self.store, prefix=config.store_prefix, ttl=config.dedup_ttl,
                              clock=clock, sleep=sleep, max_entries=config.dedup_size)
+        # Signed queries' binds (see _bind_query) get an LRU of their own in memory: sharing
+        # the dedup LRU, one per push, they halved it, and a store sized as the README says
+        # (dedup_size above the pushes of a window) evicted pushes still inside their window.
+        self._binds = self.store if self.store.shared else MemoryStore(config.dedup_size,
+                                                                       clock=clock)
         self._routes = {app.path: app for app in config.apps.values()}
         self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
         self._clients = {
@@ -3612,6 +3617,9 @@ class Gateway:
             query, "signature", "timestamp", "nonce", "echostr")
         _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
         check_signature(signature, app.token, timestamp, nonce)
+        # Its query is a plain push's query (the same signature), and it is logged like every
+        # request: bound to the empty body a GET has, it can carry no push.
+        self._bind_query(app, timestamp, nonce, b"")
         logger.info("app=%s handshake ok", app.name)
         # The body must be echostr exactly: no newline, no JSON, no encryption.
         return 200, [("Content-Type", _TEXT), ("X-Content-Type-Options", "nosniff")], \
@@ -3630,9 +3638,16 @@ class Gateway:
         timestamp, nonce = _required(query, "timestamp", "nonce")
         _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
         if app.mode == "plain":  # checked before we even read the body
-            signature = _required(query, "signature")[0]
-            check_signature(signature, app.token, timestamp, nonce)
+            check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
+            signed = True
+        else:  # WeChat sends the URL signature in every mode; it is not required here
+            signed = self._signed(app, query, timestamp, nonce)
         body = _read_body(environ, self.config.max_body_bytes)
+        if signed:
+            # Bound before any other check: a genuine push refused below (a format the app
+            # does not take, a body it cannot parse) still keeps its logged query from
+            # carrying another body.
+            self._bind_query(app, timestamp, nonce, body)
         if not body.strip():
             raise MessageError("empty body", code=None)
         fmt = _sniff_format(body)
@@ -3647,7 +3662,6 @@ class Gateway:
                 if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
                     raise MessageError("encrypted push, but the app has mode = plain: set mode "
                                        "to compat (or safe) and its encoding_aes_key", code=None)
-            self._bind_query(app, signature, timestamp, nonce, body)
             return Message(fields, app=app.name, format=fmt, encrypted=False,
                            client=self._clients[app.name]), nonce, timestamp
         if encrypt is None:
@@ -3657,7 +3671,8 @@ class Gateway:
         # msg_signature covers Encrypt: check it before decoding a single byte.
         signature = _required(query, "msg_signature")[0]
         check_signature(signature, app.token, timestamp, nonce, encrypt)
-        self._bind_query(app, signature, timestamp, nonce, body)
+        if not signed:
+            self._bind_query(app, timestamp, nonce, body)
         try:
             inner = decrypt_message(encrypt, self._aes_keys[app.name], app.appid).encode()
             fmt = _sniff_format(inner)
@@ -3682,7 +3697,19 @@ class Gateway:
         return max(self.config.dedup_ttl,
                    int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
 
-    def _bind_query(self, app, signature, timestamp, nonce, body):
+    @staticmethod
+    def _signed(app, query, timestamp, nonce):
+        """Whether the query's URL ``signature`` (optional in compat and safe modes) is valid."""
+        signature = query.get("signature")
+        if not signature:
+            return False
+        try:
+            check_signature(signature, app.token, timestamp, nonce)
+        except SignatureError:
+            return False
+        return True
+
+    def _bind_query(self, app, timestamp, nonce, body):
         """Bind one signed query to one body until its timestamp leaves the window.
 
         The URL signature covers token, timestamp and nonce, never the body, so anyone who
@@ -3690,14 +3717,20 @@ class Gateway:
         retries resend the same bytes: a byte-identical body passes, to be answered as a
         duplicate; a different one is a forgery, refused with 403. The pair lives in the
         shared store, so the bind holds across workers.
+
+        The key is the app, timestamp and nonce, whatever signature came with them: the
+        console's handshake (a GET, bound to an empty body), a plain push's ``signature``
+        and an encrypted one's ``msg_signature`` for one timestamp and nonce are one query,
+        bound once. Only a validly signed request binds (the caller checks first), so a
+        forger cannot occupy the key of a query WeChat has yet to send.
         """
-        query_id = hashlib.sha1(f"{signature.lower()}\n{timestamp}\n{nonce}".encode(
+        query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
             "utf-8", "surrogateescape")).hexdigest()
         key = f"{self.config.store_prefix}:query:{app.name}:{query_id}"
         digest = hashlib.sha256(body).hexdigest()
-        if self.store.add(key, digest, self._remember_for(timestamp)):
+        if self._binds.add(key, digest, self._remember_for(timestamp)):
             return
-        bound = self.store.get(key)
+        bound = self._binds.get(key)
         if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
                                                 digest.encode("ascii")):
             return
@@ -3900,6 +3933,11 @@ class Gateway:
             logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
                          _cause(exc))
             status, state = 503, "store unreachable"
+        if not detailed:
+            # The status is the store's write: an anonymous caller (a load balancer, anyone
+            # on the internet) must not make every probe a queue scan as well.
+            return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+                _dump_json({"status": state}).encode()
         document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
                     "store": self.config.store.split("://")[0]}
         if self.queue is not None and status == 200:
@@ -3908,8 +3946,6 @@ class Gateway:
             except Exception as exc:
                 status, document["status"] = 503, "queue unreachable"
                 logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
-        if not detailed:
-            document = {"status": document["status"]}
         return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
             _dump_json(document).encode()
 

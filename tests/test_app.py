@@ -376,7 +376,8 @@ HOSTILE_BODIES = {
 @pytest.mark.parametrize("mode", MODES)
 def test_hostile_bodies_get_400_and_the_app_survives(make_testapp, recorder, mode, name):
     testapp = make_testapp(recorder, mode=mode)
-    query, _ = build_push(text_message(), mode="plain")
+    # Its own nonce: a plain query is bound to the first body it comes with, hostile or not.
+    query, _ = build_push(text_message(), mode="plain", nonce="1")
     response = post(testapp, query, HOSTILE_BODIES[name], status=400)
     assert response.text
     assert recorder.calls == 0
@@ -430,7 +431,9 @@ def test_non_ascii_signature_is_403_not_a_crash(make_testapp, recorder):
 def test_secrets_never_in_responses_or_logs(make_testapp, recorder, caplog):
     testapp = make_testapp(recorder)
     with caplog.at_level(logging.DEBUG, "wxgate"):
-        bodies = [post(testapp, *build_push(text_message(), key="B" * 43), status=400).body,
+        # Its own nonce: a signed query is bound to its first body, whatever the key was.
+        bodies = [post(testapp, *build_push(text_message(), key="B" * 43, nonce="1"),
+                       status=400).body,
                   post(testapp, *build_push(text_message(), token="other"), status=403).body,
                   post(testapp, *build_push(text_message())).body]
     for secret in (TOKEN, "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"):

@@ -206,30 +206,30 @@ def test_relative_sqlite_store_is_found_beside_the_ini(tmp_path):
 
 
 def test_env_references_are_expanded_from_the_environ_argument(tmp_path, monkeypatch):
-    monkeypatch.setenv("WXGATE_TEST_TOKEN", "from-os-environ")
+    monkeypatch.setenv("WXGATE_TEST_TOKEN", "fromOsEnviron")
     app = "appsecret = ${WXGATE_TEST_SECRET}"
     config, _ = load_text(tmp_path, ini("admin_secret = pre-${WXGATE_TEST_ADMIN}-post", app,
                                         token="${WXGATE_TEST_TOKEN}"),
-                          environ={"WXGATE_TEST_TOKEN": "from-argument",
+                          environ={"WXGATE_TEST_TOKEN": "fromArgument",
                                    "WXGATE_TEST_SECRET": SECRET_APPSECRET,
                                    "WXGATE_TEST_ADMIN": "mid"})
-    assert config.apps["a"].token == "from-argument"
+    assert config.apps["a"].token == "fromArgument"
     assert config.apps["a"].appsecret == SECRET_APPSECRET
     assert config.admin_secret == "pre-mid-post"
 
 
 def test_os_environ_is_not_consulted_when_environ_is_given(tmp_path, monkeypatch):
-    monkeypatch.setenv("WXGATE_TEST_TOKEN", "from-os-environ")
+    monkeypatch.setenv("WXGATE_TEST_TOKEN", "fromOsEnviron")
     error = config_error(tmp_path, ini(token="${WXGATE_TEST_TOKEN}"), environ={})
     assert "WXGATE_TEST_TOKEN" in str(error)
-    assert "from-os-environ" not in str(error)
+    assert "fromOsEnviron" not in str(error)
 
 
 def test_environ_defaults_to_os_environ(tmp_path, monkeypatch):
-    monkeypatch.setenv("WXGATE_TEST_TOKEN", "from-os-environ")
+    monkeypatch.setenv("WXGATE_TEST_TOKEN", "fromOsEnviron")
     source = tmp_path / "wxgate.ini"
     source.write_text(ini(token="${WXGATE_TEST_TOKEN}"), "utf-8")
-    assert wxgate.load_config(source).apps["a"].token == "from-os-environ"
+    assert wxgate.load_config(source).apps["a"].token == "fromOsEnviron"
 
 
 MISSING = "${WXGATE_TEST_MISSING}"
@@ -256,19 +256,34 @@ def test_missing_env_variable_names_file_section_option_and_variable(tmp_path, s
 @pytest.mark.parametrize("secret", ["a%b$c", "%(token)s", "$HOME", "$", "%", "${", "$(x)",
                                     "a${1X}b", "100%$%{x}", "${lower-case}"])
 def test_dollar_and_percent_elsewhere_stay_literal(tmp_path, secret):
-    config, _ = load_text(tmp_path, ini(f"admin_secret = {secret}",
-                                        f"appsecret = {secret}", token=secret),
+    # Not in the token: WeChat's tokens are letters and digits, and wxgate refuses others.
+    config, _ = load_text(tmp_path, ini(f"admin_secret = {secret}", f"appsecret = {secret}"),
                           environ={"HOME": "/root", "x": "X", "token": "T"})
-    assert config.apps["a"].token == secret
     assert config.apps["a"].appsecret == secret
     assert config.admin_secret == secret
 
 
+@pytest.mark.parametrize("written, environ", [
+    pytest.param('"${WX_TOKEN}"', {"WX_TOKEN": ""}, id="quoted-empty-variable"),
+    pytest.param("'${WX_TOKEN}'", {"WX_TOKEN": SECRET_TOKEN}, id="quoted-variable"),
+    pytest.param(f'"{SECRET_TOKEN}"', {}, id="quoted-value"),
+])
+def test_a_token_in_quotes_says_to_remove_them(tmp_path, written, environ):
+    # Review of issue 10: `token = "${T}"` with T empty left the 2-character token '""',
+    # which passed the empty-value check. WeChat's tokens are 3-32 letters and digits, so
+    # quotes are refused, and the message says what to do, without the value.
+    text = ini(token=written)
+    error = config_error(tmp_path, text, environ=environ)
+    assert_names(error, tmp_path / "wxgate.ini", "app:a", "token", line_of(text, "token ="))
+    assert "remove them" in str(error) and "quotes" in str(error)
+    assert SECRET_TOKEN not in str(error) and '""' not in str(error)
+
+
 def test_expanded_values_are_not_expanded_again(tmp_path):
-    config, _ = load_text(tmp_path, ini(token="${WXGATE_TEST_TOKEN}"),
-                          environ={"WXGATE_TEST_TOKEN": "a%b$c${WXGATE_TEST_OTHER}",
+    config, _ = load_text(tmp_path, ini(app="appsecret = ${WXGATE_TEST_SECRET}"),
+                          environ={"WXGATE_TEST_SECRET": "a%b$c${WXGATE_TEST_OTHER}",
                                    "WXGATE_TEST_OTHER": "nope"})
-    assert config.apps["a"].token == "a%b$c${WXGATE_TEST_OTHER}"
+    assert config.apps["a"].appsecret == "a%b$c${WXGATE_TEST_OTHER}"
 
 
 # -- every bad value ------------------------------------------------------------------------

@@ -190,6 +190,25 @@ def test_healthz_reports_the_queue_when_there_is_one(tmp_path, clock):
         app.close()
 
 
+def test_healthz_reads_the_queue_only_for_callers_who_see_it(tmp_path, clock):
+    # Review of issue 10: the open /healthz ran queue.stats() (a scan of the queue) for every
+    # anonymous probe, then threw the counts away. Its status is the store's write; the
+    # queue is read for the admin secret or loopback only. A queue table that cannot be read
+    # shows which callers read it.
+    app, testapp = gateway(tmp_path, clock, start_worker=False,
+                           extra_gateway=f"store = sqlite://{tmp_path}/q.db",
+                           extra_app="delivery = queue")
+    try:
+        import sqlite3
+        with sqlite3.connect(tmp_path / "q.db") as connection:
+            connection.execute("ALTER TABLE wxgate_queue RENAME TO wxgate_queue_gone")
+        assert testapp.get("/_wxgate/healthz", extra_environ=REMOTE).json == {"status": "ok"}
+        response = testapp.get("/_wxgate/healthz", extra_environ=LOOPBACK, status=503)
+        assert response.json["status"] == "queue unreachable"
+    finally:
+        app.close()
+
+
 # -- metrics: who may scrape -------------------------------------------------------------------
 
 
