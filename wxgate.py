@@ -180,6 +180,12 @@ DEFAULT_RETRY_MAX = 300.0
 DEFAULT_VISIBILITY_TIMEOUT = 60.0
 # How long a delivered message's key is kept, so a re-delivery skips the handler.
 DONE_TTL = 86400.0
+# A queued message whose delivery was cut off this many times (its worker killed or crashed
+# mid-delivery each time: a handler that exhausts memory, an OOM killer) goes to the dead
+# letters. Cut-off attempts do not count as attempts, since the backend may have taken the
+# message, so without this bound such a message is retried for ever; five leaves room for
+# a deploy or two that stop workers mid-delivery.
+MAX_CUT_OFFS = 5
 
 # Message types and events named in the docs (PROTOCOL.md §6); others count as "other".
 _KNOWN_TYPES = frozenset({
@@ -2708,11 +2714,12 @@ class _Queue:
         raise NotImplementedError
 
     def claim(self, now, visibility):
-        """``(id, payload, attempt, claim)`` of a message due for delivery, or None.
+        """``(id, payload, attempt, claim, cut_offs)`` of a message due for delivery, or None.
 
         ``attempt`` is this attempt's number: one more than the attempts that ended (in
         :meth:`retry` or :meth:`bury`). An attempt cut off by a kill never ended, so it is
-        not counted: it is noted in the message's errors instead.
+        not counted: it is noted in the message's errors, and counted in ``cut_offs`` (see
+        ``MAX_CUT_OFFS``).
         """
         raise NotImplementedError
 
@@ -2756,9 +2763,17 @@ class _SqliteQueue(_Queue):
             "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
             " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
-            " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL)")
+            " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
+            " DEFAULT 0)")
         self.store._execute(
             "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)")
+        columns = {row[1] for row in self.store._read("PRAGMA table_info(wxgate_queue)", ())}
+        if "cut_offs" not in columns:  # a queue made before the column: add it in place
+            try:
+                self.store._execute("ALTER TABLE wxgate_queue ADD COLUMN cut_offs INTEGER NOT"
+                                    " NULL DEFAULT 0")
+            except sqlite3.OperationalError:  # another process added it first
+                pass
 
     def _execute(self, sql, parameters=()):
         """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
@@ -2800,22 +2815,26 @@ class _SqliteQueue(_Queue):
             # pushes. The head of each partition is its lowest live id; ids only grow, so a
             # head stays the head until it is settled.
             rows = self.store._read(
-                "SELECT q.id, q.payload, q.attempts FROM wxgate_queue q JOIN (SELECT MIN(id)"
-                " AS head FROM wxgate_queue WHERE dead = 0 GROUP BY partition) h"
-                " ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id LIMIT 1", (now,))
+                "SELECT q.id, q.payload, q.attempts, q.cut_offs, q.claim FROM wxgate_queue q"
+                " JOIN (SELECT MIN(id) AS head FROM wxgate_queue WHERE dead = 0 GROUP BY"
+                " partition) h ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id"
+                " LIMIT 1", (now,))
             if not rows:
                 return None
-            row = rows[0]
+            item_id, payload, attempts, cut_offs, previous = rows[0]
             # A claim moves available_at into the future, which hides the message; the
-            # condition makes two workers racing for it agree on one winner. A claim still
-            # set is one whose attempt never ended (its worker was killed): noted, not
-            # counted, since the backend may well have taken the message.
+            # condition makes two workers racing for it agree on one winner, and on the
+            # claim it replaces. A claim still set is one whose attempt never ended (its
+            # worker was killed): noted and counted apart, not as an attempt, since the
+            # backend may well have taken the message.
+            cut_off = previous is not None
             if self._execute(
                     "UPDATE wxgate_queue SET available_at = ?, error = CASE WHEN claim IS NULL"
-                    " THEN error ELSE COALESCE(error || char(10), '') || ? END, claim = ?"
-                    " WHERE id = ? AND available_at <= ? AND dead = 0",
-                    (now + visibility, _CUT_OFF, claim, row[0], now))[0] == 1:
-                return row[0], row[1], row[2] + 1, claim
+                    " THEN error ELSE COALESCE(error || char(10), '') || ? END, cut_offs ="
+                    " cut_offs + ?, claim = ? WHERE id = ? AND available_at <= ? AND dead = 0"
+                    " AND claim IS ?", (now + visibility, _CUT_OFF, int(cut_off), claim,
+                                        item_id, now, previous))[0] == 1:
+                return item_id, payload, attempts + 1, claim, cut_offs + cut_off
         return None
 
     def ack(self, item_id, claim, now):
@@ -2928,13 +2947,15 @@ local id = redis.call('LINDEX', p .. ':q:part:' .. heads[1], 0)
 if not id then return false end
 local key = p .. ':q:msg:' .. id
 local attempts = tonumber(redis.call('HGET', key, 'attempts') or 0) + 1
+local cut_offs = tonumber(redis.call('HGET', key, 'cut_offs') or 0)
 if redis.call('HEXISTS', key, 'claim') == 1 then
   local errors = redis.call('HGET', key, 'error')
   redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. ARGV[5])
+  cut_offs = redis.call('HINCRBY', key, 'cut_offs', 1)
 end
 redis.call('HSET', key, 'claim', ARGV[4])
 redis.call('ZADD', p .. ':q:inflight', now + tonumber(ARGV[3]), id)
-return {id, redis.call('HGET', key, 'payload'), attempts}
+return {id, redis.call('HGET', key, 'payload'), attempts, cut_offs}
 """
     # ARGV: prefix, id, claim, now, action ('ack', 'retry', 'bury'), available_at, error
     _SETTLE = """
@@ -2988,7 +3009,7 @@ for _, id in ipairs(ids) do
   local part = redis.call('HGET', key, 'partition')
   if part and redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
     redis.call('HSET', key, 'attempts', 0)
-    redis.call('HDEL', key, 'error', 'claim')
+    redis.call('HDEL', key, 'error', 'claim', 'cut_offs')
     if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
       redis.call('ZADD', p .. ':q:ready', now, part)
     end
@@ -3019,7 +3040,7 @@ return count
         row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim, _CUT_OFF])
         if not row:
             return None
-        return int(row[0]), _text(row[1]), int(row[2]), claim
+        return int(row[0]), _text(row[1]), int(row[2]), claim, int(row[3])
 
     def ack(self, item_id, claim, now):
         return bool(self._settle(args=[self.prefix, item_id, claim, repr(now), "ack", 0, ""]))
@@ -3146,17 +3167,17 @@ class _DeliveryWorker:
         item = self.queue.claim(gateway._clock(), gateway.config.queue_visibility_timeout)
         if item is None:
             return False
-        item_id, payload, attempts, claim = item
+        item_id, payload, attempts, claim, cut_offs = item
         with self._working_lock:
             self._working[item_id] = claim
         try:
-            self._deliver(item_id, payload, attempts, claim)
+            self._deliver(item_id, payload, attempts, claim, cut_offs)
         finally:
             with self._working_lock:
                 self._working.pop(item_id, None)
         return True
 
-    def _deliver(self, item_id, payload, attempts, claim):
+    def _deliver(self, item_id, payload, attempts, claim, cut_offs=0):
         gateway = self.gateway
         try:
             document = json.loads(payload)
@@ -3169,6 +3190,14 @@ class _DeliveryWorker:
                             f"{type(exc).__name__}", gateway._clock())
             logger.error("queued message %s cannot be read (%s); moved to the dead letters",
                          item_id, type(exc).__name__)
+            return
+        if cut_offs >= MAX_CUT_OFFS:
+            error = (f"cut off {cut_offs} times: probably a worker crash or kill while "
+                     "delivering it (a handler that exhausts memory?); not delivered again")
+            self.queue.bury(item_id, claim, error, gateway._clock())
+            logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
+                         app.name, item_id, message.dedup_key, error)
+            gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
             return
         key = _store_key(message) if message.dedup_key else item_id
         done_key = f"{gateway.config.store_prefix}:done:{key}"
@@ -3272,6 +3301,20 @@ def _from_loopback(environ):
     # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
     return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
         "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
+
+
+def _given_request_id(environ):
+    """The proxy's X-Request-Id (nginx ``$request_id``) when usable, else "-".
+
+    The text line's ``rid=``: it matches the proxy's access log, and without a proxy id
+    there is nothing to match, so no id is made up (a uuid per push costs the hot path).
+    A space would split the line's fields: such an id is not usable either.
+    """
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if given and len(given) <= 64 and given.isascii() and given.isprintable() \
+            and " " not in given:
+        return given
+    return "-"
 
 
 def _request_id(environ):
@@ -3605,7 +3648,8 @@ class Gateway:
         except WxgateError as exc:
             self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
                                code=exc.code or "")
-            logger.warning("app=%s %s refused %d: %s", app.name, method, exc.status, exc.message,
+            logger.warning("app=%s %s refused %d rid=%s: %s", app.name, method, exc.status,
+                           _given_request_id(environ), exc.message,
                            extra={"app": app.name, "outcome": f"refused-{exc.status}",
                                   "request_id": _request_id(environ)})
             public = getattr(exc, "public", None) or exc.message
@@ -3836,8 +3880,9 @@ class Gateway:
                 extra = {"app": app.name, "dedup_key": message.dedup_key, "outcome": outcome,
                          "duration_ms": round(milliseconds, 2), "msg_type": kind,
                          "request_id": _request_id(environ)}
-            logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f", app.name, kind,
-                        message.dedup_key, outcome, milliseconds, extra=extra)
+            logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f rid=%s", app.name,
+                        kind, message.dedup_key, outcome, milliseconds,
+                        _given_request_id(environ), extra=extra)
 
     def _deliver(self, app, message, nonce, deadline=None):
         """Hand the message to business code and render its answer: ``(type, body)``."""

@@ -495,6 +495,25 @@ def test_refusal_log_carries_the_request_id(tmp_path, clock, records):
     app.close()
 
 
+def test_text_log_lines_carry_the_proxys_request_id(tmp_path, clock, records):
+    # log_format = text: the push and refusal lines end their fields with rid=, the proxy's
+    # X-Request-Id, to match nginx's access log (README: log_format wxgate ... rid=...).
+    # Without the header there is nothing to match, and no id is made up: rid=-.
+    app, testapp = gateway(tmp_path, clock)
+    push(testapp, text_message(msg_id="rid-1"), headers={"X-Request-Id": "req-txt-1"})
+    push(testapp, text_message(msg_id="rid-2"))
+    push(testapp, text_message(msg_id="rid-3"), headers={"X-Request-Id": "two words"})
+    query, body = build_push(text_message(), token="not-the-token")
+    testapp.post(f"/wechat?{query}", body, content_type="text/xml", status=403,
+                 headers={"X-Request-Id": "refused-2"}, extra_environ=REMOTE)
+    lines = [record.getMessage() for record in records]
+    pushes = [line for line in lines if line.startswith("push ")]
+    assert [line.rsplit(" ", 1)[1] for line in pushes] == ["rid=req-txt-1", "rid=-", "rid=-"]
+    (refused,) = [line for line in lines if "refused 403" in line]
+    assert "refused 403 rid=refused-2:" in refused
+    app.close()
+
+
 def test_no_secret_in_any_log_record(tmp_path, clock, records):
     def reply(message):
         if message.get("Content") == "boom":

@@ -514,6 +514,36 @@ def test_attempt_cut_off_by_a_kill_does_not_count(tmp_path, backend, queue_store
     app.close()
 
 
+@pytest.mark.parametrize("cut_offs", [wxgate.MAX_CUT_OFFS - 1, wxgate.MAX_CUT_OFFS])
+def test_a_message_cut_off_every_time_is_buried_after_max_cut_offs(tmp_path, backend,
+                                                                    queue_store, cut_offs):
+    # Issue 14's fix stopped counting cut-off attempts, so a message that kills its worker
+    # every time (a handler that exhausts memory) was retried for ever. Each claim below is
+    # left as a killed worker leaves it: taken, never settled, expired by the clock.
+    source = write_ini(tmp_path, store=queue_store,
+                       extra_app=f"forward = {backend.url}\n{QUEUE_APP}")
+    clock = Clock(time.time())
+    app = wxgate.make_app(str(source), start_worker=False, clock=clock)
+    fields = text_message(msg_id=f"killer-{cut_offs}")
+    assert post(app, fields).body == b"success"
+    worker = app.worker()
+    visibility = app.config.queue_visibility_timeout
+    for _ in range(cut_offs):
+        assert worker.queue.claim(clock(), visibility) is not None
+        clock.advance(visibility + 1)
+    assert worker.run_once() is True
+    dead = worker.queue.dead()
+    if cut_offs < wxgate.MAX_CUT_OFFS:  # still delivered: a deploy or two may cut it off
+        assert dead == [] and backend.keys().count(key_of(fields)) == 1
+    else:
+        (letter,) = dead
+        assert letter["dedup_key"] == key_of(fields) and backend.keys() == []
+        assert f"cut off {cut_offs} times" in letter["error"]
+        assert "worker crash or kill" in letter["error"]
+        assert worker.run_once() is False  # gone from the queue, not retried
+    app.close()
+
+
 def test_list_dead_shows_the_error_of_each_attempt(tmp_path, backend, queue_store):
     source = write_ini(tmp_path, store=queue_store,
                        extra_app=f"forward = {backend.url}\n{QUEUE_APP}queue_max_attempts = 2\n")
