@@ -4342,8 +4342,8 @@ def _handshake_command(args):
         return 1
     if status == 200 and body == echostr.encode():
         refused = _console_refuses(url)
-        verdict = (f"but the console itself would refuse the URL: it takes only https:// on "
-                   f"port 443 at a public address, and this is {refused}" if refused
+        verdict = (f"but the console itself would refuse this URL ({refused}): it takes "
+                   "http:// on port 80 or https:// on port 443, at a public address" if refused
                    else "WeChat's console would accept it")
         print(f"PASS: {shown} echoed echostr exactly; {verdict}")
         return 0
@@ -4353,26 +4353,27 @@ def _handshake_command(args):
 
 
 def _console_refuses(url):
-    """Why WeChat's console would not take ``url`` as a push URL (a short reason), or "".
+    """Why WeChat's console would not take ``url`` as the push URL (a short reason), or "".
 
-    XXX: from the console's own form and issue 15: https only, on the default port, and
-    WeChat's servers must reach the host, which a loopback or private address is not.
+    The console's form: "必须以http://或https://开头，分别支持80端口和443端口", and WeChat's
+    servers must reach the host, which a loopback or private address is not.
     """
     import ipaddress
     split = urllib.parse.urlsplit(url)
-    if split.scheme != "https":
-        return f"{split.scheme}://"
     try:
         port = split.port
     except ValueError:
-        port = None
-    if port not in (None, 443):
-        return f"port {port}"
+        port = -1
+    default = {"http": 80, "https": 443}.get(split.scheme)
+    if default is None or port not in (None, default):
+        return f"{split.scheme}:// on port {port or default}"
+    if split.hostname in (None, "localhost"):
+        return "a loopback name"
     try:
-        address = ipaddress.ip_address((split.hostname or "").strip("[]"))
+        address = ipaddress.ip_address(split.hostname)
     except ValueError:
-        return "a loopback name" if split.hostname in ("localhost", None) else ""
-    return "a private or loopback address" if not address.is_global else ""
+        return ""  # a name: whether it is public, only DNS knows
+    return "" if address.is_global else "a private or loopback address"
 
 
 def _handshake_hint(status, app, console_token):
