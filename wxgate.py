@@ -167,6 +167,11 @@ MAX_XML_ATTRIBUTE_CHARS = 1024
 STORE_RETRY_AFTER = 2.0
 # How long the health check's own write lives: it only proves the store can be written.
 HEALTH_TTL = 60.0
+# The health check writes at most this often; between two writes it answers what the store's
+# latest write said. Anyone may call it, and each write takes sqlite's write lock that every
+# push needs (or a connect timeout while Redis is blackholed): a flood of probes must not
+# compete with pushes. Load balancers probe every few seconds, so the answer is as fresh.
+HEALTH_CHECK_EVERY = 1.0
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
 
@@ -1622,7 +1627,9 @@ class SqliteStore(Store):
         """Run ``operation(connection)`` on a connection of this process's pool.
 
         A connection serves one thread at a time (sqlite connections must not be shared
-        mid-statement, nor cross a fork); past ``_POOL_SIZE`` idle ones, it is closed.
+        mid-statement, nor cross a fork); past ``_POOL_SIZE`` idle ones, it is closed. So is
+        one still inside a transaction (its ROLLBACK failed too): back in the pool, it would
+        run the next operation's statements inside that transaction, and keep its lock.
         """
         lock, idle = self._pool()
         with lock:
@@ -1632,10 +1639,12 @@ class SqliteStore(Store):
         try:
             return operation(connection)
         finally:
-            with lock:
-                kept = len(idle) < self._POOL_SIZE
-                if kept:
-                    idle.append(connection)
+            kept = False
+            if not connection.in_transaction:
+                with lock:
+                    kept = len(idle) < self._POOL_SIZE
+                    if kept:
+                        idle.append(connection)
             if not kept:
                 connection.close()
 
@@ -1803,7 +1812,10 @@ class _FallbackStore(Store):
       seconds (a blackholed Redis costs a connect timeout per call), then tried again.
     - Values set while writes fail are journalled, and written back (with ``add``, never
       over what the shared store holds) as soon as a write succeeds again, so messages
-      handled during the outage are known to every process after it.
+      handled during the outage are known to every process after it. The one value a
+      write-back replaces is the one its ``set`` was meant to replace (``replacing``): the
+      claim this process took before the outage, which would otherwise hold the key until
+      it expires and then let another process run the work again.
     """
 
     def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
@@ -1811,7 +1823,7 @@ class _FallbackStore(Store):
         self.shared = primary.shared
         self._local = MemoryStore(max_entries, clock=clock)
         self._max_entries = max_entries
-        # key -> (value, expires_at): the sets to write back. Guarded by _lock, as are the
+        # key -> (value, expires_at, replacing): the sets to write back. Guarded by _lock, as are the
         # failure flags, so a recovery takes the journal exactly once however many threads
         # see the store come back at the same moment.
         self._journal = collections.OrderedDict()
@@ -1825,6 +1837,11 @@ class _FallbackStore(Store):
     def failing(self):
         """True while the shared store's writes (or reads) fail."""
         return self._write_failing or self._read_failing
+
+    @property
+    def write_failing(self):
+        """True from a failed write to the shared store until a write succeeds again."""
+        return self._write_failing
 
     def _skip(self, write):
         if write:
@@ -1872,11 +1889,18 @@ class _FallbackStore(Store):
         """Write what was set during the outage to the shared store, then forget it here."""
         now, written = self._clock(), 0
         items = list(journal.items())
-        for index, (key, (value, expires_at)) in enumerate(items):
+        for index, (key, (value, expires_at, replacing)) in enumerate(items):
             if expires_at <= now:
                 continue
             try:
-                written += bool(self.primary.add(key, value, expires_at - now))
+                added = self.primary.add(key, value, expires_at - now)
+                if not added and replacing is not None:
+                    # Our own claim still holds the key: compare-and-delete it, then add.
+                    # Another process may claim the key between the two, and then keeps
+                    # it, as it would after our claim had expired.
+                    self.primary.delete(key, replacing)
+                    added = self.primary.add(key, value, expires_at - now)
+                written += bool(added)
             except Exception as exc:
                 # Failing again: what is left goes back in the journal for the next recovery.
                 with self._lock:
@@ -1933,13 +1957,15 @@ class _FallbackStore(Store):
         value = self._local.get(key)
         return value if value is not None else self._read_primary(key)
 
-    def set(self, key, value, ttl):
+    def set(self, key, value, ttl, *, replacing=None):
+        """Set ``key``; ``replacing``, the value this set overwrites (a claim of ours),
+        may be overwritten by the write-back too, where nothing else is."""
         done, _ = self._write("set", key, value, ttl)
         if done:
             return
         self._local.set(key, value, ttl)
         with self._lock:
-            self._journal[key] = (value, self._clock() + ttl)
+            self._journal[key] = (value, self._clock() + ttl, replacing)
             self._journal.move_to_end(key)
             while len(self._journal) > self._max_entries:
                 self._journal.popitem(last=False)
@@ -2054,6 +2080,9 @@ class _Dedup:
         self._clock, self._sleep = clock, sleep
         # A memory store is its own memory: no second copy of it.
         self._recent = MemoryStore(max_entries, clock=clock) if store.shared else None
+        # A store that journals writes through an outage can be told which claim a done
+        # value replaces (see _FallbackStore), so the write-back can replace it too.
+        self._journalled = isinstance(store, _FallbackStore)
         # key -> (claim, Event) for work running in this process: waiters here sleep on the
         # Event instead of polling the store, and the keeper renews the claim.
         self._owned = {}
@@ -2088,11 +2117,24 @@ class _Dedup:
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
         """
         store_key = self.store_key(key, kind)
-        if self._recent is not None:
-            value = self._recent.get(store_key)
-            if value is not None:
-                content_type, _, body = value[1:].partition("\n")
-                return content_type, body, True
+        answer = self._answered_here(store_key)
+        if answer is not None:
+            return answer
+        owned = self._owned.get(store_key)
+        if owned is not None:
+            # A copy is running in this process right now. Its claim may live only in a
+            # store that has since failed (Redis died under the handler), where our add
+            # would fall back to an empty local store and run the work beside it: this
+            # process knows better than any store, so wait for that copy here.
+            owned[1].wait(max(0.0, deadline - time.monotonic()))
+            if self._owned.get(store_key) is owned:
+                raise _InFlightTimeout("a duplicate waited for the first delivery, which is "
+                                       "still running at the reply deadline")
+            answer = self._answered_here(store_key)
+            if answer is not None:
+                return answer
+            # It failed (its claim released) or it ended in a memory store: the claim
+            # loop below finds which, and takes the work over in the first case.
         if self._claim_pid != os.getpid():
             # Containers often give every host's workers the same pids: add randomness,
             # drawn once per process (after any fork).
@@ -2128,6 +2170,16 @@ class _Dedup:
             else:
                 self._sleep(min(POLL_INTERVAL, remaining))
 
+    def _answered_here(self, store_key):
+        """``(content_type, body, True)`` from this process's recent answers, or None."""
+        if self._recent is None:
+            return None
+        value = self._recent.get(store_key)
+        if value is None:
+            return None
+        content_type, _, body = value[1:].partition("\n")
+        return content_type, body, True
+
     def _own(self, store_key, claim, work, ttl, recorded=False):
         event = _Gate()
         with self._owned_lock:
@@ -2146,7 +2198,9 @@ class _Dedup:
             # This process's memory first: it holds whatever the store does next.
             if self._recent is not None:
                 self._recent.set(store_key, done, ttl)
-            if not recorded:
+            if not recorded and self._journalled:
+                self.store.set(store_key, done, ttl, replacing=claim)
+            elif not recorded:
                 self.store.set(store_key, done, ttl)
             return content_type, body
         finally:
@@ -3131,9 +3185,20 @@ class _DeliveryWorker:
         self._threads.append(keeper)
 
     def stop(self, timeout=5.0):
+        """Stop claiming, and let the deliveries running now finish for up to ``timeout``
+        seconds in all (not per thread). One still running then is cut off: the process
+        may exit under it, and its message reappears after ``queue_visibility_timeout``."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._working_lock:
+            running = sorted(self._working)
+        if running:
+            logger.warning("delivery stopped with %d delivery(ies) still running after %g s "
+                           "(messages %s): cut off, they are delivered again after "
+                           "queue_visibility_timeout", len(running), timeout,
+                           ", ".join(map(str, running)))
 
     def run(self):
         """Deliver until stopped; a failing store only makes the loop wait and try again."""
@@ -3210,7 +3275,11 @@ class _DeliveryWorker:
             else:
                 outcome = "already-delivered"
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
+            # One line: the attempts' errors are stored one per line (list-dead splits
+            # them), and many are several (pydantic's ValidationError, a client library's).
+            error = " | ".join(line.strip() for line in
+                               f"{type(exc).__name__}: {exc}".splitlines() if line.strip())
+            error = error[:500]
             if attempts >= app.queue_max_attempts:
                 self.queue.bury(item_id, claim, error, gateway._clock())
                 logger.error("app=%s message %s (key %s) failed %d times, moved to the "
@@ -3537,6 +3606,8 @@ class Gateway:
         self._worker_pid = None
         self._worker_lock = threading.Lock()
         self._cgi_warned = False
+        self._health_lock = threading.Lock()
+        self._health_due = 0.0  # on time.monotonic(): when healthz writes again
         if not store.shared:
             workers = _worker_processes(sys.argv, os.environ, "gunicorn" in sys.modules)
             if workers:
@@ -3829,7 +3900,9 @@ class Gateway:
         - a duplicate arriving during the insert finds the claim and waits for it, as a
           sync duplicate waits for the handler, until the reply deadline;
         - an insert that fails (a locked database, Redis down) releases the claim and
-          answers 500, and so does every copy waiting on it: WeChat retries;
+          answers 500, so WeChat retries; a copy waiting on it then takes the claim and
+          tries the insert itself, answering ``success`` if it succeeds, 500 if it fails
+          too (or if the reply deadline has passed);
         - a gateway killed during the insert leaves a claim that expires within
           ``CLAIM_TTL`` and a transaction that never committed: the retry queues it.
         """
@@ -3966,18 +4039,7 @@ class Gateway:
     def _healthz(self, detailed):
         """The store's (and queue's) state; names, version and counts only for ``detailed``
         callers (the admin secret, or loopback, as for /metrics): the rest get the status."""
-        try:
-            if isinstance(self.store, _FallbackStore):
-                # A write, not a ping: sqlite on a full disk still answers SELECT 1, and a
-                # store that failed stays unhealthy until a write succeeds again.
-                self.store.check_write(f"{self.config.store_prefix}:healthz:{os.getpid()}")
-            else:
-                self.store.ping()
-            status, state = 200, "ok"
-        except Exception as exc:
-            logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
-                         _cause(exc))
-            status, state = 503, "store unreachable"
+        status, state = (200, "ok") if self._store_writable() else (503, "store unreachable")
         if not detailed:
             # The status is the store's write: an anonymous caller (a load balancer, anyone
             # on the internet) must not make every probe a queue scan as well.
@@ -3993,6 +4055,32 @@ class Gateway:
                 logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
         return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
             _dump_json(document).encode()
+
+    def _store_writable(self):
+        """Whether the store takes writes, for healthz; a failure is logged once per check.
+
+        A write, not a ping: sqlite on a full disk still answers SELECT 1, and a store that
+        failed stays unhealthy until a write succeeds again (this check's, or a push's). At
+        most one write per ``HEALTH_CHECK_EVERY``: in between, the latest write's outcome
+        (the fallback store's flag, set and cleared by every write) is the answer.
+        """
+        try:
+            if not isinstance(self.store, _FallbackStore):
+                self.store.ping()
+                return True
+            with self._health_lock:  # one prober writes; the others read the flag
+                now = time.monotonic()
+                due = now >= self._health_due
+                if due:
+                    self._health_due = now + HEALTH_CHECK_EVERY
+            if not due:
+                return not self.store.write_failing
+            self.store.check_write(f"{self.config.store_prefix}:healthz:{os.getpid()}")
+            return True
+        except Exception as exc:
+            logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
+                         _cause(exc))
+            return False
 
     def _gauges(self):
         if self.queue is None:
@@ -4488,6 +4576,9 @@ def _worker_command(args):
         while not stopping.wait(3600):
             pass
     finally:
+        # The worker first: it is not the gateway's own (gateway.close() stops only that
+        # one), and closing the store under a running delivery would cut it off.
+        worker.stop()
         gateway.close()
     return 0
 

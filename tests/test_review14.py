@@ -226,27 +226,47 @@ def test_redis_dies_while_a_handler_runs_and_its_retry_on_this_process_waits(tmp
 # -- attempts cut off by a kill -----------------------------------------------------------------
 
 
-def test_a_message_that_kills_every_worker_is_not_retried_for_ever(tmp_path, backend,
-                                                                   queue_store):
+class WorkerKilled(BaseException):
+    """What a kill does to a delivery, in-process: it ends it without settling its claim
+    (no ack, retry or burial), as the OOM killer ends a worker mid-handler."""
+
+
+def test_a_message_that_kills_every_worker_is_not_retried_for_ever(tmp_path, queue_store):
     # An attempt cut off (the worker OOM-killed by this message, a node lost) is no longer
     # counted. Nothing bounds them instead: a poison message is claimed again every
     # queue_visibility_timeout for ever, its user's later messages wait behind it for ever
     # (one at a time per user), its error text grows by a line per cut-off, and no
     # `wxgate queue` command can remove a pending message (the README says "until you
     # remove it").
-    source = queue_ini(tmp_path, queue_store, backend, extra_app="queue_max_attempts = 3\n")
+    # Fixed on main with MAX_CUT_OFFS (5): the worker that claims a message cut off that
+    # many times buries it instead of delivering it. So each "worker" here runs its
+    # delivery for real and is killed in it, by the handler, rather than only claiming.
+    runs = []
+
+    def handler(message):
+        runs.append(message["MsgId"])
+        raise WorkerKilled()
+
+    config = make_config(tmp_path, extra_gateway=f"timestamp_window = 0\nstore = {queue_store}",
+                         extra_app="delivery = queue\nqueue_max_attempts = 3")
     clock = Clock(time.time())
-    app = wxgate.make_app(str(source), start_worker=False, clock=clock)
+    app = wxgate.make_app(config_with(config, handler), start_worker=False, clock=clock)
     assert post(app, text_message(msg_id="poison-1")).body == b"success"
+    worker = app.worker()
     visibility = app.config.queue_visibility_timeout
     for _ in range(30):  # ten times queue_max_attempts, every attempt killed
-        item = app.queue.claim(clock(), visibility)
-        if item is None:
-            break
+        try:
+            if not worker.run_once():
+                break
+        except WorkerKilled:
+            pass
         clock.advance(visibility + 1)
     stats = app.queue.stats(clock())
-    print(f"\nafter 30 cut-off attempts with queue_max_attempts = 3: {stats}")
+    print(f"\nafter 30 workers, each killed by the message: {stats}; handler ran {len(runs)}")
     assert stats["pending"] == 0, "a message cut off 30 times is still being retried"
+    assert len(runs) == wxgate.MAX_CUT_OFFS
+    (letter,) = app.queue.dead()
+    assert f"cut off {wxgate.MAX_CUT_OFFS} times" in letter["error"]
     app.close()
 
 

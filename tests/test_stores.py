@@ -260,6 +260,31 @@ def test_two_stores_on_one_file_in_each_process_stay_consistent(tmp_path):
     second.close()
 
 
+def test_a_connection_left_in_a_transaction_is_not_pooled(tmp_path):
+    # A write whose ROLLBACK fails too leaves its connection inside the transaction (and
+    # holding the write lock). Given back to the pool, it made the process's next write
+    # fail ("cannot start a transaction within a transaction") and every other process's
+    # wait for the lock. Here the operation leaves the transaction open as such a failed
+    # rollback does.
+    import sqlite3
+    path = str(tmp_path / "t.db")
+    store, other = wxgate.SqliteStore(path, busy_timeout=0.2), wxgate.SqliteStore(path)
+
+    def fails_inside_a_transaction(connection):
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("INSERT INTO wxgate_kv VALUES ('lost', '1', 1e12)")
+        raise sqlite3.OperationalError("disk I/O error (and so did the ROLLBACK)")
+
+    with pytest.raises(sqlite3.OperationalError):
+        store._using(fails_inside_a_transaction)
+    store.set("next", "2", 60)  # the store's next write runs in a transaction of its own
+    other.set("from-other", "3", 60)  # and no process waits on the old one's lock
+    assert [other.get(key) for key in ("lost", "next")] == [None, "2"]
+    assert store.get("from-other") == "3"
+    store.close()
+    other.close()
+
+
 def test_a_failed_store_is_left_alone_for_a_while(monkeypatch):
     # A blackholed Redis costs a connect timeout per call: after one failure, calls go to the
     # local fallback without touching the shared store until STORE_RETRY_AFTER has passed.
