@@ -75,6 +75,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import sqlite3
 import struct
@@ -3387,27 +3388,101 @@ def _given_request_id(environ):
 
 
 def _request_id(environ):
-    """The proxy's X-Request-Id when there is one (nginx ``$request_id``), else a fresh one."""
+    """The proxy's X-Request-Id when there is one (nginx ``$request_id``), else a fresh one.
+
+    The fresh one is 16 hex digits, 64 random bits as ``uuid4().hex[:16]`` gave, without a
+    ``getrandom(2)`` and a UUID object per push (issue 13): an id to find a line by, not a
+    secret. ``random``'s module generator is reseeded in every forked child, so gunicorn's
+    workers do not draw the same ids.
+    """
     given = environ.get("HTTP_X_REQUEST_ID", "")
     if given and len(given) <= 64 and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex[:16]
+    return "%016x" % random.getrandbits(64)
 
 
-class _JSONFormatter(logging.Formatter):
-    """One JSON object per line, with the push's fields when the record carries them."""
+_PUSH_LINE = "push app=%s type=%s key=%s outcome=%s ms=%.1f rid=%s"
+
+
+class _TextFormatter(logging.Formatter):
+    """``%(asctime)s %(levelname)s %(name)s: %(message)s``, the time text made once a second.
+
+    ``localtime`` and ``strftime`` cost more than the rest of a push line's formatting
+    (bench/logcost.py), and pushes come many to a second. The output is
+    ``logging.Formatter``'s, to the millisecond; a ``datefmt`` is formatted as usual.
+    """
+
+    def __init__(self, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s"):
+        super().__init__(fmt)
+        # (second, its text), replaced whole: threads formatting lines of two different
+        # seconds at once could otherwise pair one second with the other's text.
+        self._second_text = (None, "")
+
+    def formatTime(self, record, datefmt=None):
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second_text
+        if cached[0] != second:
+            cached = (second, time.strftime(self.default_time_format, self.converter(second)))
+            self._second_text = cached
+        return self.default_msec_format % (cached[1], record.msecs)
+
+
+# json.dumps(..., ensure_ascii=False)'s own string encoder (the C one where there is one).
+_encode_json_string = json.encoder.encode_basestring
+
+
+class _JSONFormatter(_TextFormatter):
+    """One JSON object per line, with the push's fields when the record carries them.
+
+    The line is what ``json.dumps(document, ensure_ascii=False)`` writes for the document
+    ``{"time", "level", "logger", "message", <fields>, "exception"}``, byte for byte, built
+    from its parts: strings go through json's own encoder and other values through
+    ``json.dumps``, so no dict and no encoder object are made per line.
+    """
 
     _FIELDS = ("app", "dedup_key", "outcome", "duration_ms", "request_id", "msg_type")
 
+    def __init__(self):
+        super().__init__("%(message)s")
+
     def format(self, record):
-        document = {"time": self.formatTime(record), "level": record.levelname,
-                    "logger": record.name, "message": record.getMessage()}
+        encode = _encode_json_string
+        parts = ['{"time": ', encode(self.formatTime(record)), ', "level": ',
+                 encode(record.levelname), ', "logger": ', encode(record.name),
+                 ', "message": ', encode(record.getMessage())]
+        values = record.__dict__  # where extra= puts the fields
         for name in self._FIELDS:
-            if hasattr(record, name):
-                document[name] = getattr(record, name)
+            if name in values:
+                value = values[name]
+                parts += (', "', name, '": ', encode(value) if type(value) is str
+                          else json.dumps(value, ensure_ascii=False))
         if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document, ensure_ascii=False)
+            parts += (', "exception": ', encode(self.formatException(record.exc_info)))
+        parts.append("}")
+        return "".join(parts)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """The handler wxgate installs itself: no second flush of a stream the line flushed.
+
+    ``sys.stderr`` is line-buffered (always, since Python 3.9), so writing the line with its
+    newline already made the one ``write(2)``; ``StreamHandler.flush`` would then take the
+    handler's lock again to flush an empty buffer. Any other stream is flushed as usual.
+    """
+
+    def emit(self, record):
+        try:
+            stream = self.stream
+            stream.write(self.format(record) + self.terminator)
+            if not (getattr(stream, "line_buffering", False) and
+                    self.terminator.endswith("\n")):
+                self.flush()
+        except RecursionError:  # as StreamHandler.emit does
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 def _level_before_handlers(level):
@@ -3436,9 +3511,8 @@ def _setup_logging(log_format, level=logging.INFO):
         logger.setLevel(level)
     if logger.handlers or logging.getLogger().handlers:
         return  # logging is the deployer's: their handlers, their format
-    handler = logging.StreamHandler()
-    handler.setFormatter(_JSONFormatter() if log_format == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = _StderrHandler()
+    handler.setFormatter(_JSONFormatter() if log_format == "json" else _TextFormatter())
     logger.addHandler(handler)
 
 
@@ -3953,9 +4027,14 @@ class Gateway:
                 extra = {"app": app.name, "dedup_key": message.dedup_key, "outcome": outcome,
                          "duration_ms": round(milliseconds, 2), "msg_type": kind,
                          "request_id": _request_id(environ)}
-            logger.info("push app=%s type=%s key=%s outcome=%s ms=%.1f rid=%s", app.name,
-                        kind, message.dedup_key, outcome, milliseconds,
-                        _given_request_id(environ), extra=extra)
+            # logger.info would walk the stack (findCaller) to learn what this frame knows;
+            # makeRecord + handle is the rest of its path, so a user's record factory,
+            # Logger.disabled, filters, handlers and propagation all still apply (issue 13).
+            frame = sys._getframe()
+            logger.handle(logger.makeRecord(
+                logger.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
+                _PUSH_LINE, (app.name, kind, message.dedup_key, outcome, milliseconds,
+                             _given_request_id(environ)), None, frame.f_code.co_name, extra))
 
     def _deliver(self, app, message, nonce, deadline=None):
         """Hand the message to business code and render its answer: ``(type, body)``."""

@@ -13,8 +13,8 @@ can be counted, and counts are the same on a busy CI machine as on an idle one:
   stream is line-buffered like ``sys.stderr`` (the newline already flushed it);
 - ``os.urandom`` (a ``getrandom(2)``) per JSON push, spent on the request id.
 
-Each ceiling below is today's count, named, so tightening it after the fix is a one-line
-change; the exact counts (one record, one write) and the checks that nothing is dropped and
+Each ceiling below is the count since the fix (each was one per push before it, per line
+for strftime), named; the exact counts (one record, one write) and the checks that nothing is dropped and
 that a user's own logging configuration stays in charge must hold before and after.
 """
 
@@ -31,11 +31,12 @@ import webtest
 import wxgate
 from conftest import NOW, build_push, make_config, text_message
 
-# Today's counts per push. Lower them when the cheaper push line lands (issue 13).
-FIND_CALLER_PER_PUSH = 1      # 0 once the line is made with makeRecord + handle
-STRFTIME_PER_10_PUSHES = 10   # 1 once wxgate's own formatter caches the second's text
-FLUSHES_PER_PUSH = 1          # 0 once wxgate's handler leaves a line-buffered stream alone
-URANDOM_PER_JSON_PUSH = 1     # 0 once the request id comes from random, not uuid4
+# The counts per push since the cheaper push line (issue 13); before it they were 1, 10, 1
+# and 1.
+FIND_CALLER_PER_PUSH = 0      # the line is made with makeRecord + handle
+STRFTIME_PER_10_PUSHES = 1    # wxgate's own formatter caches the second's text
+FLUSHES_PER_PUSH = 0          # wxgate's handler leaves a line-buffered stream alone
+URANDOM_PER_JSON_PUSH = 0     # the request id comes from random, not uuid4
 
 PINNED = NOW + 0.25  # every record in one second, whatever the wall clock does
 
@@ -202,3 +203,97 @@ def test_the_users_logging_configuration_stays_in_charge(tmp_path, counts, own_l
     message, function, pathname = seen[-1]
     assert message.startswith("push app=test type=text key=") and "outcome=handled" in message
     assert function == "_log_push" and os.path.samefile(pathname, wxgate.__file__)
+
+
+# -- wxgate's own formatters and handler: the same lines, made cheaper -------------------------
+
+
+def make_record(message="push app=test key=%s", args=("k",), created=PINNED, extra=None,
+                exc_info=None):
+    record = logging.getLogger("wxgate").makeRecord(
+        "wxgate", logging.INFO, __file__, 1, message, args, exc_info, "f", extra)
+    record.created, record.msecs = created, (created - int(created)) * 1000
+    return record
+
+
+def the_json_dumps_line(record, formatter):
+    """What the JSON formatter wrote before issue 13: a dict through json.dumps."""
+    document = {"time": logging.Formatter.formatTime(formatter, record),
+                "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+    for name in wxgate._JSONFormatter._FIELDS:
+        if hasattr(record, name):
+            document[name] = getattr(record, name)
+    if record.exc_info:
+        document["exception"] = formatter.formatException(record.exc_info)
+    return json.dumps(document, ensure_ascii=False)
+
+
+def _raised():
+    try:
+        raise ValueError('a "quoted"\nmulti-line error: \u00e9\u4e2d')
+    except ValueError:
+        return sys.exc_info()
+
+
+@pytest.mark.parametrize("extra, exc_info", [
+    pytest.param(None, None, id="no fields"),
+    pytest.param({"app": "test", "dedup_key": "test:m:1", "outcome": "handled",
+                  "duration_ms": 0.12, "msg_type": "text", "request_id": "0123456789abcdef"},
+                 None, id="a push's fields"),
+    pytest.param({"app": "t\u00e9st \"q\" \\ \u2028", "dedup_key": None, "outcome": "x\ty",
+                  "duration_ms": 12, "msg_type": ["list", 1.5, None], "request_id": "\x01"},
+                 None, id="quotes, controls, non-ASCII, None, int, list"),
+    pytest.param({"outcome": "handler-error", "msg_type": "\ud800"}, _raised(),
+                 id="exception and a lone surrogate"),
+])
+def test_the_json_line_is_byte_for_byte_what_json_dumps_wrote(extra, exc_info):
+    formatter = wxgate._JSONFormatter()
+    record = make_record("push %s \u4e2d\u6587 \"%s\"", ("a\nb", "\u00e9"), extra=extra,
+                         exc_info=exc_info)
+    assert formatter.format(record) == the_json_dumps_line(record, formatter)
+
+
+def test_the_text_time_is_logging_s_own_in_every_second():
+    # The time text is cached per second: every line still shows its own second and
+    # millisecond, across second boundaries, back and forth.
+    ours, standard = wxgate._TextFormatter(), logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for created in (PINNED, PINNED + 0.5, PINNED + 0.999, PINNED + 1.0, PINNED - 3600.001,
+                    PINNED + 86400 * 180 + 0.042, PINNED):
+        record = make_record(created=created)
+        assert ours.format(record) == standard.format(record)
+    record = make_record()
+    assert ours.formatTime(record, "%H:%M") == standard.formatTime(record, "%H:%M")
+
+
+def test_wxgate_s_handler_still_flushes_a_stream_that_is_not_line_buffered():
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8")  # block-buffered, like a file
+    handler = wxgate._StderrHandler(stream)
+    handler.setFormatter(wxgate._TextFormatter())
+    handler.handle(make_record())
+    assert raw.getvalue().endswith(b"push app=test key=k\n")
+
+
+def test_a_logger_filter_and_logging_disable_still_apply(tmp_path, counts, own_logging):
+    """The line skips Logger.info, not the rest of its path: filters and disable() apply."""
+    testapp = make_testapp(tmp_path, "text", own_logging)
+    dropped = []
+
+    def drop_pushes(record):
+        dropped.append(record)
+        return not record.getMessage().startswith("push ")
+
+    wxgate.logger.addFilter(drop_pushes)
+    try:
+        made = push_many(testapp, counts, own_logging)
+    finally:
+        wxgate.logger.removeFilter(drop_pushes)
+    assert made["lines"] == 0 and len(dropped) == 11  # the warm-up push, then ten
+    logging.disable(logging.INFO)
+    try:
+        made = push_many(testapp, counts, own_logging)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert made["records"] == 0 and made["lines"] == 0
