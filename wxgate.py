@@ -3438,8 +3438,9 @@ class _JSONFormatter(_TextFormatter):
 
     The line is what ``json.dumps(document, ensure_ascii=False)`` writes for the document
     ``{"time", "level", "logger", "message", <fields>, "exception"}``, byte for byte, built
-    from its parts: strings go through json's own encoder and other values through
-    ``json.dumps``, so no dict and no encoder object are made per line.
+    from its parts: strings go through json's own encoder, the push's number and ``None``
+    are written as json writes them, and anything else goes through ``json.dumps``, so no
+    dict and no encoder object are made per line.
     """
 
     _FIELDS = ("app", "dedup_key", "outcome", "duration_ms", "request_id", "msg_type")
@@ -3456,12 +3457,25 @@ class _JSONFormatter(_TextFormatter):
         for name in self._FIELDS:
             if name in values:
                 value = values[name]
-                parts += (', "', name, '": ', encode(value) if type(value) is str
-                          else json.dumps(value, ensure_ascii=False))
+                parts += (', "', name, '": ', _json_value(value))
         if record.exc_info:
             parts += (', "exception": ', encode(self.formatException(record.exc_info)))
         parts.append("}")
         return "".join(parts)
+
+
+def _json_value(value):
+    """``json.dumps(value, ensure_ascii=False)``, without its encoder for the usual values."""
+    kind = type(value)
+    if kind is str:
+        return _encode_json_string(value)
+    if kind is float and value - value == 0.0:  # finite: json writes float.__repr__
+        return float.__repr__(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    return json.dumps(value, ensure_ascii=False)  # NaN, bool, lists, subclasses...
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -297,3 +297,11 @@ def test_a_logger_filter_and_logging_disable_still_apply(tmp_path, counts, own_l
     finally:
         logging.disable(logging.NOTSET)
     assert made["records"] == 0 and made["lines"] == 0
+
+
+@pytest.mark.parametrize("value", [
+    "", "caf\u00e9 \"\\\n\x00", 0.12, -0.0, 1e16, 1e-7, float("nan"), float("inf"),
+    float("-inf"), 0, -12, 10 ** 30, True, False, None, [1, "a", None], {"k": 1.5},
+], ids=repr)
+def test_each_json_value_is_json_dumps_s(value):
+    assert wxgate._json_value(value) == json.dumps(value, ensure_ascii=False)
