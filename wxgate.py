@@ -4044,11 +4044,13 @@ class Gateway:
             # logger.info would walk the stack (findCaller) to learn what this frame knows;
             # makeRecord + handle is the rest of its path, so a user's record factory,
             # Logger.disabled, filters, handlers and propagation all still apply (issue 13).
-            frame = sys._getframe()
+            # The frame is not kept in a local: in its own locals it would be a reference
+            # cycle, keeping the push's objects alive until the garbage collector runs.
+            code = sys._getframe().f_code
             logger.handle(logger.makeRecord(
-                logger.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
+                logger.name, logging.INFO, code.co_filename, sys._getframe().f_lineno,
                 _PUSH_LINE, (app.name, kind, message.dedup_key, outcome, milliseconds,
-                             _given_request_id(environ)), None, frame.f_code.co_name, extra))
+                             _given_request_id(environ)), None, code.co_name, extra))
 
     def _deliver(self, app, message, nonce, deadline=None):
         """Hand the message to business code and render its answer: ``(type, body)``."""
