@@ -22,7 +22,10 @@ Two kinds of figures, both in CPU time (``time.process_time``, user + system, so
   and our own work in ``_log_push`` before the call (the ``extra`` fields, ``_request_id``).
 
 ``--proposal`` monkeypatches, in this process only, the change described in
-bench/logcost_proposal.diff (see bench/README.md) and measures the same pushes again.
+bench/logcost_proposal.diff (see bench/README.md) and measures the same pushes again. That
+change is in wxgate since issue 13 (with the text line's ``rid=``, which the prototype lacks):
+to compare before and after, run this script twice, once with ``WXGATE_SRC`` pointing at a
+folder holding the older wxgate.py.
 """
 
 import os
@@ -126,10 +129,10 @@ def measure_parts(gateway, log_format, n, repeats):
                     "request_id": wxgate._request_id(environ)}
         return milliseconds
 
-    parts["_log_push: isEnabledFor, ms" + (", extra dict, _request_id (uuid4)"
+    parts["_log_push: isEnabledFor, ms" + (", extra dict, _request_id"
                                            if log_format == "json" else "")] = ours
     if log_format == "json":
-        parts["  of which _request_id (uuid4: getrandom)"] = lambda: wxgate._request_id(environ)
+        parts["  of which _request_id (uuid4, or random)"] = lambda: wxgate._request_id(environ)
     parts["Logger.findCaller (stack walk)"] = logger.findCaller
     parts["Logger.makeRecord (LogRecord, getpid...)"] = lambda: logger.makeRecord(
         logger.name, logging.INFO, __file__, 1, fmt, args, None, "_log_push", extra)
@@ -143,9 +146,9 @@ def measure_parts(gateway, log_format, n, repeats):
         parts["  of which json.dumps"] = lambda: wxgate.json.dumps(document, ensure_ascii=False)
     parts["stream.write(line) (one write(2))"] = lambda: stream.write(line)
     parts["handler.flush() after it"] = handler.flush
-    parts["logger.info(...) whole call (today's path)"] = lambda: logger.info(
+    parts["logger.info(...) whole call (the old path)"] = lambda: logger.info(
         fmt, *args, extra=extra)
-    parts["makeRecord + Logger.handle (proposal's path)"] = lambda: logger.handle(
+    parts["makeRecord + Logger.handle (issue 13's path)"] = lambda: logger.handle(
         logger.makeRecord(logger.name, logging.INFO, __file__, 1, fmt, args, None,
                           "_log_push", extra))
     return {name: best_per_call(fn, n, repeats) * 1e6 for name, fn in parts.items()}

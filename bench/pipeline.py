@@ -9,7 +9,9 @@ Every implementation gets the same pushes (built here with hashlib and pycryptod
 wxgate's own functions) and a handler that does nothing:
 
 - wxgate: ``make_app(config)`` called as WSGI, memory store, timestamp window off, its logger
-  at WARNING (the row "+ INFO log line" adds its per-push line, written to /dev/null);
+  at WARNING (the row "+ INFO log line" adds its per-push line, with the handler and text
+  formatter wxgate installs itself under ``wxgate serve`` or gunicorn, ``_setup_logging``,
+  writing to /dev/null line-buffered as ``sys.stderr`` is);
 - WeRoBot 1.13.1: ``robot.wsgi`` (a Bottle app) with session storage off and with its default
   SQLiteStorage (in a temporary file). It logs a WARNING for every push its handlers answer
   with nothing; that line is off except in the row "+ WARNING line". It parses XML only, so
@@ -398,6 +400,20 @@ def version(name):
         return "not installed"
 
 
+def wxgate_own_handler(stream, fallback):
+    """The handler ``wxgate._setup_logging("text")`` installs (``wxgate serve``, gunicorn),
+    writing to ``stream``; ``fallback`` if it installs none (the root logger has a handler)."""
+    log = logging.getLogger("wxgate")
+    handlers, level, stderr = log.handlers[:], log.level, sys.stderr
+    log.handlers, sys.stderr = [], stream  # its handler writes to the sys.stderr of now
+    try:
+        wxgate._setup_logging("text")
+        return log.handlers[-1] if log.handlers else fallback
+    finally:
+        log.handlers, sys.stderr = handlers, stderr
+        log.setLevel(level)
+
+
 def check_outputs(impls, inputs, handlers):
     """Run each implementation once per case and refuse to time one that gives a wrong answer."""
     checked = set()
@@ -480,11 +496,13 @@ def main(argv=None):
     # Rows that keep their log line: wxgate's INFO line per push, and the WARNING WeRoBot logs
     # for every push its handlers answer with nothing. Each is formatted and written to
     # /dev/null; every other row runs with them off.
-    logged = {"wxgate + INFO log line": ("wxgate", logging.INFO, logging.WARNING),
-              "WeRoBot, off + WARNING line": ("WeRoBot", logging.WARNING, logging.ERROR)}
-    devnull = open(os.devnull, "w")
+    devnull = open(os.devnull, "w", buffering=1)  # line-buffered, as sys.stderr is
     log_handler = logging.StreamHandler(devnull)
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logged = {"wxgate + INFO log line": ("wxgate", logging.INFO, logging.WARNING,
+                                         wxgate_own_handler(devnull, log_handler)),
+              "WeRoBot, off + WARNING line": ("WeRoBot", logging.WARNING, logging.ERROR,
+                                              log_handler)}
 
     # wxgate's rows draw from their own feed, so wxgate never sees a push again before its LRU
     # (10000 keys) has evicted it: the cycle is 20000 pushes long. The peers keep no state
@@ -500,7 +518,7 @@ def main(argv=None):
     def timed(impl, case, action):
         if impl not in logged:
             return action()
-        name, on, off = logged[impl]
+        name, on, off, log_handler = logged[impl]
         log = logging.getLogger(name)
         log.setLevel(on)
         log.addHandler(log_handler)
