@@ -1824,9 +1824,9 @@ class _FallbackStore(Store):
         self.shared = primary.shared
         self._local = MemoryStore(max_entries, clock=clock)
         self._max_entries = max_entries
-        # key -> (value, expires_at, replacing): the sets to write back. Guarded by _lock, as are the
-        # failure flags, so a recovery takes the journal exactly once however many threads
-        # see the store come back at the same moment.
+        # key -> (value, expires_at, replacing): the sets to write back. Guarded by _lock,
+        # as are the failure flags, so a recovery takes the journal exactly once however
+        # many threads see the store come back at the same moment.
         self._journal = collections.OrderedDict()
         self._lock = threading.Lock()
         self._write_failing = self._read_failing = False

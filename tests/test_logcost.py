@@ -14,8 +14,9 @@ can be counted, and counts are the same on a busy CI machine as on an idle one:
 - ``os.urandom`` (a ``getrandom(2)``) per JSON push, spent on the request id.
 
 Each ceiling below is the count since the fix (each was one per push before it, per line
-for strftime), named; the exact counts (one record, one write) and the checks that nothing is dropped and
-that a user's own logging configuration stays in charge must hold before and after.
+for strftime), named; the exact counts (one record, one write) and the checks that nothing
+is dropped and that a user's own logging configuration stays in charge must hold before and
+after.
 """
 
 import io
