@@ -158,6 +158,25 @@ def _unprivileged_user():
     raise RuntimeError("no www-data or nobody user to run the server as")
 
 
+def _world_readable(path):
+    """True when any user may read ``path``: o+r on it and o+x on every folder above it."""
+    path = Path(path).resolve()
+    if not path.stat().st_mode & 0o004:
+        return False
+    return all(parent.stat().st_mode & 0o001 for parent in path.parents)
+
+
+def _public_copy(path, folder):
+    """Copy ``path`` into ``folder`` (made 0755), readable by every user; return the copy."""
+    import shutil
+    folder.mkdir(mode=0o755, exist_ok=True)
+    folder.chmod(0o755)
+    copy = folder / Path(path).name
+    shutil.copy2(path, copy)
+    copy.chmod(0o644)
+    return copy
+
+
 def start_apache(workdir, ini_path, *, mount="/", script=REPO / "wxgate.py", python_path=REPO,
                  extra_conf="", wsgi=True, modules=(), env=None, envvars=None, timeout=20.0):
     """Serve ``script`` under Apache httpd + mod_wsgi (daemon mode) on a free loopback port.
@@ -181,6 +200,13 @@ def start_apache(workdir, ini_path, *, mount="/", script=REPO / "wxgate.py", pyt
     if binary is None or (wsgi and apache_binary() is None):
         raise RuntimeError("apache2 or mod_wsgi is not installed")
     workdir, script = Path(workdir), Path(script)
+    if os.geteuid() == 0:
+        # A clone under a 0700 folder (/root, mktemp -d) is closed to the user Apache
+        # switches to: serve copies of the script and the module from the public workdir.
+        if not _world_readable(script):
+            script = _public_copy(script, workdir / "module")
+        if python_path is not None and not _world_readable(Path(python_path) / "wxgate.py"):
+            python_path = _public_copy(Path(python_path) / "wxgate.py", workdir / "module").parent
     port = free_port()
     user = ""
     if os.geteuid() == 0:  # Apache refuses to serve as root: switch to a plain user
