@@ -5,8 +5,10 @@ drift from what passes:
 
 - the Python and Node.js forwarding backends, each started as its own process on loopback and
   fed wxgate's real signed forwards (fresh and stale) and hostile requests (no headers, a
-  forged signature, a non-numeric timestamp); the Node one needs ``node`` (skipped, saying why,
-  when it is missing; a failure under CI);
+  forged signature, a non-numeric timestamp, a signed body that is not JSON in UTF-8, a body
+  promised and never sent), each still serving afterwards, and started without the secret
+  (refused, in one line); the Node one needs ``node`` (skipped, saying why, when it is
+  missing; a failure under CI);
 - the ``shopbot.py`` handler, against the fake WeChat API: a send that fails (45015) or times
   out is logged, and WeChat still gets ``success`` (a 500 would make it retry and re-send).
 """
@@ -37,8 +39,8 @@ APPSECRET = "0123456789abcdef0123456789abcdef"
 # -- the forwarding backends -----------------------------------------------------------------
 
 
-def _start_backend(kind, tmp_path):
-    """Write the README's backend to a file and run it; return ``(url, process)``."""
+def _backend_command(kind, tmp_path):
+    """Write the README's backend to a file; return the command that runs it."""
     if kind == "node":
         node = shutil.which("node") or shutil.which("nodejs")
         require(node, "node is not installed (apt-get install nodejs): the README's Node.js "
@@ -48,10 +50,15 @@ def _start_backend(kind, tmp_path):
     else:
         script, command = tmp_path / "backend.py", [sys.executable]
         script.write_text(code_block("# backend.py"), "utf-8")
+    return [*command, str(script)]
+
+
+def _start_backend(kind, tmp_path):
+    """Run the README's backend; return ``(url, process)``."""
     port = free_port()
     log = open(tmp_path / f"{kind}.log", "wb")
     process = subprocess.Popen(
-        [*command, str(script)], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log,
+        _backend_command(kind, tmp_path), cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log,
         stderr=subprocess.STDOUT,
         env={"PATH": os.environ.get("PATH", ""), "PORT": str(port),
              "WXGATE_FORWARD_SECRET": FORWARD_SECRET})
@@ -147,6 +154,60 @@ def test_backend_refuses_hostile_requests_and_keeps_serving(backend, tmp_path):
                           "X-Wxgate-Signature": good}, body) == 204  # the genuine article
     answer = _push(_gateway(tmp_path, backend), time.time(), 6054768590064713004)
     assert (answer.status_int, answer.body) == (200, b"success")
+
+
+def _signed(body, *, secret=FORWARD_SECRET):
+    """The headers wxgate sends with ``body``, signed now as wxgate signs a forward: hex
+    HMAC-SHA256 of the timestamp's ASCII digits followed by the raw body."""
+    now = str(int(time.time()))
+    signature = hmac.new(secret.encode("utf-8"), now.encode("ascii") + body,
+                         hashlib.sha256).hexdigest()
+    return {"Content-Length": str(len(body)), "Content-Type": "application/json; charset=utf-8",
+            "X-Wxgate-Timestamp": now, "X-Wxgate-Signature": signature}
+
+
+@pytest.mark.parametrize("body", [b"<xml>not json</xml>", b'{"app":"shop","message":{',
+                                  b'{"app":"sh\xffop"}', "{}".encode("utf-16")],
+                         ids=["not-json", "cut-short", "not-utf8", "utf16"])
+def test_backend_answers_400_to_a_signed_body_that_is_not_json_and_keeps_serving(
+        backend, tmp_path, body):
+    """Only a holder of forward_secret can get this far, but a bug on that side must cost
+    one 400, not a dropped connection (Python) or the whole process (Node)."""
+    assert _raw(backend, _signed(body), body) == 400
+    assert _raw(backend, _signed(body), body) == 400  # the same process, still there
+    answer = _push(_gateway(tmp_path, backend), time.time(), 6054768590064713005)
+    assert (answer.status_int, answer.body) == (200, b"success")
+
+
+def test_backend_keeps_serving_while_a_client_stalls_mid_body(backend, tmp_path):
+    """Anyone who reaches the port can promise a body and never send it: that request waits,
+    the others do not (a single-threaded Python server would hang on it for ever)."""
+    port = int(backend.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as stalled:
+        stalled.sendall(b"POST /wechat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n"
+                        b"X-Wxgate-Timestamp: 1\r\nX-Wxgate-Signature: 0\r\n\r\n{")
+        time.sleep(0.2)  # the backend is now reading the body
+        answer = _push(_gateway(tmp_path, backend), time.time(), 6054768590064713006)
+        assert (answer.status_int, answer.body) == (200, b"success")
+
+
+@pytest.mark.parametrize("kind", ["python", "node"])
+@pytest.mark.parametrize("secret", [None, ""], ids=["unset", "empty"])
+def test_backend_refuses_to_start_without_a_secret(kind, secret, tmp_path):
+    """Without WXGATE_FORWARD_SECRET the backend exits at once with one line saying so,
+    rather than listening and then crashing (or checking HMACs keyed with nothing)."""
+    env = {"PATH": os.environ.get("PATH", ""), "PORT": str(free_port())}
+    if secret is not None:
+        env["WXGATE_FORWARD_SECRET"] = secret
+    try:
+        done = subprocess.run(_backend_command(kind, tmp_path), cwd=tmp_path, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {kind} backend started without a secret")
+    assert done.returncode != 0
+    assert done.stdout == b""
+    lines = done.stderr.decode("utf-8", "replace").splitlines()
+    assert len(lines) == 1 and "WXGATE_FORWARD_SECRET" in lines[0], lines
 
 
 # -- the handler example ---------------------------------------------------------------------
