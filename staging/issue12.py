@@ -99,11 +99,12 @@ def _encode_multipart(fields, files, boundary):
         if "\r" in content_type or "\n" in content_type:
             raise ValueError(f"content type {content_type!r} holds a line break")
         parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"; '
-                      f'filename="{_form_quote(filename)}"\r\nContent-Type: {content_type}\r\n',
-                      bytes(data)))
+                      f'filename="{_form_quote(filename)}"\r\n'
+                      f'Content-Type: {content_type}\r\n', bytes(data)))
     chunks = []
     for headers, data in parts:
-        # The body ends where "CRLF--boundary" starts, so that sequence must not occur in it.
+        # A part ends where "CRLF--boundary" starts. We refuse "--boundary" anywhere, CRLF or
+        # not, as lax parsers exist; with a random boundary this never happens by chance.
         if delimiter in data:
             raise ValueError("the multipart boundary occurs in the data")
         chunks += [delimiter, b"\r\n", headers.encode("utf-8"), b"\r\n", data, b"\r\n"]

@@ -278,11 +278,15 @@ def parse_multipart(content_type: str, body: bytes) -> dict:
         end = body.find(b"\r\n" + delimiter, position)
         if end < 0:
             raise MultipartError("part is not closed by the boundary")
-        headers_end = body.find(b"\r\n\r\n", position, end + 2)
-        if headers_end < 0:
-            raise MultipartError("part has no blank line after its headers")
+        if body[position:position + 2] == b"\r\n":  # a part with no headers at all
+            headers_end, lines = position - 2, []
+        else:
+            headers_end = body.find(b"\r\n\r\n", position, end + 2)
+            if headers_end < 0:
+                raise MultipartError("part has no blank line after its headers")
+            lines = body[position:headers_end].split(b"\r\n")
         headers = {}
-        for line in body[position:headers_end].split(b"\r\n"):
+        for line in lines:
             name, colon, value = line.decode("utf-8").partition(":")
             if not colon or not name or set(name) - _TOKEN_CHARS:
                 raise MultipartError(f"bad part header line {line[:60]!r}")
