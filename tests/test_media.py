@@ -11,7 +11,7 @@ import wxgate
 from conftest import OPENID
 from fake_wechat import (DEFAULT_APPID, DEFAULT_SECRET, MEDIA_UPLOAD_PATH, FakeWeChat,
                          MultipartError, parse_multipart)
-from staged import encode_multipart, upload_temp_media
+from wxgate import _encode_multipart as encode_multipart
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"IEND\xaeB`\x82"
 # Everything a naive encoder or parser trips on: CRLFs, a "--" line, a boundary-looking line,
@@ -102,7 +102,7 @@ def test_the_fakes_parser_is_strict(content_type, body, match):
 
 
 def test_upload_bytes_returns_a_media_id_that_send_image_accepts(fake, client):
-    media_id = upload_temp_media(client, NASTY)
+    media_id = client.upload_temp_media(NASTY)
     (upload,) = fake.uploads
     assert upload["media_id"] == media_id and upload["type"] == "image"
     assert upload["data"] == NASTY
@@ -118,19 +118,19 @@ def test_upload_bytes_returns_a_media_id_that_send_image_accepts(fake, client):
 def test_upload_a_path_and_a_file_object(fake, client, tmp_path):
     path = tmp_path / "商品.png"
     path.write_bytes(PNG)
-    upload_temp_media(client, path)
-    upload_temp_media(client, str(path))
+    client.upload_temp_media(path)
+    client.upload_temp_media(str(path))
     with open(path, "rb") as file:
-        upload_temp_media(client, file)
-    upload_temp_media(client, io.BytesIO(PNG), filename="x.gif", content_type="image/gif")
+        client.upload_temp_media(file)
+    client.upload_temp_media(io.BytesIO(PNG), filename="x.gif", content_type="image/gif")
     assert [(u["filename"], u["content_type"], u["data"]) for u in fake.uploads] == [
         ("商品.png", "image/png", PNG)] * 3 + [("x.gif", "image/gif", PNG)]
 
 
 def test_a_rejected_token_gets_one_retry_with_the_same_body(fake, client):
-    upload_temp_media(client, PNG)  # a token is fetched and stored
+    client.upload_temp_media(PNG)  # a token is fetched and stored
     fake.fail_next(MEDIA_UPLOAD_PATH, 40001)
-    media_id = upload_temp_media(client, PNG)
+    media_id = client.upload_temp_media(PNG)
     assert fake.calls[MEDIA_UPLOAD_PATH] == 3
     assert [u["media_id"] for u in fake.uploads][-1] == media_id
     assert fake.uploads[-1]["data"] == PNG
@@ -138,13 +138,13 @@ def test_a_rejected_token_gets_one_retry_with_the_same_body(fake, client):
 
 def test_wechat_errors_are_raised(fake, client):
     with pytest.raises(wxgate.WeChatAPIError) as caught:
-        upload_temp_media(client, PNG, media_type="voice")  # mini programs: images only
+        client.upload_temp_media(PNG, media_type="voice")  # mini programs: images only
     assert caught.value.errcode == 40004
     fake.fail_next(MEDIA_UPLOAD_PATH, 45009)
     with pytest.raises(wxgate.WeChatAPIError, match="45009"):
-        upload_temp_media(client, PNG)
+        client.upload_temp_media(PNG)
     with pytest.raises(ValueError, match="media_type"):
-        upload_temp_media(client, PNG, media_type="image&type=x")
+        client.upload_temp_media(PNG, media_type="image&type=x")
     assert fake.uploads == [] and fake.errors == []
 
 

@@ -7,7 +7,7 @@ import webtest
 
 import wxgate
 from conftest import APPID, AES_KEY, TOKEN, event_message, text_message
-from staged import Router, Simulator
+from wxgate import Router, Simulator
 
 
 def message(fields):
@@ -158,12 +158,8 @@ def test_misuse_is_a_type_error_that_says_how(call, match):
 
 SHOPBOT = '''
 import wxgate
-try:
-    Router = wxgate.Router
-except AttributeError:  # before issue 12 is merged into wxgate.py
-    from staging.issue12 import Router
 
-router = Router()
+router = wxgate.Router()
 CALLS = []
 
 

@@ -15,7 +15,9 @@ import webtest
 import wxgate
 from conftest import (AES_KEY, APPID, NOW, TOKEN, Clock, Recorder, aes_decrypt, aes_encrypt,
                       make_config, sha1_sign)
-from staged import (DEMO_HANDLER_SPEC, FakeAPI, Simulator, handshake_command, push_command)
+from wxgate import FakeAPI, Simulator
+from wxgate import _handshake_command as handshake_command
+from wxgate import _push as push_command
 
 MODES = [pytest.param(mode, fmt, id=f"{mode}-{fmt}") for mode in ("plain", "compat", "safe")
          for fmt in ("xml", "json")]
@@ -229,8 +231,8 @@ def test_plain_mode_refuses_an_encrypted_reply_and_compat_takes_both(tmp_path):
 def demo_config(tmp_path, api, appsecret=True):
     extra = "appsecret = any-secret-works" if appsecret else ""
     config = make_config(tmp_path, extra_app=extra)
-    app = dataclasses.replace(config.apps["test"], handler_spec=DEMO_HANDLER_SPEC,
-                              handler=wxgate._resolve_handler(DEMO_HANDLER_SPEC, "."))
+    app = dataclasses.replace(config.apps["test"], handler_spec="wxgate:demo_handler",
+                              handler=wxgate._resolve_handler("wxgate:demo_handler", "."))
     return api.configure(dataclasses.replace(config, apps={"test": app}))
 
 
@@ -327,7 +329,7 @@ def served(tmp_path):
         yield argparse.Namespace(
             config=str(tmp_path / "wxgate.ini"), app=None, format=None, openid="o_cli",
             url=f"http://127.0.0.1:{server.server_port}/wechat", text=None, event=None,
-            json=None, xml=None, field=None, repeat=1), recorder
+            json=None, xml=None, field=None, repeat=1, token=None), recorder
     finally:
         server.shutdown()
         server.server_close()
