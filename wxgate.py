@@ -92,16 +92,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, TypeVar
 from xml.parsers import expat
 
 try:  # The only third-party import, and only encrypted apps need it.
     from Crypto.Cipher import AES as _AES
 except ImportError:  # pragma: no cover - exercised by the "no pycryptodome" test in a subprocess
     try:  # Debian's python3-pycryptodome installs the same library as "Cryptodome"
-        from Cryptodome.Cipher import AES as _AES
+        from Cryptodome.Cipher import AES as _AES  # type: ignore[no-redef]
     except ImportError:
-        _AES = None
+        _AES = None  # type: ignore[assignment]  # _require_aes() says what to install
 
 logger = logging.getLogger("wxgate")
 
@@ -235,7 +235,7 @@ GEN_RETURN_ERROR = -40011
 
 
 # The default of ``WxgateError(code=...)``: the class's own code (None is a real choice).
-_CLASS_CODE = object()
+_CLASS_CODE: Any = object()
 
 
 class WxgateError(Exception):
@@ -246,10 +246,11 @@ class WxgateError(Exception):
     :param code: WeChat's official -400xx code, when one applies.
     """
 
-    status = 400
-    code = None
+    status: int = 400
+    code: int | None = None
 
-    def __init__(self, message, *, status=None, code=_CLASS_CODE):
+    def __init__(self, message: str, *, status: int | None = None,
+                 code: int | None = _CLASS_CODE) -> None:
         # ``code=None`` means "no code", not "the class's": a missing msg_signature is a
         # MessageError but no -40002, and must not say so in the body, the log or a metric.
         if code is not _CLASS_CODE:
@@ -259,7 +260,7 @@ class WxgateError(Exception):
         if self.code is not None and "(WeChat " not in message:
             message = f"{message} (WeChat {self.code})"
         super().__init__(message)
-        self.message = message
+        self.message: str = message
 
 
 class ConfigError(WxgateError):
@@ -267,8 +268,9 @@ class ConfigError(WxgateError):
 
     status = 500
 
-    def __init__(self, message, *, source=None, section=None, option=None, lineno=None,
-                 code=_CLASS_CODE):
+    def __init__(self, message: str, *, source: str | None = None, section: str | None = None,
+                 option: str | None = None, lineno: int | None = None,
+                 code: int | None = _CLASS_CODE) -> None:
         where = " ".join(
             part for part in (
                 f"{source}:{lineno}" if source and lineno else source,
@@ -320,7 +322,7 @@ class WeChatAPIError(WxgateError):
 
     status = 502
 
-    def __init__(self, errcode, errmsg=""):
+    def __init__(self, errcode: int, errmsg: str = "") -> None:
         self.errcode = errcode
         self.errmsg = errmsg
         super().__init__(f"WeChat API error {errcode}: {errmsg}")
@@ -485,7 +487,7 @@ class AppConfig:
     format: str = "auto"
     encoding_aes_key: str = dataclasses.field(default="", repr=False)
     appsecret: str = dataclasses.field(default="", repr=False)
-    handler: object = None
+    handler: Callable[[Message], Any] | None = None
     handler_spec: str = ""
     token_grant: str = "stable"
     token_refresh_margin: float = DEFAULT_REFRESH_MARGIN
@@ -498,7 +500,7 @@ class AppConfig:
     queue_retry_max: float = DEFAULT_RETRY_MAX
 
     @property
-    def aes_key(self):
+    def aes_key(self) -> bytes | None:
         """The 32-byte AES key, or None in plain mode without a key."""
         return _decode_aes_key(self.encoding_aes_key) if self.encoding_aes_key else None
 
@@ -526,7 +528,7 @@ class Config:
     log_format: str = "text"
     delivery_threads: int = 1
     queue_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
-    apps: dict = dataclasses.field(default_factory=dict)
+    apps: dict[str, AppConfig] = dataclasses.field(default_factory=dict)
 
 
 _GATEWAY_OPTIONS = {
@@ -548,7 +550,8 @@ _SERVER_SECRETS = frozenset({"appsecret", "admin_secret", "forward_secret"})
 _TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
 
 
-def load_config(path, environ=None):
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+                ) -> Config:
     """Read and check an ini file; return a :class:`Config`.
 
     :param path: the ini file. Relative ``sqlite://`` stores and handler modules are found
@@ -936,7 +939,8 @@ def _parse_listen(listen):
 ###############################################################################
 
 
-def sign(token, timestamp, nonce, encrypt=None):
+def sign(token: str, timestamp: str | int, nonce: str | int, encrypt: str | None = None
+         ) -> str:
     """Return WeChat's signature: lowercase hex SHA-1 of the sorted strings, joined.
 
     With three arguments this is the URL ``signature``; with ``encrypt`` (the ``Encrypt``
@@ -950,7 +954,8 @@ def sign(token, timestamp, nonce, encrypt=None):
     return hashlib.sha1("".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def check_signature(signature, token, timestamp, nonce, encrypt=None):
+def check_signature(signature: str | None, token: str, timestamp: str | int, nonce: str | int,
+                    encrypt: str | None = None) -> None:
     """Raise :class:`SignatureError` unless ``signature`` matches; compare in constant time.
 
     We compare bytes, not str: ``hmac.compare_digest`` raises TypeError on non-ASCII text,
@@ -1000,7 +1005,8 @@ def _require_aes():
     return _AES
 
 
-def encrypt_message(plaintext, aes_key, appid, *, random_prefix=None):
+def encrypt_message(plaintext: str | bytes, aes_key: str | bytes, appid: str, *,
+                    random_prefix: str | bytes | None = None) -> str:
     """Encrypt a message the way WeChat does; return the Base64 ``Encrypt`` text.
 
     Layout: random (16 bytes) | msg_len (4, big-endian) | msg | appid, PKCS#7-padded to 32,
@@ -1042,7 +1048,7 @@ else:
 
 # One ECB cipher per key: building a CBC cipher object costs more than the AES work of a
 # push. ECB decryption keeps no state between calls, so threads can share it.
-_ECB_CIPHERS = {}
+_ECB_CIPHERS: dict[bytes, Any] = {}
 
 
 def _cbc_decrypt(key, ciphertext):
@@ -1096,7 +1102,7 @@ def _decrypt_buffer(encrypt, aes_key):
     return buffer[:RANDOM_PREFIX_BYTES], message, appid
 
 
-def decrypt_message(encrypt, aes_key, appid):
+def decrypt_message(encrypt: str, aes_key: str | bytes, appid: str) -> str:
     """Strictly decrypt ``Encrypt`` and return the message text.
 
     :param encrypt: the Base64 ``Encrypt`` field.
@@ -1328,8 +1334,17 @@ class Message(collections.abc.Mapping):
 
     __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",
                  "encrypted", "client")
+    app: str
+    msg_type: str | None
+    event: str | None
+    from_user: str | None
+    dedup_key: str | None
+    format: str
+    encrypted: bool
+    client: WeChatClient | None
 
-    def __init__(self, fields, *, app="", format="xml", encrypted=False, client=None):
+    def __init__(self, fields: dict[str, Any], *, app: str = "", format: str = "xml",
+                 encrypted: bool = False, client: WeChatClient | None = None) -> None:
         self._fields = fields
         self.app = app
         self.msg_type = fields.get("MsgType")
@@ -1340,20 +1355,20 @@ class Message(collections.abc.Mapping):
         self.encrypted = encrypted
         self.client = client
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> Any:
         return self._fields[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._fields)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Message {self.app} {self.msg_type}/{self.event} key={self.dedup_key!r}>"
 
     @property
-    def items_list(self):
+    def items_list(self) -> list[dict[str, Any]]:
         """The subscribe events' ``List`` items whatever the format (XML wraps them)."""
         if "List" in self._fields:
             return self._fields["List"]
@@ -1362,7 +1377,7 @@ class Message(collections.abc.Mapping):
                 return value["List"]
         return []
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """A plain (deep-copied) dict of the fields, e.g. for JSON."""
         return json.loads(json.dumps(self._fields))
 
@@ -1450,30 +1465,30 @@ class Store:
     #: True when other processes see the same data (so waiting must poll the store).
     shared = False
 
-    def add(self, key, value, ttl):
+    def add(self, key: str, value: str, ttl: float) -> bool:
         """Set ``key`` only if it is absent or expired; return whether it was set."""
         raise NotImplementedError
 
-    def get(self, key):
+    def get(self, key: str) -> str | None:
         """The value, or None when absent or expired."""
         raise NotImplementedError
 
-    def set(self, key, value, ttl):
+    def set(self, key: str, value: str, ttl: float) -> None:
         """Set ``key`` unconditionally."""
         raise NotImplementedError
 
-    def delete(self, key, value=None):
+    def delete(self, key: str, value: str | None = None) -> bool:
         """Delete ``key``; with ``value``, only while it still holds that value."""
         raise NotImplementedError
 
-    def touch(self, key, value, ttl):
+    def touch(self, key: str, value: str, ttl: float) -> bool:
         """Give ``key`` a new ``ttl`` while it still holds ``value``; return whether it did."""
         raise NotImplementedError
 
-    def ping(self):
+    def ping(self) -> None:
         """Raise if the store cannot be reached."""
 
-    def close(self):
+    def close(self) -> None:
         """Release connections."""
 
 
@@ -1484,10 +1499,12 @@ class MemoryStore(Store):
     :param clock: returns the time in seconds (injectable for tests).
     """
 
-    def __init__(self, max_entries=DEFAULT_DEDUP_SIZE, *, clock=time.time):
+    def __init__(self, max_entries: int = DEFAULT_DEDUP_SIZE, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.max_entries = max_entries
         self._clock = clock
-        self._entries = collections.OrderedDict()  # key -> (value, expires_at)
+        self._entries: collections.OrderedDict[str, tuple[str, float]] = \
+            collections.OrderedDict()  # key -> (value, expires_at)
         self._lock = threading.Lock()
 
     def _live(self, key, now):
@@ -1587,7 +1604,8 @@ class SqliteStore(Store):
     # greenlet, and a connection tied to each of them leaked its descriptors (issue 10).
     _POOL_SIZE = 4
 
-    def __init__(self, path, *, clock=time.time, busy_timeout=2.0, synchronous="NORMAL"):
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
+                 busy_timeout: float = 2.0, synchronous: str = "NORMAL") -> None:
         self.path = os.path.abspath(path)
         self._clock = clock
         self._busy_timeout = busy_timeout
@@ -1595,7 +1613,7 @@ class SqliteStore(Store):
         # pid -> (lock, idle connections). Connections made before a fork stay in their
         # parent's entry: never used again, and never closed either, since closing an
         # inherited handle can release the parent's POSIX locks.
-        self._pools = {}
+        self._pools: dict[int, Any] = {}
         self._writes = 0
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
@@ -1754,7 +1772,7 @@ class RedisStore(Store):
     _TOUCH_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                  "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 
-    def __init__(self, url, *, socket_timeout=1.0, client=None):
+    def __init__(self, url: str, *, socket_timeout: float = 1.0, client: Any = None) -> None:
         if client is None:
             try:
                 import redis
@@ -1796,7 +1814,8 @@ class RedisStore(Store):
         self._redis.close()
 
 
-def open_store(url, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
+def open_store(url: str, *, clock: Callable[[], float] = time.time,
+               max_entries: int = DEFAULT_DEDUP_SIZE) -> Store:
     """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``, ``redis://``)."""
     if url == "memory":
         return MemoryStore(max_entries, clock=clock)
@@ -2375,10 +2394,12 @@ class TokenManager:
     :param metrics: where fetches and errors are counted (the gateway's, by default none).
     """
 
-    def __init__(self, appid, appsecret, *, store=None, api_base=DEFAULT_API_BASE,
-                 api_timeout=DEFAULT_API_TIMEOUT, grant="stable",
-                 refresh_margin=DEFAULT_REFRESH_MARGIN, name=None, prefix="wxgate",
-                 clock=time.time, sleep=time.sleep, metrics=None):
+    def __init__(self, appid: str, appsecret: str | None, *, store: Store | None = None,
+                 api_base: str = DEFAULT_API_BASE, api_timeout: float = DEFAULT_API_TIMEOUT,
+                 grant: str = "stable", refresh_margin: float = DEFAULT_REFRESH_MARGIN,
+                 name: str | None = None, prefix: str = "wxgate",
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], object] = time.sleep, metrics: Any = None) -> None:
         if grant not in TOKEN_GRANTS:
             raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
         self.appid, self._appsecret = appid, appsecret
@@ -2392,7 +2413,8 @@ class TokenManager:
         self._force_key = self._key + ":forced"
         self._local_lock = threading.Lock()
         self._metrics = metrics
-        self._failure = None  # (error, time until which it is raised again)
+        # (error, time until which it is raised again)
+        self._failure: tuple[WeChatAPIError, float] | None = None
         self._deadlines = threading.local()
         self._last_replacement = (None, 0.0)
         #: How many times this manager called a token endpoint (for tests and metrics).
@@ -2404,7 +2426,7 @@ class TokenManager:
     # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
     # gateway sets a per-thread deadline around the handler, and every request, backoff and
     # wait for the token below fits in what is left of it.
-    def set_deadline(self, deadline):
+    def set_deadline(self, deadline: float | None) -> None:
         """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
         self._deadlines.value = deadline
 
@@ -2449,14 +2471,14 @@ class TokenManager:
     def _fresh(self, record):
         return record is not None and record[2] > self._clock()
 
-    def token_info(self):
+    def token_info(self) -> dict[str, Any]:
         """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
         token = self.get_token()
         record = self._read()
         expires_at = record[1] if record and record[0] == token else self._clock()
         return {"access_token": token, "expires_at": int(expires_at)}
 
-    def get_token(self):
+    def get_token(self) -> str:
         """Return a valid access_token, fetching one when none is stored or it nearly expired.
 
         :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
@@ -2490,7 +2512,7 @@ class TokenManager:
         finally:
             self._local_lock.release()
 
-    def invalidate_token(self, token=None):
+    def invalidate_token(self, token: str | None = None) -> None:
         """Forget the stored token (only if it is still ``token``, when given)."""
         record = self._read()
         if record and (token is None or record[0] == token):
@@ -2646,14 +2668,16 @@ class WeChatClient:
     :param tokens: the app's :class:`TokenManager`.
     """
 
-    def __init__(self, tokens, *, sleep=time.sleep):
+    def __init__(self, tokens: TokenManager, *,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
         self.tokens = tokens
         self._sleep = sleep
 
     def __repr__(self):
         return f"<WeChatClient {self.tokens.name}>"
 
-    def call(self, method, path, params=None, json=None):
+    def call(self, method: str, path: str, params: Mapping[str, Any] | None = None,
+             json: Any = None) -> dict[str, Any]:
         """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
 
         :param method: ``"GET"`` or ``"POST"``.
@@ -2695,7 +2719,7 @@ class WeChatClient:
                 raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
             return document
 
-    def code2session(self, js_code):
+    def code2session(self, js_code: str) -> dict[str, Any]:
         """Exchange a ``wx.login`` code for ``openid``, ``session_key`` (and ``unionid``).
 
         Never send ``session_key`` to the client.
@@ -2711,25 +2735,28 @@ class WeChatClient:
             raise WeChatConnectionError("jscode2session answered without an openid")
         return document
 
-    def send_customer_message(self, openid, msgtype, payload):
+    def send_customer_message(self, openid: str, msgtype: str, payload: dict[str, Any]
+                              ) -> dict[str, Any]:
         """Send a customer-service message: ``{"touser", "msgtype", msgtype: payload}``."""
         return self.call("POST", "/cgi-bin/message/custom/send",
                          json={"touser": openid, "msgtype": msgtype, msgtype: payload})
 
-    def send_text(self, openid, text):
+    def send_text(self, openid: str, text: str) -> dict[str, Any]:
         """Send a text customer-service message."""
         return self.send_customer_message(openid, "text", {"content": text})
 
-    def send_image(self, openid, media_id):
+    def send_image(self, openid: str, media_id: str) -> dict[str, Any]:
         """Send an image customer-service message (an uploaded temporary media id)."""
         return self.send_customer_message(openid, "image", {"media_id": media_id})
 
-    def send_link(self, openid, title, description, url, thumb_url):
+    def send_link(self, openid: str, title: str, description: str, url: str, thumb_url: str
+                  ) -> dict[str, Any]:
         """Send a link card."""
         return self.send_customer_message(openid, "link", {
             "title": title, "description": description, "url": url, "thumb_url": thumb_url})
 
-    def send_miniprogrampage(self, openid, title, pagepath, thumb_media_id):
+    def send_miniprogrampage(self, openid: str, title: str, pagepath: str,
+                             thumb_media_id: str) -> dict[str, Any]:
         """Send a mini program page card."""
         return self.send_customer_message(openid, "miniprogrampage", {
             "title": title, "pagepath": pagepath, "thumb_media_id": thumb_media_id})
@@ -2785,8 +2812,9 @@ class WeChatClient:
             raise WeChatConnectionError("media/upload answered without a media_id")
         return media_id
 
-    def send_subscribe_message(self, openid, template_id, data, page=None,
-                               miniprogram_state=None, lang=None):
+    def send_subscribe_message(self, openid: str, template_id: str, data: Mapping[str, Any],
+                               page: str | None = None, miniprogram_state: str | None = None,
+                               lang: str | None = None) -> dict[str, Any]:
         """Send a subscribe message; ``data`` maps keywords to values or ``{"value": ...}``."""
         body = {"touser": openid, "template_id": template_id,
                 "data": {name: value if isinstance(value, dict) else {"value": value}
@@ -2797,7 +2825,7 @@ class WeChatClient:
                 body[name] = value
         return self.call("POST", "/cgi-bin/message/subscribe/send", json=body)
 
-    def set_typing(self, openid, on=True):
+    def set_typing(self, openid: str, on: bool = True) -> dict[str, Any]:
         """Show (or hide) "typing..." in the user's chat."""
         return self.call("POST", "/cgi-bin/message/custom/typing",
                          json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
@@ -3906,8 +3934,10 @@ class Gateway:
         first request, in the process that serves it; never under CGI.
     """
 
-    def __init__(self, config, *, clock=time.time, random_bytes=os.urandom, store=None,
-                 sleep=time.sleep, reply_deadline=REPLY_DEADLINE, start_worker=True):
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 random_bytes: Callable[[int], bytes] = os.urandom, store: Store | None = None,
+                 sleep: Callable[[float], object] = time.sleep,
+                 reply_deadline: float = REPLY_DEADLINE, start_worker: bool = True) -> None:
         self.config = config
         self.reply_deadline = reply_deadline
         if not config.timestamp_window:
@@ -3939,8 +3969,8 @@ class Gateway:
         queued = any(app.delivery == "queue" for app in config.apps.values())
         self.queue = _open_queue(store, config.store_prefix) if queued else None
         self._start_worker = start_worker and queued and config.delivery_threads > 0
-        self._worker = None
-        self._worker_pid = None
+        self._worker: _DeliveryWorker | None = None
+        self._worker_pid: int | None = None
         self._worker_lock = threading.Lock()
         self._cgi_warned = False
         self._health_lock = threading.Lock()
@@ -3954,7 +3984,7 @@ class Gateway:
                                "own access_token; use store = sqlite:///path/to/wxgate.db "
                                "(one host) or redis://... (several)", workers)
 
-    def client(self, name):
+    def client(self, name: str) -> WeChatClient:
         """The :class:`WeChatClient` of app ``name``."""
         try:
             return self._clients[name]
@@ -3962,7 +3992,7 @@ class Gateway:
             raise KeyError(f"no app named {name!r}; configured: {sorted(self._clients)}") \
                 from None
 
-    def worker(self, threads=None):
+    def worker(self, threads: int | None = None) -> _DeliveryWorker:
         """A delivery worker for the durable queue (not started).
 
         :param threads: delivery threads; by default ``delivery_threads``, and at least
@@ -3975,7 +4005,7 @@ class Gateway:
             threads = max(1, self.config.delivery_threads)
         return _DeliveryWorker(self, self.queue, threads=threads)
 
-    def start_delivery(self):
+    def start_delivery(self) -> None:
         """Start this process's delivery threads now, if it is to run any.
 
         Idempotent, and per process: threads do not survive a fork, so a forked child (the
@@ -3989,7 +4019,7 @@ class Gateway:
                     self._worker.start()
                     self._worker_pid = os.getpid()
 
-    def close(self):
+    def close(self) -> None:
         """Stop the delivery and claim-keeping threads, and release the store's connections."""
         if self._worker is not None:
             self._worker.stop()
@@ -4013,7 +4043,8 @@ class Gateway:
                            "API call fetches a new access_token; use store = "
                            "sqlite:///path/to/wxgate.db")
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> list[bytes]:
         if environ.get("wsgi.run_once"):
             self._under_cgi()
         elif self._start_worker and self._worker_pid != os.getpid():
@@ -4436,7 +4467,7 @@ class Gateway:
         return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
 
 
-def make_app(config, **options):
+def make_app(config: Config | str | os.PathLike[str], **options: Any) -> Gateway:
     """Build the WSGI application.
 
     :param config: a path to an ini file, or a :class:`Config`.
@@ -4650,7 +4681,7 @@ class Simulator:
             body = dump(filled)
         else:
             # The 16-character hex prefix is the shape WeChat's own pushes have.
-            encrypt = encrypt_message(dump(filled), app.aes_key, app.appid,
+            encrypt = encrypt_message(dump(filled), app.encoding_aes_key, app.appid,
                                       random_prefix=self._random_bytes(8).hex())
             query.update(encrypt_type="aes",
                          msg_signature=sign(app.token, timestamp, nonce, encrypt))
@@ -5322,7 +5353,7 @@ def _positive_int(text):
     return value
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """The ``wxgate`` command; returns the exit code (0 ok, 1 failed, 2 usage)."""
     import argparse
 
