@@ -1329,7 +1329,8 @@ class Message(collections.abc.Mapping):
     :ivar msg_type: ``MsgType``; :ivar event: ``Event`` for events, else None.
     :ivar from_user: the sender's openid; :ivar dedup_key: the key retries are matched by.
     :ivar format: ``"xml"`` or ``"json"``; :ivar encrypted: whether it came encrypted.
-    :ivar client: the app's :class:`WeChatClient`, for API calls from the handler.
+    :ivar client: the app's :class:`WeChatClient`, for API calls from the handler (None only
+        in a Message built by hand without one).
     """
 
     __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",

@@ -1,5 +1,6 @@
 """The public API's annotations, checked by mypy (issue 12 part 5) with setup.cfg's [mypy]."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ pytest.importorskip("mypy", reason="mypy is in the test extra: pip install '.[te
 
 
 def mypy(*paths):
-    # --no-incremental: no .mypy_cache left in the checkout, and nothing stale read from one.
+    # No cache: nothing stale read from one, and no .mypy_cache left in the checkout.
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-incremental", "--config-file",
-         str(REPO / "setup.cfg"), *map(str, paths)],
+        [sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir", os.devnull,
+         "--config-file", str(REPO / "setup.cfg"), *map(str, paths)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
