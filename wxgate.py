@@ -18,10 +18,12 @@ Under a real server::
 
 The module is cut into sections (``grep -n '^# .* ####' wxgate.py``): Limits and constants,
 Errors, Metrics, Configuration, Signatures and crypto, Message codec, Stores, Duplicate
-detection, access_token, WeChat API client, Delivery, Durable queue, Delivery worker, Logs and
-admin helpers, Requests, WSGI application, Push simulator, Command line. Each uses only those
-above it, with two exceptions: the configuration checks keys with the crypto section's
-``_decode_aes_key``, and the delivery worker works on the gateway object it is given.
+detection, WeChat HTTP, access_token, WeChat API client, Delivery, Router, Durable queue,
+Delivery worker, Logs and admin helpers, Requests, WSGI application, Push simulator (the
+``Simulator`` for your tests, and ``wxgate push``'s engine), Fake WeChat API, Command line.
+Each uses only those above it, with two exceptions: the configuration checks keys with the
+crypto section's ``_decode_aes_key``, and the delivery worker works on the gateway object it
+is given.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ __all__ = [
     "open_store",
     "TokenManager",
     "WeChatClient",
+    "Router",
+    "Simulator",
+    "FakeAPI",
     "sign",
     "check_signature",
     "encrypt_message",
@@ -74,6 +79,7 @@ import io
 import itertools
 import json
 import logging
+import mimetypes
 import os
 import random
 import re
@@ -86,15 +92,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, TypeVar
 from xml.parsers import expat
 
 try:  # The only third-party import, and only encrypted apps need it.
     from Crypto.Cipher import AES as _AES
 except ImportError:  # pragma: no cover - exercised by the "no pycryptodome" test in a subprocess
     try:  # Debian's python3-pycryptodome installs the same library as "Cryptodome"
-        from Cryptodome.Cipher import AES as _AES
+        from Cryptodome.Cipher import AES as _AES  # type: ignore[no-redef]
     except ImportError:
-        _AES = None
+        _AES = None  # type: ignore[assignment]  # _require_aes() says what to install
 
 logger = logging.getLogger("wxgate")
 
@@ -157,6 +164,9 @@ CREDENTIAL_ERRCODES = frozenset({40001, 40013, 40125})
 BUSY_ERRCODE = -1
 # "-1 system busy" gets a short bounded backoff; the sum stays well inside the push window.
 BUSY_BACKOFF = (0.2, 0.5)
+# An upload's multipart boundary: RFC 2046 allows 70 characters; 32 random hex digits do
+# not occur in a file by chance, and the encoder checks anyway.
+MULTIPART_BOUNDARY_BYTES = 16
 
 # Nested elements deeper than this are refused: WeChat's deepest push (wxa_media_check) has 3.
 MAX_XML_DEPTH = 16
@@ -225,7 +235,7 @@ GEN_RETURN_ERROR = -40011
 
 
 # The default of ``WxgateError(code=...)``: the class's own code (None is a real choice).
-_CLASS_CODE = object()
+_CLASS_CODE: Any = object()
 
 
 class WxgateError(Exception):
@@ -236,10 +246,11 @@ class WxgateError(Exception):
     :param code: WeChat's official -400xx code, when one applies.
     """
 
-    status = 400
-    code = None
+    status: int = 400
+    code: int | None = None
 
-    def __init__(self, message, *, status=None, code=_CLASS_CODE):
+    def __init__(self, message: str, *, status: int | None = None,
+                 code: int | None = _CLASS_CODE) -> None:
         # ``code=None`` means "no code", not "the class's": a missing msg_signature is a
         # MessageError but no -40002, and must not say so in the body, the log or a metric.
         if code is not _CLASS_CODE:
@@ -249,7 +260,7 @@ class WxgateError(Exception):
         if self.code is not None and "(WeChat " not in message:
             message = f"{message} (WeChat {self.code})"
         super().__init__(message)
-        self.message = message
+        self.message: str = message
 
 
 class ConfigError(WxgateError):
@@ -257,8 +268,9 @@ class ConfigError(WxgateError):
 
     status = 500
 
-    def __init__(self, message, *, source=None, section=None, option=None, lineno=None,
-                 code=_CLASS_CODE):
+    def __init__(self, message: str, *, source: str | None = None, section: str | None = None,
+                 option: str | None = None, lineno: int | None = None,
+                 code: int | None = _CLASS_CODE) -> None:
         where = " ".join(
             part for part in (
                 f"{source}:{lineno}" if source and lineno else source,
@@ -310,7 +322,7 @@ class WeChatAPIError(WxgateError):
 
     status = 502
 
-    def __init__(self, errcode, errmsg=""):
+    def __init__(self, errcode: int, errmsg: str = "") -> None:
         self.errcode = errcode
         self.errmsg = errmsg
         super().__init__(f"WeChat API error {errcode}: {errmsg}")
@@ -475,7 +487,7 @@ class AppConfig:
     format: str = "auto"
     encoding_aes_key: str = dataclasses.field(default="", repr=False)
     appsecret: str = dataclasses.field(default="", repr=False)
-    handler: object = None
+    handler: Callable[[Message], Any] | None = None
     handler_spec: str = ""
     token_grant: str = "stable"
     token_refresh_margin: float = DEFAULT_REFRESH_MARGIN
@@ -488,7 +500,7 @@ class AppConfig:
     queue_retry_max: float = DEFAULT_RETRY_MAX
 
     @property
-    def aes_key(self):
+    def aes_key(self) -> bytes | None:
         """The 32-byte AES key, or None in plain mode without a key."""
         return _decode_aes_key(self.encoding_aes_key) if self.encoding_aes_key else None
 
@@ -516,7 +528,7 @@ class Config:
     log_format: str = "text"
     delivery_threads: int = 1
     queue_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
-    apps: dict = dataclasses.field(default_factory=dict)
+    apps: dict[str, AppConfig] = dataclasses.field(default_factory=dict)
 
 
 _GATEWAY_OPTIONS = {
@@ -538,7 +550,8 @@ _SERVER_SECRETS = frozenset({"appsecret", "admin_secret", "forward_secret"})
 _TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
 
 
-def load_config(path, environ=None):
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+                ) -> Config:
     """Read and check an ini file; return a :class:`Config`.
 
     :param path: the ini file. Relative ``sqlite://`` stores and handler modules are found
@@ -926,7 +939,8 @@ def _parse_listen(listen):
 ###############################################################################
 
 
-def sign(token, timestamp, nonce, encrypt=None):
+def sign(token: str, timestamp: str | int, nonce: str | int, encrypt: str | None = None
+         ) -> str:
     """Return WeChat's signature: lowercase hex SHA-1 of the sorted strings, joined.
 
     With three arguments this is the URL ``signature``; with ``encrypt`` (the ``Encrypt``
@@ -940,7 +954,8 @@ def sign(token, timestamp, nonce, encrypt=None):
     return hashlib.sha1("".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def check_signature(signature, token, timestamp, nonce, encrypt=None):
+def check_signature(signature: str | None, token: str, timestamp: str | int, nonce: str | int,
+                    encrypt: str | None = None) -> None:
     """Raise :class:`SignatureError` unless ``signature`` matches; compare in constant time.
 
     We compare bytes, not str: ``hmac.compare_digest`` raises TypeError on non-ASCII text,
@@ -990,7 +1005,8 @@ def _require_aes():
     return _AES
 
 
-def encrypt_message(plaintext, aes_key, appid, *, random_prefix=None):
+def encrypt_message(plaintext: str | bytes, aes_key: str | bytes, appid: str, *,
+                    random_prefix: str | bytes | None = None) -> str:
     """Encrypt a message the way WeChat does; return the Base64 ``Encrypt`` text.
 
     Layout: random (16 bytes) | msg_len (4, big-endian) | msg | appid, PKCS#7-padded to 32,
@@ -1032,7 +1048,7 @@ else:
 
 # One ECB cipher per key: building a CBC cipher object costs more than the AES work of a
 # push. ECB decryption keeps no state between calls, so threads can share it.
-_ECB_CIPHERS = {}
+_ECB_CIPHERS: dict[bytes, Any] = {}
 
 
 def _cbc_decrypt(key, ciphertext):
@@ -1086,7 +1102,7 @@ def _decrypt_buffer(encrypt, aes_key):
     return buffer[:RANDOM_PREFIX_BYTES], message, appid
 
 
-def decrypt_message(encrypt, aes_key, appid):
+def decrypt_message(encrypt: str, aes_key: str | bytes, appid: str) -> str:
     """Strictly decrypt ``Encrypt`` and return the message text.
 
     :param encrypt: the Base64 ``Encrypt`` field.
@@ -1313,13 +1329,23 @@ class Message(collections.abc.Mapping):
     :ivar msg_type: ``MsgType``; :ivar event: ``Event`` for events, else None.
     :ivar from_user: the sender's openid; :ivar dedup_key: the key retries are matched by.
     :ivar format: ``"xml"`` or ``"json"``; :ivar encrypted: whether it came encrypted.
-    :ivar client: the app's :class:`WeChatClient`, for API calls from the handler.
+    :ivar client: the app's :class:`WeChatClient`, for API calls from the handler (None only
+        in a Message built by hand without one).
     """
 
     __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",
                  "encrypted", "client")
+    app: str
+    msg_type: str | None
+    event: str | None
+    from_user: str | None
+    dedup_key: str | None
+    format: str
+    encrypted: bool
+    client: WeChatClient | None
 
-    def __init__(self, fields, *, app="", format="xml", encrypted=False, client=None):
+    def __init__(self, fields: dict[str, Any], *, app: str = "", format: str = "xml",
+                 encrypted: bool = False, client: WeChatClient | None = None) -> None:
         self._fields = fields
         self.app = app
         self.msg_type = fields.get("MsgType")
@@ -1330,20 +1356,20 @@ class Message(collections.abc.Mapping):
         self.encrypted = encrypted
         self.client = client
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> Any:
         return self._fields[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._fields)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Message {self.app} {self.msg_type}/{self.event} key={self.dedup_key!r}>"
 
     @property
-    def items_list(self):
+    def items_list(self) -> list[dict[str, Any]]:
         """The subscribe events' ``List`` items whatever the format (XML wraps them)."""
         if "List" in self._fields:
             return self._fields["List"]
@@ -1352,7 +1378,7 @@ class Message(collections.abc.Mapping):
                 return value["List"]
         return []
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """A plain (deep-copied) dict of the fields, e.g. for JSON."""
         return json.loads(json.dumps(self._fields))
 
@@ -1440,30 +1466,30 @@ class Store:
     #: True when other processes see the same data (so waiting must poll the store).
     shared = False
 
-    def add(self, key, value, ttl):
+    def add(self, key: str, value: str, ttl: float) -> bool:
         """Set ``key`` only if it is absent or expired; return whether it was set."""
         raise NotImplementedError
 
-    def get(self, key):
+    def get(self, key: str) -> str | None:
         """The value, or None when absent or expired."""
         raise NotImplementedError
 
-    def set(self, key, value, ttl):
+    def set(self, key: str, value: str, ttl: float) -> None:
         """Set ``key`` unconditionally."""
         raise NotImplementedError
 
-    def delete(self, key, value=None):
+    def delete(self, key: str, value: str | None = None) -> bool:
         """Delete ``key``; with ``value``, only while it still holds that value."""
         raise NotImplementedError
 
-    def touch(self, key, value, ttl):
+    def touch(self, key: str, value: str, ttl: float) -> bool:
         """Give ``key`` a new ``ttl`` while it still holds ``value``; return whether it did."""
         raise NotImplementedError
 
-    def ping(self):
+    def ping(self) -> None:
         """Raise if the store cannot be reached."""
 
-    def close(self):
+    def close(self) -> None:
         """Release connections."""
 
 
@@ -1474,10 +1500,12 @@ class MemoryStore(Store):
     :param clock: returns the time in seconds (injectable for tests).
     """
 
-    def __init__(self, max_entries=DEFAULT_DEDUP_SIZE, *, clock=time.time):
+    def __init__(self, max_entries: int = DEFAULT_DEDUP_SIZE, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.max_entries = max_entries
         self._clock = clock
-        self._entries = collections.OrderedDict()  # key -> (value, expires_at)
+        self._entries: collections.OrderedDict[str, tuple[str, float]] = \
+            collections.OrderedDict()  # key -> (value, expires_at)
         self._lock = threading.Lock()
 
     def _live(self, key, now):
@@ -1577,7 +1605,8 @@ class SqliteStore(Store):
     # greenlet, and a connection tied to each of them leaked its descriptors (issue 10).
     _POOL_SIZE = 4
 
-    def __init__(self, path, *, clock=time.time, busy_timeout=2.0, synchronous="NORMAL"):
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
+                 busy_timeout: float = 2.0, synchronous: str = "NORMAL") -> None:
         self.path = os.path.abspath(path)
         self._clock = clock
         self._busy_timeout = busy_timeout
@@ -1585,7 +1614,7 @@ class SqliteStore(Store):
         # pid -> (lock, idle connections). Connections made before a fork stay in their
         # parent's entry: never used again, and never closed either, since closing an
         # inherited handle can release the parent's POSIX locks.
-        self._pools = {}
+        self._pools: dict[int, Any] = {}
         self._writes = 0
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
@@ -1744,7 +1773,7 @@ class RedisStore(Store):
     _TOUCH_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                  "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 
-    def __init__(self, url, *, socket_timeout=1.0, client=None):
+    def __init__(self, url: str, *, socket_timeout: float = 1.0, client: Any = None) -> None:
         if client is None:
             try:
                 import redis
@@ -1786,7 +1815,8 @@ class RedisStore(Store):
         self._redis.close()
 
 
-def open_store(url, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
+def open_store(url: str, *, clock: Callable[[], float] = time.time,
+               max_entries: int = DEFAULT_DEDUP_SIZE) -> Store:
     """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``, ``redis://``)."""
     if url == "memory":
         return MemoryStore(max_entries, clock=clock)
@@ -2231,14 +2261,65 @@ class _Dedup:
 
 
 ###############################################################################
-# access_token ################################################################
+# WeChat HTTP #################################################################
 ###############################################################################
+
+# The one HTTP call every API request goes through (the token endpoints and the business
+# APIs alike), and the multipart body of an upload. Pure but for _http_json's socket.
+
+
+class _Multipart:
+    """A request body already encoded as ``multipart/form-data`` (an upload)."""
+
+    __slots__ = ("data", "content_type")
+
+    def __init__(self, data: bytes, content_type: str) -> None:
+        self.data, self.content_type = data, content_type
+
+
+def _form_quote(text):
+    # What browsers do to a name or file name inside Content-Disposition's quotes (HTML's
+    # form-data encoding): CR, LF and '"' are percent-escaped, the rest goes as UTF-8.
+    return text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
+def _encode_multipart(fields, files, boundary):
+    """Encode a ``multipart/form-data`` body (RFC 7578); return a :class:`_Multipart`.
+
+    :param fields: ``{name: text}`` for plain form fields.
+    :param files: ``{name: (filename, data, content_type)}``, ``data`` bytes, sent untouched.
+    :param boundary: the boundary, ASCII letters and digits; the caller draws it at random.
+    :raises ValueError: the boundary occurs in a value: draw another one.
+    """
+    if not re.fullmatch(r"[0-9A-Za-z'()+_,./:=?-]{1,70}", boundary):
+        raise ValueError(f"not a valid multipart boundary: {boundary!r}")
+    delimiter = b"--" + boundary.encode("ascii")
+    parts = []
+    for name, value in fields.items():
+        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"\r\n',
+                      value.encode("utf-8")))
+    for name, (filename, data, content_type) in files.items():
+        if "\r" in content_type or "\n" in content_type:
+            raise ValueError(f"content type {content_type!r} holds a line break")
+        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"; '
+                      f'filename="{_form_quote(filename)}"\r\n'
+                      f'Content-Type: {content_type}\r\n', bytes(data)))
+    chunks = []
+    for headers, data in parts:
+        # A part ends where "CRLF--boundary" starts. We refuse "--boundary" anywhere, CRLF or
+        # not, as lax parsers exist; with a random boundary this never happens by chance.
+        if delimiter in data:
+            raise ValueError("the multipart boundary occurs in the data")
+        chunks += [delimiter, b"\r\n", headers.encode("utf-8"), b"\r\n", data, b"\r\n"]
+    chunks += [delimiter, b"--\r\n"]
+    return _Multipart(b"".join(chunks), f"multipart/form-data; boundary={boundary}")
 
 
 def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what="",
                limit="api_timeout"):
     """One HTTP call to WeChat's API; return the decoded JSON object.
 
+    ``body`` is sent as JSON, or as it is when it is a :class:`_Multipart` (an upload).
     ``what`` names the endpoint in errors, and the URL appears only redacted (its query may
     carry the AppSecret or a token). ``limit`` names what set ``timeout``, for the message
     of a call that runs out of it.
@@ -2248,7 +2329,9 @@ def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEO
         url = f"{url}?{urllib.parse.urlencode(params)}"
     data = None
     headers = {"Accept": "application/json", "User-Agent": f"wxgate/{__version__}"}
-    if body is not None:
+    if isinstance(body, _Multipart):
+        data, headers["Content-Type"] = body.data, body.content_type
+    elif body is not None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers["Content-Type"] = "application/json; charset=utf-8"
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -2284,6 +2367,11 @@ def _errcode(document):
         return -1
 
 
+###############################################################################
+# access_token ################################################################
+###############################################################################
+
+
 class TokenManager:
     """One app's access_token: cached in the store beside its expiry, fetched once at a time.
 
@@ -2307,10 +2395,12 @@ class TokenManager:
     :param metrics: where fetches and errors are counted (the gateway's, by default none).
     """
 
-    def __init__(self, appid, appsecret, *, store=None, api_base=DEFAULT_API_BASE,
-                 api_timeout=DEFAULT_API_TIMEOUT, grant="stable",
-                 refresh_margin=DEFAULT_REFRESH_MARGIN, name=None, prefix="wxgate",
-                 clock=time.time, sleep=time.sleep, metrics=None):
+    def __init__(self, appid: str, appsecret: str | None, *, store: Store | None = None,
+                 api_base: str = DEFAULT_API_BASE, api_timeout: float = DEFAULT_API_TIMEOUT,
+                 grant: str = "stable", refresh_margin: float = DEFAULT_REFRESH_MARGIN,
+                 name: str | None = None, prefix: str = "wxgate",
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], object] = time.sleep, metrics: Any = None) -> None:
         if grant not in TOKEN_GRANTS:
             raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
         self.appid, self._appsecret = appid, appsecret
@@ -2324,7 +2414,8 @@ class TokenManager:
         self._force_key = self._key + ":forced"
         self._local_lock = threading.Lock()
         self._metrics = metrics
-        self._failure = None  # (error, time until which it is raised again)
+        # (error, time until which it is raised again)
+        self._failure: tuple[WeChatAPIError, float] | None = None
         self._deadlines = threading.local()
         self._last_replacement = (None, 0.0)
         #: How many times this manager called a token endpoint (for tests and metrics).
@@ -2336,7 +2427,7 @@ class TokenManager:
     # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
     # gateway sets a per-thread deadline around the handler, and every request, backoff and
     # wait for the token below fits in what is left of it.
-    def set_deadline(self, deadline):
+    def set_deadline(self, deadline: float | None) -> None:
         """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
         self._deadlines.value = deadline
 
@@ -2381,14 +2472,14 @@ class TokenManager:
     def _fresh(self, record):
         return record is not None and record[2] > self._clock()
 
-    def token_info(self):
+    def token_info(self) -> dict[str, Any]:
         """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
         token = self.get_token()
         record = self._read()
         expires_at = record[1] if record and record[0] == token else self._clock()
         return {"access_token": token, "expires_at": int(expires_at)}
 
-    def get_token(self):
+    def get_token(self) -> str:
         """Return a valid access_token, fetching one when none is stored or it nearly expired.
 
         :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
@@ -2422,7 +2513,7 @@ class TokenManager:
         finally:
             self._local_lock.release()
 
-    def invalidate_token(self, token=None):
+    def invalidate_token(self, token: str | None = None) -> None:
         """Forget the stored token (only if it is still ``token``, when given)."""
         record = self._read()
         if record and (token is None or record[0] == token):
@@ -2549,6 +2640,25 @@ class TokenManager:
 ###############################################################################
 
 
+# Magic numbers of the image formats WeChat takes as temporary media, to name and type bytes
+# handed over without a file name.
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+                (b"GIF87a", "gif", "image/gif"), (b"GIF89a", "gif", "image/gif"))
+
+
+def _guess_media(data, filename):
+    """``(filename, content_type)`` for an upload: from the name, else from the bytes."""
+    for magic, extension, content_type in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            break
+    else:
+        extension, content_type = "bin", "application/octet-stream"
+    if not filename:
+        return f"media.{extension}", content_type
+    guessed = mimetypes.guess_type(filename)[0]
+    return filename, guessed or content_type
+
+
 class WeChatClient:
     """Calls to WeChat's backend API for one app, with its token injected.
 
@@ -2559,14 +2669,16 @@ class WeChatClient:
     :param tokens: the app's :class:`TokenManager`.
     """
 
-    def __init__(self, tokens, *, sleep=time.sleep):
+    def __init__(self, tokens: TokenManager, *,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
         self.tokens = tokens
         self._sleep = sleep
 
     def __repr__(self):
         return f"<WeChatClient {self.tokens.name}>"
 
-    def call(self, method, path, params=None, json=None):
+    def call(self, method: str, path: str, params: Mapping[str, Any] | None = None,
+             json: Any = None) -> dict[str, Any]:
         """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
 
         :param method: ``"GET"`` or ``"POST"``.
@@ -2608,7 +2720,7 @@ class WeChatClient:
                 raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
             return document
 
-    def code2session(self, js_code):
+    def code2session(self, js_code: str) -> dict[str, Any]:
         """Exchange a ``wx.login`` code for ``openid``, ``session_key`` (and ``unionid``).
 
         Never send ``session_key`` to the client.
@@ -2624,31 +2736,86 @@ class WeChatClient:
             raise WeChatConnectionError("jscode2session answered without an openid")
         return document
 
-    def send_customer_message(self, openid, msgtype, payload):
+    def send_customer_message(self, openid: str, msgtype: str, payload: dict[str, Any]
+                              ) -> dict[str, Any]:
         """Send a customer-service message: ``{"touser", "msgtype", msgtype: payload}``."""
         return self.call("POST", "/cgi-bin/message/custom/send",
                          json={"touser": openid, "msgtype": msgtype, msgtype: payload})
 
-    def send_text(self, openid, text):
+    def send_text(self, openid: str, text: str) -> dict[str, Any]:
         """Send a text customer-service message."""
         return self.send_customer_message(openid, "text", {"content": text})
 
-    def send_image(self, openid, media_id):
+    def send_image(self, openid: str, media_id: str) -> dict[str, Any]:
         """Send an image customer-service message (an uploaded temporary media id)."""
         return self.send_customer_message(openid, "image", {"media_id": media_id})
 
-    def send_link(self, openid, title, description, url, thumb_url):
+    def send_link(self, openid: str, title: str, description: str, url: str, thumb_url: str
+                  ) -> dict[str, Any]:
         """Send a link card."""
         return self.send_customer_message(openid, "link", {
             "title": title, "description": description, "url": url, "thumb_url": thumb_url})
 
-    def send_miniprogrampage(self, openid, title, pagepath, thumb_media_id):
+    def send_miniprogrampage(self, openid: str, title: str, pagepath: str,
+                             thumb_media_id: str) -> dict[str, Any]:
         """Send a mini program page card."""
         return self.send_customer_message(openid, "miniprogrampage", {
             "title": title, "pagepath": pagepath, "thumb_media_id": thumb_media_id})
 
-    def send_subscribe_message(self, openid, template_id, data, page=None,
-                               miniprogram_state=None, lang=None):
+    def upload_temp_media(self, file: str | os.PathLike[str] | bytes | BinaryIO,
+                          media_type: str = "image", *, filename: str | None = None,
+                          content_type: str | None = None) -> str:
+        """Upload a temporary media file (kept 3 days) and return its ``media_id``.
+
+        customerServiceMessage.uploadTempMedia: ``POST /cgi-bin/media/upload?type=image``
+        with the file as the multipart field ``media``. Mini programs may upload images
+        only; the ``media_id`` is what :meth:`send_image` and :meth:`send_miniprogrampage`
+        take.
+        https://developers.weixin.qq.com/miniprogram/en/dev/api-backend/open-api/
+        customer-message/customerServiceMessage.uploadTempMedia.html
+
+        :param file: a path, the file's bytes, or a binary file object.
+        :param media_type: WeChat's ``type``; ``"image"`` is the only one mini programs have.
+        :param filename: the name WeChat sees; by default the file's own, or ``media.jpg``
+            (or ``.png``, ``.gif``) after the bytes' format.
+        :param content_type: by default guessed from the name, then from the bytes.
+        :raises WeChatAPIError: e.g. 40004 (not a media type WeChat accepts).
+        :raises WeChatConnectionError: WeChat could not be reached, or sent no media_id.
+        :raises OSError: the file cannot be read.
+        """
+        if not isinstance(media_type, str) or not re.fullmatch(r"[a-z]{1,16}", media_type):
+            raise ValueError(f"media_type must be a word such as 'image', got {media_type!r}")
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            data = bytes(file)
+        elif isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as opened:
+                data = opened.read()
+            filename = filename or os.path.basename(os.fspath(file))
+        else:
+            data = file.read()
+            name = getattr(file, "name", None)
+            filename = filename or (os.path.basename(name) if isinstance(name, str) else None)
+        filename, guessed = _guess_media(data, filename)
+        files = {"media": (filename, data, content_type or guessed)}
+        while True:  # a boundary found in the data is drawn again (one in 2**128 files)
+            try:
+                body = _encode_multipart({}, files, os.urandom(MULTIPART_BOUNDARY_BYTES).hex())
+                break
+            except ValueError as exc:
+                if "occurs in the data" not in str(exc):
+                    raise
+        # call() hands its body to _http_json, which sends a _Multipart as it is: the upload
+        # gets the token, the one retry on a rejected token and the busy backoff of JSON calls.
+        document = self.call("POST", "/cgi-bin/media/upload", params={"type": media_type},
+                             json=body)
+        media_id = document.get("media_id")
+        if not isinstance(media_id, str) or not media_id:
+            raise WeChatConnectionError("media/upload answered without a media_id")
+        return media_id
+
+    def send_subscribe_message(self, openid: str, template_id: str, data: Mapping[str, Any],
+                               page: str | None = None, miniprogram_state: str | None = None,
+                               lang: str | None = None) -> dict[str, Any]:
         """Send a subscribe message; ``data`` maps keywords to values or ``{"value": ...}``."""
         body = {"touser": openid, "template_id": template_id,
                 "data": {name: value if isinstance(value, dict) else {"value": value}
@@ -2659,7 +2826,7 @@ class WeChatClient:
                 body[name] = value
         return self.call("POST", "/cgi-bin/message/subscribe/send", json=body)
 
-    def set_typing(self, openid, on=True):
+    def set_typing(self, openid: str, on: bool = True) -> dict[str, Any]:
         """Show (or hide) "typing..." in the user's chat."""
         return self.call("POST", "/cgi-bin/message/custom/typing",
                          json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
@@ -2742,6 +2909,117 @@ def _business_reply(app, message, *, timestamp):
     forwarded = _forward(app, message, timestamp=timestamp) if app.forward else None
     reply = app.handler(message) if app.handler is not None else None
     return forwarded if reply is None else reply
+
+
+###############################################################################
+# Router ######################################################################
+###############################################################################
+
+# A routed function, as registered: the decorators hand it back with its own type.
+_Routed = TypeVar("_Routed", bound=Callable[..., Any])
+
+
+class Router:
+    """A handler that calls one function per message type or event name.
+
+    ::
+
+        router = wxgate.Router()
+
+        @router.message("text")
+        def on_text(message): ...
+
+        @router.event("user_enter_tempsession")
+        def on_enter(message): ...
+
+    Point ``handler = shopbot:router`` at it. An event goes to the function registered for
+    its ``Event``, else to the one for ``router.message("event")``; any other push to the one
+    for its ``MsgType``; what matches nothing goes to ``router.default``, or is answered
+    ``success``. The routed function's return value is the reply, as a handler's is.
+    Registering a type or an event twice raises ``ValueError`` when the module is imported,
+    so one function cannot silently replace another.
+    """
+
+    def __init__(self) -> None:
+        self._messages: dict[str, Callable[[Message], Any]] = {}
+        self._events: dict[str, Callable[[Message], Any]] = {}
+        self._default: Callable[[Message], Any] | None = None
+
+    def __repr__(self) -> str:
+        routes = [f"message:{name}" for name in self._messages]
+        routes += [f"event:{name}" for name in self._events]
+        routes += ["default"] if self._default is not None else []
+        return f"<Router {' '.join(routes) or '(empty)'}>"
+
+    def message(self, *types: str) -> Callable[[_Routed], _Routed]:
+        """Route pushes whose ``MsgType`` is one of ``types`` (``"text"``, ``"image"``...)."""
+        return self._register(self._messages, "message", types)
+
+    def event(self, *names: str) -> Callable[[_Routed], _Routed]:
+        """Route events whose ``Event`` is one of ``names`` (``"user_enter_tempsession"``...)."""
+        return self._register(self._events, "event", names)
+
+    def default(self, function: _Routed) -> _Routed:
+        """Route what nothing else matches; without one, those pushes get ``success``."""
+        if not callable(function):
+            raise TypeError("use @router.default on a function, without parentheses")
+        if self._default is not None:
+            raise ValueError(f"router.default is already {_function_name(self._default)}; "
+                             f"cannot also route to {_function_name(function)}")
+        self._default = function
+        return function
+
+    def _register(self, table, kind, names):
+        # Mistakes raise here, when the handler's module is imported (so at load_config, and
+        # in `wxgate check`), not at the first push of the kind.
+        if not names:
+            example = "text" if kind == "message" else "user_enter_tempsession"
+            raise TypeError(f"router.{kind}() needs at least one name, e.g. "
+                            f"@router.{kind}({example!r})")
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"router.{kind}() takes names as strings, got {name!r}: "
+                                f"write @router.{kind}('...') with the name in parentheses")
+        if len(set(names)) != len(names):
+            raise ValueError(f"router.{kind}() got the same name twice: {names!r}")
+
+        def decorator(function):
+            if not callable(function):
+                raise TypeError(f"@router.{kind}(...) decorates a function, got "
+                                f"{type(function).__name__}")
+            for name in names:  # all checked before any is registered: no half routing
+                if name in table:
+                    raise ValueError(f"{kind} {name!r} is already routed to "
+                                     f"{_function_name(table[name])}; cannot also route it "
+                                     f"to {_function_name(function)}")
+            for name in names:
+                table[name] = function
+            return function
+
+        return decorator
+
+    def __call__(self, message: Message) -> Any:
+        """Handle ``message`` with the function routed to it; return that function's reply."""
+        function = None
+        kind = message.msg_type
+        # From a hostile JSON push MsgType and Event may be objects or lists, which are not
+        # names (and not hashable): they match nothing.
+        if kind == "event" and isinstance(message.event, str):
+            function = self._events.get(message.event)
+        if function is None and isinstance(kind, str):
+            function = self._messages.get(kind)
+        if function is None:
+            function = self._default
+        if function is None:
+            return "success"
+        return function(message)
+
+
+def _function_name(function):
+    """``module.qualname`` of a routed function, for the message of a duplicate route."""
+    module = getattr(function, "__module__", None)
+    name = getattr(function, "__qualname__", None) or repr(function)
+    return f"{module}.{name}" if module else name
 
 
 ###############################################################################
@@ -3657,8 +3935,10 @@ class Gateway:
         first request, in the process that serves it; never under CGI.
     """
 
-    def __init__(self, config, *, clock=time.time, random_bytes=os.urandom, store=None,
-                 sleep=time.sleep, reply_deadline=REPLY_DEADLINE, start_worker=True):
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 random_bytes: Callable[[int], bytes] = os.urandom, store: Store | None = None,
+                 sleep: Callable[[float], object] = time.sleep,
+                 reply_deadline: float = REPLY_DEADLINE, start_worker: bool = True) -> None:
         self.config = config
         self.reply_deadline = reply_deadline
         if not config.timestamp_window:
@@ -3690,8 +3970,8 @@ class Gateway:
         queued = any(app.delivery == "queue" for app in config.apps.values())
         self.queue = _open_queue(store, config.store_prefix) if queued else None
         self._start_worker = start_worker and queued and config.delivery_threads > 0
-        self._worker = None
-        self._worker_pid = None
+        self._worker: _DeliveryWorker | None = None
+        self._worker_pid: int | None = None
         self._worker_lock = threading.Lock()
         self._cgi_warned = False
         self._health_lock = threading.Lock()
@@ -3705,7 +3985,7 @@ class Gateway:
                                "own access_token; use store = sqlite:///path/to/wxgate.db "
                                "(one host) or redis://... (several)", workers)
 
-    def client(self, name):
+    def client(self, name: str) -> WeChatClient:
         """The :class:`WeChatClient` of app ``name``."""
         try:
             return self._clients[name]
@@ -3713,7 +3993,7 @@ class Gateway:
             raise KeyError(f"no app named {name!r}; configured: {sorted(self._clients)}") \
                 from None
 
-    def worker(self, threads=None):
+    def worker(self, threads: int | None = None) -> _DeliveryWorker:
         """A delivery worker for the durable queue (not started).
 
         :param threads: delivery threads; by default ``delivery_threads``, and at least
@@ -3726,7 +4006,7 @@ class Gateway:
             threads = max(1, self.config.delivery_threads)
         return _DeliveryWorker(self, self.queue, threads=threads)
 
-    def start_delivery(self):
+    def start_delivery(self) -> None:
         """Start this process's delivery threads now, if it is to run any.
 
         Idempotent, and per process: threads do not survive a fork, so a forked child (the
@@ -3740,7 +4020,7 @@ class Gateway:
                     self._worker.start()
                     self._worker_pid = os.getpid()
 
-    def close(self):
+    def close(self) -> None:
         """Stop the delivery and claim-keeping threads, and release the store's connections."""
         if self._worker is not None:
             self._worker.stop()
@@ -3764,7 +4044,8 @@ class Gateway:
                            "API call fetches a new access_token; use store = "
                            "sqlite:///path/to/wxgate.db")
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> list[bytes]:
         if environ.get("wsgi.run_once"):
             self._under_cgi()
         elif self._start_worker and self._worker_pid != os.getpid():
@@ -4187,7 +4468,7 @@ class Gateway:
         return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
 
 
-def make_app(config, **options):
+def make_app(config: Config | str | os.PathLike[str], **options: Any) -> Gateway:
     """Build the WSGI application.
 
     :param config: a path to an ini file, or a :class:`Config`.
@@ -4238,10 +4519,30 @@ class _LazyApplication:
 application = _LazyApplication()
 
 
-def demo_handler(message):
-    """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent."""
+# WeChat's message-push page ends with this bot: each message a user sends gets "收到"
+# through customerServiceMessage.send, and the push itself is answered success.
+_DEMO_ACKNOWLEDGEMENT = "收到"
+_USER_MESSAGE_TYPES = frozenset({"text", "image", "miniprogrampage"})
+
+
+def demo_handler(message: Message) -> dict[str, Any] | None:
+    """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent.
+
+    When the app has an AppSecret it is also the bot of WeChat's message-push page: every
+    message a user sends (text, image, mini program card) is answered "收到" through
+    customerServiceMessage.send. A failed send is logged, not raised: the 500 would make
+    WeChat retry the push, and the retry only repeat a "收到" the user may already have.
+    """
     logger.info("demo handler got %s from %s: %s", message.event or message.msg_type,
                 message.from_user, dict(message))
+    client = message.client
+    if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and \
+            client is not None and client.tokens._appsecret:
+        try:
+            client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
+        except WxgateError as exc:
+            logger.warning("demo handler could not send %r to %s: %s", _DEMO_ACKNOWLEDGEMENT,
+                           message.from_user, exc.message)
     if message.msg_type == "text" and any(
             word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
         return {"MsgType": "transfer_customer_service"}
@@ -4252,58 +4553,376 @@ def demo_handler(message):
 # Push simulator ##############################################################
 ###############################################################################
 
-
-def _build_push(app, fields, fmt, *, timestamp, nonce):
-    """Build the push WeChat would send this app: ``(query dict, body bytes)``."""
-    timestamp = str(timestamp)
-    query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
-             "nonce": nonce, "openid": str(fields.get("FromUserName", ""))}
-    dump = _dump_json if fmt == "json" else _dump_xml
-    if app.mode == "plain":
-        return query, dump(fields).encode("utf-8")
-    encrypt = encrypt_message(dump(fields), app.aes_key, app.appid)
-    query.update(encrypt_type="aes", msg_signature=sign(app.token, timestamp, nonce, encrypt))
-    if app.mode == "compat":
-        outer = dict(fields, Encrypt=encrypt)
-    else:
-        outer = {"ToUserName": fields.get("ToUserName", ""), "Encrypt": encrypt}
-    return query, dump(outer).encode("utf-8")
+# What WeChat fills in and a test rarely cares about. The original id is the app's own
+# (gh_ and 12 hex digits in real life), which the ini does not know.
+SIMULATED_GH_ID = "gh_wxgatedemo"
+SIMULATED_OPENID = "o_wxgate_demo_user"
+# A passive reply is addressed and typed, or it is the four-field envelope (PROTOCOL.md §4).
+_REPLY_ADDRESS = ("ToUserName", "FromUserName", "CreateTime", "MsgType")
+_ENVELOPE_FIELDS = frozenset({"Encrypt", "MsgSignature", "TimeStamp", "Nonce"})
 
 
-def _open_reply(app, body):
-    """Read a reply as WeChat would: verify and decrypt an envelope; return its text."""
-    text = body.decode("utf-8", "replace")
-    if not body.strip() or text == "success":
-        return text
-    fields = _parse_body(body, _sniff_format(body))
-    if "Encrypt" not in fields:
-        return text
-    check_signature(str(fields.get("MsgSignature", "")), app.token,
-                    str(fields.get("TimeStamp", "")), str(fields.get("Nonce", "")),
-                    fields["Encrypt"])
-    return decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
+def _pick_app(config, name, how="choose one with --app"):
+    """The app called ``name`` in ``config``, or its only app when ``name`` is None."""
+    if name is None:
+        if len(config.apps) > 1:
+            raise WxgateError(f"several apps configured; {how} ({', '.join(config.apps)})")
+        return next(iter(config.apps.values()))
+    if name not in config.apps:
+        raise WxgateError(f"no [app:{name}] in {config.source}")
+    return config.apps[name]
 
 
-def _push_fields(args, now):
-    """The push ``wxgate push`` sends, from its command-line options."""
-    import secrets
-    sender = args.openid
-    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
-        if path:
+@dataclasses.dataclass(frozen=True)
+class _Push:
+    """A push as WeChat would send it: POST ``url`` with ``body`` and ``headers``.
+
+    :ivar url: the app's path and query string (``/wechat?signature=...``), for WebTest.
+    :ivar query_string: the query alone, to append to another base URL.
+    :ivar body: the request body, bytes.
+    :ivar headers: ``{"Content-Type": "text/xml"}``, as WeChat labels XML and JSON alike.
+    :ivar fields: the push's fields in the clear, with what the simulator filled in.
+    :ivar format: ``"xml"`` or ``"json"``.
+    """
+
+    url: str
+    query_string: str
+    body: bytes
+    headers: dict[str, str]
+    fields: dict[str, Any]
+    format: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Handshake:
+    """The console's URL check: GET ``url``; a correct server answers 200 and ``echostr``.
+
+    :ivar url: the app's path and query string, for WebTest.
+    :ivar query_string: the query alone.
+    :ivar echostr: the text the body must be, exactly.
+    """
+
+    url: str
+    query_string: str
+    echostr: str
+
+    @property
+    def expected(self) -> bytes:
+        """The body a correct server answers, byte for byte."""
+        return self.echostr.encode("ascii")
+
+
+class Simulator:
+    """Play WeChat for one configured app: build pushes and read replies as WeChat does.
+
+    ::
+
+        wechat = wxgate.Simulator(config, "shop")
+        push = wechat.push({"MsgType": "text", "Content": "人工", "FromUserName": "o_user"})
+        resp = webtest.TestApp(wxgate.make_app(config)).post(push.url, push.body,
+                                                              headers=push.headers)
+        assert wechat.open_reply(resp.body)["MsgType"] == "transfer_customer_service"
+
+    It signs with the app's token and encrypts in its mode (plain, compat, safe) and format
+    (``auto`` means XML). ``wxgate push`` and ``wxgate handshake`` are built on it. Each
+    push gets its own nonce: the gateway binds a signed query to its first body.
+
+    :param config: a :class:`Config`, or the path of an ini file.
+    :param name: the app's name (its ``[app:NAME]``); optional when there is one app.
+    :param clock: returns the time in seconds (``CreateTime``, ``timestamp``).
+    :param random_bytes: returns n random bytes (nonces, ``MsgId``, the AES prefix).
+    :raises WxgateError: no app of that name, or several apps and no name.
+    :raises ConfigError: ``config`` is a path and the file is missing or wrong.
+    """
+
+    def __init__(self, config: Config | str | os.PathLike[str], name: str | None = None, *,
+                 clock: Callable[[], float] = time.time,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        if not isinstance(config, Config):
+            config = load_config(config)
+        self.config = config
+        self.app: AppConfig = _pick_app(config, name, "name one: Simulator(config, NAME)")
+        self._clock, self._random_bytes = clock, random_bytes
+
+    def __repr__(self) -> str:
+        return f"<Simulator {self.app.name} {self.app.mode} {self.app.format}>"
+
+    def _random_digits(self, count):
+        return str(int.from_bytes(self._random_bytes(8), "big") % 10 ** count).zfill(count)
+
+    def push(self, fields: dict[str, Any], *, format: str | None = None) -> _Push:
+        """Build the POST WeChat would send with these fields.
+
+        ``ToUserName``, ``FromUserName`` (a demo openid), ``CreateTime`` (now) and, for
+        messages, a fresh ``MsgId`` are filled in unless given. Events are recognised as
+        retries by ``FromUserName`` + ``CreateTime`` + ``Event``, as WeChat's are: give two
+        events of one second different ``CreateTime`` values to have both handled.
+
+        :param fields: the push's fields under WeChat's names; nested dicts and lists are
+            rendered as WeChat does (``List``, ``result``...).
+        :param format: ``"xml"`` or ``"json"``; by default the app's (XML for ``auto``).
+        :raises ValueError: ``format`` is neither.
+        """
+        app = self.app
+        fmt = format or (app.format if app.format != "auto" else "xml")
+        if fmt not in ("xml", "json"):
+            raise ValueError(f"format must be 'xml' or 'json', got {fmt!r}")
+        now = int(self._clock())
+        filled: dict[str, Any] = {"ToUserName": SIMULATED_GH_ID,
+                                  "FromUserName": SIMULATED_OPENID, "CreateTime": now}
+        filled.update(fields)
+        if filled.get("MsgType") not in (None, "event") and "MsgId" not in filled:
+            # MsgId is a 64-bit number, sent as text (PROTOCOL.md §6).
+            filled["MsgId"] = str(int.from_bytes(self._random_bytes(8), "big") >> 1)
+        timestamp, nonce = str(now), self._random_digits(9)
+        query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
+                 "nonce": nonce, "openid": str(filled.get("FromUserName", ""))}
+        dump = _dump_json if fmt == "json" else _dump_xml
+        if app.mode == "plain":
+            body = dump(filled)
+        else:
+            # The 16-character hex prefix is the shape WeChat's own pushes have.
+            encrypt = encrypt_message(dump(filled), app.encoding_aes_key, app.appid,
+                                      random_prefix=self._random_bytes(8).hex())
+            query.update(encrypt_type="aes",
+                         msg_signature=sign(app.token, timestamp, nonce, encrypt))
+            if app.mode == "compat":  # the clear fields beside Encrypt
+                body = dump(dict(filled, Encrypt=encrypt))
+            else:
+                body = dump({"ToUserName": filled["ToUserName"], "Encrypt": encrypt})
+        query_string = urllib.parse.urlencode(query)
+        return _Push(url=f"{app.path}?{query_string}", query_string=query_string,
+                     body=body.encode("utf-8"), headers={"Content-Type": "text/xml"},
+                     fields=filled, format=fmt)
+
+    def handshake(self, *, token: str | None = None) -> _Handshake:
+        """Build the console's URL check (a signed GET with an ``echostr``).
+
+        :param token: sign with this token instead of the app's: the console's, to see
+            whether the two are the same (``wxgate handshake --token``).
+        """
+        timestamp, nonce = str(int(self._clock())), self._random_digits(9)
+        echostr = self._random_digits(19)
+        query_string = urllib.parse.urlencode({
+            "signature": sign(self.app.token if token is None else token, timestamp, nonce),
+            "timestamp": timestamp, "nonce": nonce, "echostr": echostr})
+        return _Handshake(url=f"{self.app.path}?{query_string}", query_string=query_string,
+                          echostr=echostr)
+
+    def open_reply(self, body: bytes | str) -> dict[str, Any] | str:
+        """Read a reply as WeChat would; return its fields, or the text ``success`` or ``""``.
+
+        An encrypted reply must be the four-field envelope, its ``MsgSignature`` must match
+        and its content decrypt for this app; in safe mode a reply must be encrypted, in
+        plain mode it must not be. Any other reply must carry ``ToUserName``,
+        ``FromUserName``, ``CreateTime`` and ``MsgType``.
+
+        :raises SignatureError: ``MsgSignature`` does not match (-40001).
+        :raises DecryptError: ``Encrypt`` does not decrypt for this app (-400xx).
+        :raises MessageError: anything else WeChat would refuse, said in the message.
+        """
+        text = self._reply_text(body)
+        if text in ("success", ""):
+            return text
+        return self._reply_fields(text)
+
+    def _reply_text(self, body):
+        """Verify a reply and return its text: decrypted when it was encrypted."""
+        app = self.app
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if body in (b"", b"success"):
+            return body.decode("ascii")
+        fields = self._parse_reply(body, "reply")
+        if "Encrypt" not in fields:
+            if app.mode == "safe":
+                raise MessageError(f"reply is not encrypted, but app {app.name!r} is in safe "
+                                   "mode: WeChat would refuse it", code=None)
+            return body.decode("utf-8")
+        if app.mode == "plain":
+            raise MessageError(f"reply is encrypted, but app {app.name!r} is in plain mode",
+                               code=None)
+        if set(fields) != _ENVELOPE_FIELDS:
+            raise MessageError(f"reply envelope has fields {sorted(fields)}; expected "
+                               f"{sorted(_ENVELOPE_FIELDS)}", code=None)
+        timestamp, nonce = str(fields["TimeStamp"]), fields["Nonce"]
+        if not timestamp.isdigit() or not isinstance(nonce, str) or \
+                not isinstance(fields["Encrypt"], str):
+            raise MessageError(f"reply envelope has TimeStamp {timestamp[:20]!r} and Nonce "
+                               f"{str(nonce)[:20]!r}; expected a number and a string",
+                               code=None)
+        try:
+            check_signature(str(fields["MsgSignature"]), app.token, timestamp, nonce,
+                            fields["Encrypt"])
+        except SignatureError:
+            raise SignatureError("reply MsgSignature does not match its TimeStamp, Nonce and "
+                                 f"Encrypt under app {app.name!r}'s token") from None
+        return decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
+
+    def _parse_reply(self, data, what):
+        try:
+            fmt = _sniff_format(data)
+            if self.app.format != "auto" and fmt != self.app.format:
+                raise MessageError(f"is {fmt}, but app {self.app.name!r} has format = "
+                                   f"{self.app.format}", code=None)
+            return _parse_body(data, fmt)
+        except MessageError as exc:
+            # Our codes (-40002) are for pushes; "body is ..." reads "reply is ..." here.
+            reason = exc.message.split(" (WeChat")[0]
+            reason = reason[len("body "):] if reason.startswith("body ") else reason
+            raise MessageError(f"{what} {reason}", code=None) from None
+
+    def _reply_fields(self, text):
+        """The fields of a (decrypted) reply, which must be addressed and typed."""
+        fields = self._parse_reply(text.encode("utf-8"), "reply content")
+        missing = [name for name in _REPLY_ADDRESS if name not in fields]
+        if missing:
+            raise MessageError(f"reply lacks {', '.join(missing)}", code=None)
+        return fields
+
+
+###############################################################################
+# Fake WeChat API #############################################################
+###############################################################################
+
+# One call FakeAPI received: the decoded JSON body, or None with the raw bytes in ``data``.
+_APICall = collections.namedtuple("_APICall", "method path query json data")
+
+
+class FakeAPI:
+    """A stand-in for WeChat's API on 127.0.0.1, to test what a handler sends.
+
+    ::
+
+        with wxgate.FakeAPI() as api:
+            config = api.configure(config)        # api_base -> the fake
+            ...                                   # pushes whose handler calls message.client
+            assert api.sent == [{"touser": "o_user", "msgtype": "text",
+                                 "text": {"content": "收到"}}]
+
+    It hands out an access_token for any AppID and AppSecret, requires it on every other
+    call, records each call, and answers ``{"errcode": 0, "errmsg": "ok"}``; an upload
+    also gets a ``media_id``. :meth:`answer` queues another answer, such as an error.
+    It is a real HTTP server, so the client's own requests, tokens and retries are tested.
+    """
+
+    #: The access_token it hands out, and the only one it takes.
+    TOKEN = "fake-access-token"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[_APICall] = []
+        self._answers: dict[str, collections.deque] = collections.defaultdict(
+            collections.deque)
+        self._media_ids = itertools.count(1)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> FakeAPI:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> FakeAPI:
+        """Listen on a free port of 127.0.0.1, in a daemon thread; return self."""
+        import http.server
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self._answer("GET")
+
+            def do_POST(self):
+                self._answer("POST")
+
+            def _answer(self, method):
+                length = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(length) if length else b""
+                document = fake._handle(method, self.path, self.headers.get_content_type(),
+                                        data)
+                raw = json.dumps(document, ensure_ascii=False).encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json; encoding=utf-8")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, format, *arguments):  # a test's output stays readable
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the server."""
+        if self._server is not None and self._thread is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = self._thread = None
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. ``http://127.0.0.1:41234``: the ``api_base`` to use."""
+        if self._server is None:
+            raise RuntimeError("FakeAPI is not started: use it in a with block")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def configure(self, config: Config) -> Config:
+        """A copy of ``config`` whose apps call this fake (its ``api_base`` set to :attr:`url`).
+
+        The apps still need an ``appsecret`` to fetch a token, as in production; any value
+        works here.
+        """
+        return dataclasses.replace(config, api_base=self.url)
+
+    def answer(self, path: str, document: dict[str, Any]) -> None:
+        """Answer the next call to ``path`` with ``document``, e.g. ``{"errcode": 45015}``."""
+        with self._lock:
+            self._answers[path].append(dict(document))
+
+    @property
+    def calls(self) -> list[_APICall]:
+        """Every call but the token's, in order: ``(method, path, query, json, data)``."""
+        with self._lock:
+            return list(self._calls)
+
+    @property
+    def sent(self) -> list[Any]:
+        """The bodies of customer-service messages sent (``/cgi-bin/message/custom/send``)."""
+        return [call.json for call in self.calls if call.path == "/cgi-bin/message/custom/send"]
+
+    def _handle(self, method, target, content_type, data):
+        split = urllib.parse.urlsplit(target)
+        query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
+        if split.path in ("/cgi-bin/token", "/cgi-bin/stable_token"):
+            return {"access_token": self.TOKEN, "expires_in": 7200}
+        document = None
+        if content_type == "application/json":
             try:
-                with open(path, "rb") as file:
-                    return parse(file.read())
-            except OSError as exc:
-                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
-    fields = {"ToUserName": "gh_wxgatedemo", "FromUserName": sender, "CreateTime": now}
-    if args.text is not None:
-        fields.update(MsgType="text", Content=args.text, MsgId=str(now * 1000 + secrets.randbelow(1000)))
-    else:
-        fields.update(MsgType="event", Event=args.event)
-        for pair in args.field or ():
-            name, _, value = pair.partition("=")
-            fields[name] = value
-    return fields
+                document = json.loads(data)
+            except ValueError:
+                return {"errcode": 47001, "errmsg": "data format error"}
+        with self._lock:
+            self._calls.append(_APICall(method, split.path, query, document, data))
+            queued = self._answers.get(split.path)
+            if queued:
+                return queued.popleft()
+        if query.get("access_token") != self.TOKEN:
+            return {"errcode": 40001, "errmsg": "invalid credential, access_token is invalid "
+                    "or not latest"}
+        if split.path == "/cgi-bin/media/upload":
+            return {"errcode": 0, "errmsg": "ok", "type": query.get("type", ""),
+                    "media_id": f"fake-media-{next(self._media_ids)}",
+                    "created_at": int(time.time())}
+        return {"errcode": 0, "errmsg": "ok"}
 
 
 ###############################################################################
@@ -4449,44 +5068,84 @@ def _token(args):
     return 0
 
 
+def _push_fields(args):
+    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest."""
+    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
+        if path:
+            try:
+                with open(path, "rb") as file:
+                    return parse(file.read())
+            except OSError as exc:
+                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
+    fields = {"FromUserName": args.openid}
+    if args.text is not None:
+        fields.update(MsgType="text", Content=args.text)
+    else:
+        fields.update(MsgType="event", Event=args.event)
+        for pair in args.field or ():
+            name, _, value = pair.partition("=")
+            fields[name] = value
+    return fields
+
+
+def _call_gateway(url, body=None, headers=None):
+    """One request to a gateway, as WeChat makes it (a GET without ``body``): ``(status,
+    body)``, whatever the status.
+
+    :raises OSError: the gateway cannot be reached; the message names the URL redacted.
+    :raises ValueError: the URL cannot be sent to at all (a bad port, say).
+    """
+    shown = _redact_url(url)
+    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=REPLY_DEADLINE) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise OSError(f"cannot reach {shown}: {getattr(exc, 'reason', exc)}") from None
+    except (ValueError, http.client.HTTPException) as exc:
+        # http.client's InvalidURL quotes the URL, password included: its class only.
+        raise ValueError(f"cannot send to {shown}: {type(exc).__name__} (is --url a whole "
+                         "URL, with any password percent-encoded?)") from None
+
+
 def _push(args):
     """``wxgate push CONFIG``: act as WeChat, send a push, and print the decrypted reply."""
-    import secrets
     config = _load_config(args.config, unset=[])  # it needs the token and key only
     app = _pick_app(config, args.app)
+    wechat = Simulator(config, app.name)
     host, port = _parse_listen(config.listen)
     url = args.url or f"http://{host}:{port}{app.path}"
-    fmt = args.format or (app.format if app.format != "auto" else "xml")
-    now = int(time.time())
-    fields = _push_fields(args, now)
-    query, body = _build_push(app, fields, fmt, timestamp=now, nonce=str(secrets.randbelow(10**9)))
-    print(f"POST {_redact_url(url)} ({app.mode} mode, {fmt}): {fields.get('MsgType')}"
+    push = wechat.push(_push_fields(args), format=args.format)
+    fields = push.fields
+    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}): {fields.get('MsgType')}"
           f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
     failed = False
+    # --repeat sends the very same request, as WeChat's retries do: one signed query, one
+    # body, which the gateway's query binds accept and its dedup answers from memory.
     for attempt in range(1, args.repeat + 1):
         started = time.monotonic()
-        request = urllib.request.Request(f"{url}?{urllib.parse.urlencode(query)}", data=body,
-                                         method="POST",
-                                         headers={"Content-Type": "text/xml"})  # as WeChat
         try:
-            with urllib.request.urlopen(request, timeout=REPLY_DEADLINE) as response:
-                status, reply = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, reply = exc.code, exc.read()
-        except (urllib.error.URLError, OSError) as exc:
-            print(f"wxgate: cannot reach {_redact_url(url)}: {getattr(exc, 'reason', exc)} "
-                  "(is `wxgate serve` running?)", file=sys.stderr)
+            status, reply = _call_gateway(f"{url}?{push.query_string}", push.body,
+                                          push.headers)
+        except OSError as exc:
+            print(f"wxgate: {exc} (is `wxgate serve` running?)", file=sys.stderr)
             return 1
-        except (ValueError, http.client.HTTPException) as exc:
-            # http.client's InvalidURL quotes the URL, password included: its class only.
-            print(f"wxgate: cannot send to {_redact_url(url)}: {type(exc).__name__} (is "
-                  "--url a whole URL, with any password percent-encoded?)", file=sys.stderr)
+        except ValueError as exc:
+            print(f"wxgate: {exc}", file=sys.stderr)
             return 1
         elapsed = (time.monotonic() - started) * 1000
         try:
-            shown = _open_reply(app, reply) if status == 200 else reply.decode("utf-8", "replace")
+            if status == 200:
+                shown = wechat._reply_text(reply)
+                if shown not in ("success", ""):
+                    wechat._reply_fields(shown)  # addressed and typed, or it raises
+            else:
+                shown = reply.decode("utf-8", "replace")
         except WxgateError as exc:
-            shown, status = f"reply does not verify: {exc.message}", status
+            shown = f"reply does not verify: {exc.message}"
             failed = True
         failed = failed or status != 200
         print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
@@ -4499,31 +5158,18 @@ def _handshake_command(args):
     ``--token`` signs with the console's value instead of the ini's, which is how a token
     that differs between the two shows up: the console's check fails, and so does ours.
     """
-    import secrets
     config = _load_config(args.config, unset=[])  # it needs the token only
     app = _pick_app(config, args.app)
     host, port = _parse_listen(config.listen)
     url = args.url or f"http://{host}:{port}{app.path}"
-    token = app.token if args.token is None else args.token
-    timestamp, nonce = str(int(time.time())), str(secrets.randbelow(10**9))
-    echostr = str(secrets.randbelow(10**19))
-    query = urllib.parse.urlencode({"signature": sign(token, timestamp, nonce),
-                                    "timestamp": timestamp, "nonce": nonce, "echostr": echostr})
+    check = Simulator(config, app.name).handshake(token=args.token)
     shown = _redact_url(url)
     try:
-        with urllib.request.urlopen(f"{url}?{query}", timeout=REPLY_DEADLINE) as response:
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"FAIL: cannot reach {shown}: {getattr(exc, 'reason', exc)}")
+        status, body = _call_gateway(f"{url}?{check.query_string}")
+    except (OSError, ValueError) as exc:
+        print(f"FAIL: {exc}")
         return 1
-    except (ValueError, http.client.HTTPException) as exc:
-        # http.client's InvalidURL quotes the URL, password included: its class only.
-        print(f"FAIL: cannot send to {shown}: {type(exc).__name__} (is --url a whole URL, "
-              "with any password percent-encoded?)")
-        return 1
-    if status == 200 and body == echostr.encode():
+    if status == 200 and body == check.expected:
         refused = _console_refuses(url)
         verdict = (f"but the console itself would refuse this URL ({refused}): it takes "
                    "http:// on port 80 or https:// on port 443, at a public address" if refused
@@ -4531,7 +5177,7 @@ def _handshake_command(args):
         print(f"PASS: {shown} echoed echostr exactly; {verdict}")
         return 0
     print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
-          f"{echostr!r}: {_handshake_hint(status, app, args.token)}")
+          f"{check.echostr!r}: {_handshake_hint(status, app, args.token)}")
     return 1
 
 
@@ -4697,17 +5343,6 @@ def _queue_command(args):
     return 0
 
 
-def _pick_app(config, name):
-    if name is None:
-        if len(config.apps) > 1:
-            raise WxgateError(f"several apps configured; choose one with --app "
-                              f"({', '.join(config.apps)})")
-        return next(iter(config.apps.values()))
-    if name not in config.apps:
-        raise WxgateError(f"no [app:{name}] in {config.source}")
-    return config.apps[name]
-
-
 def _positive_int(text):
     import argparse
     try:
@@ -4719,7 +5354,7 @@ def _positive_int(text):
     return value
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """The ``wxgate`` command; returns the exit code (0 ok, 1 failed, 2 usage)."""
     import argparse
 

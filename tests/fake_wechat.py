@@ -14,6 +14,9 @@ cope with:
   ``errcode: 0``.
 - Business APIs answer 41001 without a token, 40001 for an unknown or dead token, 42001 for an
   expired one.
+- ``POST /cgi-bin/media/upload`` reads its ``multipart/form-data`` body strictly, as a server
+  that honours RFC 7578 would (boundary from the header, CRLF delimiters, the ``media`` part's
+  file name, content type and bytes), and answers a ``media_id`` that ``image`` messages accept.
 
 Tests steer it with an injectable clock (:class:`FakeClock`) and a few switches
 (:meth:`FakeWeChat.fail_next`, :meth:`FakeWeChat.hang`, :meth:`FakeWeChat.revoke`,
@@ -21,7 +24,7 @@ Tests steer it with an injectable clock (:class:`FakeClock`) and a few switches
 :attr:`FakeWeChat.token_fetches`, :attr:`FakeWeChat.requests` and the lists of accepted
 messages. Standard library only.
 
-Sections: Constants, Clock, Token records, The fake, HTTP handler.
+Sections: Constants, Clock, Token records, Multipart, The fake, HTTP handler.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import threading
 import time
 import urllib.parse
 
-__all__ = ["FakeWeChat", "FakeClock", "Request", "DEFAULT_APPID", "DEFAULT_SECRET"]
+__all__ = ["FakeWeChat", "FakeClock", "Request", "Part", "MultipartError",
+           "parse_multipart", "DEFAULT_APPID", "DEFAULT_SECRET"]
 
 
 ###############################################################################################
@@ -53,6 +57,10 @@ CUSTOM_SEND_PATH = "/cgi-bin/message/custom/send"
 TYPING_PATH = "/cgi-bin/message/custom/typing"
 SUBSCRIBE_SEND_PATH = "/cgi-bin/message/subscribe/send"
 CODE2SESSION_PATH = "/sns/jscode2session"
+MEDIA_UPLOAD_PATH = "/cgi-bin/media/upload"
+# Mini programs may upload images only (customerServiceMessage.uploadTempMedia); the same
+# endpoint of an Official Account also takes voice, video and thumb.
+MEDIA_TYPES = ("image",)
 
 # Fields each customer-service msgtype must carry in the object named after it. [O] KF-SEND
 CUSTOM_MSGTYPES = {
@@ -75,6 +83,7 @@ ERRMSGS = {
     40002: "invalid grant_type",
     40003: "invalid openid",
     40008: "invalid message type",
+    40004: "invalid media type",
     40013: "invalid appid",
     40014: "invalid access_token",
     40029: "invalid code",
@@ -84,6 +93,7 @@ ERRMSGS = {
     41001: "access_token missing",
     41002: "appid missing",
     41004: "appsecret missing",
+    41005: "media data missing",
     41008: "missing code",
     42001: "access_token expired",
     43001: "require GET method",
@@ -173,7 +183,8 @@ Request = collections.namedtuple("Request", "method path query body")
 Request.__doc__ = """One request as the fake received it.
 
 ``query`` is a dict of the first value of each parameter; ``body`` the decoded JSON, or None
-when the body was empty or not JSON (``raw`` bodies are not kept).
+when the body was empty or not JSON (``raw`` bodies are not kept). A ``multipart/form-data``
+body is a dict of :class:`Part` by field name, or the :class:`MultipartError` it raised.
 """
 
 
@@ -189,6 +200,112 @@ class _Code:
         self.appid = appid
         self.expires_at = expires_at
         self.used = False
+
+
+###############################################################################################
+# Multipart ###################################################################################
+###############################################################################################
+
+Part = collections.namedtuple("Part", "name filename content_type data")
+Part.__doc__ = "One field of a multipart/form-data body; ``filename`` is None for plain fields."
+
+
+class MultipartError(ValueError):
+    """The body is not multipart/form-data that a strict server would accept."""
+
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                         "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _header_params(value: str):
+    """Split ``form-data; name="media"; filename="a.jpg"`` into its value and parameters.
+
+    Quoted strings may hold ';' and backslash escapes; what browsers send for CR, LF and '"'
+    in a file name is percent-escapes, which we keep as they came (WeChat sees them too).
+    """
+    head, _, rest = value.partition(";")
+    params, i = {}, 0
+    while i < len(rest):
+        while i < len(rest) and rest[i] in " \t;":
+            i += 1
+        start = i
+        while i < len(rest) and rest[i] != "=":
+            i += 1
+        name = rest[start:i].strip().lower()
+        i += 1
+        if i < len(rest) and rest[i] == '"':
+            i += 1
+            chars = []
+            while i < len(rest) and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < len(rest):
+                    i += 1
+                chars.append(rest[i])
+                i += 1
+            if i >= len(rest):
+                raise MultipartError(f"unterminated quoted parameter {name!r}")
+            i += 1
+            params[name] = "".join(chars)
+        else:
+            start = i
+            while i < len(rest) and rest[i] != ";":
+                i += 1
+            params[name] = rest[start:i].strip()
+    return head.strip().lower(), params
+
+
+def parse_multipart(content_type: str, body: bytes) -> dict:
+    """Parse a ``multipart/form-data`` body strictly (RFC 7578, RFC 2046 section 5.1).
+
+    Written apart from any encoder under test: the boundary comes from the Content-Type
+    header (quoted or not); the body must start with ``--boundary`` CRLF; each part's data
+    runs to the next CRLF ``--boundary``, byte for byte, so data may hold CRLF, ``--`` and
+    anything else that is not that exact sequence; the last delimiter is ``--boundary--``.
+    Returns ``{name: Part}``; raises :class:`MultipartError` on anything else.
+    """
+    kind, params = _header_params(content_type or "")
+    if kind != "multipart/form-data":
+        raise MultipartError(f"content type is {kind!r}, not multipart/form-data")
+    boundary = params.get("boundary", "")
+    if not 1 <= len(boundary) <= 70 or boundary.endswith(" "):
+        raise MultipartError(f"bad boundary {boundary!r}")
+    delimiter = b"--" + boundary.encode("latin-1")
+    if not body.startswith(delimiter + b"\r\n"):
+        raise MultipartError("body does not start with the boundary")
+    position = len(delimiter) + 2
+    parts = {}
+    while True:
+        end = body.find(b"\r\n" + delimiter, position)
+        if end < 0:
+            raise MultipartError("part is not closed by the boundary")
+        if body[position:position + 2] == b"\r\n":  # a part with no headers at all
+            headers_end, lines = position - 2, []
+        else:
+            headers_end = body.find(b"\r\n\r\n", position, end + 2)
+            if headers_end < 0:
+                raise MultipartError("part has no blank line after its headers")
+            lines = body[position:headers_end].split(b"\r\n")
+        headers = {}
+        for line in lines:
+            name, colon, value = line.decode("utf-8").partition(":")
+            if not colon or not name or set(name) - _TOKEN_CHARS:
+                raise MultipartError(f"bad part header line {line[:60]!r}")
+            headers[name.lower()] = value.strip()
+        disposition, dparams = _header_params(headers.get("content-disposition", ""))
+        if disposition != "form-data" or "name" not in dparams:
+            raise MultipartError("part has no Content-Disposition: form-data; name=...")
+        if dparams["name"] in parts:
+            raise MultipartError(f"field {dparams['name']!r} appears twice")
+        parts[dparams["name"]] = Part(dparams["name"], dparams.get("filename"),
+                                      headers.get("content-type"), body[headers_end + 4:end])
+        position = end + 2 + len(delimiter)
+        if body[position:position + 2] == b"--":
+            if body[position + 2:] not in (b"", b"\r\n"):
+                raise MultipartError("data after the closing boundary")
+            return parts
+        if body[position:position + 2] != b"\r\n":
+            raise MultipartError("boundary is followed by neither CRLF nor --")
+        position += 2
 
 
 ###############################################################################################
@@ -267,6 +384,7 @@ class FakeWeChat:
         self._custom_messages = []
         self._typing_commands = []
         self._subscribe_messages = []
+        self._uploads = []
         self._errors = []
         self._next_msgid = 2_000_000_000_000_000_000
 
@@ -454,6 +572,13 @@ class FakeWeChat:
             return list(self._subscribe_messages)
 
     @property
+    def uploads(self) -> list:
+        """Uploads accepted by /cgi-bin/media/upload, in order: dicts of ``media_id``,
+        ``type``, ``filename``, ``content_type`` and ``data`` (the bytes as received)."""
+        with self._lock:
+            return [dict(upload) for upload in self._uploads]
+
+    @property
     def errors(self) -> list:
         """Exceptions raised inside the fake's handlers: bugs in the fake, answered with 500."""
         with self._lock:
@@ -467,6 +592,7 @@ class FakeWeChat:
             self._custom_messages.clear()
             self._typing_commands.clear()
             self._subscribe_messages.clear()
+            self._uploads.clear()
 
     # -- request handling (called by _Handler) ----------------------------------------------
 
@@ -671,6 +797,28 @@ class FakeWeChat:
         answer["msgid"] = self._next_msgid
         return answer
 
+    def _handle_media_upload(self, request: Request) -> dict:
+        errcode = self._check_token(request.query.get("access_token"))
+        if errcode == 0 and self.reject_all_tokens:
+            errcode = 40001
+        if errcode:
+            return _error(errcode)
+        if request.query.get("type") not in MEDIA_TYPES:
+            return _error(40004)
+        form = request.body
+        if isinstance(form, MultipartError):
+            return _error(41005, f"media data missing ({form})")
+        part = form.get("media") if isinstance(form, dict) else None
+        # curl -F media=@file, the documented call, sends a file name and a content type.
+        if part is None or not part.filename or not part.content_type or not part.data:
+            return _error(41005)
+        media_id = "fake_media_" + secrets.token_urlsafe(48)
+        self._uploads.append({"media_id": media_id, "type": request.query["type"],
+                              "filename": part.filename, "content_type": part.content_type,
+                              "data": part.data})
+        return {"errcode": 0, "errmsg": "ok", "type": request.query["type"],
+                "media_id": media_id, "created_at": int(self.clock())}
+
     def _handle_code2session(self, request: Request) -> dict:
         query = request.query
         appid = query.get("appid", "")
@@ -706,6 +854,7 @@ _ROUTES = {
     TYPING_PATH: ("POST", FakeWeChat._handle_typing),
     SUBSCRIBE_SEND_PATH: ("POST", FakeWeChat._handle_subscribe_send),
     CODE2SESSION_PATH: ("GET", FakeWeChat._handle_code2session),
+    MEDIA_UPLOAD_PATH: ("POST", FakeWeChat._handle_media_upload),
 }
 
 
@@ -766,7 +915,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             name: values[0]
             for name, values in urllib.parse.parse_qs(split.query, keep_blank_values=True).items()
         }
-        request = Request(method, split.path, query, self._read_json())
+        request = Request(method, split.path, query, self._read_body())
         try:
             hang, failure = fake._begin(request)
             if hang is not None and fake._stopping.wait(hang):
@@ -784,7 +933,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status, body = 500, {"errcode": 500, "errmsg": f"fake wechat bug: {exc!r}"}
         self._send(status, body)
 
-    def _read_json(self):
+    def _read_body(self):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -792,6 +941,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length <= 0:
             return None
         raw = self.rfile.read(min(length, MAX_BODY_BYTES))
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.lower().startswith("multipart/"):
+            try:
+                return parse_multipart(content_type, raw)
+            except (MultipartError, UnicodeDecodeError) as exc:
+                return MultipartError(str(exc))
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
