@@ -83,6 +83,7 @@ import mimetypes
 import os
 import random
 import re
+import socket
 import sqlite3
 import struct
 import sys
@@ -548,6 +549,9 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SERVER_SECRETS = frozenset({"appsecret", "admin_secret", "forward_secret"})
 # WeChat's console takes a Token of 3 to 32 letters and digits.
 _TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
+# An AppID, as the console shows it (开发管理 → 开发设置 → 开发者ID): "wx" and 16 lowercase
+# hex digits, for mini programs, official accounts and third-party platforms alike.
+_APPID_PATTERN = re.compile(r"wx[0-9a-f]{16}")
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
@@ -811,6 +815,10 @@ def _parse_app(reader, base_dir):
     if mode != "plain" and not key:
         raise reader.error("encoding_aes_key", f"is required in {mode} mode (43 characters "
                            "from the console's 消息推送 page)")
+    if len(key) >= 2 and key[0] == key[-1] and key[0] in "\"'":
+        raise reader.error("encoding_aes_key", "is in quotes: remove them (ini values take "
+                           "no quotes); the console's EncodingAESKey is 43 letters and digits",
+                           code=ILLEGAL_AES_KEY)
     if key:
         try:
             _decode_aes_key(key)
@@ -843,7 +851,7 @@ def _parse_app(reader, base_dir):
     return AppConfig(
         name=name,
         path=path,
-        appid=reader.text("appid", required=True),
+        appid=_check_appid(reader, reader.text("appid", required=True)),
         token=token,
         mode=mode,
         format=reader.choice("format", FORMATS),
@@ -887,6 +895,21 @@ def _check_token(reader, token):
         problem = "it has characters other than letters and digits"
     raise reader.error("token", f"expected 3 to 32 letters and digits, as WeChat's console "
                        f"takes, but {problem}")
+
+
+def _check_appid(reader, appid):
+    """The app's AppID, if it has the console's shape; shown in errors, as it is no secret.
+
+    A wrong AppID loads and then fails far away: every encrypted push with -40005, every
+    token fetch with 40013. Its shape alone catches a truncated paste or a placeholder.
+    """
+    if _APPID_PATTERN.fullmatch(appid):
+        return appid
+    quoted = len(appid) >= 2 and appid[0] == appid[-1] and appid[0] in "\"'"
+    fix = ": remove the quotes (ini values take no quotes)" if quoted else \
+        " (开发管理 → 开发设置 → 开发者ID)"
+    raise reader.error("appid", f"expected the console's AppID, 'wx' and 16 lowercase hex "
+                       f"digits, got {appid!r}{fix}")
 
 
 def _resolve_handler(spec, base_dir):
@@ -2345,6 +2368,10 @@ def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEO
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
             raise WeChatConnectionError(f"{what} timed out after {timeout:.3g} s ({limit})") \
                 from None
+        if isinstance(reason, socket.gaierror):  # DNS: a typo in api_base, or no resolver
+            raise WeChatConnectionError(f"{what} unreachable: cannot resolve the host of "
+                                        f"{shown} (check api_base, and this host's DNS)") \
+                from None
         raise WeChatConnectionError(f"{what} unreachable at {shown}: {type(reason).__name__}") \
             from None
     except (ValueError, http.client.HTTPException) as exc:
@@ -2591,7 +2618,7 @@ class TokenManager:
         """Call the token endpoint; return ``(token, expires_in)``."""
         if not self._appsecret:
             raise WxgateError(f"app {self.name!r} has no appsecret: set appsecret in its "
-                              "[app:...] section to fetch access tokens", status=500)
+                              f"[app:{self.name}] section to fetch access tokens", status=500)
         credentials = {"grant_type": "client_credential", "appid": self.appid,
                        "secret": self._appsecret}
         for attempt in range(len(BUSY_BACKOFF) + 1):
@@ -2728,7 +2755,8 @@ class WeChatClient:
         """
         if not self.tokens._appsecret:
             raise WxgateError(f"app {self.tokens.name!r} has no appsecret: set appsecret in "
-                              "its [app:...] section to call code2session", status=500)
+                              f"its [app:{self.tokens.name}] section to call code2session",
+                              status=500)
         document = self._request("GET", "/sns/jscode2session", {
             "appid": self.tokens.appid, "secret": self.tokens._appsecret,
             "js_code": js_code, "grant_type": "authorization_code"}, None)
@@ -2875,12 +2903,14 @@ def _forward(app, message, *, timestamp, timeout=None):
     except urllib.error.HTTPError as exc:
         hint = ""
         if exc.code in (401, 403):  # what tests/backend.py and the README's examples answer
-            hint = (": check that [app:...] forward_secret is the secret the backend checks "
-                    "X-Wxgate-Signature with, and that both clocks are right")
+            hint = (f": check that [app:{app.name}] forward_secret is the secret the backend "
+                    "checks X-Wxgate-Signature with, and that both clocks are right")
         raise DeliveryError(f"backend {_redact_url(app.forward)} answered HTTP {exc.code}"
                             f"{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, socket.gaierror):
+            reason = "cannot resolve its host (check forward, and this host's DNS)"
         raise DeliveryError(f"backend {_redact_url(app.forward)} failed: {reason}") from None
     except (ValueError, http.client.HTTPException) as exc:
         raise DeliveryError(f"backend {_redact_url(app.forward)} failed: "
@@ -3777,20 +3807,29 @@ class _StderrHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def _level_before_handlers(level):
-    """Before ``wxgate serve`` or ``worker`` imports the handler: the root logger at ``level``.
+def _logging_before_handlers(level):
+    """Before ``wxgate serve`` or ``worker`` imports the handler: the root logger at ``level``,
+    and our handler as Python's last resort.
 
     Most handler modules call ``logging.basicConfig()``, which adds a root handler but sets
     no level unless asked: the root's default WARNING then hid every INFO line, theirs and
     ours. With the root at INFO first, a bare ``basicConfig()`` shows both, and an explicit
     ``basicConfig(level=logging.WARNING)`` still wins for the user's own loggers.
+
+    A module that sets nothing up and logs on import finds no handler at all: Python's last
+    resort would print its WARNING lines bare (no time, no level) and drop its INFO lines.
+    Ours formats them as wxgate's own; it is not on the root, so ``basicConfig()`` still
+    configures. The process is ours: ``serve`` and ``worker`` are its main program.
     """
     root = logging.getLogger()
     if not root.handlers and root.level == logging.WARNING:  # nobody has touched it yet
         root.setLevel(level)
+    handler = _StderrHandler()
+    handler.setFormatter(_TextFormatter())
+    logging.lastResort = handler
 
 
-def _setup_logging(log_format, level=logging.INFO):
+def _setup_logging(log_format, level=logging.INFO, *, root=False):
     """Make the ``wxgate`` logger's lines show, once, whoever configured logging.
 
     Under gunicorn or mod_wsgi nothing configures Python logging, and the per-push INFO lines
@@ -3798,14 +3837,22 @@ def _setup_logging(log_format, level=logging.INFO):
     root has one (a handler module's ``basicConfig``, an entry file's), our lines go there,
     and only there; our own level is still ``level`` unless the deployer set one for
     ``wxgate``, so a root at WARNING hides their INFO lines but not ours.
+
+    :param root: put our handler on the root logger rather than on ours, for ``wxgate serve``
+        and ``worker``, whose process is ours: a handler module that logs without setting
+        logging up then gets its lines in our format, at the root's level (INFO, see
+        :func:`_logging_before_handlers`), instead of Python's bare last resort, which drops
+        INFO. Inside someone else's process (gunicorn, mod_wsgi) the root is not ours.
     """
     if logger.level == logging.NOTSET:
         logger.setLevel(level)
     if logger.handlers or logging.getLogger().handlers:
         return  # logging is the deployer's: their handlers, their format
-    handler = _StderrHandler()
+    # The last resort of _logging_before_handlers, when it is ours: one handler, one format.
+    last = logging.lastResort
+    handler = last if root and isinstance(last, _StderrHandler) else _StderrHandler()
     handler.setFormatter(_JSONFormatter() if log_format == "json" else _TextFormatter())
-    logger.addHandler(handler)
+    (logging.getLogger() if root else logger).addHandler(handler)
 
 
 ###############################################################################
@@ -4957,6 +5004,10 @@ def _serve(args):
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     read_timeout = args.read_timeout
+    if not 0 < read_timeout < float("inf"):  # 0 or less would drop every request; nan too
+        print(f"wxgate: --read-timeout must be a finite number of seconds above 0, got "
+              f"{read_timeout:g}", file=sys.stderr)
+        return 2
 
     class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         daemon_threads = True
@@ -4981,9 +5032,9 @@ def _serve(args):
             logger.debug("%s %s", self.address_string(), format % arguments)
 
     level = logging.DEBUG if args.verbose else logging.INFO
-    _level_before_handlers(level)
+    _logging_before_handlers(level)
     config = load_config(args.config)
-    _setup_logging(config.log_format, level)
+    _setup_logging(config.log_format, level, root=True)
     host, port = _parse_listen(config.listen)
     host, port = args.host or host, args.port or port
     if not 0 <= port < 65536:
@@ -5088,6 +5139,17 @@ def _push_fields(args):
     return fields
 
 
+def _with_query(url, query_string):
+    """``url`` with ``query_string`` added: after ``?``, or after ``&`` when it has a query.
+
+    A proxy or a host may route on a query parameter of its own (``/wechat?x=1``): WeChat
+    keeps it and appends its parameters, and so do we.
+    """
+    base, _, fragment = url.partition("#")
+    joiner = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
+    return f"{base}{joiner}{query_string}" + (f"#{fragment}" if fragment else "")
+
+
 def _call_gateway(url, body=None, headers=None):
     """One request to a gateway, as WeChat makes it (a GET without ``body``): ``(status,
     body)``, whatever the status.
@@ -5128,7 +5190,7 @@ def _push(args):
     for attempt in range(1, args.repeat + 1):
         started = time.monotonic()
         try:
-            status, reply = _call_gateway(f"{url}?{push.query_string}", push.body,
+            status, reply = _call_gateway(_with_query(url, push.query_string), push.body,
                                           push.headers)
         except OSError as exc:
             print(f"wxgate: {exc} (is `wxgate serve` running?)", file=sys.stderr)
@@ -5165,7 +5227,7 @@ def _handshake_command(args):
     check = Simulator(config, app.name).handshake(token=args.token)
     shown = _redact_url(url)
     try:
-        status, body = _call_gateway(f"{url}?{check.query_string}")
+        status, body = _call_gateway(_with_query(url, check.query_string))
     except (OSError, ValueError) as exc:
         print(f"FAIL: {exc}")
         return 1
@@ -5216,8 +5278,8 @@ def _handshake_hint(status, app, console_token):
                "error log) says why"
     if status == 403 and console_token is not None and console_token != app.token:
         return (f"the console's token (given with --token) is not the one in the ini's {where}: "
-                "copy the console's token into the ini, or click the console's button to "
-                "set the ini's")
+                f"copy the console's Token(令牌) into {where} token, or enter the ini's in the "
+                "console (开发管理 → 开发设置 → 消息推送) and press 提交")
     if status == 403:
         return (f"the signature was refused: check that the token in the console and in "
                 f"{where} are the same (try --token), or a clock far off (NTP)")
@@ -5293,9 +5355,9 @@ def _looks_like_a_path(text):
 def _worker_command(args):
     """``wxgate worker CONFIG``: deliver queued pushes in this process until interrupted."""
     level = logging.DEBUG if args.verbose else logging.INFO
-    _level_before_handlers(level)
+    _logging_before_handlers(level)
     config = load_config(args.config)
-    _setup_logging(config.log_format, level)
+    _setup_logging(config.log_format, level, root=True)
     import signal
     gateway = Gateway(config, start_worker=False)
     worker = gateway.worker(args.threads)
@@ -5326,7 +5388,8 @@ def _worker_command(args):
 
 def _queue_command(args):
     """``wxgate queue CONFIG stats|list-dead|retry-dead [ID...]|purge-dead``."""
-    gateway = Gateway(load_config(args.config), start_worker=False)
+    # It needs the store only: not the AppSecret, nor the admin or forward secrets.
+    gateway = Gateway(_load_config(args.config, unset=[]), start_worker=False)
     if gateway.queue is None:
         raise WxgateError("no app has delivery = queue in this config")
     queue, now = gateway.queue, time.time()

@@ -53,8 +53,9 @@ def test_handshake_echoes_echostr_exactly(make_testapp, recorder, mode):
 @pytest.mark.parametrize("case", vectors("url_signature"))
 def test_handshake_official_vector(tmp_path, case):
     source = tmp_path / "w.ini"
-    source.write_text(f"[wxgate]\ntimestamp_window = 0\n[app:a]\npath = /wechat\nappid = wx1\n"
-                      f"token = {case['token']}\nmode = plain\nhandler = wxgate:demo_handler\n")
+    source.write_text(f"[wxgate]\ntimestamp_window = 0\n[app:a]\npath = /wechat\n"
+                      f"appid = {APPID}\ntoken = {case['token']}\nmode = plain\n"
+                      "handler = wxgate:demo_handler\n")
     testapp = webtest.TestApp(wxgate.make_app(str(source)), lint=True)
     echostr = case.get("echostr", "12345")
     response = testapp.get("/wechat", {"signature": case["signature"],

@@ -450,6 +450,24 @@ def test_push_text_repeated_runs_the_handler_once(served, app):
     assert log.count(f"{key}outcome=duplicate") == 2, log
 
 
+def test_the_readmes_two_demo_pushes_each_run_the_handler(served):
+    # The README's demo: "kf please", then "hi" three times. Each `wxgate push` draws a fresh
+    # 63-bit MsgId; the old now * 1000 + randbelow(1000) collided once in 1000 pushes of one
+    # second, and "hi" was then answered as a duplicate of "kf please" without running.
+    tag = uuid.uuid4().hex[:8]
+    first = run("push", served.source, "--app", "json", "--text", f"kf please {tag}")
+    second = run("push", served.source, "--app", "json", "--text", f"hi {tag}",
+                 "--repeat", "3")
+    for result in (first, second):
+        assert result.returncode == 0, (result.stdout, result.stderr)
+    assert [status for _, status, _, _ in replies(second.stdout)] == [200, 200, 200]
+    mine = [call for call in served.calls() if call["_app"] == "json" and
+            call["Content"] in (f"kf please {tag}", f"hi {tag}")]
+    assert sorted(call["Content"] for call in mine) == [f"hi {tag}", f"kf please {tag}"]
+    assert mine[0]["MsgId"] != mine[1]["MsgId"]
+    assert all(re.fullmatch(r"[0-9]{1,19}", str(call["MsgId"])) for call in mine), mine
+
+
 def test_push_event_with_fields(served):
     result = run("push", served.source, "--app", "json", "--event", "user_enter_tempsession",
                  "--field", "SessionFrom=x", "--openid", "o_event_user")

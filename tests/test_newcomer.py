@@ -10,17 +10,21 @@ wxgate.WeChatAPIError`` did not catch under ``python -m wxgate serve`` (two copi
 
 import contextlib
 import http.server
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
+import webtest
 
-from conftest import REPO, VECTORS, free_port
+import wxgate
+from conftest import REPO, VECTORS, Clock, Recorder, free_port, make_config
 from fake_wechat import CUSTOM_SEND_PATH, DEFAULT_APPID, DEFAULT_SECRET, FakeWeChat
 from test_cli import ADMIN_SECRET, AES_KEY, APPSECRET, SECRETS, TOKEN, app_section, \
     assert_failed, replies, wait_for_port, write_ini
@@ -425,7 +429,8 @@ def test_a_forward_answering_401_logs_one_line_with_a_hint(tmp_path):
     lines = [line for line in text.splitlines()
              if re.search(r"\b401\b", line) and "outcome=" not in line]
     assert len(lines) == 1, text
-    assert "forward_secret" in lines[0], lines[0]
+    # The app's own section, not a literal "[app:...]".
+    assert "[app:main] forward_secret" in lines[0], lines[0]
     for secret in (FORWARD_SECRET,) + SECRETS:
         assert secret not in text
 
@@ -528,3 +533,234 @@ def test_the_readmes_except_wechatapierror_catches_under_every_launcher(tmp_path
     assert [(status, shown) for _, status, _, shown in replies(result.stdout)] == [
         (200, "'success'")], served_log
     assert "outcome=handled" in served_log and "Traceback" not in served_log
+
+
+# -- the newcomer's second pass ---------------------------------------------------------------
+# Found by following the README again in a fresh clone, after the points above were done.
+
+
+def test_pushes_in_one_second_get_distinct_msgids_and_are_all_handled(tmp_path):
+    # `wxgate push` builds its push with the Simulator. MsgIds made as now * 1000 plus a
+    # number below 1000 collide for sure within 1001 pushes of one second (and once in 1000
+    # for two): the second push was then answered as a duplicate, its handler never run.
+    clock = Clock()
+    recorder = Recorder()
+    config = make_config(tmp_path, recorder)
+    wechat = wxgate.Simulator(config, "test", clock=clock)
+    ids = [wechat.push({"MsgType": "text", "Content": str(i)}).fields["MsgId"]
+           for i in range(1001)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9]{1,19}", msg_id) for msg_id in ids)  # WeChat's shape
+    testapp = webtest.TestApp(wxgate.make_app(config, clock=clock), lint=True)
+    for content in ("kf please", "hi"):
+        push = wechat.push({"MsgType": "text", "Content": content})
+        assert testapp.post(push.url, push.body, headers=push.headers).body == b"success"
+    assert [message["Content"] for message in recorder.messages] == ["kf please", "hi"]
+
+
+HANDLER_BARE = '''
+import logging
+
+log = logging.getLogger("barebot")
+log.info("barebot imported")
+log.warning("barebot warns on import")
+
+
+def handle(message):
+    log.info("barebot got %s", message["Content"])
+    log.warning("barebot warns about %s", message["Content"])
+    return None
+'''
+# wxgate's text format: "2024-04-25 10:00:00,123 INFO name: message".
+LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} %s %s: %s$"
+
+
+def assert_formatted(text, level, name, message):
+    assert re.search(LINE % (level, name, re.escape(message)), text, re.M), (message, text)
+
+
+def bare_module(directory):
+    """A handler module that logs at INFO and WARNING, on import and per push, and sets
+    no logging up (the README's example does not): its name, as ``module:handle``."""
+    module = f"bare_{uuid.uuid4().hex[:12]}"
+    (directory / f"{module}.py").write_text(HANDLER_BARE, "utf-8")
+    return f"{module}:handle"
+
+
+def test_a_handler_that_sets_no_logging_up_logs_as_wxgate_does_under_serve(tmp_path):
+    port = free_port()
+    source = write_ini(tmp_path / "wxgate.ini", gateway=f"listen = 127.0.0.1:{port}",
+                       apps=[app_section("main", handler=bare_module(tmp_path))])
+    with serving(source, port) as log:
+        result = run("push", source, "--text", "marco")
+        assert result.returncode == 0, output(result)
+    text = log.read_text("utf-8")
+    # Before: the WARNING lines bare (Python's last resort), the INFO lines dropped.
+    for level, message in (("INFO", "barebot imported"), ("WARNING", "barebot warns on import"),
+                           ("INFO", "barebot got marco"), ("WARNING", "barebot warns about marco")):
+        assert_formatted(text, level, "barebot", message)
+    assert_wxgate_lines_show(text)
+    assert_formatted(text, "INFO", "wxgate", "serving app main (safe mode, auto) on "
+                     f"http://127.0.0.1:{port}/wechat")
+
+
+def test_a_handler_that_sets_no_logging_up_logs_as_wxgate_does_under_worker(tmp_path):
+    port = free_port()
+    source = write_ini(
+        tmp_path / "wxgate.ini",
+        gateway=f"listen = 127.0.0.1:{port}\nstore = sqlite://wxgate.db\ndelivery_threads = 0",
+        apps=[app_section("main", handler=bare_module(tmp_path), extra="delivery = queue")])
+    log = tmp_path / "worker.log"
+    with serving(source, port), open(log, "wb") as stderr:
+        worker = subprocess.Popen([sys.executable, "-m", "wxgate", "worker", str(source)],
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            result = run("push", source, "--text", "polo")
+            assert result.returncode == 0, output(result)
+            deadline = time.monotonic() + 30
+            while "barebot warns about polo" not in log.read_text("utf-8"):
+                assert worker.poll() is None and time.monotonic() < deadline, \
+                    log.read_text("utf-8")
+                time.sleep(0.05)
+        finally:
+            worker.terminate()
+            worker.wait(10)
+    text = log.read_text("utf-8")
+    for level, message in (("INFO", "barebot imported"), ("WARNING", "barebot warns on import"),
+                           ("INFO", "barebot got polo"), ("WARNING", "barebot warns about polo")):
+        assert_formatted(text, level, "barebot", message)
+    assert text.count("delivery worker started") == 1, text
+
+
+def test_library_use_still_configures_no_logging(tmp_path):
+    # make_app in the user's own process: no handler anywhere, Python's last resort kept.
+    code = ("import logging, sys, wxgate\n"
+            "last = logging.lastResort\n"
+            f"wxgate.make_app(wxgate.load_config({str(tmp_path / 'wxgate.ini')!r}))\n"
+            "assert logging.lastResort is last, 'last resort replaced'\n"
+            "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
+            "assert not logging.getLogger('wxgate').handlers\n")
+    write_ini(tmp_path / "wxgate.ini", apps=[app_section("main", handler=bare_module(tmp_path))])
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, output(result)
+    assert "barebot imported" not in result.stderr  # the root is still at WARNING
+
+
+@pytest.mark.parametrize("action", ["stats", "list-dead", "retry-dead", "purge-dead"])
+@pytest.mark.parametrize("unset", UNSET)
+def test_queue_commands_without_the_unrelated_secrets(tmp_path, action, unset):
+    source = write_ini(
+        tmp_path / "wxgate.ini",
+        gateway="store = sqlite://wxgate.db\nadmin_secret = ${WXGATE_ADMIN_SECRET}",
+        apps=[app_section("main", extra="appsecret = ${WX_APPSECRET}\ndelivery = queue")])
+    result = run("queue", source, action, env=without(*unset))
+    assert result.returncode == 0, output(result)
+    if action == "stats":
+        assert json.loads(result.stdout) == {"pending": 0, "in_flight": 0, "dead": 0}
+    for secret in SECRETS:
+        assert secret not in output(result)
+
+
+def test_handshake_and_push_to_a_url_with_a_query_of_its_own(served):
+    source, url = served
+    # Before: "/wechat?x=1?signature=...", which the gateway read as x = "1?signature=...".
+    result = run("handshake", source, "--url", f"{url}?x=1")
+    assert result.returncode == 0, output(result)
+    assert result.stdout.startswith("PASS"), output(result)
+    result = run("push", source, "--url", f"{url}?x=1", "--text", "hi")
+    assert [status for _, status, _, _ in replies(result.stdout)] == [200], output(result)
+
+
+def test_the_query_is_joined_with_an_ampersand_exactly_once():
+    join = wxgate._with_query
+    assert join("http://h/wechat", "a=1") == "http://h/wechat?a=1"
+    assert join("http://h/wechat?x=1", "a=1") == "http://h/wechat?x=1&a=1"
+    assert join("http://h/wechat?", "a=1") == "http://h/wechat?a=1"
+    assert join("http://h/wechat?x=1&", "a=1") == "http://h/wechat?x=1&a=1"
+    assert join("http://h/wechat#top", "a=1") == "http://h/wechat?a=1#top"
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_serve_refuses_a_read_timeout_that_is_not_above_0(tmp_path, seconds):
+    # Before: accepted, and then every request was dropped ("connection dropped").
+    port = free_port()
+    source = write_ini(tmp_path / "wxgate.ini", gateway=f"listen = 127.0.0.1:{port}",
+                       apps=[app_section("main")])
+    assert_one_line_exit_2(run("serve", source, "--read-timeout", seconds, timeout=20),
+                           "--read-timeout", seconds)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # it did not start serving
+
+
+UNRESOLVABLE = "http://no-such-host.invalid"  # .invalid never resolves (RFC 6761)
+
+
+def test_a_token_fetch_from_a_host_that_does_not_resolve_says_so(tmp_path):
+    source = write_ini(tmp_path / "wxgate.ini", gateway=f"api_base = {UNRESOLVABLE}",
+                       apps=[app_section("main", extra=f"appsecret = {APPSECRET}")])
+    result = run("token", source)
+    # Before: "stable_token unreachable at http://...: gaierror".
+    assert_failed(result, "cannot resolve the host",
+                  f"{UNRESOLVABLE}/cgi-bin/stable_token", "api_base")
+    assert "gaierror" not in result.stderr
+
+
+def test_an_api_call_to_a_host_that_does_not_resolve_says_so():
+    with FakeWeChat() as wechat:
+        tokens = wxgate.TokenManager(DEFAULT_APPID, DEFAULT_SECRET, api_base=wechat.url)
+        token = tokens.get_token()  # held in the store: the call below needs no fetch
+    tokens.api_base = UNRESOLVABLE
+    client = wxgate.WeChatClient(tokens)
+    with pytest.raises(wxgate.WeChatConnectionError) as caught:
+        client.send_text("o_user", "pong")
+    message = caught.value.message
+    assert f"cannot resolve the host of {UNRESOLVABLE}{CUSTOM_SEND_PATH}" in message, message
+    assert "gaierror" not in message and token not in message and DEFAULT_SECRET not in message
+
+
+def test_the_wrong_token_hint_names_the_consoles_page_and_button(served):
+    source, url = served
+    result = run("handshake", source, "--token", "consoleTokenValue9d2e")
+    assert result.returncode == 1, output(result)
+    # Before: "click the console's button", naming neither; the README says "Press 提交".
+    assert "消息推送" in result.stdout and "提交" in result.stdout, result.stdout
+    assert "[app:main] token" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("appid, quoted", [
+    ("wx12", False),
+    ("wx2c2769f8efd9abc", False),  # one digit lost in the paste
+    ("wx2c2769f8efd9abc20", False),
+    ("WX2C2769F8EFD9ABC2", False),
+    ("wx2c2769f8efd9abcg", False),
+    ("gh_10f6c3c3ac5a", False),  # the original id, not the AppID
+    ('"wx2c2769f8efd9abc2"', True),
+])
+def test_an_appid_of_the_wrong_shape_is_refused(tmp_path, appid, quoted):
+    source = write_ini(tmp_path / "wxgate.ini", apps=[app_section("main", appid=appid)])
+    lineno = source.read_text("utf-8").splitlines().index(f"appid = {appid}") + 1
+    result = run("check", source)
+    # The value is shown: an AppID is public (it is in every mini program's URL).
+    assert_failed(result, f"{source}:{lineno}", "[app:main]", "appid:", repr(appid),
+                  "16 lowercase hex digits")
+    assert ("remove the quotes" in result.stderr) == quoted, result.stderr
+
+
+def test_every_appid_of_the_readme_and_example_ini_has_the_consoles_shape():
+    # What a user copies must load, so every appid they may copy fits the rule.
+    found = []
+    for name in ("README.md", "example.ini"):
+        found += re.findall(r"^appid = (\S+)$", (REPO / name).read_text("utf-8"), re.M)
+    assert found
+    for appid in found:
+        assert re.fullmatch(r"wx[0-9a-f]{16}", appid), appid
+
+
+def test_a_quoted_encoding_aes_key_says_remove_the_quotes(tmp_path):
+    source = write_ini(tmp_path / "wxgate.ini",
+                       apps=[app_section("main", key=f'"{AES_KEY}"')])
+    result = run("check", source)
+    # Before: "expected 43 characters, got 45", with no word about the quotes.
+    assert_failed(result, "[app:main]", "encoding_aes_key:", "remove them", "-40004")
+    assert "got 45" not in result.stderr, result.stderr

@@ -141,8 +141,9 @@ def test_open_store_by_url(tmp_path, clock):
 
 def test_relative_sqlite_path_is_beside_the_ini(tmp_path):
     source = tmp_path / "w.ini"
-    source.write_text("[wxgate]\nstore = sqlite://data/w.db\n[app:a]\npath = /w\nappid = wx1\n"
-                      "token = tok\nmode = plain\nhandler = wxgate:demo_handler\n")
+    source.write_text("[wxgate]\nstore = sqlite://data/w.db\n[app:a]\npath = /w\n"
+                      "appid = wx2c2769f8efd9abc2\ntoken = tok\nmode = plain\n"
+                      "handler = wxgate:demo_handler\n")
     assert wxgate.load_config(source).store == f"sqlite://{tmp_path}/data/w.db"
 
 
