@@ -952,7 +952,7 @@ def _parse_store_url(url, base_dir="."):
 def _parse_listen(listen):
     """``host:port`` → ``(host, port)``."""
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {listen!r}")
     return host.strip("[]"), int(port)
 
@@ -1349,35 +1349,55 @@ class Message(collections.abc.Mapping):
     ones lists, and the subscribe-message ``List`` is always a list.
 
     :ivar app: the app's name (its ``[app:NAME]``).
-    :ivar msg_type: ``MsgType``; :ivar event: ``Event`` for events, else None.
-    :ivar from_user: the sender's openid; :ivar dedup_key: the key retries are matched by.
+    :ivar msg_type: ``MsgType``; :ivar event: ``Event`` for events, else None. Each is None
+        when the push's value is not a string (a JSON push may hold any JSON value there;
+        ``message["MsgType"]`` still gives it as sent).
+    :ivar from_user: the sender's openid, ``FromUserName``; ``""`` when the push has none
+        (or its value is not a string), so it can go straight to ``client.send_text``.
+    :ivar dedup_key: the key retries are matched by.
     :ivar format: ``"xml"`` or ``"json"``; :ivar encrypted: whether it came encrypted.
-    :ivar client: the app's :class:`WeChatClient`, for API calls from the handler (None only
-        in a Message built by hand without one).
     """
 
     __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",
-                 "encrypted", "client")
+                 "encrypted", "_client")
     app: str
     msg_type: str | None
     event: str | None
-    from_user: str | None
+    from_user: str
     dedup_key: str | None
     format: str
     encrypted: bool
-    client: WeChatClient | None
 
     def __init__(self, fields: dict[str, Any], *, app: str = "", format: str = "xml",
                  encrypted: bool = False, client: WeChatClient | None = None) -> None:
         self._fields = fields
         self.app = app
-        self.msg_type = fields.get("MsgType")
-        self.event = fields.get("Event") if self.msg_type == "event" else None
-        self.from_user = fields.get("FromUserName")
+        # The attributes are typed, and handlers (and the Router) trust the types: a JSON
+        # push's MsgType may be a list or an object, which is no type name to match.
+        msg_type = fields.get("MsgType")
+        self.msg_type = msg_type if isinstance(msg_type, str) else None
+        event = fields.get("Event")
+        self.event = event if self.msg_type == "event" and isinstance(event, str) else None
+        sender = fields.get("FromUserName")
+        self.from_user = sender if isinstance(sender, str) else ""
+        # The dedup key reads the raw fields: a hostile push still gets the key it always had.
         self.dedup_key = _dedup_key(app, fields)
         self.format = format
         self.encrypted = encrypted
-        self.client = client
+        self._client = client
+
+    @property
+    def client(self) -> WeChatClient:
+        """The app's :class:`WeChatClient`, for API calls from the handler.
+
+        The gateway always gives one; a Message built by hand has one only if given.
+
+        :raises WxgateError: this Message was built without ``client=``.
+        """
+        if self._client is None:
+            raise WxgateError("this Message was built without a client: pass client=... "
+                              "to Message(...)")
+        return self._client
 
     def __getitem__(self, name: str) -> Any:
         return self._fields[name]
@@ -2667,21 +2687,30 @@ class TokenManager:
 ###############################################################################
 
 
-# Magic numbers of the image formats WeChat takes as temporary media, to name and type bytes
-# handed over without a file name.
-_IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
-                (b"GIF87a", "gif", "image/gif"), (b"GIF89a", "gif", "image/gif"))
+# Magic numbers (offset, bytes) of the formats WeChat takes as temporary media, to name and
+# type bytes handed over without a file name, or a name without an extension: WeChat judges
+# an upload by its name's extension (community reports: 40004 / 40113 for a bare name).
+_MEDIA_MAGIC = ((0, b"\xff\xd8\xff", "jpg", "image/jpeg"),
+                (0, b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+                (0, b"GIF87a", "gif", "image/gif"), (0, b"GIF89a", "gif", "image/gif"),
+                (0, b"#!AMR\n", "amr", "audio/amr"),
+                (4, b"ftyp", "mp4", "video/mp4"))  # ISO base media: a box size, then ftyp
 
 
 def _guess_media(data, filename):
-    """``(filename, content_type)`` for an upload: from the name, else from the bytes."""
-    for magic, extension, content_type in _IMAGE_MAGIC:
-        if data.startswith(magic):
+    """``(filename, content_type)`` for an upload: from the name, else from the bytes.
+
+    A name without an extension gets the bytes' own (``poster`` → ``poster.png``).
+    """
+    for offset, magic, extension, content_type in _MEDIA_MAGIC:
+        if data.startswith(magic, offset):
             break
     else:
-        extension, content_type = "bin", "application/octet-stream"
+        extension, content_type = "", "application/octet-stream"
     if not filename:
-        return f"media.{extension}", content_type
+        return f"media.{extension or 'bin'}", content_type
+    if extension and not os.path.splitext(filename)[1]:
+        filename = f"{filename}.{extension}"
     guessed = mimetypes.guess_type(filename)[0]
     return filename, guessed or content_type
 
@@ -2805,7 +2834,9 @@ class WeChatClient:
         :param file: a path, the file's bytes, or a binary file object.
         :param media_type: WeChat's ``type``; ``"image"`` is the only one mini programs have.
         :param filename: the name WeChat sees; by default the file's own, or ``media.jpg``
-            (or ``.png``, ``.gif``) after the bytes' format.
+            (or ``.png``, ``.gif``) after the bytes' format. A name without an extension
+            gets the one of the bytes' format (JPEG, PNG, GIF, AMR, MP4), as WeChat types
+            an upload by its name.
         :param content_type: by default guessed from the name, then from the bytes.
         :raises WeChatAPIError: e.g. 40004 (not a media type WeChat accepts).
         :raises WeChatConnectionError: WeChat could not be reached, or sent no media_id.
@@ -2825,13 +2856,10 @@ class WeChatClient:
             filename = filename or (os.path.basename(name) if isinstance(name, str) else None)
         filename, guessed = _guess_media(data, filename)
         files = {"media": (filename, data, content_type or guessed)}
-        while True:  # a boundary found in the data is drawn again (one in 2**128 files)
-            try:
-                body = _encode_multipart({}, files, os.urandom(MULTIPART_BOUNDARY_BYTES).hex())
-                break
-            except ValueError as exc:
-                if "occurs in the data" not in str(exc):
-                    raise
+        boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
+        while b"--" + boundary.encode("ascii") in data:  # one file in 2**128: draw again
+            boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
+        body = _encode_multipart({}, files, boundary)
         # call() hands its body to _http_json, which sends a _Multipart as it is: the upload
         # gets the token, the one retry on a rejected token and the busy backoff of JSON calls.
         document = self.call("POST", "/cgi-bin/media/upload", params={"type": media_type},
@@ -4582,7 +4610,7 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
     """
     logger.info("demo handler got %s from %s: %s", message.event or message.msg_type,
                 message.from_user, dict(message))
-    client = message.client
+    client = message._client
     if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and \
             client is not None and client.tokens._appsecret:
         try:
@@ -4607,6 +4635,13 @@ SIMULATED_OPENID = "o_wxgate_demo_user"
 # A passive reply is addressed and typed, or it is the four-field envelope (PROTOCOL.md §4).
 _REPLY_ADDRESS = ("ToUserName", "FromUserName", "CreateTime", "MsgType")
 _ENVELOPE_FIELDS = frozenset({"Encrypt", "MsgSignature", "TimeStamp", "Nonce"})
+_ASCII_DIGITS = re.compile(r"[0-9]+\Z")
+
+
+def _shorten(value):
+    """``repr(value)``, cut to 40 characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _pick_app(config, name, how="choose one with --app"):
@@ -4708,7 +4743,8 @@ class Simulator:
         :param fields: the push's fields under WeChat's names; nested dicts and lists are
             rendered as WeChat does (``List``, ``result``...).
         :param format: ``"xml"`` or ``"json"``; by default the app's (XML for ``auto``).
-        :raises ValueError: ``format`` is neither.
+        :raises ValueError: ``format`` is neither, or a field cannot be rendered in it (a name
+            that is no XML element name, nesting too deep).
         """
         app = self.app
         fmt = format or (app.format if app.format != "auto" else "xml")
@@ -4725,11 +4761,17 @@ class Simulator:
         query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
                  "nonce": nonce, "openid": str(filled.get("FromUserName", ""))}
         dump = _dump_json if fmt == "json" else _dump_xml
+        try:
+            rendered = dump(filled)
+        except WxgateError as exc:
+            # The codec words it for a reply (status 500, -40011): this is the caller's push.
+            reason = exc.message.split(" (WeChat")[0]
+            raise ValueError("push " + reason.split(" ", 1)[1]) from None
         if app.mode == "plain":
-            body = dump(filled)
+            body = rendered
         else:
             # The 16-character hex prefix is the shape WeChat's own pushes have.
-            encrypt = encrypt_message(dump(filled), app.encoding_aes_key, app.appid,
+            encrypt = encrypt_message(rendered, app.encoding_aes_key, app.appid,
                                       random_prefix=self._random_bytes(8).hex())
             query.update(encrypt_type="aes",
                          msg_signature=sign(app.token, timestamp, nonce, encrypt))
@@ -4756,13 +4798,18 @@ class Simulator:
         return _Handshake(url=f"{self.app.path}?{query_string}", query_string=query_string,
                           echostr=echostr)
 
-    def open_reply(self, body: bytes | str) -> dict[str, Any] | str:
+    def open_reply(self, body: bytes | str) -> Any:
         """Read a reply as WeChat would; return its fields, or the text ``success`` or ``""``.
+
+        It returns one of two shapes: the reply's fields as a ``dict[str, Any]`` (so
+        ``open_reply(body)["MsgType"]`` reads), or the ``str`` ``"success"`` or ``""``.
+        It is typed ``Any`` so a test can index the reply it expects without a cast.
 
         An encrypted reply must be the four-field envelope, its ``MsgSignature`` must match
         and its content decrypt for this app; in safe mode a reply must be encrypted, in
-        plain mode it must not be. Any other reply must carry ``ToUserName``,
-        ``FromUserName``, ``CreateTime`` and ``MsgType``.
+        plain mode it must not be; ``success`` and the empty reply are never encrypted. Any
+        other reply must carry ``ToUserName``, ``FromUserName``, ``CreateTime`` (whole
+        seconds) and ``MsgType`` (a string).
 
         :raises SignatureError: ``MsgSignature`` does not match (-40001).
         :raises DecryptError: ``Encrypt`` does not decrypt for this app (-400xx).
@@ -4793,7 +4840,8 @@ class Simulator:
             raise MessageError(f"reply envelope has fields {sorted(fields)}; expected "
                                f"{sorted(_ENVELOPE_FIELDS)}", code=None)
         timestamp, nonce = str(fields["TimeStamp"]), fields["Nonce"]
-        if not timestamp.isdigit() or not isinstance(nonce, str) or \
+        # str.isdigit() would take "١٧١٤" (Arabic-Indic digits) or "²": WeChat reads ASCII.
+        if not _ASCII_DIGITS.match(timestamp) or not isinstance(nonce, str) or \
                 not isinstance(fields["Encrypt"], str):
             raise MessageError(f"reply envelope has TimeStamp {timestamp[:20]!r} and Nonce "
                                f"{str(nonce)[:20]!r}; expected a number and a string",
@@ -4804,7 +4852,12 @@ class Simulator:
         except SignatureError:
             raise SignatureError("reply MsgSignature does not match its TimeStamp, Nonce and "
                                  f"Encrypt under app {app.name!r}'s token") from None
-        return decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
+        text = decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
+        if text in ("success", ""):
+            # PROTOCOL.md §4: success and the empty reply are never encrypted, in any mode.
+            raise MessageError(f"reply is an encrypted {text!r}; WeChat takes success and the "
+                               "empty reply only in the clear", code=None)
+        return text
 
     def _parse_reply(self, data, what):
         try:
@@ -4825,12 +4878,36 @@ class Simulator:
         missing = [name for name in _REPLY_ADDRESS if name not in fields]
         if missing:
             raise MessageError(f"reply lacks {', '.join(missing)}", code=None)
+        if not isinstance(fields["MsgType"], str):
+            raise MessageError(f"reply MsgType is {_shorten(fields['MsgType'])}; expected a "
+                               "string", code=None)
+        created = fields["CreateTime"]  # a JSON number, or XML's text of one
+        if isinstance(created, bool) or not (isinstance(created, int) or (
+                isinstance(created, str) and _ASCII_DIGITS.match(created))):
+            raise MessageError(f"reply CreateTime is {_shorten(created)}; expected whole "
+                               "seconds", code=None)
         return fields
 
 
 ###############################################################################
 # Fake WeChat API #############################################################
 ###############################################################################
+
+
+def _has_media_file(content_type, data):
+    """Whether a request body is ``multipart/form-data`` with a file part named ``media``."""
+    import email.parser  # only FakeAPI parses multipart: no cost on import
+    import email.policy
+
+    if not content_type.lower().startswith("multipart/form-data"):
+        return False
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
+    if not parsed.is_multipart():
+        return False
+    return any(part.get_param("name", header="content-disposition") == "media"
+               and part.get_filename() for part in parsed.iter_parts())
+
 
 # One call FakeAPI received: the decoded JSON body, or None with the raw bytes in ``data``.
 _APICall = collections.namedtuple("_APICall", "method path query json data")
@@ -4849,7 +4926,9 @@ class FakeAPI:
 
     It hands out an access_token for any AppID and AppSecret, requires it on every other
     call, records each call, and answers ``{"errcode": 0, "errmsg": "ok"}``; an upload
-    also gets a ``media_id``. :meth:`answer` queues another answer, such as an error.
+    also gets a ``media_id`` if, as WeChat requires, it is ``multipart/form-data`` with a
+    file part named ``media`` (else 41005, media data missing). :meth:`answer` queues
+    another answer, such as an error.
     It is a real HTTP server, so the client's own requests, tokens and retries are tested.
     """
 
@@ -4887,7 +4966,7 @@ class FakeAPI:
             def _answer(self, method):
                 length = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(length) if length else b""
-                document = fake._handle(method, self.path, self.headers.get_content_type(),
+                document = fake._handle(method, self.path, self.headers.get("Content-Type", ""),
                                         data)
                 raw = json.dumps(document, ensure_ascii=False).encode("utf-8")
                 self.send_response(200)
@@ -4952,7 +5031,7 @@ class FakeAPI:
         if split.path in ("/cgi-bin/token", "/cgi-bin/stable_token"):
             return {"access_token": self.TOKEN, "expires_in": 7200}
         document = None
-        if content_type == "application/json":
+        if content_type.split(";")[0].strip().lower() == "application/json":
             try:
                 document = json.loads(data)
             except ValueError:
@@ -4966,6 +5045,9 @@ class FakeAPI:
             return {"errcode": 40001, "errmsg": "invalid credential, access_token is invalid "
                     "or not latest"}
         if split.path == "/cgi-bin/media/upload":
+            if not _has_media_file(content_type, data):
+                # As WeChat: the upload must be the multipart file field "media".
+                return {"errcode": 41005, "errmsg": "media data missing"}
             return {"errcode": 0, "errmsg": "ok", "type": query.get("type", ""),
                     "media_id": f"fake-media-{next(self._media_ids)}",
                     "created_at": int(time.time())}

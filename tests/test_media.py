@@ -155,3 +155,33 @@ def test_the_fake_refuses_an_upload_without_a_file_name(fake, client):
     document = wxgate._http_json("POST", fake.url + MEDIA_UPLOAD_PATH,
                                  params={"access_token": token, "type": "image"}, body=body)
     assert document["errcode"] == 41005 and fake.uploads == []
+
+
+@pytest.mark.parametrize("data, name, expected", [
+    pytest.param(PNG, "poster", ("poster.png", "image/png"), id="png"),
+    pytest.param(b"\xff\xd8\xff\xe0" + bytes(16), "tmpab12cd", ("tmpab12cd.jpg", "image/jpeg"),
+                 id="jpeg"),
+    pytest.param(b"GIF89a" + bytes(16), "anim", ("anim.gif", "image/gif"), id="gif"),
+    pytest.param(b"#!AMR\n" + bytes(16), "voice", ("voice.amr", "audio/amr"), id="amr"),
+    pytest.param(b"\x00\x00\x00\x18ftypmp42" + bytes(16), "clip", ("clip.mp4", "video/mp4"),
+                 id="mp4"),
+    # A name with an extension is the user's word; bytes we do not know add nothing.
+    pytest.param(PNG, "poster.gif", ("poster.gif", "image/gif"), id="extension kept"),
+    pytest.param(b"plain text", "notes", ("notes", "application/octet-stream"),
+                 id="unknown bytes"),
+    pytest.param(b"plain text", None, ("media.bin", "application/octet-stream"),
+                 id="no name, unknown bytes"),
+])
+def test_a_name_without_an_extension_gets_the_one_of_its_bytes(data, name, expected):
+    # WeChat types an upload by its file name's extension (40004 / 40113 for a bare name).
+    # Media types are case-insensitive, and some systems' mime.types say audio/AMR.
+    filename, content_type = wxgate._guess_media(data, name)
+    assert (filename, content_type.lower()) == expected
+
+
+def test_a_bare_path_is_uploaded_with_its_bytes_extension(fake, client, tmp_path):
+    bare = tmp_path / "poster"
+    bare.write_bytes(PNG)
+    client.upload_temp_media(bare)
+    assert [(u["filename"], u["content_type"]) for u in fake.uploads] == [
+        ("poster.png", "image/png")]

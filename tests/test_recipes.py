@@ -271,6 +271,37 @@ def test_handler_example_logs_a_failed_send_and_still_answers_success(shopbot, f
     assert APPSECRET not in caplog.text
 
 
+@pytest.mark.parametrize("block, handler, log", [
+    ("# shopbot.py", "shopbot:on_message", "shopbot"),
+    ("# ackbot.py", "ackbot:router", "ackbot"),
+])
+def test_handler_examples_log_a_send_without_an_appsecret_and_still_answer_success(
+        tmp_path, monkeypatch, caplog, block, handler, log):
+    # An app without an appsecret cannot fetch a token: the send raises a plain WxgateError
+    # (no WeChatAPIError, no WeChatConnectionError). The README's bots catch the base class,
+    # so the push is still answered success instead of a 500 and WeChat's retries.
+    module = handler.split(":")[0]
+    (tmp_path / f"{module}.py").write_text(code_block(block), "utf-8")
+    ini = tmp_path / "wxgate.ini"
+    ini.write_text(f"""\
+[app:shop]
+path = /wechat
+appid = {APPID}
+token = {TOKEN}
+encoding_aes_key = {AES_KEY}
+mode = safe
+handler = {handler}
+""", "utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    testapp = webtest.TestApp(wxgate.make_app(str(ini)), lint=True)
+    with caplog.at_level(logging.WARNING, logger=log):
+        answer = _text(testapp, "hello", 6054768590064714004)
+    assert (answer.status_int, answer.body) == (200, b"success")
+    warnings = [r.getMessage() for r in caplog.records if r.name == log]
+    assert len(warnings) == 1 and "has no appsecret" in warnings[0], warnings
+
+
 def test_handler_example_transfers_to_an_agent(shopbot):
     testapp, wechat = shopbot
     answer = _text(testapp, "转人工", 6054768590064714003)

@@ -283,3 +283,59 @@ def test_a_push_with_a_bad_field_name_is_a_value_error_about_the_push(tmp_path):
     with pytest.raises(ValueError) as caught:
         wechat.push({"MsgType": "text", "bad name": 1})
     assert "reply" not in str(caught.value)
+
+
+# -- follow-ups, beside the findings above ---------------------------------------------------
+
+
+def test_message_client_is_a_client_or_a_clear_error():
+    # `client` is typed WeChatClient, so a handler calls it without a None check; a Message
+    # built by hand without one says how to give it instead of AttributeError on None.
+    with pytest.raises(wxgate.WxgateError, match=r"without a client: pass client=\.\.\."):
+        wxgate.Message({"MsgType": "text"}).client
+    client = wxgate.WeChatClient(wxgate.TokenManager(APPID, "s"))
+    assert wxgate.Message({"MsgType": "text"}, client=client).client is client
+
+
+def test_the_readmes_mypy_section_works_as_written(tmp_path):
+    # The README's ini block, copied into a user's project, makes a plain `mypy` read an
+    # installed wxgate (without it: "Skipping analyzing", and wxgate is Any).
+    pytest.importorskip("mypy")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; "
+                              "print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "wxgate.py").write_bytes((REPO / "wxgate.py").read_bytes())
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "bot.py").write_text(USER_CODE, "utf-8")
+    bare = mypy("--python-executable", python, "bot.py", cwd=project)
+    assert "Skipping analyzing" in bare.stdout, bare.stdout + bare.stderr
+    (project / "mypy.ini").write_text(code_block("# mypy.ini"), "utf-8")
+    result = mypy("--python-executable", python, "bot.py", cwd=project)
+    assert 'Incompatible types in assignment (expression has type "str"' in result.stdout, \
+        result.stdout + result.stderr
+
+
+def test_fake_api_refuses_a_media_part_without_a_file_name():
+    # What a client that forgot filename= would send: WeChat wants a file, not a field.
+    with wxgate.FakeAPI() as api:
+        client = wxgate.WeChatClient(wxgate.TokenManager(APPID, "s", api_base=api.url))
+        body = wxgate._encode_multipart({"media": "abc"}, {}, "b1")
+        with pytest.raises(wxgate.WeChatAPIError) as caught:
+            client.call("POST", "/cgi-bin/media/upload", params={"type": "image"}, json=body)
+        assert caught.value.errcode == 41005
+        assert client.upload_temp_media(PNG).startswith("fake-media-")  # a real one passes
+
+
+@pytest.mark.parametrize("fmt", ["xml", "json"])
+def test_open_reply_still_takes_a_well_typed_reply(tmp_path, fmt):
+    # XML carries CreateTime as text of digits, JSON as a number: both are whole seconds.
+    config = make_config(tmp_path, mode="plain", fmt=fmt)
+    wechat = wxgate.Simulator(config, "test")
+    reply = dict(ADDRESSED, MsgType="transfer_customer_service")
+    body = wxgate._dump_xml(reply) if fmt == "xml" else json.dumps(reply)
+    assert wechat.open_reply(body)["MsgType"] == "transfer_customer_service"

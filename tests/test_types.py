@@ -35,9 +35,9 @@ def misuse(message: wxgate.Message, config: wxgate.Config) -> None:
     wxgate.Simulator(config).push("not a dict")
     router = wxgate.Router()
     router.message(1)
-    if message.client is not None:
-        message.client.send_text(message.from_user, "x")
-        media_id: bytes = message.client.upload_temp_media(b"x")
+    client = message.client
+    client.send_text(message.msg_type, "x")
+    media_id: bytes = client.upload_temp_media(b"x")
     wxgate.TokenManager("wx1", "secret", api_timeout="3")
 '''
 

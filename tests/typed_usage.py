@@ -18,7 +18,7 @@ router = wxgate.Router()
 @router.message("text", "image")
 def on_text(message: wxgate.Message) -> dict[str, Any] | None:
     kind: str | None = message.msg_type
-    sender: str | None = message.from_user
+    sender: str = message.from_user
     event: str | None = message.event
     app: str = message.app
     encrypted: bool = message.encrypted
@@ -26,8 +26,8 @@ def on_text(message: wxgate.Message) -> dict[str, Any] | None:
     items: list[dict[str, Any]] = message.items_list
     plain: dict[str, Any] = message.to_dict()
     print(kind, event, app, encrypted, content, items, plain, len(message), list(message))
-    client = message.client
-    if client is not None and sender is not None:
+    client: wxgate.WeChatClient = message.client
+    if sender:
         answer: dict[str, Any] = client.send_text(sender, "收到")
         media_id: str = client.upload_temp_media(b"\x89PNG\r\n\x1a\n")
         media_id = client.upload_temp_media(Path("poster.png"), filename="p.png")
@@ -74,6 +74,7 @@ def build() -> None:
     data: bytes = push.body
     headers: dict[str, str] = push.headers
     reply: dict[str, Any] | str = wechat.open_reply(data)
+    reply_type: str = wechat.open_reply(data)["MsgType"]  # Any: the test indexes what it expects
     check = wechat.handshake(token="ConsoleToken")
     expected: bytes = check.expected
 
@@ -98,8 +99,8 @@ def build() -> None:
     encrypt: str = wxgate.encrypt_message("<xml/>", "A" * 43, "wx1", random_prefix=b"0" * 16)
     text: str = wxgate.decrypt_message(encrypt, "A" * 43, "wx1")
     code: int = wxgate.main(["check", "wxgate.ini"])
-    print(key, client, body, url, headers, reply, expected, faked, sent, base, added, value,
-          text, code)
+    print(key, client, body, url, headers, reply, reply_type, expected, faked, sent, base,
+          added, value, text, code)
 
 
 def errors() -> None:
