@@ -17,6 +17,10 @@ cope with:
 - ``POST /cgi-bin/media/upload`` reads its ``multipart/form-data`` body strictly, as a server
   that honours RFC 7578 would (boundary from the header, CRLF delimiters, the ``media`` part's
   file name, content type and bytes), and answers a ``media_id`` that ``image`` messages accept.
+- As Cloud Hosting's 开放接口服务 sidecar (:meth:`FakeWeChat.act_as_cloud_sidecar`, PROTOCOL.md
+  11.1), it takes calls with no ``access_token`` and adds the credential itself; a path off its
+  whitelist gets HTTP 502, every call gets 41001 "access_token missing" while the switch is off
+  (or the version was not rebuilt), and a successful call carries an ``x-openapi-seqid`` header.
 
 Tests steer it with an injectable clock (:class:`FakeClock`) and a few switches
 (:meth:`FakeWeChat.fail_next`, :meth:`FakeWeChat.hang`, :meth:`FakeWeChat.revoke`,
@@ -40,7 +44,7 @@ import time
 import urllib.parse
 
 __all__ = ["FakeWeChat", "FakeClock", "Request", "Part", "MultipartError",
-           "parse_multipart", "DEFAULT_APPID", "DEFAULT_SECRET"]
+           "parse_multipart", "DEFAULT_APPID", "DEFAULT_SECRET", "SEQID_HEADER"]
 
 
 ###############################################################################################
@@ -61,6 +65,12 @@ MEDIA_UPLOAD_PATH = "/cgi-bin/media/upload"
 # Mini programs may upload images only (customerServiceMessage.uploadTempMedia); the same
 # endpoint of an Official Account also takes voice, video and thumb.
 MEDIA_TYPES = ("image",)
+
+# What the 开放接口服务 sidecar adds to each answer it proxied successfully. [O] CLOUD-OPEN
+SEQID_HEADER = "x-openapi-seqid"
+# The sidecar's answer to a path that is not on its whitelist: a proxy's error page, not JSON.
+# [O] CLOUD-OPEN FAQ says 502; the body is our guess.
+SIDECAR_REFUSED_BODY = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
 # Fields each customer-service msgtype must carry in the object named after it. [O] KF-SEND
 CUSTOM_MSGTYPES = {
@@ -363,6 +373,9 @@ class FakeWeChat:
         #: When true, every business call with a token answers 40001, as if WeChat had
         #: invalidated all tokens; tests use it to prove the client's retry is bounded.
         self.reject_all_tokens = False
+        #: Set by :meth:`act_as_cloud_sidecar`: ``(whitelist, enabled)``, or None.
+        self._sidecar = None
+        self._seqids = []
 
         # One lock guards every piece of state below. Handlers run in their own threads and a
         # token call reads and writes several tables at once (mint a token, kill the previous
@@ -477,6 +490,28 @@ class FakeWeChat:
             if record is None:
                 raise KeyError(f"the fake never issued token {token[:8]!r}...")
             record.kill(self.clock())
+
+    def act_as_cloud_sidecar(self, whitelist=(), *, enabled: bool = True) -> None:
+        """Behave as Cloud Hosting's 开放接口服务 from now on (``whitelist=None``: stop).
+
+        A call to a path in *whitelist* with no ``access_token`` is answered as if a valid
+        token had been sent, plus an ``x-openapi-seqid`` response header. A path off the
+        whitelist gets HTTP 502 and an HTML body. With *enabled* false (the switch is off, or
+        the version was not rebuilt after turning it on) every call gets 41001. A call that
+        does carry an ``access_token`` gets 40001: the sidecar only adds its own credential
+        to calls made as documented without one (our strictest reading, unverified).
+        """
+        with self._lock:
+            if whitelist is None:
+                self._sidecar = None
+            else:
+                self._sidecar = (frozenset(_normal_path(path) for path in whitelist), enabled)
+
+    @property
+    def seqids(self) -> list:
+        """The ``x-openapi-seqid`` values the sidecar answered with, in order."""
+        with self._lock:
+            return list(self._seqids)
 
     def token_errcode(self, token: str | None) -> int:
         """What a business call with *token* would answer now: 0, 41001, 40001 or 42001.
@@ -615,6 +650,32 @@ class FakeWeChat:
 
     def _dispatch(self, request: Request):
         """Answer *request*: return ``(status, body)``."""
+        status, body, _ = self._dispatch_with_headers(request)
+        return status, body
+
+    def _dispatch_with_headers(self, request: Request):
+        """Answer *request*: ``(status, body, headers)``; a bytes body is sent as text."""
+        with self._lock:
+            sidecar = self._sidecar
+        if sidecar is None:
+            return self._route(request) + ((),)
+        whitelist, enabled = sidecar
+        if not enabled:
+            return 200, _error(41001), ()
+        if request.path not in whitelist:
+            return 502, SIDECAR_REFUSED_BODY, ()
+        if "access_token" in request.query:
+            return 200, _error(40001), ()
+        # The sidecar adds its own credential: hand the route a token it always accepts, while
+        # the request the test inspects stays as the client sent it.
+        query = dict(request.query, access_token=_SIDECAR_CREDENTIAL)
+        status, body = self._route(request._replace(query=query))
+        seqid = secrets.token_hex(16)
+        with self._lock:
+            self._seqids.append(seqid)
+        return status, body, ((SEQID_HEADER, seqid),)
+
+    def _route(self, request: Request):
         route = _ROUTES.get(request.path)
         if route is None:
             return 404, {"errcode": 404, "errmsg": f"fake wechat: no api at {request.path}"}
@@ -656,6 +717,8 @@ class FakeWeChat:
         return record
 
     def _check_token(self, token) -> int:
+        if token is _SIDECAR_CREDENTIAL:
+            return 0
         if not token:
             return 41001
         record = self._tokens.get(token)
@@ -858,6 +921,11 @@ _ROUTES = {
 }
 
 
+# Stands for the credential the 开放接口服务 sidecar adds; compared by identity, so no string a
+# client sends can be it.
+_SIDECAR_CREDENTIAL = object()
+
+
 def _error(errcode: int, errmsg: str | None = None) -> dict:
     return {"errcode": errcode, "errmsg": errmsg if errmsg is not None else ERRMSGS[errcode]}
 
@@ -927,11 +995,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 status, errcode, errmsg = failure
                 self._send(status, {"errcode": errcode, "errmsg": errmsg})
                 return
-            status, body = fake._dispatch(request)
+            status, body, headers = fake._dispatch_with_headers(request)
         except Exception as exc:  # a bug in the fake: make it visible to the test
             fake._record_error(exc)
             status, body = 500, {"errcode": 500, "errmsg": f"fake wechat bug: {exc!r}"}
-        self._send(status, body)
+            headers = ()
+        self._send(status, body, headers)
 
     def _read_body(self):
         try:
@@ -952,13 +1021,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (UnicodeDecodeError, ValueError):
             return None
 
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        try:
-            self.send_response(status)
+    def _send(self, status: int, body, headers=()) -> None:
+        if isinstance(body, bytes):  # a proxy's page (the sidecar's 502), not WeChat's JSON
+            data, content_type = body, "text/html"
+        else:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
             # The parameter is "encoding", not "charset", in captured answers from
             # api.weixin.qq.com (unverified); a client must not depend on either.
-            self.send_header("Content-Type", "application/json; encoding=utf-8")
+            content_type = "application/json; encoding=utf-8"
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            for name, value in headers:
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
