@@ -37,6 +37,7 @@ __all__ = [
     "AppConfig",
     "Gateway",
     "Message",
+    "RawReply",
     "WxgateError",
     "ConfigError",
     "SignatureError",
@@ -499,6 +500,7 @@ class AppConfig:
     queue_max_attempts: int = DEFAULT_MAX_ATTEMPTS
     queue_retry_base: float = DEFAULT_RETRY_BASE
     queue_retry_max: float = DEFAULT_RETRY_MAX
+    dedup_ttl: float | None = None  # None: the gateway's [wxgate] dedup_ttl
 
     @property
     def aes_key(self) -> bytes | None:
@@ -540,7 +542,7 @@ _GATEWAY_OPTIONS = {
 _APP_OPTIONS = {
     "path", "appid", "appsecret", "token", "encoding_aes_key", "mode", "format", "handler",
     "token_grant", "token_refresh_margin", "forward", "forward_secret", "forward_timeout",
-    "delivery", "queue_max_attempts", "queue_retry_base", "queue_retry_max",
+    "delivery", "queue_max_attempts", "queue_retry_base", "queue_retry_max", "dedup_ttl",
 }
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Secrets that only the running gateway uses (the API, the admin endpoints, the backend):
@@ -872,6 +874,8 @@ def _parse_app(reader, base_dir):
                                        minimum=0.001),
         queue_retry_max=reader.number("queue_retry_max", DEFAULT_RETRY_MAX, kind=float,
                                       minimum=0.001),
+        # Its own window on a shared store: virtual payment's retries reach hours.
+        dedup_ttl=reader.number("dedup_ttl", None, kind=float, minimum=1),
     )
 
 
@@ -1491,6 +1495,68 @@ def _envelope(encrypt, signature, timestamp, nonce, fmt):
     return (f"<xml><Encrypt>{_cdata(encrypt)}</Encrypt>"
             f"<MsgSignature>{_cdata(signature)}</MsgSignature>"
             f"<TimeStamp>{int(timestamp)}</TimeStamp><Nonce>{_cdata(nonce)}</Nonce></xml>")
+
+
+def _shorten(value):
+    """``repr(value)``, cut to 40 characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# A reply's Content-Type goes out as a header and into the dedup record "d<type>\n<body>":
+# one line of printable ASCII.
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]+\Z")
+
+
+class RawReply:
+    """A reply sent exactly as given: no field filled in, no encryption, in every mode.
+
+    Some pushes want a fixed body rather than a message: virtual payment's
+    ``xpay_goods_deliver_notify`` and its kin are answered ``{"ErrCode":0,"ErrMsg":"success"}``,
+    and "回复微信服务器的消息不需要加密" (the reply is not encrypted, even in safe mode).
+    https://developers.weixin.qq.com/minigame/dev/guide/open-ability/virtual-payment/message-push.md
+    A handler returns one; a forward backend asks for the same with the response header
+    ``X-Wxgate-Reply: raw``. WeChat's retries of the push get the same body and type from the
+    dedup store.
+
+    :param body: bytes or str, sent as they are, or a dict, sent as compact UTF-8 JSON
+        (``{"ErrCode":0,"ErrMsg":"success"}``). Bytes must be UTF-8, as the dedup store
+        keeps text.
+    :param content_type: the reply's Content-Type header, as is.
+    :raises TypeError: ``body`` is none of those types.
+    :raises ValueError: the body is not UTF-8, or ``content_type`` is not one line of
+        printable ASCII.
+    """
+
+    __slots__ = ("body", "content_type")
+    body: bytes
+    content_type: str
+
+    def __init__(self, body: bytes | str | dict[str, Any],
+                 content_type: str = "application/json; charset=utf-8") -> None:
+        if isinstance(body, dict):
+            body = _dump_json(body)
+        if isinstance(body, str):
+            try:
+                body = body.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: no UTF-8 can carry it
+                raise ValueError("RawReply body is not valid text (a lone surrogate)") \
+                    from None
+        if not isinstance(body, (bytes, bytearray)):
+            raise TypeError(f"RawReply body must be bytes, str or dict, not "
+                            f"{type(body).__name__}")
+        body = bytes(body)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("RawReply body must be UTF-8") from None
+        if not isinstance(content_type, str) or not _HEADER_VALUE.match(content_type):
+            raise ValueError(f"RawReply content_type must be one line of printable ASCII, "
+                             f"got {_shorten(content_type)}")
+        self.body, self.content_type = body, content_type
+
+    def __repr__(self) -> str:
+        return f"<RawReply {self.content_type!r} {len(self.body)} bytes>"
 
 
 ###############################################################################
@@ -2905,14 +2971,16 @@ def _forward_signature(secret, timestamp, body):
 
 
 def _forward(app, message, *, timestamp, timeout=None):
-    """POST a push to the app's backend; return its reply (None, a str or a dict).
+    """POST a push to the app's backend; return its reply (None, a str, a dict or a RawReply).
 
     The body is ``{"app", "dedup_key", "format", "message"}``; ``X-Wxgate-Signature`` is
     HMAC-SHA256 of ``X-Wxgate-Timestamp`` + body with ``forward_secret``. A 204 or empty
     body means ``success``; a JSON body is the reply, as a handler's return value would be.
+    With the response header ``X-Wxgate-Reply: raw``, the body and its Content-Type go to
+    WeChat exactly as given, as a handler's :class:`RawReply` does.
 
     :raises DeliveryError: the backend timed out, was unreachable, answered a non-2xx status
-        or something that is not JSON.
+        or something that is not JSON (nor a raw reply in UTF-8).
     """
     body = json.dumps({"app": message.app, "dedup_key": message.dedup_key,
                        "format": message.format, "message": message._fields},
@@ -2928,6 +2996,7 @@ def _forward(app, message, *, timestamp, timeout=None):
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, raw = response.status, response.read(1 << 20)
+            headers = response.headers
     except urllib.error.HTTPError as exc:
         hint = ""
         if exc.code in (401, 403):  # what tests/backend.py and the README's examples answer
@@ -2943,6 +3012,12 @@ def _forward(app, message, *, timestamp, timeout=None):
     except (ValueError, http.client.HTTPException) as exc:
         raise DeliveryError(f"backend {_redact_url(app.forward)} failed: "
                             f"{type(exc).__name__}") from None
+    if headers.get("X-Wxgate-Reply", "").strip().lower() == "raw":
+        try:
+            return RawReply(raw, headers.get("Content-Type") or "text/plain; charset=utf-8")
+        except ValueError as exc:
+            raise DeliveryError(f"backend {_redact_url(app.forward)} raw reply refused: "
+                                f"{exc}") from None
     if status == 204 or not raw.strip():
         return None
     try:
@@ -3509,6 +3584,7 @@ class _DeliveryWorker:
         self._threads = []
         self._working = {}  # item id -> claim, for the keeper
         self._working_lock = threading.Lock()
+        self._raw_noted = set()  # apps whose RawReply we said was not sent
 
     def start(self):
         for index in range(self.threads):
@@ -3606,8 +3682,15 @@ class _DeliveryWorker:
         started = time.monotonic()
         try:
             if gateway.store.get(done_key) is None:
-                _business_reply(app, message, timestamp=gateway._clock())
+                reply = _business_reply(app, message, timestamp=gateway._clock())
                 gateway.store.set(done_key, "1", DONE_TTL)
+                if isinstance(reply, RawReply) and app.name not in self._raw_noted:
+                    # WeChat was answered success when the push was queued: a fixed body
+                    # such as virtual payment's needs delivery = sync.
+                    self._raw_noted.add(app.name)
+                    logger.warning("app=%s delivery = queue: the RawReply was not sent (the "
+                                   "push was answered success when queued); pushes that "
+                                   "need a fixed reply need delivery = sync", app.name)
                 outcome = "delivered"
             else:
                 outcome = "already-delivered"
@@ -4247,14 +4330,15 @@ class Gateway:
         return Message(fields, app=app.name, format=fmt, encrypted=True,
                        client=self._clients[app.name]), nonce, timestamp
 
-    def _remember_for(self, timestamp):
-        """Seconds to remember a push's key and its query: at least until the timestamp has
-        left the window, so a replay is never handled again however short dedup_ttl is."""
+    def _remember_for(self, app, timestamp):
+        """Seconds to remember a push's key and its query: the app's dedup_ttl (else the
+        gateway's), and at least until the timestamp has left the window, so a replay is
+        never handled again however short dedup_ttl is."""
+        ttl = app.dedup_ttl or self.config.dedup_ttl
         window = self.config.timestamp_window
-        if not window:
-            return self.config.dedup_ttl
-        return max(self.config.dedup_ttl,
-                   int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
+        if not window or timestamp is None:
+            return ttl
+        return max(ttl, int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
 
     @staticmethod
     def _signed(app, query, timestamp, nonce):
@@ -4287,7 +4371,7 @@ class Gateway:
             "utf-8", "surrogateescape")).hexdigest()
         key = f"{self.config.store_prefix}:query:{app.name}:{query_id}"
         digest = hashlib.sha256(body).hexdigest()
-        if self._binds.add(key, digest, self._remember_for(timestamp)):
+        if self._binds.add(key, digest, self._remember_for(app, timestamp)):
             return
         bound = self._binds.get(key)
         if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
@@ -4299,7 +4383,7 @@ class Gateway:
 
     def _push(self, app, environ, started):
         message, nonce, timestamp = self._read_push(app, environ)
-        ttl = self._remember_for(timestamp)
+        ttl = self._remember_for(app, timestamp)
         if app.delivery == "queue":
             return self._enqueue(app, message, environ, started, ttl)
 
@@ -4424,6 +4508,8 @@ class Gateway:
         return content_type, body
 
     def _render(self, app, message, reply, nonce):
+        if isinstance(reply, RawReply):  # exactly as given, in every mode
+            return reply.content_type, reply.body.decode("utf-8")
         if isinstance(reply, (bytes, bytearray)):
             reply = bytes(reply).decode("utf-8")
         if reply is None or reply == "success":
@@ -4437,7 +4523,8 @@ class Gateway:
             text = reply
         else:
             raise TypeError(f"{_business_name(app)} returned "
-                            f"{type(reply).__name__}; expected None, a str or a dict")
+                            f"{type(reply).__name__}; expected None, a str, a dict or a "
+                            "RawReply")
         if not message.encrypted:
             return _CONTENT_TYPES[message.format], text
         # Reply in the mode of the request being answered (never a sticky flag).
@@ -4636,12 +4723,6 @@ SIMULATED_OPENID = "o_wxgate_demo_user"
 _REPLY_ADDRESS = ("ToUserName", "FromUserName", "CreateTime", "MsgType")
 _ENVELOPE_FIELDS = frozenset({"Encrypt", "MsgSignature", "TimeStamp", "Nonce"})
 _ASCII_DIGITS = re.compile(r"[0-9]+\Z")
-
-
-def _shorten(value):
-    """``repr(value)``, cut to 40 characters for an error message."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _pick_app(config, name, how="choose one with --app"):

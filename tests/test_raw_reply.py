@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import logging
 import os
 import threading
 
@@ -140,6 +141,47 @@ def test_without_raw_reply_a_dict_is_still_filled_in_and_encrypted(gateway):
     assert b"Encrypt" in response.body
 
 
+@pytest.mark.parametrize("body, content_type, error", [
+    (b"\xff\xfe", "text/plain", ValueError),
+    ("\ud800", "text/plain", ValueError),
+    (42, "text/plain", TypeError),
+    (["ErrCode"], "text/plain", TypeError),
+    ("ok", "text/plain\r\nSet-Cookie: x=1", ValueError),
+    ("ok", "text/plain; 名", ValueError),
+    ("ok", "", ValueError),
+], ids=["not utf-8", "lone surrogate", "int", "list", "header split", "non-ascii type",
+        "empty type"])
+def test_raw_reply_refuses_what_it_cannot_send(body, content_type, error):
+    with pytest.raises(error):
+        wxgate.RawReply(body, content_type=content_type)
+
+
+def test_raw_reply_keeps_the_bytes_given():
+    reply = wxgate.RawReply(b'{"ErrCode":0}  \n', "application/json")
+    assert reply.body == b'{"ErrCode":0}  \n' and reply.content_type == "application/json"
+    assert "16 bytes" in repr(reply)
+
+
+def test_a_queued_raw_reply_is_said_not_sent(tmp_path, clock, caplog):
+    # delivery = queue answers success when the push is stored: the RawReply comes too late.
+    caplog.set_level(logging.INFO, logger="wxgate")
+    handler = Recorder(reply=wxgate.RawReply(XPAY_OK))
+    config = make_config(tmp_path, handler, extra_app="delivery = queue",
+                         extra_gateway=f"timestamp_window = 0\nstore = sqlite://{tmp_path}/q.db"
+                         "\ndelivery_threads = 0")
+    app = wxgate.make_app(config, clock=clock)
+    testapp = webtest.TestApp(app, lint=True)
+    for msg_id in ("1", "2"):
+        assert post(testapp, xpay_push(MsgId=msg_id), fmt="json").body == b"success"
+    worker = app.worker()
+    while worker.run_once():
+        pass
+    assert handler.calls == 2
+    said = [r.getMessage() for r in caplog.records if "RawReply" in r.getMessage()]
+    assert len(said) == 1 and "delivery = sync" in said[0]
+    app.close()
+
+
 # -- a forward backend's X-Wxgate-Reply: raw ------------------------------------------------
 
 
@@ -239,6 +281,18 @@ def test_backend_without_the_header_keeps_the_old_contract(forward_gateway, raw_
     app.close()
 
 
+def test_backend_raw_body_not_utf8_is_a_failed_delivery(forward_gateway, raw_backend):
+    raw_backend.answer = (200, {"Content-Type": "application/octet-stream",
+                                "X-Wxgate-Reply": "raw"}, b"\xff\x00")
+    app, testapp = forward_gateway(raw_backend)
+    post(testapp, text_message(), fmt="xml", status=500)
+    raw_backend.answer = (200, {"X-Wxgate-Reply": "RAW"}, XPAY_OK)
+    response = post(testapp, text_message(msg_id="2"), fmt="xml")
+    assert response.body == XPAY_OK
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    app.close()
+
+
 # -- per-app dedup_ttl -----------------------------------------------------------------------
 
 # WeChat's retry schedule for an unacknowledged virtual-payment push. [O XPAY-GOODS]
@@ -249,13 +303,14 @@ XPAY_RETRIES = (15, 15, 30, 180, 600, 1200, 1800, 1800, 1800, 3600, 10800, 10800
 @needs_app_dedup_ttl
 def test_app_dedup_ttl_outlives_the_gateway_default(gateway, clock):
     handler = Recorder(reply=wxgate.RawReply(XPAY_OK))
+    # The schedule adds up to 24 h 4 min: a day is not quite enough, two days are.
+    assert 86400 < sum(XPAY_RETRIES) < 172800
     _, testapp = gateway(handler, extra_gateway="timestamp_window = 0\ndedup_ttl = 300",
-                         extra_app="dedup_ttl = 86400")
+                         extra_app="dedup_ttl = 172800")
     assert post(testapp, xpay_push(), fmt="json").body == XPAY_OK
     for delay in XPAY_RETRIES:  # a retry that crossed our answer, hours later
         clock.advance(delay)
         assert post(testapp, xpay_push(), fmt="json").body == XPAY_OK
-    assert sum(XPAY_RETRIES) < 86400
     assert handler.calls == 1
 
 
