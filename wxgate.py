@@ -217,6 +217,10 @@ _KNOWN_TYPES = frozenset({
 FORMATS = ("auto", "xml", "json")
 TOKEN_GRANTS = ("stable", "classic")
 
+# A push that only previous_encoding_aes_key opens is logged at most this often per app:
+# enough for the operator to see that the console still uses the old key, not a line a push.
+PREVIOUS_KEY_WARN_EVERY = 60.0
+
 # The body of every refusal after msg_signature, whatever failed (issue 10: no oracle).
 SEALED_REFUSAL = "Encrypt does not decrypt to a push for this app"
 
@@ -367,6 +371,7 @@ _METRIC_HELP = {
     "wxgate_duplicates_total": ("counter", "WeChat retries answered from the dedup store."),
     "wxgate_refused_total": ("counter", "Requests refused, by app, status and WeChat code."),
     "wxgate_query_reused_total": ("counter", "Signed queries sent again with another body."),
+    "wxgate_previous_key_total": ("counter", "Pushes decrypted with previous_encoding_aes_key."),
     "wxgate_handler_seconds": ("histogram", "Time in business code (handler or forward)."),
     "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
     "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
@@ -501,11 +506,18 @@ class AppConfig:
     queue_retry_base: float = DEFAULT_RETRY_BASE
     queue_retry_max: float = DEFAULT_RETRY_MAX
     dedup_ttl: float | None = None  # None: the gateway's [wxgate] dedup_ttl
+    previous_encoding_aes_key: str = dataclasses.field(default="", repr=False)
 
     @property
     def aes_key(self) -> bytes | None:
         """The 32-byte AES key, or None in plain mode without a key."""
         return _decode_aes_key(self.encoding_aes_key) if self.encoding_aes_key else None
+
+    @property
+    def previous_aes_key(self) -> bytes | None:
+        """The previous key's 32 bytes while a key rotation is under way, else None."""
+        key = self.previous_encoding_aes_key
+        return _decode_aes_key(key) if key else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -543,6 +555,7 @@ _APP_OPTIONS = {
     "path", "appid", "appsecret", "token", "encoding_aes_key", "mode", "format", "handler",
     "token_grant", "token_refresh_margin", "forward", "forward_secret", "forward_timeout",
     "delivery", "queue_max_attempts", "queue_retry_base", "queue_retry_max", "dedup_ttl",
+    "previous_encoding_aes_key",
 }
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Secrets that only the running gateway uses (the API, the admin endpoints, the backend):
@@ -817,16 +830,23 @@ def _parse_app(reader, base_dir):
     if mode != "plain" and not key:
         raise reader.error("encoding_aes_key", f"is required in {mode} mode (43 characters "
                            "from the console's 消息推送 page)")
-    if len(key) >= 2 and key[0] == key[-1] and key[0] in "\"'":
-        raise reader.error("encoding_aes_key", "is in quotes: remove them (ini values take "
-                           "no quotes); the console's EncodingAESKey is 43 letters and digits",
-                           code=ILLEGAL_AES_KEY)
-    if key:
-        try:
-            _decode_aes_key(key)
-        except WxgateError as exc:
-            raise reader.error("encoding_aes_key", exc.message.split(" (WeChat")[0],
-                               code=ILLEGAL_AES_KEY) from None
+    # The key WeChat's console used before the current one, kept while the two cannot be
+    # switched at the same instant (see Gateway._decrypt).
+    previous = reader.text("previous_encoding_aes_key", "")
+    for option, value in (("encoding_aes_key", key), ("previous_encoding_aes_key", previous)):
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            raise reader.error(option, "is in quotes: remove them (ini values take no "
+                               "quotes); the console's EncodingAESKey is 43 letters and "
+                               "digits", code=ILLEGAL_AES_KEY)
+        if value:
+            try:
+                _decode_aes_key(value)
+            except WxgateError as exc:
+                raise reader.error(option, exc.message.split(" (WeChat")[0],
+                                   code=ILLEGAL_AES_KEY) from None
+    if previous and not key:
+        raise reader.error("previous_encoding_aes_key", "is set without encoding_aes_key: "
+                           "the previous key only helps beside a current one")
     if mode != "plain" and _AES is None:
         raise reader.error("mode", f"{mode} mode needs AES: pip install pycryptodome (or, for "
                            "Debian's system Python, apt-get install python3-pycryptodome)")
@@ -858,6 +878,7 @@ def _parse_app(reader, base_dir):
         mode=mode,
         format=reader.choice("format", FORMATS),
         encoding_aes_key=key,
+        previous_encoding_aes_key=previous,
         appsecret=reader.text("appsecret", ""),
         handler=handler,
         handler_spec=handler_spec,
@@ -4116,6 +4137,10 @@ class Gateway:
                                                                        clock=clock)
         self._routes = {app.path: app for app in config.apps.values()}
         self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
+        self._previous_keys = {app.name: app.previous_aes_key for app in config.apps.values()}
+        self._notes_lock = threading.Lock()
+        # app name -> clock time of its latest previous-key warning
+        self._previous_key_warned: dict[str, float] = {}
         self._clients = {
             app.name: WeChatClient(TokenManager(
                 app.appid, app.appsecret, store=self.store, api_base=config.api_base,
@@ -4268,7 +4293,9 @@ class Gateway:
             echostr.encode("utf-8")
 
     def _read_push(self, app, environ):
-        """Verify, decrypt and parse a push; return ``(message, nonce, timestamp)`` or raise.
+        """Verify, decrypt and parse a push; return ``(message, nonce, timestamp, aes_key)``
+        or raise. ``aes_key`` is the key that opened the push, for the reply; None when it
+        came in the clear.
 
         safe and compat modes need ``Encrypt`` and ``msg_signature`` (WeChat sends both in
         either mode) and read only the decrypted fields: the clear ones of a compat push are
@@ -4305,7 +4332,7 @@ class Gateway:
                     raise MessageError("encrypted push, but the app has mode = plain: set mode "
                                        "to compat (or safe) and its encoding_aes_key", code=None)
             return Message(fields, app=app.name, format=fmt, encrypted=False,
-                           client=self._clients[app.name]), nonce, timestamp
+                           client=self._clients[app.name]), nonce, timestamp, None
         if encrypt is None:
             raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
         if not isinstance(encrypt, str):
@@ -4316,7 +4343,8 @@ class Gateway:
         if not signed:
             self._bind_query(app, timestamp, nonce, body)
         try:
-            inner = decrypt_message(encrypt, self._aes_keys[app.name], app.appid).encode()
+            text, aes_key = self._decrypt(app, encrypt)
+            inner = text.encode()
             fmt = _sniff_format(inner)
             if app.format != "auto" and fmt != app.format:
                 raise MessageError(f"app expects {app.format} but the decrypted push is "
@@ -4327,8 +4355,48 @@ class Gateway:
             # length, UTF-8, appid, parsing) would be an oracle for whoever has the Token.
             # The log line keeps the kind and WeChat's code, never a decrypted byte.
             raise _sealed_refusal(exc) from None
+        if aes_key != self._aes_keys[app.name]:
+            self._note_previous_key(app)
         return Message(fields, app=app.name, format=fmt, encrypted=True,
-                       client=self._clients[app.name]), nonce, timestamp
+                       client=self._clients[app.name]), nonce, timestamp, aes_key
+
+    def _decrypt(self, app, encrypt):
+        """Open ``Encrypt`` with the current key, then the previous one: ``(text, key)``.
+
+        WeChat's guidance for a key change: keep the current and the previous key, try the
+        previous one when the current one fails, and encrypt the reply with the key that
+        opened the push (TP-ENC, PROTOCOL.md 11.2). msg_signature was checked before: it
+        does not involve the key. A wrong key nearly always fails the padding (-40008), and
+        the appid check (-40005) catches the rare wrong key that unpads by chance; Base64
+        and length errors are the same under any key, so they are not tried twice. A push
+        that fails under both keys reports what the current key said, and so gets the one
+        sealed refusal (issue 10) like any other.
+        """
+        key = self._aes_keys[app.name]
+        try:
+            return decrypt_message(encrypt, key, app.appid), key
+        except DecryptError as exc:
+            previous = self._previous_keys[app.name]
+            if previous is None or exc.code not in (ILLEGAL_BUFFER, VALIDATE_APPID_ERROR):
+                raise
+            try:
+                return decrypt_message(encrypt, previous, app.appid), previous
+            except DecryptError:
+                raise exc from None
+
+    def _note_previous_key(self, app):
+        """Count a push the previous key opened; warn at most once a minute per app."""
+        self.metrics.count("wxgate_previous_key_total", app=app.name)
+        now = self._clock()
+        with self._notes_lock:  # two threads at the minute's edge: one line, not two
+            last = self._previous_key_warned.get(app.name)
+            warn = last is None or now - last >= PREVIOUS_KEY_WARN_EVERY
+            if warn:
+                self._previous_key_warned[app.name] = now
+        if warn:
+            logger.warning("app=%s a push opened only with previous_encoding_aes_key: WeChat "
+                           "still uses the old key; remove previous_encoding_aes_key once "
+                           "wxgate_previous_key_total stops growing", app.name)
 
     def _remember_for(self, app, timestamp):
         """Seconds to remember a push's key and its query: the app's dedup_ttl (else the
@@ -4382,14 +4450,15 @@ class Gateway:
                              "push, refused", code=None)
 
     def _push(self, app, environ, started):
-        message, nonce, timestamp = self._read_push(app, environ)
+        message, nonce, timestamp, aes_key = self._read_push(app, environ)
         ttl = self._remember_for(app, timestamp)
         if app.delivery == "queue":
             return self._enqueue(app, message, environ, started, ttl)
 
         def work():
             # API calls from the handler must leave time to answer WeChat.
-            return self._deliver(app, message, nonce, started + self.reply_deadline * 0.9)
+            return self._deliver(app, message, nonce, started + self.reply_deadline * 0.9,
+                                 aes_key)
 
         key = message.dedup_key
         try:
@@ -4492,8 +4561,11 @@ class Gateway:
                 _PUSH_LINE, (app.name, kind, message.dedup_key, outcome, milliseconds,
                              _given_request_id(environ)), None, code.co_name, extra))
 
-    def _deliver(self, app, message, nonce, deadline=None):
-        """Hand the message to business code and render its answer: ``(type, body)``."""
+    def _deliver(self, app, message, nonce, deadline=None, aes_key=None):
+        """Hand the message to business code and render its answer: ``(type, body)``.
+
+        ``aes_key`` is the key that opened the push: an encrypted reply is sealed with it.
+        """
         started = time.monotonic()
         tokens = self._clients[app.name].tokens
         tokens.set_deadline(deadline)
@@ -4503,11 +4575,11 @@ class Gateway:
             tokens.set_deadline(None)
             self.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                  app=app.name)
-        content_type, body = self._render(app, message, reply, nonce)
+        content_type, body = self._render(app, message, reply, nonce, aes_key)
         body.encode("utf-8")  # a reply that cannot be sent fails here, inside the dedup claim
         return content_type, body
 
-    def _render(self, app, message, reply, nonce):
+    def _render(self, app, message, reply, nonce, aes_key=None):
         if isinstance(reply, RawReply):  # exactly as given, in every mode
             return reply.content_type, reply.body.decode("utf-8")
         if isinstance(reply, (bytes, bytearray)):
@@ -4529,7 +4601,7 @@ class Gateway:
             return _CONTENT_TYPES[message.format], text
         # Reply in the mode of the request being answered (never a sticky flag).
         timestamp = str(int(self._clock()))
-        encrypt = encrypt_message(text, self._aes_keys[app.name], app.appid,
+        encrypt = encrypt_message(text, aes_key or self._aes_keys[app.name], app.appid,
                                   random_prefix=self._random_bytes(8).hex().encode("ascii"))
         signature = sign(app.token, timestamp, nonce, encrypt)
         return _CONTENT_TYPES[message.format], _envelope(encrypt, signature, timestamp, nonce,
@@ -5260,10 +5332,16 @@ def _check(args):
         business = [f"handler {app.handler_spec}"] if app.handler_spec else []
         if app.forward:
             business.append(f"forward {_redact_url(app.forward)}")
+        previous = (f", previous_encoding_aes_key {_redact(app.previous_encoding_aes_key)}"
+                    if app.previous_encoding_aes_key else "")
         print(f"  [app:{app.name}] {app.path}: appid {app.appid}, {app.mode} mode, {app.format}, "
               f"{', '.join(business)}, {app.delivery} delivery, token {_redact(app.token)}, "
-              f"encoding_aes_key {_redact(app.encoding_aes_key)}, appsecret "
+              f"encoding_aes_key {_redact(app.encoding_aes_key)}{previous}, appsecret "
               f"{_redact(app.appsecret)}")
+        if app.previous_encoding_aes_key:
+            print("    key rotation: pushes open with encoding_aes_key, else with "
+                  "previous_encoding_aes_key; remove the latter once "
+                  "wxgate_previous_key_total stops growing")
     for section, option, name in unset or ():
         print(f"warning: [{section}] {option}: environment variable {name} is not set here; "
               "serve, worker and token will need it")
@@ -5454,8 +5532,11 @@ def _decrypt_command(args):
     config = _load_config(args.config, unset=[])  # it needs the token and key only
     app = _pick_app(config, args.app)
     if app.aes_key is None:
-        raise WxgateError(f"app {app.name!r} has mode = plain and no encoding_aes_key: "
+        raise WxgateError(f"app {app.name!r} has mode = {app.mode} and no encoding_aes_key: "
                           "there is nothing to decrypt with")
+    keys = [("encoding_aes_key", app.aes_key)]
+    if app.previous_aes_key is not None:  # a key rotation under way: the old key too
+        keys.append(("previous_encoding_aes_key", app.previous_aes_key))
     body = args.body
     if os.path.isfile(body):
         try:
@@ -5491,7 +5572,19 @@ def _decrypt_command(args):
             print(f"msg_signature ok for app {app.name}", file=sys.stderr)
         else:
             print("no --msg-signature given: signature not checked", file=sys.stderr)
-        print(decrypt_message(encrypt, app.aes_key, app.appid))
+        failure = None
+        for option, key in keys:
+            try:
+                text = decrypt_message(encrypt, key, app.appid)
+            except DecryptError as exc:
+                failure = failure or exc  # what the current key said, as the gateway logs
+                continue
+            if len(keys) > 1:
+                print(f"decrypted with {option}", file=sys.stderr)
+            print(text)
+            break
+        else:
+            raise failure
     except WxgateError as exc:
         print(f"wxgate: cannot decrypt: {exc.message}", file=sys.stderr)
         return 1

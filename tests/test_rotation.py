@@ -122,6 +122,22 @@ def test_previous_key_is_validated_like_the_current_one(tmp_path, bad, why):
     assert bad not in caught.value.message
 
 
+def test_previous_key_in_quotes_is_named(tmp_path):
+    text = rotation_ini().replace(f"previous_encoding_aes_key = {OLD_KEY}",
+                                  f"previous_encoding_aes_key = '{OLD_KEY}'")
+    with pytest.raises(wxgate.ConfigError) as caught:
+        load(tmp_path, text)
+    assert caught.value.option == "previous_encoding_aes_key"
+    assert "quotes" in caught.value.message and OLD_KEY not in caught.value.message
+
+
+def test_previous_key_needs_a_current_one(tmp_path):
+    text = rotation_ini(mode="plain").replace(f"encoding_aes_key = {NEW_KEY}\n", "", 1)
+    with pytest.raises(wxgate.ConfigError) as caught:
+        load(tmp_path, text)
+    assert caught.value.option == "previous_encoding_aes_key"
+
+
 # -- decryption and the reply ---------------------------------------------------------------
 
 
@@ -151,13 +167,20 @@ def test_push_under_the_current_key_is_answered_under_it_only(gateway, mode, fmt
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_third_key_is_refused(gateway, fmt):
+def test_a_third_key_is_refused(gateway, caplog, fmt):
+    # Issue 10's sealed refusal still holds: failing under both keys is answered exactly as
+    # any other failure past msg_signature (here: the current key, another appid).
+    caplog.set_level(logging.INFO, logger="wxgate")
     handler = Recorder()
     app, testapp = gateway(handler)
     response = post(testapp, text_message(), key=OTHER_KEY, fmt=fmt, status=400)
-    assert "-4000" in response.text
+    other = post(testapp, text_message(msg_id="2"), key=NEW_KEY, appid="wx0000000000000000",
+                 fmt=fmt, status=400)
+    assert response.body == other.body == wxgate.SEALED_REFUSAL.encode()
+    logged = [r.getMessage() for r in caplog.records if "refused 400" in r.getMessage()]
+    assert len(logged) == 2 and "-40008" in logged[0] and "-40005" in logged[1]
     for key in (OLD_KEY, NEW_KEY, OTHER_KEY):
-        assert key not in response.text
+        assert key not in response.text and key not in caplog.text
     assert handler.calls == 0
     assert app.metrics.value(METRIC, app="test") == 0
 
@@ -248,6 +271,17 @@ def test_cli_decrypt_knows_both_keys(tmp_path, key):
     assert '"Content": "captured"' in result.stdout or '"Content":"captured"' in result.stdout
     for secret in (OLD_KEY, NEW_KEY, TOKEN):
         assert secret not in result.stdout + result.stderr
+
+
+def test_cli_decrypt_says_which_key_opened_it(tmp_path):
+    source = tmp_path / "decrypt.ini"
+    source.write_text(rotation_ini(), "utf-8")
+    for key, option in ((OLD_KEY, "previous_encoding_aes_key"), (NEW_KEY, "encoding_aes_key")):
+        _, body = build_push(text_message(), key=key, fmt="xml")
+        (tmp_path / "push.xml").write_bytes(body)
+        result = run("decrypt", source, tmp_path / "push.xml")
+        assert result.returncode == 0, result.stderr
+        assert f"decrypted with {option}\n" in result.stderr
 
 
 def test_cli_decrypt_with_a_third_key_fails(tmp_path):
