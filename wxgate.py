@@ -90,6 +90,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -211,11 +212,28 @@ _KNOWN_TYPES = frozenset({
     "wxa_media_check", "subscribe_msg_popup_event", "subscribe_msg_change_event",
     "subscribe_msg_sent_event", "trade_manage_remind_access_api", "trade_manage_remind_shipping",
     "trade_manage_order_settlement", "add_express_path", "xpay_goods_deliver_notify",
-    "xpay_coin_pay_notify", "secvod_upload_event", "secvod_audit_event",
+    "xpay_coin_pay_notify", "xpay_refund_notify", "xpay_complaint_notify",
+    "secvod_upload_event", "secvod_audit_event",
     "open_product_order_pay", "wxa_nickname_audit", "wxa_privacy_apply", "wxa_category_audit",
     "wxa_illegal_record", "wxa_appeal_record"})
 FORMATS = ("auto", "xml", "json")
-TOKEN_GRANTS = ("stable", "classic")
+MODES = ("safe", "compat", "plain", "cloud")
+# "cloud": Cloud Hosting's 开放接口服务 sidecar adds the credential; wxgate holds no token.
+TOKEN_GRANTS = ("stable", "classic", "cloud")
+# Headers Cloud Hosting's gateway adds to a request it passes to the container, as
+# message.cloud shows them (PROTOCOL.md 11.1); under resource sharing X-WX-FROM-* too.
+# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/development/weixin/index.md
+_CLOUD_HEADERS = (("X-WX-OPENID", "HTTP_X_WX_OPENID"), ("X-WX-APPID", "HTTP_X_WX_APPID"),
+                  ("X-WX-UNIONID", "HTTP_X_WX_UNIONID"), ("X-WX-ENV", "HTTP_X_WX_ENV"),
+                  ("X-WX-FROM-OPENID", "HTTP_X_WX_FROM_OPENID"),
+                  ("X-WX-FROM-APPID", "HTTP_X_WX_FROM_APPID"),
+                  ("X-WX-FROM-UNIONID", "HTTP_X_WX_FROM_UNIONID"))
+# "To know a caller is WeChat, check that X-WX-SOURCE is present"; an older copy of the push
+# page says x-wx-sources (unverified), so either spelling passes.
+_CLOUD_SOURCE_HEADERS = ("HTTP_X_WX_SOURCE", "HTTP_X_WX_SOURCES")
+# Cloud Hosting's console checks a push path with this body before saving the settings.
+# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
+_PATH_CHECK_ACTION = "CheckContainerPath"
 
 # A push that only previous_encoding_aes_key opens is logged at most this often per app:
 # enough for the operator to see that the console still uses the old key, not a line a push.
@@ -335,9 +353,13 @@ class WeChatAPIError(WxgateError):
 
 
 class WeChatConnectionError(WxgateError):
-    """WeChat's API could not be reached, timed out, or answered something that is not JSON."""
+    """WeChat's API could not be reached, timed out, or answered something that is not JSON.
+
+    :ivar http_status: the HTTP status it answered, when it answered one (else None).
+    """
 
     status = 502
+    http_status: int | None = None
 
 
 def _redact(value):
@@ -507,6 +529,7 @@ class AppConfig:
     queue_retry_max: float = DEFAULT_RETRY_MAX
     dedup_ttl: float | None = None  # None: the gateway's [wxgate] dedup_ttl
     previous_encoding_aes_key: str = dataclasses.field(default="", repr=False)
+    cloud_source_check: bool = True
 
     @property
     def aes_key(self) -> bytes | None:
@@ -555,7 +578,7 @@ _APP_OPTIONS = {
     "path", "appid", "appsecret", "token", "encoding_aes_key", "mode", "format", "handler",
     "token_grant", "token_refresh_margin", "forward", "forward_secret", "forward_timeout",
     "delivery", "queue_max_attempts", "queue_retry_base", "queue_retry_max", "dedup_ttl",
-    "previous_encoding_aes_key",
+    "previous_encoding_aes_key", "cloud_source_check",
 }
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Secrets that only the running gateway uses (the API, the admin endpoints, the backend):
@@ -825,9 +848,10 @@ def _parse_app(reader, base_dir):
     path = reader.text("path", required=True)
     if not path.startswith("/") or any(c.isspace() or c in "?#" for c in path):
         raise reader.error("path", f"expected a URL path such as /wechat, got {path!r}")
-    mode = reader.choice("mode", ("safe", "compat", "plain"))
+    mode = reader.choice("mode", MODES)
+    encrypted = mode in ("safe", "compat")
     key = reader.text("encoding_aes_key", "")
-    if mode != "plain" and not key:
+    if encrypted and not key:
         raise reader.error("encoding_aes_key", f"is required in {mode} mode (43 characters "
                            "from the console's 消息推送 page)")
     # The key WeChat's console used before the current one, kept while the two cannot be
@@ -847,10 +871,14 @@ def _parse_app(reader, base_dir):
     if previous and not key:
         raise reader.error("previous_encoding_aes_key", "is set without encoding_aes_key: "
                            "the previous key only helps beside a current one")
-    if mode != "plain" and _AES is None:
+    if encrypted and _AES is None:
         raise reader.error("mode", f"{mode} mode needs AES: pip install pycryptodome (or, for "
                            "Debian's system Python, apt-get install python3-pycryptodome)")
-    token = _check_token(reader, reader.text("token", required=True))
+    # Cloud Hosting pushes come with no signature and no encryption: no token to check them
+    # with, and no key (a token or key left in the section is not used).
+    token = reader.text("token", "", required=mode != "cloud")
+    if token:
+        token = _check_token(reader, token)
     handler_spec = reader.text("handler", "")
     forward = reader.text("forward", "")
     if not handler_spec and not forward:
@@ -890,6 +918,7 @@ def _parse_app(reader, base_dir):
         forward_timeout=reader.number("forward_timeout", DEFAULT_FORWARD_TIMEOUT, kind=float,
                                       minimum=0.1, maximum=600),
         delivery=reader.choice("delivery", ("sync", "queue")),
+        cloud_source_check=reader.choice("cloud_source_check", ("yes", "no")) == "yes",
         queue_max_attempts=reader.number("queue_max_attempts", DEFAULT_MAX_ATTEMPTS, minimum=1),
         queue_retry_base=reader.number("queue_retry_base", DEFAULT_RETRY_BASE, kind=float,
                                        minimum=0.001),
@@ -1367,6 +1396,9 @@ def _dedup_key(app_name, fields):
     return f"{key}:{trace}" if trace not in (None, "") else key
 
 
+_NO_CLOUD: Mapping[str, str] = types.MappingProxyType({})
+
+
 class Message(collections.abc.Mapping):
     """A push from WeChat: a read-only mapping of its fields under WeChat's own names.
 
@@ -1381,10 +1413,13 @@ class Message(collections.abc.Mapping):
         (or its value is not a string), so it can go straight to ``client.send_text``.
     :ivar dedup_key: the key retries are matched by.
     :ivar format: ``"xml"`` or ``"json"``; :ivar encrypted: whether it came encrypted.
+    :ivar cloud: in ``mode = cloud``, the headers Cloud Hosting's gateway sent with the push,
+        under their names in capitals (``X-WX-OPENID``, ``X-WX-APPID``, ``X-WX-UNIONID``,
+        ``X-WX-ENV``, ``X-WX-FROM-*``): only those sent, read-only. Empty in other modes.
     """
 
     __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",
-                 "encrypted", "_client")
+                 "encrypted", "_client", "cloud")
     app: str
     msg_type: str | None
     event: str | None
@@ -1392,9 +1427,11 @@ class Message(collections.abc.Mapping):
     dedup_key: str | None
     format: str
     encrypted: bool
+    cloud: Mapping[str, str]
 
     def __init__(self, fields: dict[str, Any], *, app: str = "", format: str = "xml",
-                 encrypted: bool = False, client: WeChatClient | None = None) -> None:
+                 encrypted: bool = False, client: WeChatClient | None = None,
+                 cloud: Mapping[str, str] | None = None) -> None:
         self._fields = fields
         self.app = app
         # The attributes are typed, and handlers (and the Router) trust the types: a JSON
@@ -1410,6 +1447,8 @@ class Message(collections.abc.Mapping):
         self.format = format
         self.encrypted = encrypted
         self._client = client
+        # Read-only: a handler must not rewrite what Cloud Hosting's gateway said.
+        self.cloud = types.MappingProxyType(dict(cloud)) if cloud else _NO_CLOUD
 
     @property
     def client(self) -> WeChatClient:
@@ -2469,7 +2508,10 @@ def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEO
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read(1 << 20)
     except urllib.error.HTTPError as exc:
-        raise WeChatConnectionError(f"{what} answered HTTP {exc.code}") from None
+        exc.close()  # it holds the connection: a proxy's 502 page is not read
+        error = WeChatConnectionError(f"{what} answered HTTP {exc.code}")
+        error.http_status = exc.code  # the sidecar's 502 means something (see WeChatClient)
+        raise error from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
@@ -2519,8 +2561,9 @@ class TokenManager:
     :param store: a :class:`Store`; a private :class:`MemoryStore` by default.
     :param api_base: WeChat's API base URL (a fake one in tests).
     :param api_timeout: seconds for each HTTP call.
-    :param grant: ``"stable"`` (``POST /cgi-bin/stable_token``) or ``"classic"``
-        (``GET /cgi-bin/token``).
+    :param grant: ``"stable"`` (``POST /cgi-bin/stable_token``), ``"classic"``
+        (``GET /cgi-bin/token``) or ``"cloud"`` (none: Cloud Hosting's 开放接口服务 adds the
+        credential to each call, and :meth:`get_token` raises).
     :param refresh_margin: fetch a new token when the stored one expires within this many
         seconds.
     :param name: the app's name, for messages.
@@ -2618,8 +2661,12 @@ class TokenManager:
 
         :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
         :raises WeChatConnectionError: the endpoint could not be reached in time.
-        :raises WxgateError: the app has no AppSecret configured.
+        :raises WxgateError: the app has no AppSecret configured, or ``token_grant = cloud``.
         """
+        if self.grant == "cloud":
+            raise WxgateError(f"app {self.name!r} has token_grant = cloud: Cloud Hosting's "
+                              "开放接口服务 adds the credential to each call, so wxgate holds "
+                              "no access_token", status=500)
         record = self._read()
         if self._fresh(record):
             return record[0]
@@ -2802,6 +2849,14 @@ def _guess_media(data, filename):
     return filename, guessed or content_type
 
 
+def _sidecar_hint(path):
+    """What to do when Cloud Hosting's 开放接口服务 does not pass a call to ``path``."""
+    return (f"{path} did not pass Cloud Hosting's 开放接口服务: turn the service's 开放接口服务 "
+            f"switch on and add {path} to its API whitelist (云托管 console → 服务设置 → "
+            "云调用), then rebuild and publish a new version (the settings reach only "
+            "versions built after them)")
+
+
 class WeChatClient:
     """Calls to WeChat's backend API for one app, with its token injected.
 
@@ -2824,13 +2879,20 @@ class WeChatClient:
              json: Any = None) -> dict[str, Any]:
         """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
 
+        With ``token_grant = cloud`` the call goes to ``api_base`` (Cloud Hosting's
+        ``http://api.weixin.qq.com``) with no ``access_token``: the 开放接口服务 sidecar adds
+        the credential, and no token is ever fetched.
+
         :param method: ``"GET"`` or ``"POST"``.
         :param params: extra query parameters; ``access_token`` is added.
         :param json: the JSON body, for POST.
         :raises WeChatAPIError: WeChat answered a non-zero errcode (after the one retry, for
-            token errors).
+            token errors); with ``token_grant = cloud``, 41001 or 502 for an API the
+            sidecar does not pass, explained.
         :raises WeChatConnectionError: WeChat could not be reached within ``api_timeout``.
         """
+        if self.tokens.grant == "cloud":
+            return self._call_through_sidecar(method, path, params, json)
         token = self.tokens.get_token()
         try:
             return self._call_with(token, method, path, params, json)
@@ -2843,6 +2905,25 @@ class WeChatClient:
             logger.warning("app %s: %s rejected the access_token (%s); retrying once with "
                            "a new one", self.tokens.name, path, exc.errcode)
             return self._call_with(replacement, method, path, params, json)
+
+    def _call_through_sidecar(self, method, path, params, body):
+        # Cloud Hosting's 开放接口服务 takes calls over http with no access_token and adds
+        # the credential. Its FAQ: "access_token missing" (41001) while the switch is off or
+        # in a version built before it was turned on, and HTTP 502 for an API that is not on
+        # the service's whitelist (PROTOCOL.md 11.1). Neither is a token to replace: one call.
+        # https://developers.weixin.qq.com/miniprogram/dev/wxcloudrun/src/guide/weixin/open.html
+        try:
+            return self._request(method, path, dict(params or {}), body)
+        except WeChatAPIError as exc:
+            if exc.errcode != 41001:
+                raise
+            raise WeChatAPIError(41001, f"access_token missing: {_sidecar_hint(path)}") \
+                from None
+        except WeChatConnectionError as exc:
+            if exc.http_status != 502:
+                raise
+            raise WeChatAPIError(502, f"HTTP 502 from 开放接口服务: {_sidecar_hint(path)}") \
+                from None
 
     def _call_with(self, token, method, path, params, body):
         query = dict(params or {})
@@ -2994,7 +3075,8 @@ def _forward_signature(secret, timestamp, body):
 def _forward(app, message, *, timestamp, timeout=None):
     """POST a push to the app's backend; return its reply (None, a str, a dict or a RawReply).
 
-    The body is ``{"app", "dedup_key", "format", "message"}``; ``X-Wxgate-Signature`` is
+    The body is ``{"app", "dedup_key", "format", "message"}`` (and ``"cloud"``, the
+    :attr:`Message.cloud` headers, when there are any); ``X-Wxgate-Signature`` is
     HMAC-SHA256 of ``X-Wxgate-Timestamp`` + body with ``forward_secret``. A 204 or empty
     body means ``success``; a JSON body is the reply, as a handler's return value would be.
     With the response header ``X-Wxgate-Reply: raw``, the body and its Content-Type go to
@@ -3003,9 +3085,11 @@ def _forward(app, message, *, timestamp, timeout=None):
     :raises DeliveryError: the backend timed out, was unreachable, answered a non-2xx status
         or something that is not JSON (nor a raw reply in UTF-8).
     """
-    body = json.dumps({"app": message.app, "dedup_key": message.dedup_key,
-                       "format": message.format, "message": message._fields},
-                      ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    document = {"app": message.app, "dedup_key": message.dedup_key, "format": message.format,
+                "message": message._fields}
+    if message.cloud:  # mode = cloud: Cloud Hosting's X-WX-* headers, as message.cloud
+        document["cloud"] = dict(message.cloud)
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     timestamp = str(int(timestamp))
     request = urllib.request.Request(app.forward, data=body, method="POST", headers={
         "Content-Type": "application/json; charset=utf-8",
@@ -3683,7 +3767,7 @@ class _DeliveryWorker:
             app = gateway.config.apps[document["app"]]
             message = Message(document["message"], app=app.name, format=document["format"],
                               encrypted=document.get("encrypted", False),
-                              client=gateway._clients[app.name])
+                              client=gateway._clients[app.name], cloud=document.get("cloud"))
         except Exception as exc:  # unreadable, or an app no longer configured: never retried
             self.queue.bury(item_id, claim, f"cannot read the queued message: "
                             f"{type(exc).__name__}", gateway._clock())
@@ -4141,6 +4225,7 @@ class Gateway:
         self._notes_lock = threading.Lock()
         # app name -> clock time of its latest previous-key warning
         self._previous_key_warned: dict[str, float] = {}
+        self._dropped_noted: set[str] = set()  # cloud apps whose dropped reply was logged
         self._clients = {
             app.name: WeChatClient(TokenManager(
                 app.appid, app.appsecret, store=self.store, api_base=config.api_base,
@@ -4279,6 +4364,10 @@ class Gateway:
             return exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
 
     def _handshake(self, app, environ):
+        if app.mode == "cloud":
+            raise WxgateError("mode = cloud: Cloud Hosting sends no URL handshake, and there "
+                              f"is no token to sign one; probe {self.config.admin_path}"
+                              "/healthz instead", status=405)
         query = _query(environ)
         signature, timestamp, nonce, echostr = _required(
             query, "signature", "timestamp", "nonce", "echostr")
@@ -4295,7 +4384,7 @@ class Gateway:
     def _read_push(self, app, environ):
         """Verify, decrypt and parse a push; return ``(message, nonce, timestamp, aes_key)``
         or raise. ``aes_key`` is the key that opened the push, for the reply; None when it
-        came in the clear.
+        came in the clear. ``message`` is None for Cloud Hosting's path check.
 
         safe and compat modes need ``Encrypt`` and ``msg_signature`` (WeChat sends both in
         either mode) and read only the decrypted fields: the clear ones of a compat push are
@@ -4303,6 +4392,8 @@ class Gateway:
         to compat first; its only protection is the URL ``signature``, which does not cover
         the body (the README says what that means).
         """
+        if app.mode == "cloud":
+            return self._read_cloud_push(app, environ), "", None, None
         query = _query(environ)
         timestamp, nonce = _required(query, "timestamp", "nonce")
         _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
@@ -4359,6 +4450,36 @@ class Gateway:
             self._note_previous_key(app)
         return Message(fields, app=app.name, format=fmt, encrypted=True,
                        client=self._clients[app.name]), nonce, timestamp, aes_key
+
+    def _read_cloud_push(self, app, environ):
+        """A Cloud Hosting push: no signature, no encryption; None for the path check.
+
+        Issue 10's query binds do not apply here: Cloud Hosting signs nothing, so there is
+        no signed query that could be replayed with another body. What stands in for the
+        signature is X-WX-SOURCE, which Cloud Hosting's gateway adds; it proves something
+        only while the service's public access is off (PROTOCOL.md 11.1), hence the option.
+        """
+        if app.cloud_source_check and not any(
+                name in environ for name in _CLOUD_SOURCE_HEADERS):
+            raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
+                              "Hosting's gateway (cloud_source_check = yes)", status=403)
+        body = _read_body(environ, self.config.max_body_bytes)
+        if not body.strip():
+            raise MessageError("empty body", code=None)
+        fmt = _sniff_format(body)
+        if app.format != "auto" and fmt != app.format:
+            raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
+                               code=None)
+        fields = _parse_body(body, fmt)
+        if fields.get("action") == _PATH_CHECK_ACTION:
+            return None  # the console's path check: answered before any handler or store
+        if "Encrypt" in fields:
+            raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
+                               "check the app's mode, and the console's push settings",
+                               code=None)
+        cloud = {name: environ[key] for name, key in _CLOUD_HEADERS if key in environ}
+        return Message(fields, app=app.name, format=fmt, client=self._clients[app.name],
+                       cloud=cloud)
 
     def _decrypt(self, app, encrypt):
         """Open ``Encrypt`` with the current key, then the previous one: ``(text, key)``.
@@ -4451,6 +4572,10 @@ class Gateway:
 
     def _push(self, app, environ, started):
         message, nonce, timestamp, aes_key = self._read_push(app, environ)
+        if message is None:
+            # Cloud Hosting's path check wants 200 and success (or an empty body).
+            logger.info("app=%s Cloud Hosting path check answered success", app.name)
+            return 200, [("Content-Type", _TEXT)], b"success"
         ttl = self._remember_for(app, timestamp)
         if app.delivery == "queue":
             return self._enqueue(app, message, environ, started, ttl)
@@ -4504,9 +4629,12 @@ class Gateway:
           ``CLAIM_TTL`` and a transaction that never committed: the retry queues it.
         """
         key = _store_key(message) if message.dedup_key else None
-        payload = _dump_json({"app": app.name, "dedup_key": message.dedup_key,
-                              "format": message.format, "encrypted": message.encrypted,
-                              "message": message._fields})
+        document = {"app": app.name, "dedup_key": message.dedup_key,
+                    "format": message.format, "encrypted": message.encrypted,
+                    "message": message._fields}
+        if message.cloud:
+            document["cloud"] = dict(message.cloud)
+        payload = _dump_json(document)
         partition = f"{app.name}:{message.from_user or ''}"
         done = _Dedup.done_value(_TEXT, "success")
 
@@ -4588,6 +4716,17 @@ class Gateway:
             return _TEXT, "success"
         if reply == "":
             return _TEXT, ""
+        if isinstance(reply, dict) and app.mode == "cloud":
+            # A Mini Program on Cloud Hosting gets no passive reply: only Official Accounts
+            # do (CLOUD-PUSH). Said once per app and process, not once per push.
+            with self._notes_lock:
+                first = app.name not in self._dropped_noted
+                self._dropped_noted.add(app.name)
+            if first:
+                logger.warning("app=%s mode = cloud: the handler's dict reply was dropped and "
+                               "success sent (Cloud Hosting passes no passive reply to a Mini "
+                               "Program); answer through message.client instead", app.name)
+            return _TEXT, "success"
         if isinstance(reply, dict):
             fields = _reply_fields(reply, message, self._clock())
             text = _dump_json(fields) if message.format == "json" else _dump_xml(fields)
@@ -4762,16 +4901,17 @@ _USER_MESSAGE_TYPES = frozenset({"text", "image", "miniprogrampage"})
 def demo_handler(message: Message) -> dict[str, Any] | None:
     """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent.
 
-    When the app has an AppSecret it is also the bot of WeChat's message-push page: every
-    message a user sends (text, image, mini program card) is answered "收到" through
-    customerServiceMessage.send. A failed send is logged, not raised: the 500 would make
-    WeChat retry the push, and the retry only repeat a "收到" the user may already have.
+    When the app has an AppSecret (or ``token_grant = cloud``) it is also the bot of
+    WeChat's message-push page: every message a user sends (text, image, mini program card)
+    is answered "收到" through customerServiceMessage.send. A failed send is logged, not
+    raised: the 500 would make WeChat retry the push, and the retry only repeat a "收到" the
+    user may already have.
     """
     logger.info("demo handler got %s from %s: %s", message.event or message.msg_type,
                 message.from_user, dict(message))
     client = message._client
-    if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and \
-            client is not None and client.tokens._appsecret:
+    if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
+            and (client.tokens._appsecret or client.tokens.grant == "cloud"):
         try:
             client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
         except WxgateError as exc:
@@ -4813,9 +4953,11 @@ class _Push:
     """A push as WeChat would send it: POST ``url`` with ``body`` and ``headers``.
 
     :ivar url: the app's path and query string (``/wechat?signature=...``), for WebTest.
-    :ivar query_string: the query alone, to append to another base URL.
+    :ivar query_string: the query alone, to append to another base URL (``""`` in cloud
+        mode, which signs nothing).
     :ivar body: the request body, bytes.
-    :ivar headers: ``{"Content-Type": "text/xml"}``, as WeChat labels XML and JSON alike.
+    :ivar headers: ``{"Content-Type": "text/xml"}``, as WeChat labels XML and JSON alike;
+        in cloud mode, Cloud Hosting's ``X-WX-*`` headers too.
     :ivar fields: the push's fields in the clear, with what the simulator filled in.
     :ivar format: ``"xml"`` or ``"json"``.
     """
@@ -4860,7 +5002,10 @@ class Simulator:
 
     It signs with the app's token and encrypts in its mode (plain, compat, safe) and format
     (``auto`` means XML). ``wxgate push`` and ``wxgate handshake`` are built on it. Each
-    push gets its own nonce: the gateway binds a signed query to its first body.
+    push gets its own nonce: the gateway binds a signed query to its first body. In
+    ``mode = cloud`` a push is what Cloud Hosting's gateway passes on: no query, no
+    signature, no encryption, and the ``X-WX-SOURCE``, ``X-WX-OPENID`` and ``X-WX-APPID``
+    headers.
 
     :param config: a :class:`Config`, or the path of an ini file.
     :param name: the app's name (its ``[app:NAME]``); optional when there is one app.
@@ -4910,9 +5055,6 @@ class Simulator:
         if filled.get("MsgType") not in (None, "event") and "MsgId" not in filled:
             # MsgId is a 64-bit number, sent as text (PROTOCOL.md §6).
             filled["MsgId"] = str(int.from_bytes(self._random_bytes(8), "big") >> 1)
-        timestamp, nonce = str(now), self._random_digits(9)
-        query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
-                 "nonce": nonce, "openid": str(filled.get("FromUserName", ""))}
         dump = _dump_json if fmt == "json" else _dump_xml
         try:
             rendered = dump(filled)
@@ -4920,6 +5062,18 @@ class Simulator:
             # The codec words it for a reply (status 500, -40011): this is the caller's push.
             reason = exc.message.split(" (WeChat")[0]
             raise ValueError("push " + reason.split(" ", 1)[1]) from None
+        if app.mode == "cloud":
+            # What Cloud Hosting's gateway adds (CLOUD-HDR); the real X-WX-SOURCE value is
+            # not documented, and only its presence is checked.
+            headers = {"Content-Type": "application/json" if fmt == "json" else "text/xml",
+                       "X-WX-SOURCE": "wxgate-simulator", "X-WX-APPID": app.appid}
+            if isinstance(filled.get("FromUserName"), str) and filled["FromUserName"]:
+                headers["X-WX-OPENID"] = filled["FromUserName"]
+            return _Push(url=app.path, query_string="", body=rendered.encode("utf-8"),
+                         headers=headers, fields=filled, format=fmt)
+        timestamp, nonce = str(now), self._random_digits(9)
+        query = {"signature": sign(app.token, timestamp, nonce), "timestamp": timestamp,
+                 "nonce": nonce, "openid": str(filled.get("FromUserName", ""))}
         if app.mode == "plain":
             body = rendered
         else:
@@ -4942,7 +5096,12 @@ class Simulator:
 
         :param token: sign with this token instead of the app's: the console's, to see
             whether the two are the same (``wxgate handshake --token``).
+        :raises WxgateError: the app has ``mode = cloud``, which has no handshake.
         """
+        if self.app.mode == "cloud":
+            raise WxgateError(f"app {self.app.name!r} has mode = cloud: Cloud Hosting has no "
+                              "URL handshake (its console checks the path with a push, which "
+                              "wxgate answers success); try wxgate push")
         timestamp, nonce = str(int(self._clock())), self._random_digits(9)
         echostr = self._random_digits(19)
         query_string = urllib.parse.urlencode({
@@ -4986,9 +5145,9 @@ class Simulator:
                 raise MessageError(f"reply is not encrypted, but app {app.name!r} is in safe "
                                    "mode: WeChat would refuse it", code=None)
             return body.decode("utf-8")
-        if app.mode == "plain":
-            raise MessageError(f"reply is encrypted, but app {app.name!r} is in plain mode",
-                               code=None)
+        if app.mode in ("plain", "cloud"):
+            raise MessageError(f"reply is encrypted, but app {app.name!r} is in {app.mode} "
+                               "mode", code=None)
         if set(fields) != _ENVELOPE_FIELDS:
             raise MessageError(f"reply envelope has fields {sorted(fields)}; expected "
                                f"{sorted(_ENVELOPE_FIELDS)}", code=None)
@@ -5342,12 +5501,37 @@ def _check(args):
             print("    key rotation: pushes open with encoding_aes_key, else with "
                   "previous_encoding_aes_key; remove the latter once "
                   "wxgate_previous_key_total stops growing")
+        if app.mode == "cloud":
+            print("    cloud mode: Cloud Hosting pushes carry no signature and no encryption, "
+                  "so there is no token or key to check (any in the section are unused)")
+            if app.cloud_source_check:
+                print("    a push without the X-WX-SOURCE header Cloud Hosting's gateway adds "
+                      "is refused (403); it proves the origin only while the service's "
+                      "public access is off")
+            else:
+                print("    cloud_source_check = no: X-WX-SOURCE is not checked, and any client "
+                      "that reaches the service is believed; safe only with the service's "
+                      "public access turned off")
+            print("    not verifiable from here: the console's push settings (path, format) "
+                  "and its path check; send one with wxgate push --url")
+        if app.token_grant == "cloud":
+            print("    token_grant = cloud: API calls go to api_base with no access_token, for "
+                  "开放接口服务 to add the credential; its switch and API whitelist cannot be "
+                  "read from here (an API off the whitelist fails with HTTP 502)")
+            if not config.api_base.startswith("http://"):
+                print(f"    warning: api_base is {_redact_url(config.api_base)}; in Cloud "
+                      "Hosting set api_base = http://api.weixin.qq.com (http, as the "
+                      "sidecar takes it)")
     for section, option, name in unset or ():
         print(f"warning: [{section}] {option}: environment variable {name} is not set here; "
               "serve, worker and token will need it")
     if args.online:
         gateway = Gateway(config)
-        for name in config.apps:
+        for name, app in config.apps.items():
+            if app.token_grant == "cloud":
+                print(f"  [app:{name}] no token to fetch: token_grant = cloud (开放接口服务 "
+                      "adds the credential inside Cloud Hosting)")
+                continue
             info = gateway.client(name).tokens.token_info()
             print(f"  [app:{name}] token fetched, expires at {info['expires_at']}")
     return 0
@@ -5386,6 +5570,8 @@ def _with_query(url, query_string):
     A proxy or a host may route on a query parameter of its own (``/wechat?x=1``): WeChat
     keeps it and appends its parameters, and so do we.
     """
+    if not query_string:  # a cloud push: nothing to add
+        return url
     base, _, fragment = url.partition("#")
     joiner = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
     return f"{base}{joiner}{query_string}" + (f"#{fragment}" if fragment else "")

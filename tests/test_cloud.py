@@ -587,3 +587,71 @@ def test_under_real_gunicorn(tmp_path):
         assert len(cli) == 1 and cli[0]["cloud"]["X-WX-APPID"] == APPID
     finally:
         stop(process)
+
+
+# -- what else a cloud app meets -------------------------------------------------------------
+
+
+def test_get_is_405_no_handshake_in_cloud_mode(make_cloud):
+    _, testapp = make_cloud(Recorder())
+    response = testapp.get("/wechat?signature=x&timestamp=1&nonce=1&echostr=1",
+                           headers=dict(HEADERS), status=405)
+    assert "healthz" in response.text
+
+
+def test_an_encrypted_body_is_refused_in_cloud_mode(make_cloud):
+    handler = Recorder()
+    _, testapp = make_cloud(handler)
+    _, body = build_push(text_message(), fmt="json")
+    response = testapp.post("/wechat", body, content_type="application/json",
+                            headers=dict(HEADERS), status=400)
+    assert "mode" in response.text and handler.calls == 0
+
+
+def test_simulator_builds_cloud_pushes(tmp_path, clock):
+    handler = Recorder()
+    config = cloud_config(tmp_path, handler)
+    app = wxgate.make_app(config, clock=clock)
+    wechat = wxgate.Simulator(config, clock=clock)
+    push_ = wechat.push({"MsgType": "text", "Content": "模拟", "FromUserName": "o_sim"},
+                        format="json")
+    assert push_.url == "/wechat" and push_.query_string == ""
+    assert push_.headers["X-WX-OPENID"] == "o_sim" and push_.headers["X-WX-APPID"] == APPID
+    response = webtest.TestApp(app, lint=True).post(push_.url, push_.body,
+                                                    headers=push_.headers)
+    assert wechat.open_reply(response.body) == "success"
+    assert handler.messages[0].cloud["X-WX-OPENID"] == "o_sim"
+    with pytest.raises(wxgate.WxgateError, match="no URL handshake"):
+        wechat.handshake()
+    app.close()
+
+
+def test_forward_body_carries_the_cloud_headers(tmp_path, clock):
+    from backend import Backend
+    with Backend("cloud-forward-secret") as backend:
+        source = tmp_path / "fwd.ini"
+        source.write_text(cloud_ini(handler="").replace("handler = \n", "") +
+                          f"forward = {backend.url}\nforward_secret = cloud-forward-secret\n",
+                          "utf-8")
+        app = wxgate.make_app(str(source), clock=clock)
+        push(webtest.TestApp(app, lint=True), text_message(msg_id="c1"))
+        (body,) = backend.received
+        assert body["cloud"] == EXPOSED
+        app.close()
+
+
+@needs_cloud_grant
+def test_token_grant_cloud_holds_no_token(tmp_path, clock, sidecar):
+    app = grant_gateway(tmp_path, clock, sidecar)
+    with pytest.raises(wxgate.WxgateError, match="开放接口服务"):
+        app.client("cloud").tokens.get_token()
+    assert sidecar.token_fetches == 0
+    app.close()
+
+
+def test_cli_handshake_on_a_cloud_app_says_why_not(tmp_path):
+    source = tmp_path / "hs.ini"
+    source.write_text(cloud_ini(), "utf-8")
+    result = run("handshake", source, "--url", "http://127.0.0.1:9/wechat")
+    assert result.returncode == 1 and "no URL handshake" in result.stderr
+    assert "Traceback" not in result.stderr

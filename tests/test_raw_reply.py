@@ -352,7 +352,7 @@ def test_app_dedup_ttl_is_checked(tmp_path, value):
 
 
 def _cloud_supported():
-    text = ("[wxgate]\ntimestamp_window = 0\n[app:cloud]\npath = /\nappid = wx1\n"
+    text = ("[wxgate]\ntimestamp_window = 0\n[app:cloud]\npath = /\nappid = wxb1a2c3d4e5f60718\n"
             "mode = cloud\nhandler = wxgate:demo_handler\n")
     if REQUIRED:
         return text
