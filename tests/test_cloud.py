@@ -4,16 +4,12 @@ Cloud Hosting delivers pushes over WeChat's internal network with no signature a
 encryption; ``X-WX-SOURCE`` marks traffic that came through its gateway, and the console's
 path check (``CheckContainerPath``) must get 200 ``success``. API calls go through the
 开放接口服务 sidecar, which adds the credential itself (PROTOCOL.md 11.1).
-
-The tests skip while wxgate.py does not know ``mode = cloud`` yet; set
-``WXGATE_REQUIRE_ISSUE11=1`` to make them run (and fail) regardless.
 """
 
 import dataclasses
 import http.server
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -49,24 +45,6 @@ def cloud_ini(*, extra_app="", extra_gateway="", path="/wechat", fmt="auto",
         "[wxgate]", "timestamp_window = 0", extra_gateway, "",
         f"[app:{name}]", f"path = {path}", f"appid = {APPID}", "mode = cloud",
         f"format = {fmt}", f"handler = {handler}", extra_app, ""])
-
-
-def _supported(text):
-    if os.environ.get("WXGATE_REQUIRE_ISSUE11"):
-        return True
-    try:
-        wxgate._parse_config(text, {}, "<probe>")
-    except wxgate.ConfigError:
-        return False
-    return True
-
-
-CLOUD_MODE = _supported(cloud_ini())
-CLOUD_GRANT = _supported(cloud_ini(extra_app="token_grant = cloud"))
-pytestmark = pytest.mark.skipif(not CLOUD_MODE, reason="mode = cloud is not in wxgate.py yet "
-                                "(issue 11); WXGATE_REQUIRE_ISSUE11=1 runs these anyway")
-needs_cloud_grant = pytest.mark.skipif(not CLOUD_GRANT,
-                                       reason="token_grant = cloud is not in wxgate.py yet")
 
 
 def cloud_config(tmp_path, handler=None, **kwargs):
@@ -135,7 +113,6 @@ def test_cloud_source_check_bad_value_names_the_option(tmp_path):
     assert "maybe" in caught.value.message
 
 
-@needs_cloud_grant
 def test_token_grant_cloud_needs_no_appsecret(tmp_path):
     config = cloud_config(tmp_path, extra_app="token_grant = cloud",
                           extra_gateway="api_base = http://api.weixin.qq.com")
@@ -404,7 +381,6 @@ def grant_gateway(tmp_path, clock, wechat, handler=None):
     return wxgate.make_app(config, clock=clock)
 
 
-@needs_cloud_grant
 def test_client_calls_without_an_access_token_and_never_fetches_one(tmp_path, clock, sidecar):
     app = grant_gateway(tmp_path, clock, sidecar)
     answer = app.client("cloud").send_text(OPENID, "你好")
@@ -416,7 +392,6 @@ def test_client_calls_without_an_access_token_and_never_fetches_one(tmp_path, cl
     app.close()
 
 
-@needs_cloud_grant
 def test_handler_reaches_the_api_through_message_client(tmp_path, clock, sidecar):
     handler = Recorder(reply=lambda message: message.client.send_text(
         message.from_user, "got it") and None)
@@ -427,7 +402,6 @@ def test_handler_reaches_the_api_through_message_client(tmp_path, clock, sidecar
     app.close()
 
 
-@needs_cloud_grant
 def test_api_off_the_whitelist_says_to_add_it_and_rebuild(tmp_path, clock, sidecar):
     app = grant_gateway(tmp_path, clock, sidecar)
     with pytest.raises(wxgate.WeChatAPIError) as caught:
@@ -439,7 +413,6 @@ def test_api_off_the_whitelist_says_to_add_it_and_rebuild(tmp_path, clock, sidec
     app.close()
 
 
-@needs_cloud_grant
 def test_access_token_missing_means_the_switch_is_off_or_not_rebuilt(tmp_path, clock, sidecar):
     sidecar.act_as_cloud_sidecar([CUSTOM_SEND], enabled=False)
     app = grant_gateway(tmp_path, clock, sidecar)
@@ -536,7 +509,6 @@ def test_cli_check_explains_a_cloud_app(tmp_path):
     assert "public access" in result.stdout  # the trade-off of turning the check off
 
 
-@needs_cloud_grant
 def test_cli_check_online_fetches_no_token_for_token_grant_cloud(tmp_path):
     with FakeWeChat() as wechat:
         wechat.act_as_cloud_sidecar([CUSTOM_SEND])
@@ -640,7 +612,6 @@ def test_forward_body_carries_the_cloud_headers(tmp_path, clock):
         app.close()
 
 
-@needs_cloud_grant
 def test_token_grant_cloud_holds_no_token(tmp_path, clock, sidecar):
     app = grant_gateway(tmp_path, clock, sidecar)
     with pytest.raises(wxgate.WxgateError, match="开放接口服务"):

@@ -4,9 +4,6 @@
 Virtual payment pushes (``xpay_goods_deliver_notify`` ...) must be answered
 ``{"ErrCode":0,"ErrMsg":"success"}``, not encrypted even in safe mode [O XPAY-MG], and are
 pushed again for hours until they are (PROTOCOL.md 11.3).
-
-The tests skip while wxgate.py has no ``RawReply`` (or no app ``dedup_ttl``); set
-``WXGATE_REQUIRE_ISSUE11=1`` to make them run (and fail) regardless.
 """
 
 import dataclasses
@@ -15,7 +12,6 @@ import hmac
 import http.server
 import json
 import logging
-import os
 import threading
 
 import pytest
@@ -24,11 +20,6 @@ import webtest
 import wxgate
 from conftest import (NOW, OPENID, Recorder, build_push, event_message, ini_text, make_config,
                       text_message)
-
-REQUIRED = bool(os.environ.get("WXGATE_REQUIRE_ISSUE11"))
-pytestmark = pytest.mark.skipif(not (REQUIRED or hasattr(wxgate, "RawReply")),
-                                reason="wxgate.RawReply is not in wxgate.py yet (issue 11); "
-                                "WXGATE_REQUIRE_ISSUE11=1 runs these anyway")
 
 MODES = ["plain", "compat", "safe"]
 XPAY_OK = b'{"ErrCode":0,"ErrMsg":"success"}'
@@ -46,20 +37,6 @@ def xpay_push(out_trade_no="wxg_20240425_0001", **extra):
                                       "OrigPrice": 600, "ActualPrice": 600, "Attach": ""})
     fields.update(extra)
     return fields
-
-
-def _app_option_supported(line):
-    if REQUIRED:
-        return True
-    try:
-        wxgate._parse_config(ini_text(extra_app=line), {}, "<probe>")
-    except wxgate.ConfigError:
-        return False
-    return True
-
-
-needs_app_dedup_ttl = pytest.mark.skipif(not _app_option_supported("dedup_ttl = 86400"),
-                                         reason="[app:NAME] dedup_ttl is not in wxgate.py yet")
 
 
 @pytest.fixture
@@ -300,7 +277,6 @@ XPAY_RETRIES = (15, 15, 30, 180, 600, 1200, 1800, 1800, 1800, 3600, 10800, 10800
                 21600, 21600)
 
 
-@needs_app_dedup_ttl
 def test_app_dedup_ttl_outlives_the_gateway_default(gateway, clock):
     handler = Recorder(reply=wxgate.RawReply(XPAY_OK))
     # The schedule adds up to 24 h 4 min: a day is not quite enough, two days are.
@@ -314,7 +290,6 @@ def test_app_dedup_ttl_outlives_the_gateway_default(gateway, clock):
     assert handler.calls == 1
 
 
-@needs_app_dedup_ttl
 def test_without_the_app_option_the_gateway_window_applies(gateway, clock):
     handler = Recorder(reply=wxgate.RawReply(XPAY_OK))
     _, testapp = gateway(handler, extra_gateway="timestamp_window = 0\ndedup_ttl = 300")
@@ -324,7 +299,6 @@ def test_without_the_app_option_the_gateway_window_applies(gateway, clock):
     assert handler.calls == 2  # why the handler must be idempotent on OutTradeNo
 
 
-@needs_app_dedup_ttl
 def test_app_dedup_ttl_applies_to_the_queue_marker(tmp_path, clock):
     config = make_config(tmp_path, Recorder(), extra_app="dedup_ttl = 86400\ndelivery = queue",
                          extra_gateway=f"timestamp_window = 0\ndedup_ttl = 300\n"
@@ -338,7 +312,6 @@ def test_app_dedup_ttl_applies_to_the_queue_marker(tmp_path, clock):
     app.close()
 
 
-@needs_app_dedup_ttl
 @pytest.mark.parametrize("value", ["0", "soon"])
 def test_app_dedup_ttl_is_checked(tmp_path, value):
     source = tmp_path / "bad.ini"
@@ -348,25 +321,16 @@ def test_app_dedup_ttl_is_checked(tmp_path, value):
     assert caught.value.option == "dedup_ttl" and caught.value.section == "app:test"
 
 
-# -- RawReply in cloud mode (when cloud mode exists) ------------------------------------------
+# -- RawReply in cloud mode ------------------------------------------
 
 
-def _cloud_supported():
-    text = ("[wxgate]\ntimestamp_window = 0\n[app:cloud]\npath = /\nappid = wxb1a2c3d4e5f60718\n"
-            "mode = cloud\nhandler = wxgate:demo_handler\n")
-    if REQUIRED:
-        return text
-    try:
-        wxgate._parse_config(text, {}, "<probe>")
-    except wxgate.ConfigError:
-        return None
-    return text
+CLOUD_INI = ("[wxgate]\ntimestamp_window = 0\n[app:cloud]\npath = /\n"
+             "appid = wxb1a2c3d4e5f60718\nmode = cloud\nhandler = wxgate:demo_handler\n")
 
 
-@pytest.mark.skipif(_cloud_supported() is None, reason="mode = cloud is not in wxgate.py yet")
 def test_raw_reply_in_cloud_mode(tmp_path, clock):
     source = tmp_path / "cloud.ini"
-    source.write_text(_cloud_supported(), "utf-8")
+    source.write_text(CLOUD_INI, "utf-8")
     config = wxgate.load_config(source, environ={})
     handler = Recorder(reply=wxgate.RawReply({"ErrCode": 0, "ErrMsg": "success"}))
     config = dataclasses.replace(config, apps={"cloud": dataclasses.replace(

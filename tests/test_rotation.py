@@ -3,15 +3,11 @@
 WeChat's guidance: keep the current and the previous key; when the current one fails, try
 the previous one; encrypt the reply with the key that decrypted the push (PROTOCOL.md 11.2).
 Pushes are built by conftest's builder (pycryptodome directly), never by wxgate.
-
-The tests skip while wxgate.py does not accept the option yet; set
-``WXGATE_REQUIRE_ISSUE11=1`` to make them run (and fail) regardless.
 """
 
 import base64
 import dataclasses
 import logging
-import os
 import struct
 import subprocess
 import sys
@@ -38,20 +34,6 @@ def rotation_ini(name="test", path="/wechat", mode="safe", extra_gateway="", ext
                     extra_app).replace(f"encoding_aes_key = {AES_KEY}",
                                        f"encoding_aes_key = {NEW_KEY}", 1).replace(
         "[app:test]", f"[app:{name}]")
-
-
-def _supported():
-    if os.environ.get("WXGATE_REQUIRE_ISSUE11"):
-        return True
-    try:
-        wxgate._parse_config(rotation_ini(), {}, "<probe>")
-    except wxgate.ConfigError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _supported(), reason="previous_encoding_aes_key is not in "
-                                "wxgate.py yet (issue 11); WXGATE_REQUIRE_ISSUE11=1 runs these")
 
 
 def load(tmp_path, text, handler=None):
