@@ -2,15 +2,19 @@
 
 import multiprocessing
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
+import webtest
 
 import wxgate
+from conftest import build_push, ini_text, text_message
 
 
 
@@ -366,3 +370,71 @@ def wait_until(condition, timeout=5.0):
             return True
         time.sleep(0.01)
     return False
+
+
+# -- several processes opening one new sqlite file at once ------------------------------------
+
+_NEW_FILE_RACE = ("a new sqlite file is switched to WAL with PRAGMA journal_mode=WAL, which "
+                  "answers 'database is locked' at once, without the busy timeout, while "
+                  "another connection writes to the file (SqliteStore._connect does not retry)")
+
+
+def _write_lock_held_for(path, seconds):
+    """Take the write lock of the (new) sqlite file at ``path``, as a gunicorn worker opening
+    it at the same moment does; give it back after ``seconds``. Returns the timer to join."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    def release():
+        other.execute("COMMIT")
+        other.close()
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    return timer
+
+
+@pytest.mark.xfail(strict=True, reason=_NEW_FILE_RACE)
+def test_a_new_sqlite_file_opens_while_another_process_writes_to_it(tmp_path):
+    # gunicorn's workers build their gateway at their first request, so four of them open a
+    # new store file at once. Whoever switches it to WAL second found it locked by the first
+    # and failed at once instead of waiting, the 2 s busy timeout unused: under load, one
+    # worker's first push in test_scaling got a 500 ("cannot start").
+    path = str(tmp_path / "new.db")
+    timer = _write_lock_held_for(path, 0.2)
+    try:
+        store = wxgate.SqliteStore(path, busy_timeout=10.0)
+    finally:
+        timer.join()
+    store.set("key", "value", 60)
+    assert store.get("key") == "value"
+    assert store._read("PRAGMA journal_mode") == [("wal",)]
+    store.close()
+
+
+@pytest.mark.xfail(strict=True, reason=_NEW_FILE_RACE)
+def test_first_push_is_answered_while_another_worker_opens_the_new_store(tmp_path,
+                                                                         monkeypatch):
+    # The same race seen from WeChat: the worker whose store failed to open answered its
+    # first push 500 with an empty body. The push is answered once the lock is given back.
+    module = f"newfile_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text("def handle(message):\n    return 'success'\n")
+    ini = tmp_path / "wxgate.ini"
+    ini.write_text(ini_text(extra_gateway=f"timestamp_window = 0\n"
+                                          f"store = sqlite://{tmp_path}/shared.db")
+                   .replace("wxgate:demo_handler", f"{module}:handle"))
+    monkeypatch.setenv("WXGATE_CONFIG", str(ini))
+    monkeypatch.setattr(wxgate.application, "_app", None)
+    testapp = webtest.TestApp(wxgate.application, lint=True)
+    query, body = build_push(text_message())
+    timer = _write_lock_held_for(str(tmp_path / "shared.db"), 0.2)
+    try:
+        response = testapp.post(f"/wechat?{query}", body, {"Content-Type": "text/xml"},
+                                expect_errors=True)
+    finally:
+        timer.join()
+    try:
+        assert (response.status_int, response.body) == (200, b"success")
+    finally:
+        if wxgate.application._app is not None:
+            wxgate.application._app.close()
