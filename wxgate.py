@@ -1808,19 +1808,42 @@ class SqliteStore(Store):
     def _connect(self):
         connection = sqlite3.connect(self.path, timeout=self._busy_timeout,
                                      isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute(f"PRAGMA synchronous={self._synchronous}")
-        connection.execute(
-            "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
-            " expires_at REAL NOT NULL)")
-        connection.execute(
-            "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)")
+        try:
+            self._use_wal(connection)
+            connection.execute(f"PRAGMA synchronous={self._synchronous}")
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT"
+                " NULL, expires_at REAL NOT NULL)")
+            connection.execute(
+                "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)")
+        except BaseException:
+            connection.close()
+            raise
         for suffix in ("-wal", "-shm"):
             try:
                 os.chmod(self.path + suffix, 0o600)
             except OSError:
                 pass
         return connection
+
+    def _use_wal(self, connection):
+        """Put the file in WAL mode, waiting up to the busy timeout for the lock it needs.
+
+        Only a new file changes mode (WAL is then written in the file), and the change
+        takes the write lock from inside a read: sqlite refuses that at once with "database
+        is locked", without its busy timeout, while another connection writes. gunicorn's
+        workers open a new file together at their first requests, so the one that came
+        second failed to build its gateway and answered a push 500. Retry instead.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     def _using(self, operation):
         """Run ``operation(connection)`` on a connection of this process's pool.

@@ -374,11 +374,6 @@ def wait_until(condition, timeout=5.0):
 
 # -- several processes opening one new sqlite file at once ------------------------------------
 
-_NEW_FILE_RACE = ("a new sqlite file is switched to WAL with PRAGMA journal_mode=WAL, which "
-                  "answers 'database is locked' at once, without the busy timeout, while "
-                  "another connection writes to the file (SqliteStore._connect does not retry)")
-
-
 def _write_lock_held_for(path, seconds):
     """Take the write lock of the (new) sqlite file at ``path``, as a gunicorn worker opening
     it at the same moment does; give it back after ``seconds``. Returns the timer to join."""
@@ -394,12 +389,12 @@ def _write_lock_held_for(path, seconds):
     return timer
 
 
-@pytest.mark.xfail(strict=True, reason=_NEW_FILE_RACE)
 def test_a_new_sqlite_file_opens_while_another_process_writes_to_it(tmp_path):
     # gunicorn's workers build their gateway at their first request, so four of them open a
     # new store file at once. Whoever switches it to WAL second found it locked by the first
     # and failed at once instead of waiting, the 2 s busy timeout unused: under load, one
-    # worker's first push in test_scaling got a 500 ("cannot start").
+    # worker's first push in test_scaling got a 500 ("cannot start"). It now retries the
+    # switch until its busy timeout.
     path = str(tmp_path / "new.db")
     timer = _write_lock_held_for(path, 0.2)
     try:
@@ -412,7 +407,6 @@ def test_a_new_sqlite_file_opens_while_another_process_writes_to_it(tmp_path):
     store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=_NEW_FILE_RACE)
 def test_first_push_is_answered_while_another_worker_opens_the_new_store(tmp_path,
                                                                          monkeypatch):
     # The same race seen from WeChat: the worker whose store failed to open answered its
