@@ -336,7 +336,7 @@ def test_keys_set_during_an_outage_are_written_back_when_it_ends(monkeypatch):
     # other process. What was set meanwhile is now written back once a write succeeds.
     monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.1)
     primary = BrokenStore()
-    primary.inner.set("kept", "shared", 60)
+    primary.inner.set("kept", "from-the-store", 60)
     store = wxgate._FallbackStore(primary)
     store.set("during", "d-reply", 60)
     store.set("kept", "local", 60)
@@ -345,7 +345,7 @@ def test_keys_set_during_an_outage_are_written_back_when_it_ends(monkeypatch):
     time.sleep(0.15)
     store.set("after", "1", 60)  # the first write that succeeds starts the write-back
     assert wait_until(lambda: primary.inner.get("during") == "d-reply")
-    assert primary.inner.get("kept") == "shared"  # never over what the shared store holds
+    assert primary.inner.get("kept") == "from-the-store"  # never over what the shared store holds
 
 
 def test_a_full_disk_still_reads_the_shared_store(monkeypatch):
