@@ -33,7 +33,8 @@ from Crypto.Cipher import AES
 
 import wxgate
 
-_spec = importlib.util.spec_from_file_location("bench_pipeline", os.path.join(HERE, "pipeline.py"))
+_spec = importlib.util.spec_from_file_location("bench_pipeline",
+                                              os.path.join(HERE, "pipeline.py"))
 pipeline = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pipeline)
 
@@ -234,7 +235,8 @@ def main(argv=None):
     floor = {
         "outer XML parse (_sniff_format + _parse_body)": best(f_outer, pushes, repeats),
         "base64 + AES + unpad + appid (_decrypt)": best(f_aes, outer, repeats),
-        "msg_signature (sha1, check_signature)": best(f_sig, list(zip(queries, outer)), repeats),
+        "msg_signature (sha1, check_signature)": best(f_sig, list(zip(queries, outer)),
+                                                      repeats),
         "inner XML parse (encode + sniff + _parse_body)": best(f_inner, texts, repeats),
     }
     floor_whole = best(f_whole, pushes, repeats)
