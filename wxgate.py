@@ -4482,8 +4482,9 @@ class Gateway:
         signature is X-WX-SOURCE, which Cloud Hosting's gateway adds; it proves something
         only while the service's public access is off (PROTOCOL.md 11.1), hence the option.
         """
+        # An empty header names no source: it is refused like a missing one.
         if app.cloud_source_check and not any(
-                name in environ for name in _CLOUD_SOURCE_HEADERS):
+                str(environ.get(name, "")).strip() for name in _CLOUD_SOURCE_HEADERS):
             raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
                               "Hosting's gateway (cloud_source_check = yes)", status=403)
         body = _read_body(environ, self.config.max_body_bytes)
@@ -4494,7 +4495,9 @@ class Gateway:
             raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
                                code=None)
         fields = _parse_body(body, fmt)
-        if fields.get("action") == _PATH_CHECK_ACTION:
+        # The console's path check is a body of one field. A push that merely carries an
+        # "action" field among others is a message and goes to the handler.
+        if fields.get("action") == _PATH_CHECK_ACTION and len(fields) == 1:
             return None  # the console's path check: answered before any handler or store
         if "Encrypt" in fields:
             raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
