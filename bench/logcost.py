@@ -1,7 +1,6 @@
 """Where the per-push INFO log line's CPU goes, in-process, with the logging setup wxgate uses.
 
     python bench/logcost.py                 # text and JSON lines, today's code, ~30 s
-    python bench/logcost.py --proposal      # also the prototype of bench/logcost_proposal.diff
     python bench/logcost.py --profile text  # cProfile of the pushes with the line on
 
 The logging configuration is the one ``wxgate serve`` and ``wxgate:application`` under gunicorn
@@ -21,11 +20,9 @@ Two kinds of figures, both in CPU time (``time.process_time``, user + system, so
   %-formatting and the time formatting, the stream's ``write`` and the handler's ``flush``,
   and our own work in ``_log_push`` before the call (the ``extra`` fields, ``_request_id``).
 
-``--proposal`` monkeypatches, in this process only, the change described in
-bench/logcost_proposal.diff (see bench/README.md) and measures the same pushes again. That
-change is in wxgate since issue 13 (with the text line's ``rid=``, which the prototype lacks):
-to compare before and after, run this script twice, once with ``WXGATE_SRC`` pointing at a
-folder holding the older wxgate.py.
+The cheaper line of issue 13 is in wxgate itself (its prototype lives in git history: commit
+f714de3). To compare with an older wxgate, run this script twice, once with ``WXGATE_SRC``
+pointing at a folder holding the older wxgate.py.
 """
 
 import os
@@ -172,8 +169,6 @@ def profile(call, feed, n):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--proposal", action="store_true",
-                        help="also measure the prototype of bench/logcost_proposal.diff")
     parser.add_argument("--profile", choices=("text", "json"),
                         help="cProfile the pushes with the line on, then exit")
     parser.add_argument("--pushes", type=int, default=4000, help="pushes per repeat")
@@ -190,13 +185,9 @@ def main(argv=None):
     results = {}
     try:
         inputs = pipeline.build_inputs(pipeline.DISTINCT)["safe-xml-text"]
-        variants = [("today", None)]
-        if args.proposal:
-            variants.append(("proposal", "proposal"))
         for log_format in ("text", "json"):
-            for variant, patch in variants:
+            for variant in ("today",):
                 reset_logging()
-                restore = apply_proposal() if patch else None
                 try:
                     gateway, call = make_gateway(tmp.name, log_format)
                     wxgate._setup_logging(log_format)  # exactly what serve/gunicorn do
@@ -211,8 +202,6 @@ def main(argv=None):
                     parts = measure_parts(gateway, log_format, args.pushes * 5, args.repeats)
                     results[log_format, variant] = (on, off, parts)
                 finally:
-                    if restore:
-                        restore()
                     reset_logging()
         lines = sum(1 for _ in open(log_path, encoding="utf-8"))
     finally:
@@ -235,29 +224,6 @@ def report(results, out):
         print("its parts, each timed alone (µs CPU):", file=out)
         for name, micros in parts.items():
             print(f"  {name:<52} {micros:6.2f}", file=out)
-
-
-# -- the proposal, as a monkeypatch (the same change as bench/logcost_proposal.diff) --------
-
-def apply_proposal():
-    """Patch wxgate in this process as bench/logcost_proposal.diff does; return the undo."""
-    proposal = _load_proposal()
-    saved = (wxgate._setup_logging, wxgate.Gateway._log_push)
-    wxgate._setup_logging = proposal._setup_logging
-    wxgate.Gateway._log_push = proposal._log_push
-
-    def restore():
-        wxgate._setup_logging, wxgate.Gateway._log_push = saved
-
-    return restore
-
-
-def _load_proposal():
-    spec = importlib.util.spec_from_file_location(
-        "logcost_proposal", os.path.join(HERE, "logcost_proposal.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 if __name__ == "__main__":

@@ -63,8 +63,12 @@ def ini_text(mode="safe", fmt="auto", extra_gateway="", extra_app="", path="/wec
 
 def make_config(tmp_path, handler=None, **kwargs):
     """Write an ini, load it, and swap in a Python handler (a closure of the test)."""
-    source = tmp_path / "wxgate.ini"
-    source.write_text(ini_text(**kwargs), "utf-8")
+    return load_ini(tmp_path / "wxgate.ini", ini_text(**kwargs), handler)
+
+
+def load_ini(source, text, handler=None):
+    """Write ``text`` to ``source``, load it, and give every app ``handler`` if one is given."""
+    source.write_text(text, "utf-8")
     config = wxgate.load_config(source, environ={})
     if handler is not None:
         apps = {name: dataclasses.replace(app, handler=handler, handler_spec="test:handler")

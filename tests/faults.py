@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
+import webtest
+
+from conftest import build_push
 
 
 class Disk:
@@ -184,3 +187,20 @@ class RedisServer:
 
     def __exit__(self, *exc):
         self.kill()
+
+
+def post(app, fields, status="*"):
+    """Push ``fields`` to ``app`` as WeChat would (WebTest, lint on); any status is returned."""
+    query, body = build_push(fields)
+    return webtest.TestApp(app, lint=True).post(f"/wechat?{query}", body,
+                                                content_type="text/xml", status=status)
+
+
+def wait_for(condition, timeout=20.0, every=0.02):
+    """Poll ``condition`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return False

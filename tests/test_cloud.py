@@ -21,7 +21,7 @@ import pytest
 import webtest
 
 import wxgate
-from conftest import (APPID, NOW, OPENID, REPO, Recorder, build_push, event_message, make_config,
+from conftest import (APPID, load_ini, NOW, OPENID, REPO, Recorder, build_push, event_message, make_config,
                       render, text_message)
 from fake_wechat import SEQID_HEADER, FakeWeChat
 
@@ -48,14 +48,7 @@ def cloud_ini(*, extra_app="", extra_gateway="", path="/wechat", fmt="auto",
 
 
 def cloud_config(tmp_path, handler=None, **kwargs):
-    source = tmp_path / "cloud.ini"
-    source.write_text(cloud_ini(**kwargs), "utf-8")
-    config = wxgate.load_config(source, environ={})
-    if handler is not None:
-        apps = {name: dataclasses.replace(app, handler=handler, handler_spec="test:handler")
-                for name, app in config.apps.items()}
-        config = dataclasses.replace(config, apps=apps)
-    return config
+    return load_ini(tmp_path / "cloud.ini", cloud_ini(**kwargs), handler)
 
 
 @pytest.fixture

@@ -22,14 +22,13 @@ import urllib.parse
 import uuid
 
 import pytest
-import webtest
 
 import wxgate
 from backend import Backend
 from conftest import (REPO, Clock, Recorder, build_push, free_port, ini_text, make_config,
                       text_message)
-from faults import (STALL_QUEUE_INSERTS, UNSTALL_QUEUE_INSERTS, RedisServer, small_disk,
-                    sqlite_locked, sqlite_rows)
+from faults import (STALL_QUEUE_INSERTS, UNSTALL_QUEUE_INSERTS, RedisServer, post, small_disk,
+                    sqlite_locked, sqlite_rows, wait_for)
 from serving import start_gunicorn, stop
 
 SECRET = "forward-secret-for-tests"
@@ -80,21 +79,6 @@ def get(base_url, path, timeout=10):
         return response.status, response.read()
     finally:
         connection.close()
-
-
-def post(app, fields, status="*"):
-    query, body = build_push(fields)
-    return webtest.TestApp(app, lint=True).post(f"/wechat?{query}", body,
-                                                content_type="text/xml", status=status)
-
-
-def wait_for(condition, timeout=20.0, every=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return False
 
 
 def port_open(port):

@@ -19,25 +19,10 @@ import webtest
 
 import wxgate
 from backend import Backend
-from conftest import REPO, Clock, Recorder, build_push, ini_text, make_config, text_message
-from faults import RedisServer
+from conftest import REPO, Clock, Recorder, ini_text, make_config, text_message
+from faults import RedisServer, post, wait_for
 
 SECRET = "forward-secret-for-tests"
-
-
-def post(app, fields, status="*"):
-    query, body = build_push(fields)
-    return webtest.TestApp(app, lint=True).post(f"/wechat?{query}", body,
-                                                content_type="text/xml", status=status)
-
-
-def wait_for(condition, timeout=20.0, every=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return False
 
 
 def queue_ini(tmp_path, store, backend, extra_gateway="", extra_app=""):
