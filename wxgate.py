@@ -380,7 +380,7 @@ def _redact_url(url):
     # XXX: an "@" in a path or query without userinfo also hides the host; better that
     # than printing half a password.
     userinfo, at, rest = rest.rpartition("@")
-    rest = re.split(r"[?#]", rest, 1)[0]
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
     return f"{scheme}://{'***@' if at else ''}{rest}"
 
 
@@ -633,7 +633,7 @@ def _option_lines(text):
             section = stripped[1:stripped.index("]")].strip()
             lines.setdefault((section, None), lineno)
         elif section and stripped and stripped[0] not in ";#" and not line[0].isspace():
-            name = re.split(r"[=:]", stripped, 1)[0].strip().lower()
+            name = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
             lines.setdefault((section, name), lineno)
     return lines
 
