@@ -1,6 +1,6 @@
-"""The README's code, run as written: the forwarding backends and the handler example.
+"""The documentation's code, run as written: the forwarding backends and the handler examples.
 
-Each block is taken from README.md (``tests/readme.py``), not copied here, so the README cannot
+Each block is taken from its page (``tests/readme.py``), not copied here, so the pages cannot
 drift from what passes:
 
 - the Python and Node.js forwarding backends, each started as its own process on loopback and
@@ -9,8 +9,9 @@ drift from what passes:
   promised and never sent), each still serving afterwards, and started without the secret
   (refused, in one line); the Node one needs ``node`` (skipped, saying why, when it is
   missing; a failure under CI);
-- the ``shopbot.py`` handler, against the fake WeChat API: a send that fails (45015) or times
-  out is logged, and WeChat still gets ``success`` (a 500 would make it retry and re-send).
+- the README's ``shopbot.py`` handler, against the fake WeChat API: a send that fails (45015)
+  or times out is logged, and WeChat still gets ``success`` (a 500 would make it retry and
+  re-send).
 """
 
 import hashlib
@@ -34,27 +35,29 @@ from serving import require
 
 FORWARD_SECRET = "recipe-forward-secret-0123456789"
 APPSECRET = "0123456789abcdef0123456789abcdef"
+BACKEND = "docs/backend.md"  # the pages whose recipes run here
+HANDLERS = "docs/handlers.md"
 
 
 # -- the forwarding backends -----------------------------------------------------------------
 
 
 def _backend_command(kind, tmp_path):
-    """Write the README's backend to a file; return the command that runs it."""
+    """Write the backend page's backend to a file; return the command that runs it."""
     if kind == "node":
         node = shutil.which("node") or shutil.which("nodejs")
-        require(node, "node is not installed (apt-get install nodejs): the README's Node.js "
-                      "backend cannot be run")
+        require(node, "node is not installed (apt-get install nodejs): the Node.js backend "
+                      "of docs/backend.md cannot be run")
         script, command = tmp_path / "backend.js", [node]
-        script.write_text(code_block("// backend.js"), "utf-8")
+        script.write_text(code_block("// backend.js", page=BACKEND), "utf-8")
     else:
         script, command = tmp_path / "backend.py", [sys.executable]
-        script.write_text(code_block("# backend.py"), "utf-8")
+        script.write_text(code_block("# backend.py", page=BACKEND), "utf-8")
     return [*command, str(script)]
 
 
 def _start_backend(kind, tmp_path):
-    """Run the README's backend; return ``(url, process)``."""
+    """Run the backend page's backend; return ``(url, process)``."""
     port = free_port()
     log = open(tmp_path / f"{kind}.log", "wb")
     process = subprocess.Popen(
@@ -216,7 +219,7 @@ def test_backend_refuses_to_start_without_a_secret(kind, secret, tmp_path):
 @pytest.fixture
 def shopbot(tmp_path, monkeypatch):
     """The README's ini shape and ``shopbot.py``, against the fake WeChat API."""
-    (tmp_path / "shopbot.py").write_text(code_block("# shopbot.py"), "utf-8")
+    (tmp_path / "shopbot.py").write_text(code_block("# shopbot.py", page="README.md"), "utf-8")
     with FakeWeChat(APPID, APPSECRET) as wechat:
         ini = tmp_path / "wxgate.ini"
         ini.write_text(f"""\
@@ -271,17 +274,17 @@ def test_handler_example_logs_a_failed_send_and_still_answers_success(shopbot, f
     assert APPSECRET not in caplog.text
 
 
-@pytest.mark.parametrize("block, handler, log", [
-    ("# shopbot.py", "shopbot:on_message", "shopbot"),
-    ("# ackbot.py", "ackbot:router", "ackbot"),
+@pytest.mark.parametrize("block, page, handler, log", [
+    ("# shopbot.py", "README.md", "shopbot:on_message", "shopbot"),
+    ("# ackbot.py", HANDLERS, "ackbot:router", "ackbot"),
 ])
 def test_handler_examples_log_a_send_without_an_appsecret_and_still_answer_success(
-        tmp_path, monkeypatch, caplog, block, handler, log):
+        tmp_path, monkeypatch, caplog, block, page, handler, log):
     # An app without an appsecret cannot fetch a token: the send raises a plain WxgateError
-    # (no WeChatAPIError, no WeChatConnectionError). The README's bots catch the base class,
+    # (no WeChatAPIError, no WeChatConnectionError). The documented bots catch the base class,
     # so the push is still answered success instead of a 500 and WeChat's retries.
     module = handler.split(":")[0]
-    (tmp_path / f"{module}.py").write_text(code_block(block), "utf-8")
+    (tmp_path / f"{module}.py").write_text(code_block(block, page=page), "utf-8")
     ini = tmp_path / "wxgate.ini"
     ini.write_text(f"""\
 [app:shop]
@@ -307,3 +310,4 @@ def test_handler_example_transfers_to_an_agent(shopbot):
     answer = _text(testapp, "转人工", 6054768590064714003)
     assert answer.status_int == 200 and answer.body != b"success"  # the encrypted reply
     assert wechat.custom_messages == []
+
