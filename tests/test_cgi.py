@@ -1,9 +1,9 @@
 """CGI, proven: wxgate as a program in ``cgi-bin/``, one process per request, under Apache's
-real mod_cgid on 127.0.0.1, laid out and configured as the README's CGI recipe says.
+real mod_cgid on 127.0.0.1, laid out and configured as the CGI recipe of docs/deployment.md says.
 
-The CGI program is the README's own (taken from README.md), and the private folder holding
+The CGI program is the page's own (taken from it as written), and the private folder holding
 ``wxgate.py``, the ini, the handler and the sqlite file sits under the web root behind the
-README's ``.htaccess``, the layout of a host that lets you write nowhere else. Covered: the
+page's ``.htaccess``, the layout of a host that lets you write nowhere else. Covered: the
 console's handshake; pushes in plain, compat and safe mode, with the encrypted replies
 decrypted here; a push retried three times, in a row and at once, running the handler once
 (sqlite store, shared by the processes); and the private files refused to the web.
@@ -26,6 +26,7 @@ from serving import _unprivileged_user, apache_cgi_binary, public_dir, require, 
 from test_deploy import SYSTEM_PYTHON, assert_transferred, handshake, http, log_text, serving
 
 CGI_SHEBANG = "#!/usr/bin/python3\n# cgi-bin/wxgate.cgi"
+DEPLOYMENT = "docs/deployment.md"  # the page holding the CGI recipe
 
 
 def _require_cgi():
@@ -35,7 +36,7 @@ def _require_cgi():
         [SYSTEM_PYTHON, "-c", "import importlib.util as u, sys; "
          "sys.exit(not (u.find_spec('Crypto') or u.find_spec('Cryptodome')))"],
         env={"PATH": "/usr/bin:/bin"}, check=False).returncode == 0
-    require(has_aes, f"pycryptodome is not installed for {SYSTEM_PYTHON}, the README CGI "
+    require(has_aes, f"pycryptodome is not installed for {SYSTEM_PYTHON}, the CGI recipe's "
                      "program's interpreter (apt-get install python3-pycryptodome)")
 
 
@@ -54,9 +55,9 @@ def on_message(message):
 
 
 def cgi_site(root, repo_wxgate, store="sqlite"):
-    """Lay out the README's CGI recipe under ``root``; return the httpd.conf lines serving it.
+    """Lay out the deployment page's CGI recipe in ``root``; return the httpd.conf to serve it.
 
-    ``root/public_html`` is the web root, ``cgi-bin/wxgate.cgi`` the README's program, and
+    ``root/public_html`` is the web root, ``cgi-bin/wxgate.cgi`` the page's program, and
     ``public_html/wxgate`` the private folder behind ``.htaccess``: wxgate.py, the ini (three
     apps: safe at /wechat, compat at /compat, plain at /plain), the counting handler.
     """
@@ -77,13 +78,13 @@ mode = {mode}
 handler = counting:on_message
 """ for mode, path in (("safe", "/wechat"), ("compat", "/compat"), ("plain", "/plain")))
     (home / "wxgate.ini").write_text(f"[wxgate]\n{store_line}\n{apps}", "utf-8")
-    htaccess = code_block("# ~/public_html/wxgate/.htaccess")
+    htaccess = code_block("# ~/public_html/wxgate/.htaccess", page=DEPLOYMENT)
     (home / ".htaccess").write_text(htaccess, "utf-8")
     (home / "wxgate.db").write_bytes(b"")  # a stand-in to ask for before the first push
     program = docroot / "cgi-bin" / "wxgate.cgi"
-    program.write_text(code_block(CGI_SHEBANG).replace('"/home/you/wxgate"', repr(str(home))),
-                       "utf-8")
-    # As the README says: the program 755, the private folder 700 and the ini 600, owned by
+    program.write_text(code_block(CGI_SHEBANG, page=DEPLOYMENT).replace(
+        '"/home/you/wxgate"', repr(str(home))), "utf-8")
+    # As the recipe says: the program 755, the private folder 700 and the ini 600, owned by
     # the user CGI runs as (here the server's user: a root-started Apache runs CGI as it).
     program.chmod(0o755)
     for path in (root, docroot, docroot / "cgi-bin"):
@@ -183,7 +184,7 @@ def test_cgi_retries_run_the_handler_once(cgi_server):
 
 
 def test_cgi_private_folder_is_not_served(cgi_server):
-    """The README's .htaccess: the ini, the sqlite file and wxgate.py are refused to the web."""
+    """The recipe's .htaccess: the ini, the sqlite file and wxgate.py are refused to the web."""
     base = cgi_server["base"]
     for name in ("wxgate.ini", "wxgate.db", "wxgate.py", "counting.py", ""):
         status, _, body = http("GET", f"{base}/wxgate/{name}")

@@ -1,4 +1,5 @@
-"""Deployment, proven: wxgate under real servers on 127.0.0.1, configured as the README says.
+"""Deployment, proven: wxgate under real servers on 127.0.0.1, configured as docs/deployment.md
+says.
 
 - gunicorn ``wxgate:application`` with ``WXGATE_CONFIG``, sync and gthread workers;
 - Apache httpd + mod_wsgi (Debian's ``apache2`` and ``libapache2-mod-wsgi-py3``, running Debian's
@@ -39,6 +40,7 @@ MAX_BODY = 65536  # max_body_bytes in the ini, client_max_body_size 64k, LimitRe
 ADMIN_SECRET = "deploy-admin-secret"
 # The interpreter Debian's mod_wsgi embeds (libapache2-mod-wsgi-py3 links the system Python).
 SYSTEM_PYTHON = "/usr/bin/python3"
+DEPLOYMENT = "docs/deployment.md"  # the page whose recipes these tests run
 
 # No http_proxy from the environment between the tests and loopback.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -150,7 +152,7 @@ def log_text(process):
     pytest.param(("--worker-class", "gthread", "--threads", "4"), id="gthread"),
 ])
 def test_gunicorn_serves_handshake_and_encrypted_pushes(tmp_path, worker_args):
-    """``WXGATE_CONFIG=... gunicorn wxgate:application``, the README's first recipe."""
+    """``WXGATE_CONFIG=... gunicorn wxgate:application``, the deployment page's first recipe."""
     base_url, process = start_gunicorn(write_ini(tmp_path), workers=2, extra_args=worker_args)
     with serving(process):
         assert_serves(base_url)
@@ -234,7 +236,7 @@ def test_apache_mod_wsgi_at_the_root(served_dir):
     log = log_text(process)
     assert "cannot start" not in log, log[-3000:]
     # wxgate's INFO lines reach Apache's error log, under mod_wsgi's [wsgi:error] tag (the
-    # README says so, and how to route them elsewhere).
+    # deployment page says so, and how to route them elsewhere).
     lines = [line for line in log.splitlines() if "push app=test type=text" in line]
     assert lines and all("[wsgi:error]" in line and " INFO wxgate: " in line for line in lines)
 
@@ -243,7 +245,7 @@ def test_apache_mod_wsgi_mounted_under_wechat_shared_hosting_layout(served_dir):
     """``WSGIScriptAlias /wechat .../passenger_wsgi.py``: SCRIPT_NAME=/wechat, and the ini's
     ``path = /wechat`` (and ``/wechat/shop`` below it) still match.
 
-    The layout is the README's shared-hosting recipe, its entry file taken from README.md: only
+    The layout is the shared-hosting recipe, its entry file taken from docs/deployment.md: only
     ``wxgate.py`` copied into a directory beside the ini, and nothing else: no ``SetEnv``, no
     install, and no ``python-path`` (a host that puts nothing on ``sys.path``), so the entry
     file itself must make the copy importable.
@@ -262,7 +264,7 @@ def test_apache_mod_wsgi_mounted_under_wechat_shared_hosting_layout(served_dir):
             f"token = {TOKEN}\nmode = plain\nhandler = wxgate:demo_handler\n")
     write_ini(site, more=shop)
     script = site / "passenger_wsgi.py"
-    script.write_text(code_block("# passenger_wsgi.py"), "utf-8")
+    script.write_text(code_block("# passenger_wsgi.py", page=DEPLOYMENT), "utf-8")
     for path in site.iterdir():
         path.chmod(0o644)
     base_url, process = start_apache(served_dir, None, mount="/wechat", script=script,
@@ -288,8 +290,8 @@ APPSECRET = "0123456789abcdef0123456789abcdef"
 
 @pytest.mark.parametrize("how", ["envvars", "setenv"])
 def test_apache_mod_wsgi_secrets_from_apaches_environment(served_dir, how):
-    """``appsecret = ${WX_APPSECRET}`` under mod_wsgi, the README's way: a root-only secrets
-    file sourced by Apache's envvars (here, as apache2ctl does, by the shell that execs
+    """``appsecret = ${WX_APPSECRET}`` under mod_wsgi, the deployment page's way: a root-only
+    secrets file sourced by Apache's envvars (here, as apache2ctl does, by the shell that execs
     apache2) reaches the daemon's os.environ, so the token endpoint works. ``SetEnv`` alone
     does not: the app cannot start, and the log names the variable, not a value."""
     _require_apache()
@@ -304,7 +306,7 @@ def test_apache_mod_wsgi_secrets_from_apaches_environment(served_dir, how):
         envvars, extra_conf = None, ""
         if how == "envvars":
             envvars = served_dir / "envvars"
-            lines = [line for line in code_block("# as root").splitlines()
+            lines = [line for line in code_block("# as root", page=DEPLOYMENT).splitlines()
                      if line.startswith("set -a;")]
             assert len(lines) == 1
             envvars.write_text(lines[0].replace("/etc/wxgate/secrets.env", str(secrets_env))
@@ -329,8 +331,8 @@ def test_apache_mod_wsgi_secrets_from_apaches_environment(served_dir, how):
 
 
 def test_apache_mod_wsgi_log_routed_to_a_file(served_dir):
-    """The README's ``wxgate.wsgi`` entry file configures logging before importing wxgate:
-    wxgate's lines go to that file, not to Apache's error log as ``[wsgi:error]``."""
+    """The deployment page's ``wxgate.wsgi`` entry file configures logging before importing
+    wxgate: wxgate's lines go to that file, not to Apache's error log as ``[wsgi:error]``."""
     _require_apache()
     ini_path = write_ini(served_dir)
     logs = served_dir / "logs"
@@ -341,7 +343,7 @@ def test_apache_mod_wsgi_log_routed_to_a_file(served_dir):
         entry = pwd.getpwnam(_unprivileged_user()[0])
         os.chown(logs, entry.pw_uid, entry.pw_gid)
     script = served_dir / "wxgate.wsgi"
-    script.write_text(code_block("# /srv/wxgate/wxgate.wsgi").replace(
+    script.write_text(code_block("# /srv/wxgate/wxgate.wsgi", page=DEPLOYMENT).replace(
         "/var/log/wxgate/wxgate.log", str(logs / "wxgate.log")), "utf-8")
     script.chmod(0o644)
     base_url, process = start_apache(served_dir, ini_path, script=script)
@@ -435,7 +437,7 @@ def test_nginx_request_id_reaches_wxgate_json_log(proxied):
         time.sleep(0.05)
     assert matching, f"no JSON log line with request_id {request_id}: {records[-5:]}"
     assert matching[-1]["outcome"] == "handled" and matching[-1]["app"] == "test"
-    # The README's log_format puts the same id in nginx's access log: the two lines match.
+    # The nginx recipe's log_format puts the same id in nginx's access log: the two lines match.
     access_log = Path(proxied["nginx"].log_path).with_name("access.log")
     deadline = time.monotonic() + 5
     while f"rid={request_id}" not in access_log.read_text("utf-8") \

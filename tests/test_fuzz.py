@@ -6,10 +6,10 @@ Base64 under recomputed msg_signatures, admin endpoints, odd field types) and th
 the fuzzer found, pinned; crypto properties; the XML (and JSON) attack corpus, plain and as
 the encrypted inner document.
 
-The properties, for every request (README "Responses"):
+The properties, for every request (docs/troubleshooting.md, "Responses"):
 
 - the callable never raises, and answers through ``start_response`` exactly once;
-- the status is one the README documents, and never 500: the handler here never raises, so a
+- the status is one the docs list, and never 500: the handler here never raises, so a
   500 can only be a wxgate bug;
 - no response body and no log record holds the token, the EncodingAESKey, the AppSecret or the
   admin secret (unless the request itself carried that text, which a refusal may quote).
@@ -88,7 +88,7 @@ SECRETS = {
     "admin_secret": [ADMIN_SECRET],
 }
 
-# README "Responses": every status the gateway may answer.
+# docs/troubleshooting.md, "Responses": every status the gateway may answer.
 DOCUMENTED = {200, 400, 401, 403, 404, 405, 413, 415, 500, 502, 503}
 STANDARD_METHODS = ("GET", "HEAD", "POST", "OPTIONS", "PATCH", "PUT", "DELETE", "TRACE")
 WECHAT_CODE = re.compile(r"\(WeChat -400\d\d\)")

@@ -26,6 +26,7 @@ import webtest
 import wxgate
 from conftest import REPO, VECTORS, Clock, Recorder, free_port, make_config
 from fake_wechat import CUSTOM_SEND_PATH, DEFAULT_APPID, DEFAULT_SECRET, FakeWeChat
+from readme import pages
 from test_cli import ADMIN_SECRET, AES_KEY, APPSECRET, SECRETS, TOKEN, app_section, \
     assert_failed, replies, wait_for_port, write_ini
 
@@ -747,11 +748,11 @@ def test_an_appid_of_the_wrong_shape_is_refused(tmp_path, appid, quoted):
     assert ("remove the quotes" in result.stderr) == quoted, result.stderr
 
 
-def test_every_appid_of_the_readme_and_example_ini_has_the_consoles_shape():
+def test_every_appid_of_the_docs_and_example_ini_has_the_consoles_shape():
     # What a user copies must load, so every appid they may copy fits the rule.
     found = []
-    for name in ("README.md", "example.ini"):
-        found += re.findall(r"^appid = (\S+)$", (REPO / name).read_text("utf-8"), re.M)
+    for path in (*pages(), REPO / "example.ini"):
+        found += re.findall(r"^appid = (\S+)$", path.read_text("utf-8"), re.M)
     assert found
     for appid in found:
         assert re.fullmatch(r"wx[0-9a-f]{16}", appid), appid

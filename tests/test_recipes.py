@@ -1,6 +1,6 @@
-"""The README's code, run as written: the forwarding backends and the handler example.
+"""The documentation's code, run as written: the forwarding backends and the handler examples.
 
-Each block is taken from README.md (``tests/readme.py``), not copied here, so the README cannot
+Each block is taken from its page (``tests/readme.py``), not copied here, so the pages cannot
 drift from what passes:
 
 - the Python and Node.js forwarding backends, each started as its own process on loopback and
@@ -9,8 +9,11 @@ drift from what passes:
   promised and never sent), each still serving afterwards, and started without the secret
   (refused, in one line); the Node one needs ``node`` (skipped, saying why, when it is
   missing; a failure under CI);
-- the ``shopbot.py`` handler, against the fake WeChat API: a send that fails (45015) or times
-  out is logged, and WeChat still gets ``success`` (a 500 would make it retry and re-send).
+- the README's ``shopbot.py`` handler, against the fake WeChat API: a send that fails (45015)
+  or times out is logged, and WeChat still gets ``success`` (a 500 would make it retry and
+  re-send);
+- the Cloud Hosting page's ini and ``bot.py``, against a fake 开放接口服务 sidecar;
+- the payments page's ``paybot.py`` and its ini: WeChat's late retries deliver an order once.
 """
 
 import hashlib
@@ -34,27 +37,31 @@ from serving import require
 
 FORWARD_SECRET = "recipe-forward-secret-0123456789"
 APPSECRET = "0123456789abcdef0123456789abcdef"
+BACKEND = "docs/backend.md"  # the pages whose recipes run here
+HANDLERS = "docs/handlers.md"
+CLOUD = "docs/cloud-hosting.md"
+PAYMENTS = "docs/payments.md"
 
 
 # -- the forwarding backends -----------------------------------------------------------------
 
 
 def _backend_command(kind, tmp_path):
-    """Write the README's backend to a file; return the command that runs it."""
+    """Write the backend page's backend to a file; return the command that runs it."""
     if kind == "node":
         node = shutil.which("node") or shutil.which("nodejs")
-        require(node, "node is not installed (apt-get install nodejs): the README's Node.js "
-                      "backend cannot be run")
+        require(node, "node is not installed (apt-get install nodejs): the Node.js backend "
+                      "of docs/backend.md cannot be run")
         script, command = tmp_path / "backend.js", [node]
-        script.write_text(code_block("// backend.js"), "utf-8")
+        script.write_text(code_block("// backend.js", page=BACKEND), "utf-8")
     else:
         script, command = tmp_path / "backend.py", [sys.executable]
-        script.write_text(code_block("# backend.py"), "utf-8")
+        script.write_text(code_block("# backend.py", page=BACKEND), "utf-8")
     return [*command, str(script)]
 
 
 def _start_backend(kind, tmp_path):
-    """Run the README's backend; return ``(url, process)``."""
+    """Run the backend page's backend; return ``(url, process)``."""
     port = free_port()
     log = open(tmp_path / f"{kind}.log", "wb")
     process = subprocess.Popen(
@@ -216,7 +223,7 @@ def test_backend_refuses_to_start_without_a_secret(kind, secret, tmp_path):
 @pytest.fixture
 def shopbot(tmp_path, monkeypatch):
     """The README's ini shape and ``shopbot.py``, against the fake WeChat API."""
-    (tmp_path / "shopbot.py").write_text(code_block("# shopbot.py"), "utf-8")
+    (tmp_path / "shopbot.py").write_text(code_block("# shopbot.py", page="README.md"), "utf-8")
     with FakeWeChat(APPID, APPSECRET) as wechat:
         ini = tmp_path / "wxgate.ini"
         ini.write_text(f"""\
@@ -271,17 +278,17 @@ def test_handler_example_logs_a_failed_send_and_still_answers_success(shopbot, f
     assert APPSECRET not in caplog.text
 
 
-@pytest.mark.parametrize("block, handler, log", [
-    ("# shopbot.py", "shopbot:on_message", "shopbot"),
-    ("# ackbot.py", "ackbot:router", "ackbot"),
+@pytest.mark.parametrize("block, page, handler, log", [
+    ("# shopbot.py", "README.md", "shopbot:on_message", "shopbot"),
+    ("# ackbot.py", HANDLERS, "ackbot:router", "ackbot"),
 ])
 def test_handler_examples_log_a_send_without_an_appsecret_and_still_answer_success(
-        tmp_path, monkeypatch, caplog, block, handler, log):
+        tmp_path, monkeypatch, caplog, block, page, handler, log):
     # An app without an appsecret cannot fetch a token: the send raises a plain WxgateError
-    # (no WeChatAPIError, no WeChatConnectionError). The README's bots catch the base class,
+    # (no WeChatAPIError, no WeChatConnectionError). The documented bots catch the base class,
     # so the push is still answered success instead of a 500 and WeChat's retries.
     module = handler.split(":")[0]
-    (tmp_path / f"{module}.py").write_text(code_block(block), "utf-8")
+    (tmp_path / f"{module}.py").write_text(code_block(block, page=page), "utf-8")
     ini = tmp_path / "wxgate.ini"
     ini.write_text(f"""\
 [app:shop]
@@ -307,3 +314,142 @@ def test_handler_example_transfers_to_an_agent(shopbot):
     answer = _text(testapp, "转人工", 6054768590064714003)
     assert answer.status_int == 200 and answer.body != b"success"  # the encrypted reply
     assert wechat.custom_messages == []
+
+
+# -- Cloud Hosting: the page's ini and bot.py ------------------------------------------------
+
+
+@pytest.fixture
+def cloud_bot(tmp_path, monkeypatch):
+    """The Cloud Hosting page's ini and ``bot.py``, its API host pointed at a fake sidecar."""
+    ini = code_block("# wxgate.ini, beside bot.py", page=CLOUD)
+    assert "\napi_base = http://api.weixin.qq.com\n" in ini
+    (tmp_path / "bot.py").write_text(code_block("# bot.py", page=CLOUD), "utf-8")
+    monkeypatch.delitem(sys.modules, "bot", raising=False)
+    with FakeWeChat() as sidecar:
+        sidecar.act_as_cloud_sidecar(["/cgi-bin/message/custom/send"])
+        source = tmp_path / "wxgate.ini"
+        source.write_text(ini.replace("http://api.weixin.qq.com", sidecar.url), "utf-8")
+        config = wxgate.load_config(source, environ={})
+        gateway = wxgate.make_app(config)
+        try:
+            yield webtest.TestApp(gateway, lint=True), wxgate.Simulator(config, "bot"), sidecar
+        finally:
+            gateway.close()
+            sys.modules.pop("bot", None)
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_cloud_bot_acknowledges_each_message_through_the_sidecar(cloud_bot, fmt):
+    testapp, wechat, sidecar = cloud_bot
+    for fields in ({"MsgType": "text", "Content": "你好", "FromUserName": OPENID},
+                   {"MsgType": "image", "PicUrl": "http://x/y.jpg", "MediaId": "m1",
+                    "FromUserName": OPENID},
+                   {"MsgType": "event", "Event": "user_enter_tempsession",
+                    "FromUserName": OPENID}):
+        push = wechat.push(fields, format=fmt)
+        assert testapp.post(push.url, push.body, headers=push.headers).body == b"success"
+    # One 收到 per user message, none for the event; no token was ever fetched.
+    assert [(m["touser"], m["text"]["content"]) for m in sidecar.custom_messages] == \
+        [(OPENID, "收到"), (OPENID, "收到")]
+    assert sidecar.token_fetches == 0
+
+
+def test_cloud_bot_logs_a_send_off_the_whitelist_and_still_answers_success(cloud_bot, caplog):
+    testapp, wechat, sidecar = cloud_bot
+    sidecar.act_as_cloud_sidecar([])  # the send's path is not on the whitelist: HTTP 502
+    push = wechat.push({"MsgType": "text", "Content": "hi", "FromUserName": OPENID})
+    with caplog.at_level(logging.WARNING, logger="bot"):
+        answer = testapp.post(push.url, push.body, headers=push.headers)
+    assert answer.body == b"success"  # no 500, so no retry
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bot"]
+    assert len(warnings) == 1 and "502" in warnings[0], warnings
+
+
+def test_cloud_ini_refuses_a_push_that_did_not_come_through_the_gateway(cloud_bot):
+    testapp, wechat, sidecar = cloud_bot
+    push = wechat.push({"MsgType": "text", "Content": "forged", "FromUserName": OPENID})
+    headers = {name: value for name, value in push.headers.items()
+               if name.upper() != "X-WX-SOURCE"}
+    testapp.post(push.url, push.body, headers=headers, status=403)
+    check = testapp.post("/", b'{"action":"CheckContainerPath"}',
+                         headers={"X-WX-SOURCE": "console", "Content-Type": "application/json"})
+    assert check.body == b"success"
+    assert sidecar.custom_messages == []
+
+
+# -- payments: the page's paybot.py and its ini ----------------------------------------------
+
+
+XPAY_OK = b'{"ErrCode":0,"ErrMsg":"success"}'
+
+
+@pytest.fixture
+def paybot(tmp_path, monkeypatch):
+    """The payments page's ``paybot.py`` (its orders in ``tmp_path``) and ``pay.ini``."""
+    source = code_block("# paybot.py", page=PAYMENTS)
+    assert 'ORDERS = "/var/lib/paybot/orders.db"' in source
+    orders = tmp_path / "orders.db"
+    (tmp_path / "paybot.py").write_text(
+        source.replace('"/var/lib/paybot/orders.db"', repr(str(orders))), "utf-8")
+    (tmp_path / "pay.ini").write_text(code_block("; pay.ini", page=PAYMENTS), "utf-8")
+    monkeypatch.delitem(sys.modules, "paybot", raising=False)
+    config = wxgate.load_config(tmp_path / "pay.ini",
+                                environ={"WX_TOKEN": TOKEN, "WX_AES_KEY": AES_KEY})
+    yield config
+    sys.modules.pop("paybot", None)
+
+
+def _order_push(wechat, out_trade_no):
+    # Every copy of one order carries the same fields, as WeChat's retries do.
+    return wechat.push({"MsgType": "event", "Event": "xpay_goods_deliver_notify",
+                        "FromUserName": OPENID, "CreateTime": 1_700_000_000, "OpenId": OPENID,
+                        "OutTradeNo": out_trade_no, "Env": 0,
+                        "GoodsInfo": {"ProductId": "gold_100", "Quantity": 1}})
+
+
+def test_payment_handler_delivers_an_order_once_through_late_retries(paybot, caplog):
+    assert paybot.apps["pay"].dedup_ttl == 90000
+    wechat = wxgate.Simulator(paybot, "pay")
+    answers = []
+    with caplog.at_level(logging.INFO, logger="paybot"):
+        for _ in range(3):  # each gateway a fresh memory store: a retry past the dedup window
+            gateway = wxgate.make_app(paybot)
+            try:
+                testapp = webtest.TestApp(gateway, lint=True)
+                for _ in range(2):  # and a retry inside it
+                    push = _order_push(wechat, "wxg_0001")
+                    answers.append(testapp.post(push.url, push.body, headers=push.headers))
+            finally:
+                gateway.close()
+    # The raw body, unencrypted in safe mode, every time; the goods delivered once.
+    assert [(a.status_int, a.body) for a in answers] == [(200, XPAY_OK)] * 6
+    delivered = [r.getMessage() for r in caplog.records if r.name == "paybot"]
+    assert delivered == [f'delivered {{"ProductId": "gold_100", "Quantity": 1}} to {OPENID}']
+
+
+def test_payment_handler_whose_delivery_fails_delivers_on_the_retry(paybot, caplog, monkeypatch):
+    wechat = wxgate.Simulator(paybot, "pay")
+    gateway = wxgate.make_app(paybot)
+    try:
+        testapp = webtest.TestApp(gateway, lint=True)
+        module = sys.modules["paybot"]
+        deliver = module.deliver
+
+        def broken(openid, goods):
+            raise RuntimeError("the game's server is down")
+
+        monkeypatch.setattr(module, "deliver", broken)
+        push = _order_push(wechat, "wxg_0002")
+        with caplog.at_level(logging.CRITICAL, logger="wxgate"):
+            testapp.post(push.url, push.body, headers=push.headers, status=500)
+        monkeypatch.setattr(module, "deliver", deliver)
+        with caplog.at_level(logging.INFO, logger="paybot"):
+            push = _order_push(wechat, "wxg_0002")
+            answer = testapp.post(push.url, push.body, headers=push.headers)
+    finally:
+        gateway.close()
+    # The failed delivery left no record behind, so WeChat's retry delivered the order.
+    assert answer.body == XPAY_OK
+    assert [r.getMessage() for r in caplog.records if r.name == "paybot"] == \
+        [f'delivered {{"ProductId": "gold_100", "Quantity": 1}} to {OPENID}']

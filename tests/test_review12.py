@@ -96,7 +96,7 @@ def test_demo_handler_never_sends_to_an_openid_that_is_not_a_string(tmp_path):
                 if not isinstance(sent["touser"], str)] == []
 
 
-# -- 3. the typed API: what a user's type checker says about the README's own code -----------
+# -- 3. the typed API: what a user's type checker says about the documented code -------------
 
 
 def mypy(*arguments, cwd=REPO):
@@ -105,22 +105,22 @@ def mypy(*arguments, cwd=REPO):
          *map(str, arguments)], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("first_line, typed", [
-    ("# ackbot.py", {"def acknowledge(message):":
-                     "def acknowledge(message: wxgate.Message) -> object:"}),
-    ("# shopbot.py", {"def on_message(message):":
-                      "def on_message(message: wxgate.Message) -> object:",
-                      "def send(message, text):":
-                      "def send(message: wxgate.Message, text: str) -> None:"}),
+@pytest.mark.parametrize("first_line, page, typed", [
+    ("# ackbot.py", "docs/handlers.md",
+     {"def acknowledge(message):": "def acknowledge(message: wxgate.Message) -> object:"}),
+    ("# shopbot.py", "README.md",
+     {"def on_message(message):": "def on_message(message: wxgate.Message) -> object:",
+      "def send(message, text):": "def send(message: wxgate.Message, text: str) -> None:"}),
 ])
-def test_the_readmes_handlers_typed_with_message_pass_mypy(tmp_path, first_line, typed):
+def test_the_documented_handlers_typed_with_message_pass_mypy(tmp_path, first_line, page,
+                                                              typed):
     # Issue 12 part 5: typed public names so editors complete and checkers check them. Annotate
-    # the README's own bots with `message: wxgate.Message` and mypy reports
+    # the documented bots with `message: wxgate.Message` and mypy reports
     #   Item "None" of "WeChatClient | None" has no attribute "send_text"
     #   Argument 1 to "send_text" ... has incompatible type "str | None"; expected "str"
     # on `message.client.send_text(message.from_user, ...)`, the line every bot has.
     pytest.importorskip("mypy")
-    source = code_block(first_line)
+    source = code_block(first_line, page=page)
     for old, new in typed.items():
         assert old in source
         source = source.replace(old, new)
@@ -165,8 +165,8 @@ def test_a_users_mypy_sees_the_types_of_an_installed_wxgate(tmp_path):
     # wxgate installs as one module, which cannot carry PEP 561's py.typed marker: a user's
     # plain `mypy` says 'Skipping analyzing "wxgate": module is installed, but missing library
     # stubs or py.typed marker' and treats all of wxgate as Any, so none of issue 12's
-    # annotations reach them. mypy >= 1.14 reads it with follow_untyped_imports; the README
-    # must say so (its Development section speaks only of checking wxgate itself).
+    # annotations reach them. mypy >= 1.14 reads it with follow_untyped_imports; the docs
+    # must say so (the README's Development section speaks only of checking wxgate itself).
     pytest.importorskip("mypy")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
@@ -179,13 +179,13 @@ def test_a_users_mypy_sees_the_types_of_an_installed_wxgate(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "bot.py").write_text(USER_CODE, "utf-8")
-    # What works: the README's advice, once it gives it, must be this flag or its ini form.
+    # What works: the handlers page's advice must be this flag or its ini form.
     result = mypy("--python-executable", python, "--follow-untyped-imports", "bot.py",
                   cwd=project)
     assert 'Incompatible types in assignment (expression has type "str"' in result.stdout, \
         result.stdout + result.stderr
-    readme = (REPO / "README.md").read_text("utf-8")
-    assert "follow_untyped_imports" in readme or "follow-untyped-imports" in readme
+    advice = (REPO / "docs" / "handlers.md").read_text("utf-8")
+    assert "follow_untyped_imports" in advice or "follow-untyped-imports" in advice
 
 
 # -- 4. upload_temp_media and FakeAPI ----------------------------------------------------------
@@ -297,8 +297,8 @@ def test_message_client_is_a_client_or_a_clear_error():
     assert wxgate.Message({"MsgType": "text"}, client=client).client is client
 
 
-def test_the_readmes_mypy_section_works_as_written(tmp_path):
-    # The README's ini block, copied into a user's project, makes a plain `mypy` read an
+def test_the_documented_mypy_section_works_as_written(tmp_path):
+    # The handlers page's ini block, copied into a user's project, makes a plain `mypy` read an
     # installed wxgate (without it: "Skipping analyzing", and wxgate is Any).
     pytest.importorskip("mypy")
     venv = tmp_path / "venv"
@@ -314,7 +314,7 @@ def test_the_readmes_mypy_section_works_as_written(tmp_path):
     (project / "bot.py").write_text(USER_CODE, "utf-8")
     bare = mypy("--python-executable", python, "bot.py", cwd=project)
     assert "Skipping analyzing" in bare.stdout, bare.stdout + bare.stderr
-    (project / "mypy.ini").write_text(code_block("# mypy.ini"), "utf-8")
+    (project / "mypy.ini").write_text(code_block("# mypy.ini", page="docs/handlers.md"), "utf-8")
     result = mypy("--python-executable", python, "bot.py", cwd=project)
     assert 'Incompatible types in assignment (expression has type "str"' in result.stdout, \
         result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""The README's issue 12 examples, run as written: the test of "Testing your handler" in a
+"""The examples of docs/handlers.md, run as written: the test of "Testing your handler" in a
 fresh directory with pytest in a subprocess, as a user runs it, and the router of "Routing
 pushes" against each push its field table names, in both formats."""
 
@@ -18,12 +18,13 @@ from conftest import AES_KEY, APPID, TOKEN
 from readme import code_block
 
 REPO = Path(__file__).resolve().parents[1]
+HANDLERS = "docs/handlers.md"  # the page holding every example run here
 PYTHON_BLOCKS = ("# shopbot_routes.py", "# send_examples.py", "# ackbot.py", "# test_ackbot.py")
 
 
 @pytest.mark.parametrize("first_line", PYTHON_BLOCKS)
 def test_the_python_blocks_compile(first_line):
-    compile(code_block(first_line), first_line[2:], "exec")
+    compile(code_block(first_line, page=HANDLERS), first_line[2:], "exec")
 
 
 def run_pytest(directory):
@@ -36,9 +37,11 @@ def run_pytest(directory):
 
 
 def write_example(directory, bot=None):
-    (directory / "wxgate.ini").write_text(code_block("; wxgate.ini"), "utf-8")
-    (directory / "ackbot.py").write_text(bot or code_block("# ackbot.py"), "utf-8")
-    (directory / "test_ackbot.py").write_text(code_block("# test_ackbot.py"), "utf-8")
+    (directory / "wxgate.ini").write_text(code_block("; wxgate.ini", page=HANDLERS), "utf-8")
+    (directory / "ackbot.py").write_text(bot or code_block("# ackbot.py", page=HANDLERS),
+                                         "utf-8")
+    (directory / "test_ackbot.py").write_text(code_block("# test_ackbot.py", page=HANDLERS),
+                                              "utf-8")
 
 
 def test_the_testing_example_passes_as_written(tmp_path):
@@ -52,12 +55,12 @@ def test_the_testing_example_passes_as_written(tmp_path):
 def test_the_example_catches_a_broken_bot(tmp_path, broken):
     # The example must be able to fail: a bot that says something else, never transfers, or
     # lets a failed send raise (a 500, so WeChat pushes again and the user gets two 收到).
-    bot = code_block("# ackbot.py")
+    bot = code_block("# ackbot.py", page=HANDLERS)
     if broken == "except":
         bot = bot.replace("except wxgate.WxgateError", "except ZeroDivisionError")
     else:
         bot = bot.replace(broken, "x")
-    assert bot != code_block("# ackbot.py")
+    assert bot != code_block("# ackbot.py", page=HANDLERS)
     write_example(tmp_path, bot)
     result = run_pytest(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -84,7 +87,8 @@ MEDIA_CHECK = {"MsgType": "event", "Event": "wxa_media_check", "appid": APPID,
 
 def subscription(event, fmt):
     wrapper, items = ITEMS[event]
-    # JSON carries List at the top; XML wraps the repeated List elements (PROTOCOL.md §6).
+    # JSON carries List at the top; XML wraps the repeated List elements in an element named
+    # after the event.
     if fmt == "json":
         return {"MsgType": "event", "Event": event, "List": items}
     return {"MsgType": "event", "Event": event, wrapper: {"List": items}}
@@ -93,7 +97,8 @@ def subscription(event, fmt):
 @pytest.mark.parametrize("fmt", ["xml", "json"])
 def test_the_routing_example_reads_the_fields_its_table_names(tmp_path, fmt, caplog):
     module = f"routes_{uuid.uuid4().hex[:10]}"
-    (tmp_path / f"{module}.py").write_text(code_block("# shopbot_routes.py"), "utf-8")
+    (tmp_path / f"{module}.py").write_text(code_block("# shopbot_routes.py", page=HANDLERS),
+                                           "utf-8")
     (tmp_path / "wxgate.ini").write_text("\n".join([
         "[app:shop]", "path = /wechat", f"appid = {APPID}", f"token = {TOKEN}",
         f"encoding_aes_key = {AES_KEY}", "mode = safe", f"format = {fmt}",
