@@ -1376,24 +1376,103 @@ def _parse_body(data, fmt):
     return _parse_json(data)
 
 
-def _dedup_key(app_name, fields):
-    """The identity of a push, so WeChat's retries can be recognised.
+# A MsgId or trace_id goes into a key as it is only when it looks like WeChat's own: a 64-bit
+# number, or hex and digits joined by "_" (PROTOCOL: MsgId is an opaque string). Any other
+# value is hashed, so no key grows with what a push carries: plain and cloud pushes are not
+# signed over their body, and a 60 KB MsgId would otherwise be a 60 KB key in the store.
+_VERBATIM_KEY_PART = re.compile(r"[0-9A-Za-z_.\-]{1,64}")
 
-    ``MsgId`` for messages; ``FromUserName`` + ``CreateTime`` + ``Event`` for events (the
-    documented key, plus the event name); plus ``trace_id`` when present, because several
-    ``wxa_media_check`` results can arrive in one second for one user. None when the push
-    carries nothing to identify it by.
+
+def _key_part(value):
+    """A push's value as a piece of its dedup key: itself when short and plain, else
+    ``#`` and a digest (``#`` never appears in a verbatim part, so the two cannot meet)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # a JSON MsgId may be a number; str() keeps all of its digits
+    if isinstance(value, str) and _VERBATIM_KEY_PART.fullmatch(value):
+        return value
+    return "#" + hashlib.sha256(_canonical_json(value).encode(
+        "utf-8", "surrogatepass")).hexdigest()
+
+
+def _canonical_scalar(value):
+    if isinstance(value, str):
+        return value.strip()
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _canonical_json(value):
+    """One text for a push's fields however they came: the identity a retry shares.
+
+    XML gives text where JSON gives numbers (``CreateTime`` is ``"1610969440"`` in one and
+    ``1610969440`` in the other), an XML element that appears once is no list while JSON
+    may give a list of one, and XML wraps the subscribe events' ``List`` in an element of
+    its own. So every leaf becomes a string without surrounding spaces, a list of one item
+    its item, and a top-level element holding nothing but ``List`` gives way to it; keys
+    are sorted. Written without recursion: a JSON push may nest as deep as the parser took.
     """
-    trace = fields.get("trace_id")
+    if isinstance(value, dict) and "List" not in value:
+        for name, item in value.items():
+            if isinstance(item, dict) and list(item) == ["List"]:
+                value = {other: field for other, field in value.items() if other != name}
+                value["List"] = item["List"]
+                break
+    parts: list[str] = []
+    pending: list[tuple[bool, Any]] = [(False, value)]  # (is text to write, what)
+    while pending:
+        is_text, item = pending.pop()
+        if is_text:
+            parts.append(item)
+        elif isinstance(item, dict):
+            entries = sorted(item.items(), key=lambda entry: str(entry[0]))
+            pending.append((True, "}"))
+            for index in range(len(entries) - 1, -1, -1):
+                name, field = entries[index]
+                pending.append((False, field))
+                pending.append((True, ("," if index else "") + json.dumps(
+                    str(name), ensure_ascii=False) + ":"))
+            pending.append((True, "{"))
+        elif isinstance(item, list):
+            if len(item) == 1:
+                pending.append((False, item[0]))
+                continue
+            pending.append((True, "]"))
+            for index in range(len(item) - 1, -1, -1):
+                pending.append((False, item[index]))
+                if index:
+                    pending.append((True, ","))
+            pending.append((True, "["))
+        else:
+            parts.append(json.dumps(_canonical_scalar(item), ensure_ascii=False))
+    return "".join(parts)
+
+
+def _dedup_key(app_name, fields):
+    """The identity of a push, so WeChat's retries can be recognised, and only they.
+
+    ``MsgId`` for messages (plus ``trace_id`` when present). Anything else is identified by
+    all it carries: a digest of its fields in one canonical form (see ``_canonical_json``).
+    WeChat's doc suggests ``FromUserName`` + ``CreateTime`` for events, but two distinct
+    events share those: two payments in one second differ only by ``OutTradeNo``, two
+    entries from contact buttons by ``SessionFrom``. A retry repeats the message, so its
+    content is the same; the encryption, nonce and signature around it are not part of it.
+    None when the push has no sender and time (nothing tells two copies from two pushes).
+    Every part taken from the push is bounded (see ``_key_part``): a key stays under about
+    150 bytes plus the app's name.
+    """
     msg_id = fields.get("MsgId")
     if msg_id not in (None, ""):
-        key = f"{app_name}:m:{msg_id}"
-    else:
-        sender, created = fields.get("FromUserName"), fields.get("CreateTime")
-        if not sender or created in (None, ""):
-            return None
-        key = f"{app_name}:e:{sender}:{created}:{fields.get('Event', '')}"
-    return f"{key}:{trace}" if trace not in (None, "") else key
+        key = f"{app_name}:m:{_key_part(msg_id)}"
+        trace = fields.get("trace_id")
+        return f"{key}:{_key_part(trace)}" if trace not in (None, "") else key
+    sender, created = fields.get("FromUserName"), fields.get("CreateTime")
+    if not sender or created in (None, ""):
+        return None
+    digest = hashlib.sha256(_canonical_json(fields).encode("utf-8", "surrogatepass"))
+    return f"{app_name}:e:{digest.hexdigest()}"
 
 
 _NO_CLOUD: Mapping[str, str] = types.MappingProxyType({})
@@ -5060,9 +5139,10 @@ class Simulator:
         """Build the POST WeChat would send with these fields.
 
         ``ToUserName``, ``FromUserName`` (a demo openid), ``CreateTime`` (now) and, for
-        messages, a fresh ``MsgId`` are filled in unless given. Events are recognised as
-        retries by ``FromUserName`` + ``CreateTime`` + ``Event``, as WeChat's are: give two
-        events of one second different ``CreateTime`` values to have both handled.
+        messages, a fresh ``MsgId`` are filled in unless given. The gateway knows an event
+        by all its fields: two events that differ in any field (another ``SessionFrom``,
+        ``OutTradeNo``...) are both handled, while the same fields in the same second are
+        one push sent again, as a retry of WeChat's is.
 
         :param fields: the push's fields under WeChat's names; nested dicts and lists are
             rendered as WeChat does (``List``, ``result``...).

@@ -195,3 +195,91 @@ def test_different_apps_do_not_share_keys(tmp_path, clock):
     assert [m.app for m in handler.messages] == ["test", "other"]
     assert handler.messages[0].dedup_key != handler.messages[1].dedup_key
     assert handler.messages[0].from_user == OPENID
+
+
+# -- a push's identity: what it carries, not only who sent it when ----------------------------
+
+
+def payment(out_trade_no, **extra):
+    """A virtual payment push (JSON only), as xpay_goods_deliver_notify carries it."""
+    return event_message("xpay_goods_deliver_notify", OpenId=OPENID, OutTradeNo=out_trade_no,
+                         Env=0, WeChatPayInfo={"MchOrderNo": f"mch-{out_trade_no}",
+                                               "TransactionId": f"tx-{out_trade_no}"},
+                         GoodsInfo={"ProductId": "gold-100", "Quantity": 1,
+                                    "OrigPrice": 600, "ActualPrice": 600}, **extra)
+
+
+def test_two_payments_in_one_second_both_run(gateway_factory):
+    # One user, one CreateTime, one Event, another OutTradeNo: WeChat's suggested key
+    # (FromUserName + CreateTime) and its Event make them one push, and the second payment's
+    # "success" told WeChat it was delivered while the handler never saw it.
+    handler = Recorder()
+    app = gateway_factory(handler, fmt="json")
+    for order in ("order-1", "order-2"):
+        assert send(app, payment(order), fmt="json").body == b"success"
+    print(f"\npayments handled: {handler.calls}/2")
+    assert [m["OutTradeNo"] for m in handler.messages] == ["order-1", "order-2"]
+
+
+def test_two_tempsession_entries_with_another_session_from_both_run(gateway_factory):
+    handler = Recorder()
+    app = gateway_factory(handler)
+    for source in ("button-a", "button-b"):
+        send(app, event_message("user_enter_tempsession", SessionFrom=source))
+    assert [m["SessionFrom"] for m in handler.messages] == ["button-a", "button-b"]
+
+
+def test_an_exact_retry_is_a_duplicate_however_it_is_encrypted(gateway_factory):
+    # WeChat's retry repeats the message under a new nonce and a new random prefix, so its
+    # body and query differ byte for byte from the first delivery's.
+    handler = Recorder()
+    app = gateway_factory(handler, fmt="json")
+    first = send(app, payment("order-3"), fmt="json")
+    retry = send(app, payment("order-3"), fmt="json", nonce="987654321",
+                 prefix=b"fedcba9876543210")
+    assert first.body == retry.body == b"success"
+    assert handler.calls == 1
+
+
+def test_a_payment_retry_and_another_payment_interleaved(gateway_factory):
+    handler = Recorder()
+    app = gateway_factory(handler, fmt="json")
+    for order, nonce in (("order-4", "1"), ("order-5", "2"), ("order-4", "3"),
+                         ("order-5", "4")):
+        send(app, payment(order), fmt="json", nonce=nonce, prefix=nonce.encode() * 16)
+    assert [m["OutTradeNo"] for m in handler.messages] == ["order-4", "order-5"]
+
+
+def store_keys(app, kind):
+    """Every key the gateway's store holds now."""
+    if kind == "memory":
+        return list(app.store._entries)
+    primary = app.store.primary
+    if kind == "sqlite":
+        return [key for (key,) in primary._read("SELECT key FROM wxgate_kv")]
+    return [key.decode() for key in primary._redis.keys("*")]
+
+
+def test_store_keys_stay_short_whatever_the_push_carries(gateway_factory):
+    # Plain mode takes its body on the URL signature alone, and cloud mode on no signature
+    # at all: whoever can send one chooses MsgId, FromUserName, trace_id, any field. A 60 KB
+    # MsgId made a 60 KB key, which lived dedup_ttl seconds in Redis or sqlite.
+    handler = Recorder()
+    app = gateway_factory(handler, mode="plain", fmt="json",
+                          extra_gateway="max_body_bytes = 200000")
+    huge = "9" * 60_000
+    pushes = [text_message(msg_id=huge), text_message(msg_id="1" + huge),
+              text_message(msg_id="7", trace_id="t" * 30_000),
+              text_message(msg_id={"nested": huge}),
+              event_message("user_enter_tempsession", FromUserName="o" * 30_000,
+                            SessionFrom="s" * 30_000)]
+    for fields in pushes:
+        send(app, fields, mode="plain", fmt="json")
+    for fields in pushes:  # each is still recognised when it comes again
+        send(app, fields, mode="plain", fmt="json")
+    keys = store_keys(app, gateway_factory.kind)
+    longest = max(len(key.encode()) for key in keys)
+    print(f"\n{len(keys)} keys, the longest {longest} bytes")
+    assert handler.calls == len(pushes)
+    assert longest <= 200, [key[:120] for key in keys if len(key) > 200]
+
