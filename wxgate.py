@@ -2331,6 +2331,14 @@ def _store_key(message):
     return message.dedup_key if message.encrypted else f"clear:{message.dedup_key}"
 
 
+def _dedup_store(store, clock):
+    """Where one app's dedup records go: ``store`` when it is shared (every process must
+    see the same keys), else a memory store of the same size for this app alone."""
+    if isinstance(store, MemoryStore):
+        return MemoryStore(store.max_entries, clock=clock)
+    return store
+
+
 class _InFlightTimeout(WxgateError):
     status = 503
 
@@ -4314,8 +4322,16 @@ class Gateway:
             store = open_store(config.store, clock=clock, max_entries=config.dedup_size)
         self.store = store if not store.shared else _FallbackStore(
             store, clock=clock, max_entries=config.dedup_size)
-        self._dedup = _Dedup(self.store, prefix=config.store_prefix, ttl=config.dedup_ttl,
-                             clock=clock, sleep=sleep, max_entries=config.dedup_size)
+        # One _Dedup per app, so that no app's traffic evicts another app's records: a
+        # memory store gives each app an LRU of dedup_size keys of its own (the store named
+        # here keeps the token records), and over a shared store each app's recent answers
+        # are an LRU of their own too. A Cloud Hosting app with public access takes pushes
+        # from anyone: 10,100 of them pushed a safe app's record out of one shared LRU.
+        self._dedups = {
+            app.name: _Dedup(_dedup_store(self.store, clock), prefix=config.store_prefix,
+                             ttl=config.dedup_ttl, clock=clock, sleep=sleep,
+                             max_entries=config.dedup_size)
+            for app in config.apps.values()}
         # Signed queries' binds (see _bind_query) get an LRU of their own in memory: sharing
         # the dedup LRU, one per push, they halved it, and a store sized as the README says
         # (dedup_size above the pushes of a window) evicted pushes still inside their window.
@@ -4394,7 +4410,8 @@ class Gateway:
         """Stop the delivery and claim-keeping threads, and release the store's connections."""
         if self._worker is not None:
             self._worker.stop()
-        self._dedup.close()
+        for dedup in self._dedups.values():
+            dedup.close()
         self.store.close()
 
     def _under_cgi(self):
@@ -4695,7 +4712,7 @@ class Gateway:
             if key is None:
                 content_type, reply, duplicate = work() + (False,)
             else:
-                content_type, reply, duplicate = self._dedup.run(
+                content_type, reply, duplicate = self._dedups[app.name].run(
                     _store_key(message), work, started + self.reply_deadline, ttl)
         except _InFlightTimeout as exc:
             self._log_push(app, message, "in-flight-timeout", started, environ)
@@ -4742,9 +4759,10 @@ class Gateway:
         payload = _dump_json(document)
         partition = f"{app.name}:{message.from_user or ''}"
         done = _Dedup.done_value(_TEXT, "success")
+        dedup = self._dedups[app.name]
 
         def work():
-            marker = None if key is None else (self._dedup.store_key(key, "queued"), done, ttl)
+            marker = None if key is None else (dedup.store_key(key, "queued"), done, ttl)
             self.queue.push(partition, payload, self._clock(), marker)
             return _TEXT, "success"
 
@@ -4753,8 +4771,8 @@ class Gateway:
                 work()
                 duplicate = False
             else:
-                duplicate = self._dedup.run(key, work, started + self.reply_deadline, ttl,
-                                            kind="queued", recorded=True)[2]
+                duplicate = dedup.run(key, work, started + self.reply_deadline, ttl,
+                                      kind="queued", recorded=True)[2]
         except _InFlightTimeout as exc:
             self._log_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
