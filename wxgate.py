@@ -121,6 +121,12 @@ REPLY_DEADLINE = 5.0
 # for at most CLAIM_TTL, well inside their 5-second wait, and the retry runs the handler.
 CLAIM_TTL = 3.0
 CLAIM_RENEW_EVERY = 0.5
+# A delivery that takes over a claim (its owner was killed, stalled, or failed) runs the
+# handler only with at least this share of the reply deadline left: 1.5 s of WeChat's 5.
+# With less, the reply would arrive after WeChat stopped waiting, and a stalled owner may
+# yet finish too, so the handler would run twice for nothing. A killed owner's claim lapses
+# at most CLAIM_TTL after a retry arrives, which leaves that retry 2 s: enough.
+TAKEOVER_ROOM = 0.3
 # WeChat pads to 32 bytes, not AES's 16: the doc's own safe-mode push ends in 19 pad bytes.
 PKCS7_BLOCK = 32
 # random (16) + msg_len (4): the shortest buffer that can hold an (empty) message.
@@ -2415,16 +2421,19 @@ class _Dedup:
         """The store's value for a key whose answer is ``(content_type, body)``."""
         return f"d{content_type}\n{body}"
 
-    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False):
+    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False, room=0.0):
         """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
 
         ``deadline`` is on ``time.monotonic()``: it measures WeChat's real 5-second wait,
         whatever the injected clock says. ``ttl`` (default: the dedup ttl) is how long the
         answer is remembered. ``recorded`` says that ``work()`` itself stores the done
         value, in the same transaction as its effect (the queue's insert): the key is then
-        never "done" without the effect, nor the effect without "done".
+        never "done" without the effect, nor the effect without "done". ``room`` is the
+        time ``work()`` needs: a claim taken over from another delivery with less than
+        that left before ``deadline`` is given back, as one taken after it is.
 
-        :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
+        :raises _InFlightTimeout: the first delivery is still running at ``deadline``, or
+            the work could be taken over only too late to answer in time.
         """
         store_key = self.store_key(key, kind)
         answer = self._answered_here(store_key)
@@ -2451,17 +2460,23 @@ class _Dedup:
             self._claim_prefix = f"p{os.getpid()}.{os.urandom(6).hex()}."
             self._claim_pid = os.getpid()
         claim = f"{self._claim_prefix}{next(self._claims)}"
+        # Whether another delivery held the key before us: our claim is then a takeover.
+        taken_over = owned is not None
         while True:
             if self.store.add(store_key, claim, CLAIM_TTL):
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0 or (taken_over and left < room):
                     # A takeover (the first owner's claim expired, or was released) after
-                    # WeChat stopped waiting: nobody would read the reply, and the work
-                    # would run for nothing, or run again beside a retry that is already
-                    # on its way. Give the key back for that retry.
+                    # WeChat stopped waiting, or too close to it for the work to answer in
+                    # time: nobody would read the reply, and the work would run for
+                    # nothing, beside a stalled owner that may still finish, or beside a
+                    # retry already on its way. Give the key back for that retry.
                     self.store.delete(store_key, claim)
                     raise _InFlightTimeout("claimed the message only after the reply "
-                                           "deadline; left to WeChat's next retry")
+                                           "deadline, or too close to it to run the "
+                                           "handler; left to WeChat's next retry")
                 return self._own(store_key, claim, work, ttl or self.ttl, recorded) + (False,)
+            taken_over = True
             value = self.store.get(store_key)
             if value is None and time.monotonic() < deadline:
                 continue  # released (the first delivery failed) or expired: claim it
@@ -4713,7 +4728,8 @@ class Gateway:
                 content_type, reply, duplicate = work() + (False,)
             else:
                 content_type, reply, duplicate = self._dedups[app.name].run(
-                    _store_key(message), work, started + self.reply_deadline, ttl)
+                    _store_key(message), work, started + self.reply_deadline, ttl,
+                    room=self.reply_deadline * TAKEOVER_ROOM)
         except _InFlightTimeout as exc:
             self._log_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""

@@ -346,3 +346,61 @@ def test_a_flood_to_one_app_does_not_evict_another_apps_records(tmp_path, clock)
     assert len(shop_runs) == 1
     assert handler.calls == 1 + wxgate.DEFAULT_DEDUP_SIZE + 100
     app.close()
+
+
+# -- a takeover needs time to run the handler -------------------------------------------------
+
+
+def stalled_claim_gateway(tmp_path, clock, handler, expire_when_left, deadline=1.0):
+    """A gateway on sqlite whose push finds the message claimed by a stalled worker; the
+    claim expires (the shared clock jumps past it) once the push has ``expire_when_left``
+    seconds left before its reply deadline. The injected sleep is the push's only wait."""
+    import time
+    config = make_config(tmp_path, handler,
+                         extra_gateway=f"store = sqlite://{tmp_path / 'claims.db'}")
+    stalled = wxgate.SqliteStore(str(tmp_path / "claims.db"), clock=clock)
+    store_key = f"{config.store_prefix}:dedup:test:m:takeover-1"
+    assert stalled.add(store_key, "p999.stalled.0", wxgate.CLAIM_TTL)
+    sent_at = []
+
+    def sleep(seconds):
+        time.sleep(seconds)
+        if time.monotonic() >= sent_at[0] + deadline - expire_when_left:
+            clock.advance(wxgate.CLAIM_TTL + 1)
+
+    app = wxgate.make_app(config, clock=clock, sleep=sleep, reply_deadline=deadline)
+    return app, stalled, sent_at
+
+
+def test_a_takeover_too_close_to_the_deadline_is_answered_as_late(tmp_path, clock):
+    # A retry waited on a claim whose owner stalled (it stopped renewing, but may yet
+    # finish). The claim expires with 15 % of the reply deadline left: the handler would
+    # answer after WeChat has gone, beside the stalled owner. Answer as to any push that
+    # cannot be answered in time (503, empty body), and give the key back for the retry.
+    import time
+    handler = Recorder()
+    app, stalled, sent_at = stalled_claim_gateway(tmp_path, clock, handler, 0.15)
+    sent_at.append(time.monotonic())
+    response = send(app, text_message(msg_id="takeover-1"), status="*")
+    print(f"\ntakeover with 0.15 s of 1.0 s left: {response.status_int}, "
+          f"handler runs {handler.calls}")
+    assert (response.status_int, response.body, handler.calls) == (503, b"", 0)
+    assert stalled.get("wxgate:dedup:test:m:takeover-1") is None  # free for the retry
+    sent_at[0] = time.monotonic()
+    assert send(app, text_message(msg_id="takeover-1")).body == b"success"
+    assert handler.calls == 1
+    app.close()
+    stalled.close()
+
+
+def test_a_takeover_with_time_left_runs_the_handler(tmp_path, clock):
+    # A worker killed mid-handler: its claim expires within CLAIM_TTL, which leaves a retry
+    # most of its 5 seconds, and the retry runs the handler.
+    import time
+    handler = Recorder()
+    app, stalled, sent_at = stalled_claim_gateway(tmp_path, clock, handler, 0.9)
+    sent_at.append(time.monotonic())
+    assert send(app, text_message(msg_id="takeover-1")).body == b"success"
+    assert handler.calls == 1
+    app.close()
+    stalled.close()
