@@ -5073,7 +5073,21 @@ SIMULATED_OPENID = "o_wxgate_demo_user"
 # A passive reply is addressed and typed, or it is the four-field envelope (PROTOCOL.md §4).
 _REPLY_ADDRESS = ("ToUserName", "FromUserName", "CreateTime", "MsgType")
 _ENVELOPE_FIELDS = frozenset({"Encrypt", "MsgSignature", "TimeStamp", "Nonce"})
+# Some pushes are answered with a fixed JSON body instead: virtual payment's
+# {"ErrCode":0,"ErrMsg":"success"}, which WeChat takes in the clear in every mode
+# ("回复微信服务器的消息不需要加密"), and the iOS refund query's result_code and result_info.
+# https://developers.weixin.qq.com/minigame/dev/guide/open-ability/virtual-payment/message-push.md
+# Each is the fields it must have, with their JSON types; others may come beside them.
+_FIXED_REPLIES = ((("ErrCode", int), ("ErrMsg", str)),
+                  (("result_code", int), ("result_info", str)))
 _ASCII_DIGITS = re.compile(r"[0-9]+\Z")
+
+
+def _is_fixed_reply(fields):
+    """Whether a reply's fields are one of the fixed JSON bodies (``_FIXED_REPLIES``)."""
+    return any(all(name in fields and isinstance(fields[name], kind) and
+                   not isinstance(fields[name], bool) for name, kind in shape)
+               for shape in _FIXED_REPLIES)
 
 
 def _pick_app(config, name, how="choose one with --app"):
@@ -5259,9 +5273,12 @@ class Simulator:
 
         An encrypted reply must be the four-field envelope, its ``MsgSignature`` must match
         and its content decrypt for this app; in safe mode a reply must be encrypted, in
-        plain mode it must not be; ``success`` and the empty reply are never encrypted. Any
-        other reply must carry ``ToUserName``, ``FromUserName``, ``CreateTime`` (whole
-        seconds) and ``MsgType`` (a string).
+        plain mode it must not be; ``success`` and the empty reply are never encrypted.
+        A fixed JSON reply, as a ``RawReply`` sends it, is read in every mode, in the clear
+        or encrypted: a payment push's ``{"ErrCode":0,"ErrMsg":"success"}`` (an integer
+        ``ErrCode``, a string ``ErrMsg``), or ``result_code`` and ``result_info``. Any other
+        reply must carry ``ToUserName``, ``FromUserName``, ``CreateTime`` (whole seconds)
+        and ``MsgType`` (a string).
 
         :raises SignatureError: ``MsgSignature`` does not match (-40001).
         :raises DecryptError: ``Encrypt`` does not decrypt for this app (-400xx).
@@ -5281,9 +5298,11 @@ class Simulator:
             return body.decode("ascii")
         fields = self._parse_reply(body, "reply")
         if "Encrypt" not in fields:
-            if app.mode == "safe":
+            if app.mode == "safe" and not _is_fixed_reply(fields):
                 raise MessageError(f"reply is not encrypted, but app {app.name!r} is in safe "
-                                   "mode: WeChat would refuse it", code=None)
+                                   "mode: WeChat would refuse it (only success, the empty "
+                                   "reply and a fixed JSON reply such as a payment push's "
+                                   "go in the clear)", code=None)
             return body.decode("utf-8")
         if app.mode in ("plain", "cloud"):
             raise MessageError(f"reply is encrypted, but app {app.name!r} is in {app.mode} "
@@ -5327,6 +5346,8 @@ class Simulator:
     def _reply_fields(self, text):
         """The fields of a (decrypted) reply, which must be addressed and typed."""
         fields = self._parse_reply(text.encode("utf-8"), "reply content")
+        if _is_fixed_reply(fields):
+            return fields
         missing = [name for name in _REPLY_ADDRESS if name not in fields]
         if missing:
             raise MessageError(f"reply lacks {', '.join(missing)}", code=None)
