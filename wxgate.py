@@ -194,6 +194,11 @@ HEALTH_TTL = 60.0
 HEALTH_CHECK_EVERY = 1.0
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
+# How often a process asks a shared store whether it still holds what it held: one Redis GET
+# or one stat() of the sqlite file a second, on the way of a push (and at each health
+# check). A Redis restarted without persistence, or a database file deleted under the
+# gateway, is then noticed within a second of the next push.
+STORE_VERIFY_EVERY = 1.0
 
 # Defaults of the queue's retry schedule: 1 s, 2 s, 4 s ... capped at 5 minutes, 10 attempts;
 # each delay is then jittered by 0.5x to 1.5x.
@@ -404,6 +409,8 @@ _METRIC_HELP = {
     "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
     "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
     "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
+    "wxgate_store_lost_total": ("counter", "Times this process found the shared store had "
+                                "lost its data (Redis emptied, sqlite file deleted)."),
     "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
     "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
     "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
@@ -1719,6 +1726,10 @@ class Store:
 
     #: True when other processes see the same data (so waiting must poll the store).
     shared = False
+    #: What the store is, for metrics labels ("memory", "sqlite", "redis").
+    kind = "custom"
+    #: How logs name the store: its URL or path, any password redacted.
+    name = "store"
 
     def add(self, key: str, value: str, ttl: float) -> bool:
         """Set ``key`` only if it is absent or expired; return whether it was set."""
@@ -1743,6 +1754,17 @@ class Store:
     def ping(self) -> None:
         """Raise if the store cannot be reached."""
 
+    def verify(self) -> str | None:
+        """Why the store no longer holds what it held (its data lost), or None.
+
+        A store that can lose its data behind the gateway's back (a Redis restarted without
+        persistence or flushed, a sqlite file deleted while open) notices it here, puts
+        itself right (a new identity key, the configured file reopened) and says so once:
+        each process that noticed reports it once. A read or a stat(), cheap enough to be
+        asked once a second.
+        """
+        return None
+
     def close(self) -> None:
         """Release connections."""
 
@@ -1753,6 +1775,8 @@ class MemoryStore(Store):
     :param max_entries: how many keys to keep; the least recently used go first.
     :param clock: returns the time in seconds (injectable for tests).
     """
+
+    kind = name = "memory"
 
     def __init__(self, max_entries: int = DEFAULT_DEDUP_SIZE, *,
                  clock: Callable[[], float] = time.time) -> None:
@@ -1845,12 +1869,22 @@ class SqliteStore(Store):
     failing. Expired rows are deleted as we go. The file and a directory we create are
     owner-only, because the file holds access tokens.
 
+    The file can be deleted or replaced while in use (``rm wx.db*``, a restore from a
+    backup): open connections then keep writing to the old file, which no new process
+    sees, so the workers of one host split into two stores. At most once per
+    ``STORE_VERIFY_EVERY`` an operation compares the file at ``path`` with the one open
+    (device and inode), and on a difference goes back to ``path``; :meth:`verify` says so.
+
     :param path: the database file.
     :param clock: returns the time in seconds (injectable for tests).
     :param busy_timeout: seconds a writer waits for the lock before giving up.
+    :param synchronous: sqlite's ``PRAGMA synchronous`` for this store's connections.
+    :param schema: more ``CREATE ... IF NOT EXISTS`` statements, run on each new
+        connection (the queue's table), so a file made anew while serving has them too.
     """
 
     shared = True
+    kind = "sqlite"
     _CLEANUP_EVERY = 256
 
     # Idle connections kept per process. A connection is borrowed for one operation and given
@@ -1860,16 +1894,33 @@ class SqliteStore(Store):
     _POOL_SIZE = 4
 
     def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
-                 busy_timeout: float = 2.0, synchronous: str = "NORMAL") -> None:
+                 busy_timeout: float = 2.0, synchronous: str = "NORMAL",
+                 schema: tuple[str, ...] = ()) -> None:
         self.path = os.path.abspath(path)
+        self.name = f"sqlite://{self.path}"
         self._clock = clock
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
+        self._schema = (
+            "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT"
+            " NULL, expires_at REAL NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)",
+        ) + tuple(schema)
         # pid -> (lock, idle connections). Connections made before a fork stay in their
         # parent's entry: never used again, and never closed either, since closing an
-        # inherited handle can release the parent's POSIX locks.
+        # inherited handle can release the parent's POSIX locks. An idle connection is
+        # (generation, connection): one made before the file was reopened is closed.
         self._pools: dict[int, Any] = {}
         self._writes = 0
+        self._generation = 0
+        self._check_lock = threading.Lock()
+        self._check_due = time.monotonic() + STORE_VERIFY_EVERY
+        self._reopened: list[str] = []  # why the file was reopened, until verify() says it
+        self._create_file()
+        self._identity = self._file_identity()
+        self._using(lambda connection: None)  # the schema now: a bad path fails at startup
+
+    def _create_file(self):
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -1881,7 +1932,52 @@ class SqliteStore(Store):
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
             pass
-        self._using(lambda connection: None)  # the schema now: a bad path fails at startup
+
+    def _file_identity(self):
+        """(device, inode) of the file at ``path`` now, or None when there is none."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def _check_file(self, force=False):
+        """Go back to the file at ``path`` if it is no longer the one open (see the class).
+
+        One thread checks at a time, and the others do not wait for it: they use the
+        connections they have until the check is done, as they did before it.
+        """
+        if not self._check_lock.acquire(blocking=force):
+            return
+        try:
+            now = time.monotonic()
+            if not force and now < self._check_due:
+                return
+            self._check_due = now + STORE_VERIFY_EVERY
+            identity = self._file_identity()
+            if identity == self._identity:
+                return
+            what = ("was deleted" if identity is None else
+                    "was deleted or replaced (the path names another file now)")
+            # The generation first, then the idle connections: one given back in between
+            # is either closed at once or found in the list and closed here.
+            self._generation += 1
+            lock, idle = self._pool()
+            with lock:
+                stale, idle[:] = list(idle), []
+            for _, connection in stale:
+                connection.close()  # the old file's: its POSIX locks are no longer needed
+            self._create_file()
+            self._using(lambda connection: None)
+            self._identity = self._file_identity()
+            self._reopened.append(f"its file {what} while in use; reopened {self.path}")
+        finally:
+            self._check_lock.release()
+
+    def verify(self):
+        self._check_file(force=True)
+        reasons, self._reopened = self._reopened, []
+        return "; ".join(reasons) or None
 
     def _pool(self):
         pid = os.getpid()
@@ -1896,11 +1992,8 @@ class SqliteStore(Store):
         try:
             self._use_wal(connection)
             connection.execute(f"PRAGMA synchronous={self._synchronous}")
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT"
-                " NULL, expires_at REAL NOT NULL)")
-            connection.execute(
-                "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)")
+            for statement in self._schema:
+                connection.execute(statement)
         except BaseException:
             connection.close()
             raise
@@ -1938,9 +2031,11 @@ class SqliteStore(Store):
         one still inside a transaction (its ROLLBACK failed too): back in the pool, it would
         run the next operation's statements inside that transaction, and keep its lock.
         """
+        if time.monotonic() >= self._check_due:
+            self._check_file()
         lock, idle = self._pool()
         with lock:
-            connection = idle.pop() if idle else None
+            generation, connection = idle.pop() if idle else (self._generation, None)
         if connection is None:
             connection = self._connect()
         try:
@@ -1949,9 +2044,9 @@ class SqliteStore(Store):
             kept = False
             if not connection.in_transaction:
                 with lock:
-                    kept = len(idle) < self._POOL_SIZE
+                    kept = len(idle) < self._POOL_SIZE and generation == self._generation
                     if kept:
-                        idle.append(connection)
+                        idle.append((generation, connection))
             if not kept:
                 connection.close()
 
@@ -2030,7 +2125,7 @@ class SqliteStore(Store):
         lock, idle = self._pool()
         with lock:
             connections, idle[:] = list(idle), []
-        for connection in connections:
+        for _, connection in connections:
             connection.close()
 
 
@@ -2039,18 +2134,30 @@ class RedisStore(Store):
 
     Needs the optional ``redis`` package (``pip install 'wxgate[redis]'``), imported only here.
 
+    A Redis without persistence forgets everything when it restarts, and one that evicts
+    keys (``maxmemory-policy``) forgets some: pushes handled before would then run again.
+    So the store keeps an identity key, written once with no expiry, and :meth:`verify`
+    reads it: gone, or changed by another process that found it gone, means the data was
+    lost.
+
     :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` or ``unix://...``.
     :param socket_timeout: seconds for each command, so a dead Redis cannot stall a push.
+    :param prefix: the gateway's ``store_prefix``, under which the identity key lives.
     """
 
     shared = True
+    kind = "redis"
     # Compare-and-delete: a lock or claim is released only by the one who holds it.
     _DELETE_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                   "return redis.call('del', KEYS[1]) else return 0 end")
     _TOUCH_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                  "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 
-    def __init__(self, url: str, *, socket_timeout: float = 1.0, client: Any = None) -> None:
+    def __init__(self, url: str, *, socket_timeout: float = 1.0, client: Any = None,
+                 prefix: str = "wxgate") -> None:
+        self.name = _redact_url(url) if url else "redis"
+        self._identity_key = f"{prefix}:store-id"
+        self._identity: str | None = None  # the identity key's value, once read
         if client is None:
             try:
                 import redis
@@ -2088,19 +2195,35 @@ class RedisStore(Store):
     def ping(self):
         self._redis.ping()
 
+    def verify(self):
+        found = self.get(self._identity_key)
+        if found is not None and found == self._identity:
+            return None
+        if found is None:
+            # The first process to look writes it; the others read what it wrote.
+            self._redis.set(self._identity_key, os.urandom(16).hex(), nx=True)
+        known, self._identity = self._identity, self.get(self._identity_key)
+        if known is None:
+            return None  # this process's first look: nothing to compare with
+        if found is None:
+            return (f"its identity key {self._identity_key} is gone: Redis restarted without "
+                    "persistence, was flushed, or evicted keys (maxmemory-policy)")
+        return (f"its identity key {self._identity_key} changed: another process found "
+                "the data lost first")
+
     def close(self):
         self._redis.close()
 
 
 def open_store(url: str, *, clock: Callable[[], float] = time.time,
-               max_entries: int = DEFAULT_DEDUP_SIZE) -> Store:
+               max_entries: int = DEFAULT_DEDUP_SIZE, prefix: str = "wxgate") -> Store:
     """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``, ``redis://``)."""
     if url == "memory":
         return MemoryStore(max_entries, clock=clock)
     if url.startswith("sqlite://"):
         return SqliteStore(url[len("sqlite://"):], clock=clock)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(url)
+        return RedisStore(url, prefix=prefix)
     raise ConfigError(f"unknown store {url.split('://')[0]!r}")
 
 
@@ -2124,11 +2247,23 @@ class _FallbackStore(Store):
       write-back replaces is the one its ``set`` was meant to replace (``replacing``): the
       claim this process took before the outage, which would otherwise hold the key until
       it expires and then let another process run the work again.
+    - At most once per ``STORE_VERIFY_EVERY``, on the way of a push, and at each health
+      check, the shared store is asked whether it lost its data (:meth:`Store.verify`).
+      A loss cannot be undone, but it is logged, counted in ``wxgate_store_lost_total`` and
+      shown by the detailed health check, so the operator learns why handled pushes ran
+      again, instead of finding nothing anywhere.
     """
 
-    def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
+    def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE,
+                 metrics=None):
         self.primary = primary
         self.shared = primary.shared
+        self.kind, self.name = primary.kind, primary.name
+        self._metrics = metrics
+        self._verify_lock = threading.Lock()
+        self._verify_due = 0.0  # on time.monotonic(): the first operation verifies
+        self.losses = 0  # data losses this process noticed
+        self.last_loss: tuple[float, str] | None = None  # (clock time, reason)
         self._local = MemoryStore(max_entries, clock=clock)
         self._max_entries = max_entries
         # key -> (value, expires_at, replacing): the sets to write back. Guarded by _lock,
@@ -2173,6 +2308,38 @@ class _FallbackStore(Store):
                          "dedup and token sharing until it recovers",
                          type(self.primary).__name__, type(exc).__name__, _cause(exc))
 
+    def _verify(self, force=False):
+        """Ask the shared store whether it lost its data, at most once per
+        ``STORE_VERIFY_EVERY`` (``force``: now); log and count a loss.
+
+        One thread asks; the others go on without waiting. While the store fails, the
+        question waits for its recovery, which is when a restarted Redis comes back empty.
+        """
+        if not force and (time.monotonic() < self._verify_due or self.failing):
+            return
+        if not self._verify_lock.acquire(blocking=force):
+            return
+        try:
+            if not force and time.monotonic() < self._verify_due:
+                return
+            self._verify_due = time.monotonic() + STORE_VERIFY_EVERY
+            try:
+                reason = self.primary.verify()
+            except Exception as exc:
+                self._failed(exc, write=False)
+                return
+        finally:
+            self._verify_lock.release()
+        if reason is None:
+            return
+        self.losses += 1
+        self.last_loss = (self._clock(), reason)
+        if self._metrics is not None:
+            self._metrics.count("wxgate_store_lost_total", store=self.kind)
+        logger.error("store %s lost its data: %s. Pushes it remembered as handled run again "
+                     "if WeChat retries them, and messages queued in it are gone",
+                     self.name, reason)
+
     def _succeeded(self, write):
         if not (self._write_failing if write else self._read_failing):
             return
@@ -2192,6 +2359,7 @@ class _FallbackStore(Store):
                              name="wxgate-write-back").start()
         if recovered:
             logger.warning("store %s recovered", type(self.primary).__name__)
+            self._verify_due = 0.0  # a Redis that restarted may have come back empty
 
     def _write_back(self, journal):
         """Write what was set during the outage to the shared store, then forget it here."""
@@ -2246,6 +2414,7 @@ class _FallbackStore(Store):
         return True, result
 
     def add(self, key, value, ttl):
+        self._verify()
         done, result = self._write("add", key, value, ttl)
         if done:
             return result
@@ -2256,6 +2425,7 @@ class _FallbackStore(Store):
         return self._local.add(key, value, ttl)
 
     def get(self, key):
+        self._verify()
         if not self.failing:
             try:
                 return self.primary.get(key)
@@ -2268,6 +2438,7 @@ class _FallbackStore(Store):
     def set(self, key, value, ttl, *, replacing=None):
         """Set ``key``; ``replacing``, the value this set overwrites (a claim of ours),
         may be overwritten by the write-back too, where nothing else is."""
+        self._verify()
         done, _ = self._write("set", key, value, ttl)
         if done:
             return
@@ -2295,7 +2466,8 @@ class _FallbackStore(Store):
         """Write ``key`` to the shared store now; raise if it cannot be written.
 
         The health check: the store is healthy only when a write succeeds, so after a
-        failure it stays unhealthy until one does (this one, or a push's).
+        failure it stays unhealthy until one does (this one, or a push's). Once the write
+        has succeeded, it asks the store whether it lost its data.
         """
         try:
             self.primary.set(key, str(self._clock()), HEALTH_TTL)
@@ -2303,6 +2475,7 @@ class _FallbackStore(Store):
             self._failed(exc, write=True)
             raise
         self._succeeded(write=True)
+        self._verify(force=True)
 
     def ping(self):
         self.primary.ping()
@@ -3454,15 +3627,15 @@ class _SqliteQueue(_Queue):
     def __init__(self, store):
         # Its own connection with synchronous=FULL: a push answered "success" must survive
         # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
-        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL")
-        self.store._execute(
+        # Its tables are made by each new connection: a database file deleted while
+        # serving is made anew, and the queue must be in the new one too.
+        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL", schema=(
             "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
             " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
             " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
-            " DEFAULT 0)")
-        self.store._execute(
-            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)")
+            " DEFAULT 0)",
+            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)"))
         columns = {row[1] for row in self.store._read("PRAGMA table_info(wxgate_queue)", ())}
         if "cut_offs" not in columns:  # a queue made before the column: add it in place
             try:
@@ -4334,9 +4507,10 @@ class Gateway:
         self.metrics = _Metrics()
         self._clock, self._random_bytes = clock, random_bytes
         if store is None:
-            store = open_store(config.store, clock=clock, max_entries=config.dedup_size)
+            store = open_store(config.store, clock=clock, max_entries=config.dedup_size,
+                               prefix=config.store_prefix)
         self.store = store if not store.shared else _FallbackStore(
-            store, clock=clock, max_entries=config.dedup_size)
+            store, clock=clock, max_entries=config.dedup_size, metrics=self.metrics)
         # One _Dedup per app, so that no app's traffic evicts another app's records: a
         # memory store gives each app an LRU of dedup_size keys of its own (the store named
         # here keeps the token records), and over a shared store each app's recent answers
@@ -4935,6 +5109,12 @@ class Gateway:
                 _dump_json({"status": state}).encode()
         document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
                     "store": self.config.store.split("://")[0]}
+        losses = getattr(self.store, "losses", 0)
+        if losses:
+            # Still 200: the store works again, and every worker shares it, so a 503 would
+            # take the whole gateway out of a load balancer for a loss that is over.
+            at, reason = self.store.last_loss
+            document["store_lost"] = {"count": losses, "last_at": at, "last": reason}
         if self.queue is not None and status == 200:
             try:
                 document["queue"] = self.queue.stats(self._clock())
