@@ -2204,12 +2204,28 @@ class RedisStore(Store):
             self._redis.set(self._identity_key, os.urandom(16).hex(), nx=True)
         known, self._identity = self._identity, self.get(self._identity_key)
         if known is None:
+            self._check_eviction_policy()
             return None  # this process's first look: nothing to compare with
         if found is None:
             return (f"its identity key {self._identity_key} is gone: Redis restarted without "
                     "persistence, was flushed, or evicted keys (maxmemory-policy)")
         return (f"its identity key {self._identity_key} changed: another process found "
                 "the data lost first")
+
+    def _check_eviction_policy(self):
+        """Warn, once per process, when a full Redis would evict keys instead of refusing
+        writes: every key wxgate writes but one has an expiry, so volatile-* policies evict
+        dedup records as readily as allkeys-* ones, silently. With noeviction a full Redis
+        refuses writes, which the gateway logs and survives (see _FallbackStore)."""
+        try:
+            policy = self._redis.info("memory").get("maxmemory_policy")
+        except Exception:  # INFO may be refused (an ACL, a managed Redis): nothing to say
+            return
+        if policy not in (None, "noeviction"):
+            logger.warning("store %s has maxmemory-policy %s: once full, Redis evicts dedup "
+                           "records (and queued messages), and pushes handled before run "
+                           "again without a word; set maxmemory-policy noeviction",
+                           self.name, policy)
 
     def close(self):
         self._redis.close()

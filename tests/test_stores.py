@@ -584,3 +584,22 @@ def test_a_queue_whose_file_was_deleted_queues_into_the_new_file(tmp_path, monke
     rows = sqlite3.connect(database).execute("SELECT payload FROM wxgate_queue").fetchall()
     assert [json.loads(payload)["dedup_key"] for (payload,) in rows] == ["test:m:queued-after"]
     app.close()
+
+
+@pytest.mark.parametrize("policy, warned", [("allkeys-lru", True), ("volatile-lru", True),
+                                            ("noeviction", False)])
+def test_a_redis_that_evicts_keys_is_named_once(tmp_path, caplog, policy, warned):
+    from conftest import Recorder, make_config
+    from faults import RedisServer
+    with RedisServer(tmp_path, persistent=False) as server:
+        server.client().config_set("maxmemory-policy", policy)
+        config = make_config(tmp_path, Recorder(), extra_gateway=f"timestamp_window = 0\n"
+                             f"store = {server.url}")
+        testapp = webtest.TestApp(wxgate.make_app(config), lint=True)
+        with caplog.at_level("WARNING", "wxgate"):
+            push(testapp, text_message(msg_id="evict-1"))
+            push(testapp, text_message(msg_id="evict-2"))
+    lines = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0), lines
+    if warned:
+        assert policy in lines[0] and "noeviction" in lines[0]
