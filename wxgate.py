@@ -1417,6 +1417,33 @@ def _canonical_scalar(value):
     return str(value)
 
 
+# WeChat's deepest push nests 3 levels; a JSON push may nest as deep as the parser took
+# (about 900), which the recursive path below must not follow into a RecursionError.
+_CANONICAL_DEPTH = 32
+_canonical_dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True,
+                                    separators=(",", ":")).encode
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _canonical(value, depth):
+    """``value`` with the rules of ``_canonical_json`` applied, ready for json's encoder."""
+    if type(value) is str:
+        return value.strip()
+    if depth > _CANONICAL_DEPTH and isinstance(value, (dict, list)):
+        raise _TooDeep
+    if isinstance(value, dict):
+        return {str(name): field.strip() if type(field) is str else _canonical(field, depth + 1)
+                for name, field in value.items()}
+    if isinstance(value, list):
+        if len(value) == 1:
+            return _canonical(value[0], depth + 1)
+        return [_canonical(item, depth + 1) for item in value]
+    return _canonical_scalar(value)
+
+
 def _canonical_json(value):
     """One text for a push's fields however they came: the identity a retry shares.
 
@@ -1425,7 +1452,8 @@ def _canonical_json(value):
     may give a list of one, and XML wraps the subscribe events' ``List`` in an element of
     its own. So every leaf becomes a string without surrounding spaces, a list of one item
     its item, and a top-level element holding nothing but ``List`` gives way to it; keys
-    are sorted. Written without recursion: a JSON push may nest as deep as the parser took.
+    are sorted, as compact JSON. A push nested deeper than any of WeChat's is written by
+    ``_canonical_json_deep``, to the same text, without recursion.
     """
     if isinstance(value, dict) and "List" not in value:
         for name, item in value.items():
@@ -1433,6 +1461,14 @@ def _canonical_json(value):
                 value = {other: field for other, field in value.items() if other != name}
                 value["List"] = item["List"]
                 break
+    try:
+        return _canonical_dumps(_canonical(value, 0))
+    except _TooDeep:
+        return _canonical_json_deep(value)
+
+
+def _canonical_json_deep(value):
+    """``_canonical_json``'s text for a value of any depth, with a stack of its own."""
     parts: list[str] = []
     pending: list[tuple[bool, Any]] = [(False, value)]  # (is text to write, what)
     while pending:
@@ -1445,8 +1481,8 @@ def _canonical_json(value):
             for index in range(len(entries) - 1, -1, -1):
                 name, field = entries[index]
                 pending.append((False, field))
-                pending.append((True, ("," if index else "") + json.dumps(
-                    str(name), ensure_ascii=False) + ":"))
+                pending.append((True, ("," if index else "") + _canonical_dumps(
+                    str(name)) + ":"))
             pending.append((True, "{"))
         elif isinstance(item, list):
             if len(item) == 1:
@@ -1459,7 +1495,7 @@ def _canonical_json(value):
                     pending.append((True, ","))
             pending.append((True, "["))
         else:
-            parts.append(json.dumps(_canonical_scalar(item), ensure_ascii=False))
+            parts.append(_canonical_dumps(_canonical_scalar(item)))
     return "".join(parts)
 
 

@@ -403,6 +403,17 @@ def test_dedup_key_of_list_items_keeps_their_order_and_pairing():
     assert one != wxgate._dedup_key("demo", change(("T2", "reject"), ("T1", "accept")))
 
 
+@pytest.mark.parametrize("value", [
+    pytest.param(wxgate._parse_json(POPUP_JSON), id="subscribe event"),
+    pytest.param({"b": [1, {"x": None, "y": [True]}, " s "], "a": {"é\"": 1.5, "k": []}},
+                 id="every kind of value"),
+])
+def test_canonical_text_is_the_same_by_either_path(value):
+    # Pushes nested deeper than WeChat's take the stack-free path: same rules, same text.
+    assert wxgate._canonical_json_deep(value) == wxgate._canonical_dumps(
+        wxgate._canonical(value, 0))
+
+
 def test_dedup_key_of_a_deeply_nested_json_push_is_computed():
     # As deep as this Python's json parser takes, whatever the call stack above the key.
     for depth in (100_000, 10_000, 2_000, 900):
