@@ -1390,9 +1390,9 @@ def _parse_body(data, fmt):
 
 
 # A MsgId or trace_id goes into a key as it is only when it looks like WeChat's own: a 64-bit
-# number, or hex and digits joined by "_" (PROTOCOL: MsgId is an opaque string). Any other
-# value is hashed, so no key grows with what a push carries: plain and cloud pushes are not
-# signed over their body, and a 60 KB MsgId would otherwise be a 60 KB key in the store.
+# number, or hex and digits joined by "_" (WeChat calls MsgId a string, and both occur). Any
+# other value is hashed, so no key grows with what a push carries: plain and cloud pushes
+# are not signed over their body, and a 60 KB MsgId would otherwise be a 60 KB key.
 _VERBATIM_KEY_PART = re.compile(r"[0-9A-Za-z_.\-]{1,64}")
 
 
