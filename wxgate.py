@@ -121,6 +121,12 @@ REPLY_DEADLINE = 5.0
 # for at most CLAIM_TTL, well inside their 5-second wait, and the retry runs the handler.
 CLAIM_TTL = 3.0
 CLAIM_RENEW_EVERY = 0.5
+# A delivery that takes over a claim (its owner was killed, stalled, or failed) runs the
+# handler only with at least this share of the reply deadline left: 1.5 s of WeChat's 5.
+# With less, the reply would arrive after WeChat stopped waiting, and a stalled owner may
+# yet finish too, so the handler would run twice for nothing. A killed owner's claim lapses
+# at most CLAIM_TTL after a retry arrives, which leaves that retry 2 s: enough.
+TAKEOVER_ROOM = 0.3
 # WeChat pads to 32 bytes, not AES's 16: the doc's own safe-mode push ends in 19 pad bytes.
 PKCS7_BLOCK = 32
 # random (16) + msg_len (4): the shortest buffer that can hold an (empty) message.
@@ -188,6 +194,11 @@ HEALTH_TTL = 60.0
 HEALTH_CHECK_EVERY = 1.0
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
+# How often a process asks a shared store whether it still holds what it held: one Redis GET
+# or one stat() of the sqlite file a second, on the way of a push (and at each health
+# check). A Redis restarted without persistence, or a database file deleted under the
+# gateway, is then noticed within a second of the next push.
+STORE_VERIFY_EVERY = 1.0
 
 # Defaults of the queue's retry schedule: 1 s, 2 s, 4 s ... capped at 5 minutes, 10 attempts;
 # each delay is then jittered by 0.5x to 1.5x.
@@ -398,6 +409,8 @@ _METRIC_HELP = {
     "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
     "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
     "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
+    "wxgate_store_lost_total": ("counter", "Times this process found the shared store had "
+                                "lost its data (Redis emptied, sqlite file deleted)."),
     "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
     "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
     "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
@@ -1376,24 +1389,139 @@ def _parse_body(data, fmt):
     return _parse_json(data)
 
 
-def _dedup_key(app_name, fields):
-    """The identity of a push, so WeChat's retries can be recognised.
+# A MsgId or trace_id goes into a key as it is only when it looks like WeChat's own: a 64-bit
+# number, or hex and digits joined by "_" (WeChat calls MsgId a string, and both occur). Any
+# other value is hashed, so no key grows with what a push carries: plain and cloud pushes
+# are not signed over their body, and a 60 KB MsgId would otherwise be a 60 KB key.
+_VERBATIM_KEY_PART = re.compile(r"[0-9A-Za-z_.\-]{1,64}")
 
-    ``MsgId`` for messages; ``FromUserName`` + ``CreateTime`` + ``Event`` for events (the
-    documented key, plus the event name); plus ``trace_id`` when present, because several
-    ``wxa_media_check`` results can arrive in one second for one user. None when the push
-    carries nothing to identify it by.
+
+def _key_part(value):
+    """A push's value as a piece of its dedup key: itself when short and plain, else
+    ``#`` and a digest (``#`` never appears in a verbatim part, so the two cannot meet)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # a JSON MsgId may be a number; str() keeps all of its digits
+    if isinstance(value, str) and _VERBATIM_KEY_PART.fullmatch(value):
+        return value
+    return "#" + hashlib.sha256(_canonical_json(value).encode(
+        "utf-8", "surrogatepass")).hexdigest()
+
+
+def _canonical_scalar(value):
+    if isinstance(value, str):
+        return value.strip()
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# WeChat's deepest push nests 3 levels; a JSON push may nest as deep as the parser took
+# (about 900), which the recursive path below must not follow into a RecursionError.
+_CANONICAL_DEPTH = 32
+_canonical_dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True,
+                                    separators=(",", ":")).encode
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _canonical(value, depth):
+    """``value`` with the rules of ``_canonical_json`` applied, ready for json's encoder."""
+    if type(value) is str:
+        return value.strip()
+    if depth > _CANONICAL_DEPTH and isinstance(value, (dict, list)):
+        raise _TooDeep
+    if isinstance(value, dict):
+        return {str(name): field.strip() if type(field) is str else _canonical(field, depth + 1)
+                for name, field in value.items()}
+    if isinstance(value, list):
+        if len(value) == 1:
+            return _canonical(value[0], depth + 1)
+        return [_canonical(item, depth + 1) for item in value]
+    return _canonical_scalar(value)
+
+
+def _canonical_json(value):
+    """One text for a push's fields however they came: the identity a retry shares.
+
+    XML gives text where JSON gives numbers (``CreateTime`` is ``"1610969440"`` in one and
+    ``1610969440`` in the other), an XML element that appears once is no list while JSON
+    may give a list of one, and XML wraps the subscribe events' ``List`` in an element of
+    its own. So every leaf becomes a string without surrounding spaces, a list of one item
+    its item, and a top-level element holding nothing but ``List`` gives way to it; keys
+    are sorted, as compact JSON. A push nested deeper than any of WeChat's is written by
+    ``_canonical_json_deep``, to the same text, without recursion.
     """
-    trace = fields.get("trace_id")
+    if isinstance(value, dict) and "List" not in value:
+        for name, item in value.items():
+            if isinstance(item, dict) and list(item) == ["List"]:
+                value = {other: field for other, field in value.items() if other != name}
+                value["List"] = item["List"]
+                break
+    try:
+        return _canonical_dumps(_canonical(value, 0))
+    except _TooDeep:
+        return _canonical_json_deep(value)
+
+
+def _canonical_json_deep(value):
+    """``_canonical_json``'s text for a value of any depth, with a stack of its own."""
+    parts: list[str] = []
+    pending: list[tuple[bool, Any]] = [(False, value)]  # (is text to write, what)
+    while pending:
+        is_text, item = pending.pop()
+        if is_text:
+            parts.append(item)
+        elif isinstance(item, dict):
+            entries = sorted(item.items(), key=lambda entry: str(entry[0]))
+            pending.append((True, "}"))
+            for index in range(len(entries) - 1, -1, -1):
+                name, field = entries[index]
+                pending.append((False, field))
+                pending.append((True, ("," if index else "") + _canonical_dumps(
+                    str(name)) + ":"))
+            pending.append((True, "{"))
+        elif isinstance(item, list):
+            if len(item) == 1:
+                pending.append((False, item[0]))
+                continue
+            pending.append((True, "]"))
+            for index in range(len(item) - 1, -1, -1):
+                pending.append((False, item[index]))
+                if index:
+                    pending.append((True, ","))
+            pending.append((True, "["))
+        else:
+            parts.append(_canonical_dumps(_canonical_scalar(item)))
+    return "".join(parts)
+
+
+def _dedup_key(app_name, fields):
+    """The identity of a push, so WeChat's retries can be recognised, and only they.
+
+    ``MsgId`` for messages (plus ``trace_id`` when present). Anything else is identified by
+    all it carries: a digest of its fields in one canonical form (see ``_canonical_json``).
+    WeChat's doc suggests ``FromUserName`` + ``CreateTime`` for events, but two distinct
+    events share those: two payments in one second differ only by ``OutTradeNo``, two
+    entries from contact buttons by ``SessionFrom``. A retry repeats the message, so its
+    content is the same; the encryption, nonce and signature around it are not part of it.
+    None when the push has no sender and time (nothing tells two copies from two pushes).
+    Every part taken from the push is bounded (see ``_key_part``): a key stays under about
+    150 bytes plus the app's name.
+    """
     msg_id = fields.get("MsgId")
     if msg_id not in (None, ""):
-        key = f"{app_name}:m:{msg_id}"
-    else:
-        sender, created = fields.get("FromUserName"), fields.get("CreateTime")
-        if not sender or created in (None, ""):
-            return None
-        key = f"{app_name}:e:{sender}:{created}:{fields.get('Event', '')}"
-    return f"{key}:{trace}" if trace not in (None, "") else key
+        key = f"{app_name}:m:{_key_part(msg_id)}"
+        trace = fields.get("trace_id")
+        return f"{key}:{_key_part(trace)}" if trace not in (None, "") else key
+    sender, created = fields.get("FromUserName"), fields.get("CreateTime")
+    if not sender or created in (None, ""):
+        return None
+    digest = hashlib.sha256(_canonical_json(fields).encode("utf-8", "surrogatepass"))
+    return f"{app_name}:e:{digest.hexdigest()}"
 
 
 _NO_CLOUD: Mapping[str, str] = types.MappingProxyType({})
@@ -1634,6 +1762,10 @@ class Store:
 
     #: True when other processes see the same data (so waiting must poll the store).
     shared = False
+    #: What the store is, for metrics labels ("memory", "sqlite", "redis").
+    kind = "custom"
+    #: How logs name the store: its URL or path, any password redacted.
+    name = "store"
 
     def add(self, key: str, value: str, ttl: float) -> bool:
         """Set ``key`` only if it is absent or expired; return whether it was set."""
@@ -1658,6 +1790,17 @@ class Store:
     def ping(self) -> None:
         """Raise if the store cannot be reached."""
 
+    def verify(self) -> str | None:
+        """Why the store no longer holds what it held (its data lost), or None.
+
+        A store that can lose its data behind the gateway's back (a Redis restarted without
+        persistence or flushed, a sqlite file deleted while open) notices it here, puts
+        itself right (a new identity key, the configured file reopened) and says so once:
+        each process that noticed reports it once. A read or a stat(), cheap enough to be
+        asked once a second.
+        """
+        return None
+
     def close(self) -> None:
         """Release connections."""
 
@@ -1668,6 +1811,8 @@ class MemoryStore(Store):
     :param max_entries: how many keys to keep; the least recently used go first.
     :param clock: returns the time in seconds (injectable for tests).
     """
+
+    kind = name = "memory"
 
     def __init__(self, max_entries: int = DEFAULT_DEDUP_SIZE, *,
                  clock: Callable[[], float] = time.time) -> None:
@@ -1760,12 +1905,22 @@ class SqliteStore(Store):
     failing. Expired rows are deleted as we go. The file and a directory we create are
     owner-only, because the file holds access tokens.
 
+    The file can be deleted or replaced while in use (``rm wx.db*``, a restore from a
+    backup): open connections then keep writing to the old file, which no new process
+    sees, so the workers of one host split into two stores. At most once per
+    ``STORE_VERIFY_EVERY`` an operation compares the file at ``path`` with the one open
+    (device and inode), and on a difference goes back to ``path``; :meth:`verify` says so.
+
     :param path: the database file.
     :param clock: returns the time in seconds (injectable for tests).
     :param busy_timeout: seconds a writer waits for the lock before giving up.
+    :param synchronous: sqlite's ``PRAGMA synchronous`` for this store's connections.
+    :param schema: more ``CREATE ... IF NOT EXISTS`` statements, run on each new
+        connection (the queue's table), so a file made anew while serving has them too.
     """
 
     shared = True
+    kind = "sqlite"
     _CLEANUP_EVERY = 256
 
     # Idle connections kept per process. A connection is borrowed for one operation and given
@@ -1775,16 +1930,33 @@ class SqliteStore(Store):
     _POOL_SIZE = 4
 
     def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
-                 busy_timeout: float = 2.0, synchronous: str = "NORMAL") -> None:
+                 busy_timeout: float = 2.0, synchronous: str = "NORMAL",
+                 schema: tuple[str, ...] = ()) -> None:
         self.path = os.path.abspath(path)
+        self.name = f"sqlite://{self.path}"
         self._clock = clock
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
+        self._schema = (
+            "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT"
+            " NULL, expires_at REAL NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)",
+        ) + tuple(schema)
         # pid -> (lock, idle connections). Connections made before a fork stay in their
         # parent's entry: never used again, and never closed either, since closing an
-        # inherited handle can release the parent's POSIX locks.
+        # inherited handle can release the parent's POSIX locks. An idle connection is
+        # (generation, connection): one made before the file was reopened is closed.
         self._pools: dict[int, Any] = {}
         self._writes = 0
+        self._generation = 0
+        self._check_lock = threading.Lock()
+        self._check_due = time.monotonic() + STORE_VERIFY_EVERY
+        self._reopened: list[str] = []  # why the file was reopened, until verify() says it
+        self._create_file()
+        self._identity = self._file_identity()
+        self._using(lambda connection: None)  # the schema now: a bad path fails at startup
+
+    def _create_file(self):
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -1796,7 +1968,52 @@ class SqliteStore(Store):
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
             pass
-        self._using(lambda connection: None)  # the schema now: a bad path fails at startup
+
+    def _file_identity(self):
+        """(device, inode) of the file at ``path`` now, or None when there is none."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def _check_file(self, force=False):
+        """Go back to the file at ``path`` if it is no longer the one open (see the class).
+
+        One thread checks at a time, and the others do not wait for it: they use the
+        connections they have until the check is done, as they did before it.
+        """
+        if not self._check_lock.acquire(blocking=force):
+            return
+        try:
+            now = time.monotonic()
+            if not force and now < self._check_due:
+                return
+            self._check_due = now + STORE_VERIFY_EVERY
+            identity = self._file_identity()
+            if identity == self._identity:
+                return
+            what = ("was deleted" if identity is None else
+                    "was deleted or replaced (the path names another file now)")
+            # The generation first, then the idle connections: one given back in between
+            # is either closed at once or found in the list and closed here.
+            self._generation += 1
+            lock, idle = self._pool()
+            with lock:
+                stale, idle[:] = list(idle), []
+            for _, connection in stale:
+                connection.close()  # the old file's: its POSIX locks are no longer needed
+            self._create_file()
+            self._using(lambda connection: None)
+            self._identity = self._file_identity()
+            self._reopened.append(f"its file {what} while in use; reopened {self.path}")
+        finally:
+            self._check_lock.release()
+
+    def verify(self):
+        self._check_file(force=True)
+        reasons, self._reopened = self._reopened, []
+        return "; ".join(reasons) or None
 
     def _pool(self):
         pid = os.getpid()
@@ -1811,11 +2028,8 @@ class SqliteStore(Store):
         try:
             self._use_wal(connection)
             connection.execute(f"PRAGMA synchronous={self._synchronous}")
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS wxgate_kv (key TEXT PRIMARY KEY, value TEXT NOT"
-                " NULL, expires_at REAL NOT NULL)")
-            connection.execute(
-                "CREATE INDEX IF NOT EXISTS wxgate_kv_expiry ON wxgate_kv (expires_at)")
+            for statement in self._schema:
+                connection.execute(statement)
         except BaseException:
             connection.close()
             raise
@@ -1853,9 +2067,11 @@ class SqliteStore(Store):
         one still inside a transaction (its ROLLBACK failed too): back in the pool, it would
         run the next operation's statements inside that transaction, and keep its lock.
         """
+        if time.monotonic() >= self._check_due:
+            self._check_file()
         lock, idle = self._pool()
         with lock:
-            connection = idle.pop() if idle else None
+            generation, connection = idle.pop() if idle else (self._generation, None)
         if connection is None:
             connection = self._connect()
         try:
@@ -1864,9 +2080,9 @@ class SqliteStore(Store):
             kept = False
             if not connection.in_transaction:
                 with lock:
-                    kept = len(idle) < self._POOL_SIZE
+                    kept = len(idle) < self._POOL_SIZE and generation == self._generation
                     if kept:
-                        idle.append(connection)
+                        idle.append((generation, connection))
             if not kept:
                 connection.close()
 
@@ -1945,7 +2161,7 @@ class SqliteStore(Store):
         lock, idle = self._pool()
         with lock:
             connections, idle[:] = list(idle), []
-        for connection in connections:
+        for _, connection in connections:
             connection.close()
 
 
@@ -1954,18 +2170,30 @@ class RedisStore(Store):
 
     Needs the optional ``redis`` package (``pip install 'wxgate[redis]'``), imported only here.
 
+    A Redis without persistence forgets everything when it restarts, and one that evicts
+    keys (``maxmemory-policy``) forgets some: pushes handled before would then run again.
+    So the store keeps an identity key, written once with no expiry, and :meth:`verify`
+    reads it: gone, or changed by another process that found it gone, means the data was
+    lost.
+
     :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` or ``unix://...``.
     :param socket_timeout: seconds for each command, so a dead Redis cannot stall a push.
+    :param prefix: the gateway's ``store_prefix``, under which the identity key lives.
     """
 
     shared = True
+    kind = "redis"
     # Compare-and-delete: a lock or claim is released only by the one who holds it.
     _DELETE_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                   "return redis.call('del', KEYS[1]) else return 0 end")
     _TOUCH_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                  "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 
-    def __init__(self, url: str, *, socket_timeout: float = 1.0, client: Any = None) -> None:
+    def __init__(self, url: str, *, socket_timeout: float = 1.0, client: Any = None,
+                 prefix: str = "wxgate") -> None:
+        self.name = _redact_url(url) if url else "redis"
+        self._identity_key = f"{prefix}:store-id"
+        self._identity: str | None = None  # the identity key's value, once read
         if client is None:
             try:
                 import redis
@@ -2003,19 +2231,51 @@ class RedisStore(Store):
     def ping(self):
         self._redis.ping()
 
+    def verify(self):
+        found = self.get(self._identity_key)
+        if found is not None and found == self._identity:
+            return None
+        if found is None:
+            # The first process to look writes it; the others read what it wrote.
+            self._redis.set(self._identity_key, os.urandom(16).hex(), nx=True)
+        known, self._identity = self._identity, self.get(self._identity_key)
+        if known is None:
+            self._check_eviction_policy()
+            return None  # this process's first look: nothing to compare with
+        if found is None:
+            return (f"its identity key {self._identity_key} is gone: Redis restarted without "
+                    "persistence, was flushed, or evicted keys (maxmemory-policy)")
+        return (f"its identity key {self._identity_key} changed: another process found "
+                "the data lost first")
+
+    def _check_eviction_policy(self):
+        """Warn, once per process, when a full Redis would evict keys instead of refusing
+        writes: every key wxgate writes but one has an expiry, so volatile-* policies evict
+        dedup records as readily as allkeys-* ones, silently. With noeviction a full Redis
+        refuses writes, which the gateway logs and survives (see _FallbackStore)."""
+        try:
+            policy = self._redis.info("memory").get("maxmemory_policy")
+        except Exception:  # INFO may be refused (an ACL, a managed Redis): nothing to say
+            return
+        if policy not in (None, "noeviction"):
+            logger.warning("store %s has maxmemory-policy %s: once full, Redis evicts dedup "
+                           "records (and queued messages), and pushes handled before run "
+                           "again without a word; set maxmemory-policy noeviction",
+                           self.name, policy)
+
     def close(self):
         self._redis.close()
 
 
 def open_store(url: str, *, clock: Callable[[], float] = time.time,
-               max_entries: int = DEFAULT_DEDUP_SIZE) -> Store:
+               max_entries: int = DEFAULT_DEDUP_SIZE, prefix: str = "wxgate") -> Store:
     """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``, ``redis://``)."""
     if url == "memory":
         return MemoryStore(max_entries, clock=clock)
     if url.startswith("sqlite://"):
         return SqliteStore(url[len("sqlite://"):], clock=clock)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(url)
+        return RedisStore(url, prefix=prefix)
     raise ConfigError(f"unknown store {url.split('://')[0]!r}")
 
 
@@ -2039,11 +2299,23 @@ class _FallbackStore(Store):
       write-back replaces is the one its ``set`` was meant to replace (``replacing``): the
       claim this process took before the outage, which would otherwise hold the key until
       it expires and then let another process run the work again.
+    - At most once per ``STORE_VERIFY_EVERY``, on the way of a push, and at each health
+      check, the shared store is asked whether it lost its data (:meth:`Store.verify`).
+      A loss cannot be undone, but it is logged, counted in ``wxgate_store_lost_total`` and
+      shown by the detailed health check, so the operator learns why handled pushes ran
+      again, instead of finding nothing anywhere.
     """
 
-    def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE):
+    def __init__(self, primary, *, clock=time.time, max_entries=DEFAULT_DEDUP_SIZE,
+                 metrics=None):
         self.primary = primary
         self.shared = primary.shared
+        self.kind, self.name = primary.kind, primary.name
+        self._metrics = metrics
+        self._verify_lock = threading.Lock()
+        self._verify_due = 0.0  # on time.monotonic(): the first operation verifies
+        self.losses = 0  # data losses this process noticed
+        self.last_loss: tuple[float, str] | None = None  # (clock time, reason)
         self._local = MemoryStore(max_entries, clock=clock)
         self._max_entries = max_entries
         # key -> (value, expires_at, replacing): the sets to write back. Guarded by _lock,
@@ -2088,6 +2360,38 @@ class _FallbackStore(Store):
                          "dedup and token sharing until it recovers",
                          type(self.primary).__name__, type(exc).__name__, _cause(exc))
 
+    def _verify(self, force=False):
+        """Ask the shared store whether it lost its data, at most once per
+        ``STORE_VERIFY_EVERY`` (``force``: now); log and count a loss.
+
+        One thread asks; the others go on without waiting. While the store fails, the
+        question waits for its recovery, which is when a restarted Redis comes back empty.
+        """
+        if not force and (time.monotonic() < self._verify_due or self.failing):
+            return
+        if not self._verify_lock.acquire(blocking=force):
+            return
+        try:
+            if not force and time.monotonic() < self._verify_due:
+                return
+            self._verify_due = time.monotonic() + STORE_VERIFY_EVERY
+            try:
+                reason = self.primary.verify()
+            except Exception as exc:
+                self._failed(exc, write=False)
+                return
+        finally:
+            self._verify_lock.release()
+        if reason is None:
+            return
+        self.losses += 1
+        self.last_loss = (self._clock(), reason)
+        if self._metrics is not None:
+            self._metrics.count("wxgate_store_lost_total", store=self.kind)
+        logger.error("store %s lost its data: %s. Pushes it remembered as handled run again "
+                     "if WeChat retries them, and messages queued in it are gone",
+                     self.name, reason)
+
     def _succeeded(self, write):
         if not (self._write_failing if write else self._read_failing):
             return
@@ -2107,6 +2411,7 @@ class _FallbackStore(Store):
                              name="wxgate-write-back").start()
         if recovered:
             logger.warning("store %s recovered", type(self.primary).__name__)
+            self._verify_due = 0.0  # a Redis that restarted may have come back empty
 
     def _write_back(self, journal):
         """Write what was set during the outage to the shared store, then forget it here."""
@@ -2161,6 +2466,7 @@ class _FallbackStore(Store):
         return True, result
 
     def add(self, key, value, ttl):
+        self._verify()
         done, result = self._write("add", key, value, ttl)
         if done:
             return result
@@ -2171,6 +2477,7 @@ class _FallbackStore(Store):
         return self._local.add(key, value, ttl)
 
     def get(self, key):
+        self._verify()
         if not self.failing:
             try:
                 return self.primary.get(key)
@@ -2183,6 +2490,7 @@ class _FallbackStore(Store):
     def set(self, key, value, ttl, *, replacing=None):
         """Set ``key``; ``replacing``, the value this set overwrites (a claim of ours),
         may be overwritten by the write-back too, where nothing else is."""
+        self._verify()
         done, _ = self._write("set", key, value, ttl)
         if done:
             return
@@ -2210,7 +2518,8 @@ class _FallbackStore(Store):
         """Write ``key`` to the shared store now; raise if it cannot be written.
 
         The health check: the store is healthy only when a write succeeds, so after a
-        failure it stays unhealthy until one does (this one, or a push's).
+        failure it stays unhealthy until one does (this one, or a push's). Once the write
+        has succeeded, it asks the store whether it lost its data.
         """
         try:
             self.primary.set(key, str(self._clock()), HEALTH_TTL)
@@ -2218,6 +2527,7 @@ class _FallbackStore(Store):
             self._failed(exc, write=True)
             raise
         self._succeeded(write=True)
+        self._verify(force=True)
 
     def ping(self):
         self.primary.ping()
@@ -2250,6 +2560,14 @@ def _store_key(message):
     unauthenticated) has its own namespace, so a forged plain body can never claim the key
     of a genuine encrypted push and have it answered "duplicate"."""
     return message.dedup_key if message.encrypted else f"clear:{message.dedup_key}"
+
+
+def _dedup_store(store, clock):
+    """Where one app's dedup records go: ``store`` when it is shared (every process must
+    see the same keys), else a memory store of the same size for this app alone."""
+    if isinstance(store, MemoryStore):
+        return MemoryStore(store.max_entries, clock=clock)
+    return store
 
 
 class _InFlightTimeout(WxgateError):
@@ -2328,16 +2646,19 @@ class _Dedup:
         """The store's value for a key whose answer is ``(content_type, body)``."""
         return f"d{content_type}\n{body}"
 
-    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False):
+    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False, room=0.0):
         """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
 
         ``deadline`` is on ``time.monotonic()``: it measures WeChat's real 5-second wait,
         whatever the injected clock says. ``ttl`` (default: the dedup ttl) is how long the
         answer is remembered. ``recorded`` says that ``work()`` itself stores the done
         value, in the same transaction as its effect (the queue's insert): the key is then
-        never "done" without the effect, nor the effect without "done".
+        never "done" without the effect, nor the effect without "done". ``room`` is the
+        time ``work()`` needs: a claim taken over from another delivery with less than
+        that left before ``deadline`` is given back, as one taken after it is.
 
-        :raises _InFlightTimeout: the first delivery is still running at ``deadline``.
+        :raises _InFlightTimeout: the first delivery is still running at ``deadline``, or
+            the work could be taken over only too late to answer in time.
         """
         store_key = self.store_key(key, kind)
         answer = self._answered_here(store_key)
@@ -2364,17 +2685,23 @@ class _Dedup:
             self._claim_prefix = f"p{os.getpid()}.{os.urandom(6).hex()}."
             self._claim_pid = os.getpid()
         claim = f"{self._claim_prefix}{next(self._claims)}"
+        # Whether another delivery held the key before us: our claim is then a takeover.
+        taken_over = owned is not None
         while True:
             if self.store.add(store_key, claim, CLAIM_TTL):
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0 or (taken_over and left < room):
                     # A takeover (the first owner's claim expired, or was released) after
-                    # WeChat stopped waiting: nobody would read the reply, and the work
-                    # would run for nothing, or run again beside a retry that is already
-                    # on its way. Give the key back for that retry.
+                    # WeChat stopped waiting, or too close to it for the work to answer in
+                    # time: nobody would read the reply, and the work would run for
+                    # nothing, beside a stalled owner that may still finish, or beside a
+                    # retry already on its way. Give the key back for that retry.
                     self.store.delete(store_key, claim)
                     raise _InFlightTimeout("claimed the message only after the reply "
-                                           "deadline; left to WeChat's next retry")
+                                           "deadline, or too close to it to run the "
+                                           "handler; left to WeChat's next retry")
                 return self._own(store_key, claim, work, ttl or self.ttl, recorded) + (False,)
+            taken_over = True
             value = self.store.get(store_key)
             if value is None and time.monotonic() < deadline:
                 continue  # released (the first delivery failed) or expired: claim it
@@ -3352,15 +3679,15 @@ class _SqliteQueue(_Queue):
     def __init__(self, store):
         # Its own connection with synchronous=FULL: a push answered "success" must survive
         # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
-        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL")
-        self.store._execute(
+        # Its tables are made by each new connection: a database file deleted while
+        # serving is made anew, and the queue must be in the new one too.
+        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL", schema=(
             "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
             " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
             " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
-            " DEFAULT 0)")
-        self.store._execute(
-            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)")
+            " DEFAULT 0)",
+            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)"))
         columns = {row[1] for row in self.store._read("PRAGMA table_info(wxgate_queue)", ())}
         if "cut_offs" not in columns:  # a queue made before the column: add it in place
             try:
@@ -4232,11 +4559,20 @@ class Gateway:
         self.metrics = _Metrics()
         self._clock, self._random_bytes = clock, random_bytes
         if store is None:
-            store = open_store(config.store, clock=clock, max_entries=config.dedup_size)
+            store = open_store(config.store, clock=clock, max_entries=config.dedup_size,
+                               prefix=config.store_prefix)
         self.store = store if not store.shared else _FallbackStore(
-            store, clock=clock, max_entries=config.dedup_size)
-        self._dedup = _Dedup(self.store, prefix=config.store_prefix, ttl=config.dedup_ttl,
-                             clock=clock, sleep=sleep, max_entries=config.dedup_size)
+            store, clock=clock, max_entries=config.dedup_size, metrics=self.metrics)
+        # One _Dedup per app, so that no app's traffic evicts another app's records: a
+        # memory store gives each app an LRU of dedup_size keys of its own (the store named
+        # here keeps the token records), and over a shared store each app's recent answers
+        # are an LRU of their own too. A Cloud Hosting app with public access takes pushes
+        # from anyone: 10,100 of them pushed a safe app's record out of one shared LRU.
+        self._dedups = {
+            app.name: _Dedup(_dedup_store(self.store, clock), prefix=config.store_prefix,
+                             ttl=config.dedup_ttl, clock=clock, sleep=sleep,
+                             max_entries=config.dedup_size)
+            for app in config.apps.values()}
         # Signed queries' binds (see _bind_query) get an LRU of their own in memory: sharing
         # the dedup LRU, one per push, they halved it, and a store sized as the README says
         # (dedup_size above the pushes of a window) evicted pushes still inside their window.
@@ -4315,7 +4651,8 @@ class Gateway:
         """Stop the delivery and claim-keeping threads, and release the store's connections."""
         if self._worker is not None:
             self._worker.stop()
-        self._dedup.close()
+        for dedup in self._dedups.values():
+            dedup.close()
         self.store.close()
 
     def _under_cgi(self):
@@ -4616,8 +4953,9 @@ class Gateway:
             if key is None:
                 content_type, reply, duplicate = work() + (False,)
             else:
-                content_type, reply, duplicate = self._dedup.run(
-                    _store_key(message), work, started + self.reply_deadline, ttl)
+                content_type, reply, duplicate = self._dedups[app.name].run(
+                    _store_key(message), work, started + self.reply_deadline, ttl,
+                    room=self.reply_deadline * TAKEOVER_ROOM)
         except _InFlightTimeout as exc:
             self._log_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
@@ -4663,9 +5001,10 @@ class Gateway:
         payload = _dump_json(document)
         partition = f"{app.name}:{message.from_user or ''}"
         done = _Dedup.done_value(_TEXT, "success")
+        dedup = self._dedups[app.name]
 
         def work():
-            marker = None if key is None else (self._dedup.store_key(key, "queued"), done, ttl)
+            marker = None if key is None else (dedup.store_key(key, "queued"), done, ttl)
             self.queue.push(partition, payload, self._clock(), marker)
             return _TEXT, "success"
 
@@ -4674,8 +5013,8 @@ class Gateway:
                 work()
                 duplicate = False
             else:
-                duplicate = self._dedup.run(key, work, started + self.reply_deadline, ttl,
-                                            kind="queued", recorded=True)[2]
+                duplicate = dedup.run(key, work, started + self.reply_deadline, ttl,
+                                      kind="queued", recorded=True)[2]
         except _InFlightTimeout as exc:
             self._log_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
@@ -4822,6 +5161,12 @@ class Gateway:
                 _dump_json({"status": state}).encode()
         document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
                     "store": self.config.store.split("://")[0]}
+        losses = getattr(self.store, "losses", 0)
+        if losses:
+            # Still 200: the store works again, and every worker shares it, so a 503 would
+            # take the whole gateway out of a load balancer for a loss that is over.
+            at, reason = self.store.last_loss
+            document["store_lost"] = {"count": losses, "last_at": at, "last": reason}
         if self.queue is not None and status == 200:
             try:
                 document["queue"] = self.queue.stats(self._clock())
@@ -4960,7 +5305,21 @@ SIMULATED_OPENID = "o_wxgate_demo_user"
 # A passive reply is addressed and typed, or it is the four-field envelope (PROTOCOL.md §4).
 _REPLY_ADDRESS = ("ToUserName", "FromUserName", "CreateTime", "MsgType")
 _ENVELOPE_FIELDS = frozenset({"Encrypt", "MsgSignature", "TimeStamp", "Nonce"})
+# Some pushes are answered with a fixed JSON body instead: virtual payment's
+# {"ErrCode":0,"ErrMsg":"success"}, which WeChat takes in the clear in every mode
+# ("回复微信服务器的消息不需要加密"), and the iOS refund query's result_code and result_info.
+# https://developers.weixin.qq.com/minigame/dev/guide/open-ability/virtual-payment/message-push.md
+# Each is the fields it must have, with their JSON types; others may come beside them.
+_FIXED_REPLIES = ((("ErrCode", int), ("ErrMsg", str)),
+                  (("result_code", int), ("result_info", str)))
 _ASCII_DIGITS = re.compile(r"[0-9]+\Z")
+
+
+def _is_fixed_reply(fields):
+    """Whether a reply's fields are one of the fixed JSON bodies (``_FIXED_REPLIES``)."""
+    return any(all(name in fields and isinstance(fields[name], kind) and
+                   not isinstance(fields[name], bool) for name, kind in shape)
+               for shape in _FIXED_REPLIES)
 
 
 def _pick_app(config, name, how="choose one with --app"):
@@ -5060,9 +5419,10 @@ class Simulator:
         """Build the POST WeChat would send with these fields.
 
         ``ToUserName``, ``FromUserName`` (a demo openid), ``CreateTime`` (now) and, for
-        messages, a fresh ``MsgId`` are filled in unless given. Events are recognised as
-        retries by ``FromUserName`` + ``CreateTime`` + ``Event``, as WeChat's are: give two
-        events of one second different ``CreateTime`` values to have both handled.
+        messages, a fresh ``MsgId`` are filled in unless given. The gateway knows an event
+        by all its fields: two events that differ in any field (another ``SessionFrom``,
+        ``OutTradeNo``...) are both handled, while the same fields in the same second are
+        one push sent again, as a retry of WeChat's is.
 
         :param fields: the push's fields under WeChat's names; nested dicts and lists are
             rendered as WeChat does (``List``, ``result``...).
@@ -5145,9 +5505,12 @@ class Simulator:
 
         An encrypted reply must be the four-field envelope, its ``MsgSignature`` must match
         and its content decrypt for this app; in safe mode a reply must be encrypted, in
-        plain mode it must not be; ``success`` and the empty reply are never encrypted. Any
-        other reply must carry ``ToUserName``, ``FromUserName``, ``CreateTime`` (whole
-        seconds) and ``MsgType`` (a string).
+        plain mode it must not be; ``success`` and the empty reply are never encrypted.
+        A fixed JSON reply, as a ``RawReply`` sends it, is read in every mode, in the clear
+        or encrypted: a payment push's ``{"ErrCode":0,"ErrMsg":"success"}`` (an integer
+        ``ErrCode``, a string ``ErrMsg``), or ``result_code`` and ``result_info``. Any other
+        reply must carry ``ToUserName``, ``FromUserName``, ``CreateTime`` (whole seconds)
+        and ``MsgType`` (a string).
 
         :raises SignatureError: ``MsgSignature`` does not match (-40001).
         :raises DecryptError: ``Encrypt`` does not decrypt for this app (-400xx).
@@ -5167,9 +5530,11 @@ class Simulator:
             return body.decode("ascii")
         fields = self._parse_reply(body, "reply")
         if "Encrypt" not in fields:
-            if app.mode == "safe":
+            if app.mode == "safe" and not _is_fixed_reply(fields):
                 raise MessageError(f"reply is not encrypted, but app {app.name!r} is in safe "
-                                   "mode: WeChat would refuse it", code=None)
+                                   "mode: WeChat would refuse it (only success, the empty "
+                                   "reply and a fixed JSON reply such as a payment push's "
+                                   "go in the clear)", code=None)
             return body.decode("utf-8")
         if app.mode in ("plain", "cloud"):
             raise MessageError(f"reply is encrypted, but app {app.name!r} is in {app.mode} "
@@ -5213,6 +5578,8 @@ class Simulator:
     def _reply_fields(self, text):
         """The fields of a (decrypted) reply, which must be addressed and typed."""
         fields = self._parse_reply(text.encode("utf-8"), "reply content")
+        if _is_fixed_reply(fields):
+            return fields
         missing = [name for name in _REPLY_ADDRESS if name not in fields]
         if missing:
             raise MessageError(f"reply lacks {', '.join(missing)}", code=None)

@@ -155,7 +155,7 @@ def main(argv=None):
     answer = (wxgate._TEXT, "success")
 
     def s_dedup(items, gw):
-        run, deadline = gw._dedup.run, now() + 5
+        run, deadline = gw._dedups[app.name].run, now() + 5
 
         def work():
             return answer

@@ -155,8 +155,9 @@ def push_nonce(fields, mode="safe", fmt="xml"):
 
 
 def build_push(fields, *, mode="safe", fmt="xml", timestamp=NOW, nonce=None,
-               token=TOKEN, key=AES_KEY, appid=APPID):
-    """Return ``(query_string, body_bytes)`` as WeChat would send them."""
+               token=TOKEN, key=AES_KEY, appid=APPID, prefix=b"0123456789abcdef"):
+    """Return ``(query_string, body_bytes)`` as WeChat would send them; ``prefix`` is the
+    16 random bytes in front of the encrypted message (a retry gets new ones)."""
     if nonce is None:
         nonce = push_nonce(fields, mode, fmt)
     timestamp = str(timestamp)
@@ -164,7 +165,7 @@ def build_push(fields, *, mode="safe", fmt="xml", timestamp=NOW, nonce=None,
              "nonce": nonce, "openid": fields.get("FromUserName", OPENID)}
     if mode == "plain":
         return urllib.parse.urlencode(query), render(fields, fmt).encode("utf-8")
-    encrypt = aes_encrypt(render(fields, fmt), key, appid)
+    encrypt = aes_encrypt(render(fields, fmt), key, appid, prefix)
     query["encrypt_type"] = "aes"
     query["msg_signature"] = sha1_sign(token, timestamp, nonce, encrypt)
     outer = {"ToUserName": fields.get("ToUserName", GH_ID), "Encrypt": encrypt}

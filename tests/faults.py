@@ -139,23 +139,30 @@ class RedisServer:
     """A redis-server of the test's own, which it may kill, stop and restart on one port.
 
     With ``appendfsync always`` its data survive a SIGKILL, as a production Redis with AOF
-    would, so a restart brings back what was written before the outage.
+    would, so a restart brings back what was written before the outage. With
+    ``persistent=False`` it keeps nothing on disk, and a restart brings it back empty.
+    ``password`` makes it require one (the URL then carries it).
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, *, persistent=True, password=None):
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             _skip_or_fail("redis-server binary not installed (apt-get install redis-server)")
         from conftest import free_port
         self.port = free_port()
         self.directory = Path(directory)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.persistent, self.password = persistent, password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.process = None
 
     def start(self):
+        persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                       else ["--appendonly", "no"])
+        auth = ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
+             *persistence, *auth, "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
         client = redis.Redis.from_url(self.url)

@@ -358,6 +358,8 @@ def test_token_without_an_appsecret_fails_plainly(tmp_path):
 HANDLER_SOURCE = '''
 import json
 
+import wxgate
+
 LOG = {log!r}
 
 
@@ -365,6 +367,8 @@ def handle(message):
     with open(LOG, "a", encoding="utf-8") as file:
         file.write(json.dumps(dict(message, _app=message.app), ensure_ascii=False,
                               default=str) + "\\n")
+    if message.event == "xpay_goods_deliver_notify":  # the README's payment answer
+        return wxgate.RawReply({{"ErrCode": 0, "ErrMsg": "success"}})
     return None
 '''
 
@@ -476,6 +480,41 @@ def test_push_event_with_fields(served):
     (call,) = [c for c in served.calls() if c["FromUserName"] == "o_event_user"]
     assert call["_app"] == "json" and call["MsgType"] == "event"
     assert call["Event"] == "user_enter_tempsession" and call["SessionFrom"] == "x"
+
+
+def test_push_two_events_of_one_user_in_one_second_are_both_handled(served):
+    # Two contact buttons tapped in one second: same user, same CreateTime, same Event,
+    # another SessionFrom. `wxgate push` printed 200 'success' for both while the gateway
+    # answered the second as a duplicate and its handler never ran.
+    tag = uuid.uuid4().hex[:8]
+    logged = len(served.server_log())
+    for source in ("button-a", "button-b"):
+        result = run("push", served.source, "--app", "json", "--event",
+                     "user_enter_tempsession", "--openid", f"o_{tag}", "--field",
+                     f"SessionFrom={source}", "--field", "CreateTime=1714000000")
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert [line[1:4:2] for line in replies(result.stdout)] == [(200, "'success'")]
+    mine = [call for call in served.calls() if call["FromUserName"] == f"o_{tag}"]
+    assert sorted(call["SessionFrom"] for call in mine) == ["button-a", "button-b"]
+    log = served.server_log()[logged:]
+    assert log.count("type=user_enter_tempsession") == 2, log
+    assert "outcome=duplicate" not in log, log
+
+
+def test_push_accepts_a_payment_pushs_fixed_reply(served):
+    # A safe-mode app whose handler answers the README's RawReply({"ErrCode":0,...}): the
+    # reply is sent in the clear, as WeChat wants it, and `wxgate push` said "reply does not
+    # verify: reply is not encrypted ... WeChat would refuse it" and exited 1.
+    tag = uuid.uuid4().hex[:8]
+    result = run("push", served.source, "--app", "json", "--event",
+                 "xpay_goods_deliver_notify", "--field", f"OutTradeNo=order-{tag}",
+                 "--field", "OpenId=o_payer", "--field", "Env=0", "--repeat", "2")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert [(n, status, shown) for n, status, _, shown in replies(result.stdout)] == [
+        (1, 200, """'{"ErrCode":0,"ErrMsg":"success"}'"""),
+        (2, 200, """'{"ErrCode":0,"ErrMsg":"success"}'""")]
+    assert [c["OutTradeNo"] for c in served.calls() if c.get("OutTradeNo") == f"order-{tag}"] \
+        == [f"order-{tag}"]
 
 
 def test_push_json_file(served, tmp_path):

@@ -301,7 +301,7 @@ def test_message_attributes_of_an_event():
     assert message.msg_type == "event"
     assert message.event == "user_enter_tempsession"
     assert message.from_user == OPENID
-    assert message.dedup_key is not None and "user_enter_tempsession" in message.dedup_key
+    assert message.dedup_key is not None and message.dedup_key.startswith("demo:e:")
 
 
 def test_event_is_none_for_non_events_even_with_an_event_field():
@@ -345,16 +345,86 @@ def test_dedup_key_msgid_is_exact_and_opaque():
     assert opaque in wxgate._dedup_key("demo", {"MsgId": opaque})
 
 
-def test_dedup_key_for_events_is_sender_time_and_event():
-    base = wxgate._dedup_key("demo", event_message("user_enter_tempsession"))
+def test_dedup_key_of_an_event_covers_everything_it_carries():
+    base = wxgate._dedup_key("demo", event_message("user_enter_tempsession", SessionFrom="a"))
     assert base is not None
     assert wxgate._dedup_key("demo", event_message("user_enter_tempsession",
-                                                   SessionFrom="other")) == base
-    assert wxgate._dedup_key("demo", event_message("debug_demo")) != base
-    assert wxgate._dedup_key("demo", event_message("user_enter_tempsession",
-                                                   FromUserName="o_other")) != base
-    assert wxgate._dedup_key("demo", event_message("user_enter_tempsession",
-                                                   CreateTime=1)) != base
+                                                   SessionFrom="a")) == base
+    for other in (event_message("user_enter_tempsession", SessionFrom="b"),
+                  event_message("user_enter_tempsession"),
+                  event_message("debug_demo", SessionFrom="a"),
+                  event_message("user_enter_tempsession", SessionFrom="a",
+                                FromUserName="o_other"),
+                  event_message("user_enter_tempsession", SessionFrom="a", CreateTime=1)):
+        assert wxgate._dedup_key("demo", other) != base, other
+
+
+def test_dedup_key_tells_two_payments_of_one_second_apart():
+    def pay(order):
+        return event_message("xpay_goods_deliver_notify", OpenId=OPENID, OutTradeNo=order,
+                             Env=0, GoodsInfo={"ProductId": "gold", "Quantity": 1})
+    assert wxgate._dedup_key("demo", pay("o-1")) != wxgate._dedup_key("demo", pay("o-2"))
+    assert wxgate._dedup_key("demo", pay("o-1")) == wxgate._dedup_key("demo", pay("o-1"))
+
+
+POPUP_XML = (b"<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_1]]>"
+             b"</FromUserName><CreateTime>1610969440</CreateTime><MsgType><![CDATA[event]]>"
+             b"</MsgType><Event><![CDATA[subscribe_msg_popup_event]]></Event>"
+             b"<SubscribeMsgPopupEvent><List><TemplateId><![CDATA[T1]]></TemplateId>"
+             b"<SubscribeStatusString><![CDATA[accept]]></SubscribeStatusString>"
+             b"<PopupScene>0</PopupScene></List></SubscribeMsgPopupEvent></xml>")
+POPUP_JSON = (b'{"ToUserName": "gh_1", "FromUserName": "o_1", "CreateTime": 1610969440,'
+              b' "MsgType": "event", "Event": "subscribe_msg_popup_event", "List": [{'
+              b'"TemplateId": "T1", "SubscribeStatusString": "accept", "PopupScene": 0}]}')
+
+
+def test_dedup_key_of_an_event_is_the_same_in_xml_json_and_any_layout():
+    # The console can switch a push's format; a retry must still be recognised.
+    key = wxgate._dedup_key("demo", wxgate._parse_xml(POPUP_XML))
+    assert key == wxgate._dedup_key("demo", wxgate._parse_json(POPUP_JSON))
+    pretty = POPUP_XML.replace(b"><", b">\n  <")
+    assert wxgate._dedup_key("demo", wxgate._parse_xml(pretty)) == key
+    compact = POPUP_JSON.replace(b", ", b",").replace(b": ", b":").replace(b"[{", b"{"). \
+        replace(b"}]", b"}")  # List as an object: one item
+    assert wxgate._dedup_key("demo", wxgate._parse_json(compact)) == key
+    accepted_twice = POPUP_XML.replace(b"</List>", b"</List><List><TemplateId>T2</TemplateId>"
+                                       b"<SubscribeStatusString>reject</SubscribeStatusString>"
+                                       b"<PopupScene>0</PopupScene></List>", 1)
+    assert wxgate._dedup_key("demo", wxgate._parse_xml(accepted_twice)) != key
+
+
+def test_dedup_key_of_list_items_keeps_their_order_and_pairing():
+    def change(*items):
+        return event_message("subscribe_msg_change_event", List=[
+            {"TemplateId": template, "SubscribeStatusString": status}
+            for template, status in items])
+    one = wxgate._dedup_key("demo", change(("T1", "accept"), ("T2", "reject")))
+    assert one != wxgate._dedup_key("demo", change(("T1", "reject"), ("T2", "accept")))
+    assert one != wxgate._dedup_key("demo", change(("T2", "reject"), ("T1", "accept")))
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param(wxgate._parse_json(POPUP_JSON), id="subscribe event"),
+    pytest.param({"b": [1, {"x": None, "y": [True]}, " s "], "a": {"é\"": 1.5, "k": []}},
+                 id="every kind of value"),
+])
+def test_canonical_text_is_the_same_by_either_path(value):
+    # Pushes nested deeper than WeChat's take the stack-free path: same rules, same text.
+    assert wxgate._canonical_json_deep(value) == wxgate._canonical_dumps(
+        wxgate._canonical(value, 0))
+
+
+def test_dedup_key_of_a_deeply_nested_json_push_is_computed():
+    # As deep as this Python's json parser takes, whatever the call stack above the key.
+    for depth in (100_000, 10_000, 2_000, 900):
+        deep = b'{"FromUserName": "o", "CreateTime": 1, "x": ' + b"[" * depth + \
+            b"]" * depth + b"}"
+        try:
+            fields = wxgate._parse_json(deep)
+            break
+        except wxgate.MessageError:
+            continue
+    assert wxgate._dedup_key("demo", fields).startswith("demo:e:")
 
 
 def test_dedup_key_create_time_string_or_number():
@@ -369,7 +439,24 @@ def test_dedup_key_trace_id_distinguishes_media_checks_in_one_second():
     second = dict(first, trace_id="2e945cd8a3e458f3c74dcb886068e9aa")
     assert wxgate._dedup_key("demo", first) != wxgate._dedup_key("demo", second)
     assert wxgate._dedup_key("demo", first) == wxgate._dedup_key("demo", dict(first))
-    assert first["trace_id"] in wxgate._dedup_key("demo", first)
+    with_id = dict(first, MsgId="1")
+    assert first["trace_id"] in wxgate._dedup_key("demo", with_id)
+    assert wxgate._dedup_key("demo", with_id) != wxgate._dedup_key(
+        "demo", dict(second, MsgId="1"))
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param({"MsgId": "9" * 60_000}, id="60 KB MsgId"),
+    pytest.param({"MsgId": "1", "trace_id": "t" * 30_000}, id="30 KB trace_id"),
+    pytest.param({"MsgId": "a:b\r\nc"}, id="MsgId with a colon and CRLF"),
+    pytest.param({"MsgId": ["x"] * 10_000}, id="MsgId a list"),
+    pytest.param(event_message("debug_demo", FromUserName="o" * 30_000,
+                               debug_str="d" * 30_000), id="30 KB sender and field"),
+])
+def test_dedup_key_is_short_and_plain_whatever_the_push_carries(fields):
+    key = wxgate._dedup_key("demo", fields)
+    assert len(key) <= 150 and key.isprintable() and "\n" not in key
+    assert key != wxgate._dedup_key("demo", dict(fields, MsgId="other"))
 
 
 def test_dedup_key_differs_between_apps():
@@ -391,8 +478,8 @@ def test_dedup_key_is_none_when_nothing_identifies_the_push(fields):
 
 def test_dedup_key_empty_msgid_falls_back_to_the_event_key():
     key = wxgate._dedup_key("demo", event_message("debug_demo", MsgId=""))
-    assert key == wxgate._dedup_key("demo", event_message("debug_demo"))
-    assert key is not None
+    assert key is not None and key.startswith("demo:e:")
+    assert key == wxgate._dedup_key("demo", event_message("debug_demo", MsgId=""))
 
 
 # -- _dump_xml ------------------------------------------------------------------------------

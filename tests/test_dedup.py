@@ -179,7 +179,7 @@ def test_memory_lru_is_bounded_by_dedup_size(tmp_path, clock):
     for msg_id in ("1", "2", "3", "1"):
         send(app, text_message(msg_id=msg_id))
     assert [m["MsgId"] for m in handler.messages] == ["1", "2", "3", "1"]
-    assert len(app.store) <= 2
+    assert len(app._dedups["test"].store) <= 2
 
 
 def test_different_apps_do_not_share_keys(tmp_path, clock):
@@ -195,3 +195,212 @@ def test_different_apps_do_not_share_keys(tmp_path, clock):
     assert [m.app for m in handler.messages] == ["test", "other"]
     assert handler.messages[0].dedup_key != handler.messages[1].dedup_key
     assert handler.messages[0].from_user == OPENID
+
+
+# -- a push's identity: what it carries, not only who sent it when ----------------------------
+
+
+def payment(out_trade_no, **extra):
+    """A virtual payment push (JSON only), as xpay_goods_deliver_notify carries it."""
+    return event_message("xpay_goods_deliver_notify", OpenId=OPENID, OutTradeNo=out_trade_no,
+                         Env=0, WeChatPayInfo={"MchOrderNo": f"mch-{out_trade_no}",
+                                               "TransactionId": f"tx-{out_trade_no}"},
+                         GoodsInfo={"ProductId": "gold-100", "Quantity": 1,
+                                    "OrigPrice": 600, "ActualPrice": 600}, **extra)
+
+
+def test_two_payments_in_one_second_both_run(gateway_factory):
+    # One user, one CreateTime, one Event, another OutTradeNo: WeChat's suggested key
+    # (FromUserName + CreateTime) and its Event make them one push, and the second payment's
+    # "success" told WeChat it was delivered while the handler never saw it.
+    handler = Recorder()
+    app = gateway_factory(handler, fmt="json")
+    for order in ("order-1", "order-2"):
+        assert send(app, payment(order), fmt="json").body == b"success"
+    print(f"\npayments handled: {handler.calls}/2")
+    assert [m["OutTradeNo"] for m in handler.messages] == ["order-1", "order-2"]
+
+
+def test_two_tempsession_entries_with_another_session_from_both_run(gateway_factory):
+    handler = Recorder()
+    app = gateway_factory(handler)
+    for source in ("button-a", "button-b"):
+        send(app, event_message("user_enter_tempsession", SessionFrom=source))
+    assert [m["SessionFrom"] for m in handler.messages] == ["button-a", "button-b"]
+
+
+def test_an_exact_retry_is_a_duplicate_however_it_is_encrypted(gateway_factory):
+    # WeChat's retry repeats the message under a new nonce and a new random prefix, so its
+    # body and query differ byte for byte from the first delivery's.
+    handler = Recorder()
+    app = gateway_factory(handler, fmt="json")
+    first = send(app, payment("order-3"), fmt="json")
+    retry = send(app, payment("order-3"), fmt="json", nonce="987654321",
+                 prefix=b"fedcba9876543210")
+    assert first.body == retry.body == b"success"
+    assert handler.calls == 1
+
+
+def test_a_payment_retry_and_another_payment_interleaved(gateway_factory):
+    handler = Recorder()
+    app = gateway_factory(handler, fmt="json")
+    for order, nonce in (("order-4", "1"), ("order-5", "2"), ("order-4", "3"),
+                         ("order-5", "4")):
+        send(app, payment(order), fmt="json", nonce=nonce, prefix=nonce.encode() * 16)
+    assert [m["OutTradeNo"] for m in handler.messages] == ["order-4", "order-5"]
+
+
+def store_keys(app, kind):
+    """Every key the gateway's store holds now."""
+    if kind == "memory":
+        return [key for dedup in app._dedups.values() for key in dedup.store._entries] + \
+            list(app.store._entries)
+    primary = app.store.primary
+    if kind == "sqlite":
+        return [key for (key,) in primary._read("SELECT key FROM wxgate_kv")]
+    return [key.decode() for key in primary._redis.keys("*")]
+
+
+def test_store_keys_stay_short_whatever_the_push_carries(gateway_factory):
+    # Plain mode takes its body on the URL signature alone, and cloud mode on no signature
+    # at all: whoever can send one chooses MsgId, FromUserName, trace_id, any field. A 60 KB
+    # MsgId made a 60 KB key, which lived dedup_ttl seconds in Redis or sqlite.
+    handler = Recorder()
+    app = gateway_factory(handler, mode="plain", fmt="json",
+                          extra_gateway="max_body_bytes = 200000")
+    huge = "9" * 60_000
+    pushes = [text_message(msg_id=huge), text_message(msg_id="1" + huge),
+              text_message(msg_id="7", trace_id="t" * 30_000),
+              text_message(msg_id={"nested": huge}),
+              event_message("user_enter_tempsession", FromUserName="o" * 30_000,
+                            SessionFrom="s" * 30_000)]
+    for fields in pushes:
+        send(app, fields, mode="plain", fmt="json")
+    for fields in pushes:  # each is still recognised when it comes again
+        send(app, fields, mode="plain", fmt="json")
+    keys = store_keys(app, gateway_factory.kind)
+    longest = max(len(key.encode()) for key in keys)
+    print(f"\n{len(keys)} keys, the longest {longest} bytes")
+    assert handler.calls == len(pushes)
+    assert longest <= 200, [key[:120] for key in keys if len(key) > 200]
+
+
+# -- one app's traffic and another app's records ----------------------------------------------
+
+
+TWO_APPS = """\
+[wxgate]
+{gateway}
+
+[app:shop]
+path = /wechat
+appid = {appid}
+token = {token}
+encoding_aes_key = {key}
+mode = safe
+handler = wxgate:demo_handler
+
+[app:cloud]
+path = /cloud
+appid = {appid}
+mode = cloud
+format = json
+handler = wxgate:demo_handler
+"""
+
+
+def two_apps(tmp_path, handler, gateway=""):
+    from conftest import AES_KEY, APPID, TOKEN, load_ini
+    return load_ini(tmp_path / "two.ini", TWO_APPS.format(gateway=gateway, appid=APPID,
+                                                          token=TOKEN, key=AES_KEY), handler)
+
+
+def wsgi_post(app, path, body, query="", headers=()):
+    """One POST straight through the WSGI callable (a flood needs no lint): the status."""
+    import io
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": query,
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
+               "REMOTE_ADDR": "127.0.0.1", **dict(headers)}
+    statuses = []
+    b"".join(app(environ, lambda status, _headers: statuses.append(status)))
+    return statuses[0]
+
+
+def test_a_flood_to_one_app_does_not_evict_another_apps_records(tmp_path, clock):
+    # A Cloud Hosting app with public access on takes pushes from anyone. 10,100 of them
+    # pushed a safe app's record out of the one LRU every app shared, and the safe push's
+    # byte-identical replay, 10 s later, ran its handler again.
+    import json
+    handler = Recorder()
+    app = wxgate.make_app(two_apps(tmp_path, handler), clock=clock)
+    query, body = build_push(text_message(msg_id="6054768590064713728"))
+    assert wsgi_post(app, "/wechat", body, query) == "200 OK"
+    for index in range(wxgate.DEFAULT_DEDUP_SIZE + 100):
+        flood = json.dumps(text_message(msg_id=str(index), Content=f"flood {index}")).encode()
+        assert wsgi_post(app, "/cloud", flood, headers={"HTTP_X_WX_SOURCE": "x"}) == "200 OK"
+    clock.advance(10)
+    assert wsgi_post(app, "/wechat", body, query) == "200 OK"
+    shop_runs = [m for m in handler.messages if m.app == "shop"]
+    print(f"\nshop handler runs after a flood of {handler.calls - len(shop_runs)} cloud "
+          f"pushes and the shop push's replay: {len(shop_runs)}")
+    assert len(shop_runs) == 1
+    assert handler.calls == 1 + wxgate.DEFAULT_DEDUP_SIZE + 100
+    app.close()
+
+
+# -- a takeover needs time to run the handler -------------------------------------------------
+
+
+def stalled_claim_gateway(tmp_path, clock, handler, expire_when_left, deadline=1.0):
+    """A gateway on sqlite whose push finds the message claimed by a stalled worker; the
+    claim expires (the shared clock jumps past it) once the push has ``expire_when_left``
+    seconds left before its reply deadline. The injected sleep is the push's only wait."""
+    import time
+    config = make_config(tmp_path, handler,
+                         extra_gateway=f"store = sqlite://{tmp_path / 'claims.db'}")
+    stalled = wxgate.SqliteStore(str(tmp_path / "claims.db"), clock=clock)
+    store_key = f"{config.store_prefix}:dedup:test:m:takeover-1"
+    assert stalled.add(store_key, "p999.stalled.0", wxgate.CLAIM_TTL)
+    sent_at = []
+
+    def sleep(seconds):
+        time.sleep(seconds)
+        if time.monotonic() >= sent_at[0] + deadline - expire_when_left:
+            clock.advance(wxgate.CLAIM_TTL + 1)
+
+    app = wxgate.make_app(config, clock=clock, sleep=sleep, reply_deadline=deadline)
+    return app, stalled, sent_at
+
+
+def test_a_takeover_too_close_to_the_deadline_is_answered_as_late(tmp_path, clock):
+    # A retry waited on a claim whose owner stalled (it stopped renewing, but may yet
+    # finish). The claim expires with 15 % of the reply deadline left: the handler would
+    # answer after WeChat has gone, beside the stalled owner. Answer as to any push that
+    # cannot be answered in time (503, empty body), and give the key back for the retry.
+    import time
+    handler = Recorder()
+    app, stalled, sent_at = stalled_claim_gateway(tmp_path, clock, handler, 0.15)
+    sent_at.append(time.monotonic())
+    response = send(app, text_message(msg_id="takeover-1"), status="*")
+    print(f"\ntakeover with 0.15 s of 1.0 s left: {response.status_int}, "
+          f"handler runs {handler.calls}")
+    assert (response.status_int, response.body, handler.calls) == (503, b"", 0)
+    assert stalled.get("wxgate:dedup:test:m:takeover-1") is None  # free for the retry
+    sent_at[0] = time.monotonic()
+    assert send(app, text_message(msg_id="takeover-1")).body == b"success"
+    assert handler.calls == 1
+    app.close()
+    stalled.close()
+
+
+def test_a_takeover_with_time_left_runs_the_handler(tmp_path, clock):
+    # A worker killed mid-handler: its claim expires within CLAIM_TTL, which leaves a retry
+    # most of its 5 seconds, and the retry runs the handler.
+    import time
+    handler = Recorder()
+    app, stalled, sent_at = stalled_claim_gateway(tmp_path, clock, handler, 0.9)
+    sent_at.append(time.monotonic())
+    assert send(app, text_message(msg_id="takeover-1")).body == b"success"
+    assert handler.calls == 1
+    app.close()
+    stalled.close()

@@ -326,6 +326,8 @@ def start_example(gateways, log, reply):
     # the original): forget the query-to-body binds, which would rightly refuse them.
     for app in gateways.apps.values():
         app.store._entries.clear()
+        for dedup in app._dedups.values():  # a memory store's dedup records, one LRU an app
+            dedup.store._entries.clear()
         app._binds._entries.clear()  # a memory store's binds have an LRU of their own
 
 

@@ -216,6 +216,66 @@ def test_open_reply_raises_on_a_wrong_reply(tmp_path, body, error, match):
         wechat.open_reply(body)
 
 
+# -- replies sent as given: the fixed JSON some pushes are answered with --------------------
+
+PAID = {"ErrCode": 0, "ErrMsg": "success"}
+
+
+@pytest.mark.parametrize("mode", ["safe", "compat", "plain"])
+def test_open_reply_reads_a_payment_pushs_fixed_reply(tmp_path, clock, mode):
+    # The README's payment handler answers RawReply({"ErrCode":0,"ErrMsg":"success"}), in
+    # the clear even in safe mode ("回复微信服务器的消息不需要加密"). open_reply raised
+    # "reply is not encrypted ... WeChat would refuse it", so the handler could not be tested.
+    handler = Recorder(reply=wxgate.RawReply(PAID))
+    config = make_config(tmp_path, handler=handler, mode=mode, fmt="json")
+    app = webtest.TestApp(wxgate.make_app(config, clock=clock))
+    wechat = simulator(config, clock=clock)
+    push = wechat.push({"MsgType": "event", "Event": "xpay_goods_deliver_notify",
+                        "OpenId": "o_1", "OutTradeNo": "order-1", "Env": 0})
+    response = app.post(push.url, push.body, headers=push.headers)
+    assert response.body == b'{"ErrCode":0,"ErrMsg":"success"}'
+    assert wechat.open_reply(response.body) == PAID
+    assert wechat.open_reply(response.body.decode()) == PAID
+
+
+def test_open_reply_reads_the_ios_refund_querys_fixed_reply(tmp_path):
+    wechat = simulator(make_config(tmp_path, mode="safe", fmt="json"))
+    body = {"result_code": 0, "result_info": "ok", "evidence": "paid on 1 May"}
+    assert wechat.open_reply(json.dumps(body)) == body
+
+
+def test_open_reply_reads_an_encrypted_fixed_reply_too(tmp_path):
+    # One community answer says a Mini Program must encrypt it in safe mode: the handler
+    # chooses, and either arrives whole.
+    wechat = simulator(make_config(tmp_path, mode="safe", fmt="json"))
+    assert wechat.open_reply(envelope(json.dumps(PAID), "json")) == PAID
+
+
+@pytest.mark.parametrize("body, match", [
+    pytest.param(b'{"ErrCode": "0", "ErrMsg": "success"}', "not encrypted.*safe mode",
+                 id="ErrCode a string"),
+    pytest.param(b'{"ErrCode": true, "ErrMsg": "success"}', "not encrypted.*safe mode",
+                 id="ErrCode a boolean"),
+    pytest.param(b'{"ErrMsg": "success"}', "not encrypted.*safe mode", id="no ErrCode"),
+    pytest.param(b'{"result_code": 0}', "not encrypted.*safe mode", id="no result_info"),
+    pytest.param(b'{"MsgType": "text", "Content": "hi"}', "not encrypted.*safe mode",
+                 id="a clear passive reply"),
+    pytest.param(b'[{"ErrCode": 0, "ErrMsg": "success"}]', "neither XML nor JSON",
+                 id="a JSON array"),
+])
+def test_open_reply_still_refuses_what_is_no_fixed_reply(tmp_path, body, match):
+    wechat = simulator(make_config(tmp_path, mode="safe", fmt="json"))
+    with pytest.raises(wxgate.MessageError, match=match):
+        wechat.open_reply(body)
+
+
+def test_an_unaddressed_reply_is_still_refused_in_plain_mode(tmp_path):
+    wechat = simulator(make_config(tmp_path, mode="plain", fmt="json"))
+    assert wechat.open_reply(json.dumps(PAID)) == PAID
+    with pytest.raises(wxgate.MessageError, match="reply lacks ToUserName"):
+        wechat.open_reply(b'{"ErrCode": 0, "Message": "success"}')
+
+
 def test_plain_mode_refuses_an_encrypted_reply_and_compat_takes_both(tmp_path):
     plain = simulator(make_config(tmp_path, mode="plain", fmt="xml"))
     with pytest.raises(wxgate.MessageError, match="encrypted.*plain mode"):

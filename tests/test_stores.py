@@ -1,5 +1,6 @@
 """The store interface on memory, sqlite and a real redis-server; the failure fallback."""
 
+import json
 import multiprocessing
 import os
 import sqlite3
@@ -432,3 +433,173 @@ def test_first_push_is_answered_while_another_worker_opens_the_new_store(tmp_pat
     finally:
         if wxgate.application._app is not None:
             wxgate.application._app.close()
+
+
+# -- a store that loses its data while serving -------------------------------------------------
+
+LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
+REDIS_PASSWORD = "redisPassw0rdForTests9"
+
+
+def push(testapp, fields):
+    query, body = build_push(fields)
+    return testapp.post(f"/wechat?{query}", body, content_type="text/xml")
+
+
+def lost_metric(testapp, kind):
+    """``wxgate_store_lost_total{store=kind}`` as /metrics shows it (0 when absent)."""
+    text = testapp.get("/_wxgate/metrics", extra_environ=LOOPBACK).text
+    for line in text.splitlines():
+        if line.startswith(f'wxgate_store_lost_total{{store="{kind}"}} '):
+            return int(line.split()[-1])
+    return 0
+
+
+def test_redis_restarted_empty_is_noticed_at_the_next_health_check(tmp_path, caplog):
+    # Redis without persistence restarts between WeChat's first send and its retries:
+    # every retry runs the handler again. That cannot be undone, but it must not be silent:
+    # no log line, no metric, and healthz 200 with nothing to say.
+    from conftest import Recorder, make_config
+    from faults import RedisServer
+    handler = Recorder()
+    with RedisServer(tmp_path, persistent=False, password=REDIS_PASSWORD) as server:
+        config = make_config(tmp_path, handler, extra_gateway=f"timestamp_window = 0\n"
+                             f"store = {server.url}")
+        # Two workers of one gateway: the retry lands on the one that did not answer.
+        first, second = (webtest.TestApp(wxgate.make_app(config), lint=True)
+                         for _ in range(2))
+        push(first, text_message(msg_id="lost-1"))
+        push(second, text_message(msg_id="lost-2"))
+        server.kill()
+        server.start()  # empty
+        with caplog.at_level("WARNING", "wxgate"):
+            push(second, text_message(msg_id="lost-1"))  # WeChat's retry of the first
+            health = second.get("/_wxgate/healthz", extra_environ=LOOPBACK).json
+        metric = lost_metric(second, "redis")
+    lines = [r.getMessage() for r in caplog.records if "lost its data" in r.getMessage()]
+    print(f"\nhandler runs for lost-1: {[m['MsgId'] for m in handler.messages].count('lost-1')}"
+          f"; loss lines {len(lines)}, metric {metric}, healthz {health}")
+    assert [r.levelname for r in caplog.records if "lost its data" in r.getMessage()] == \
+        ["ERROR"]
+    assert f"redis://***@127.0.0.1:{server.port}/0" in lines[0] and "is gone" in lines[0]
+    assert REDIS_PASSWORD not in caplog.text + json.dumps(health)
+    assert metric == 1
+    assert health["status"] == "ok" and health["store_lost"]["count"] == 1
+    assert "wxgate:store-id is gone" in health["store_lost"]["last"]
+
+
+def test_redis_flushed_is_noticed_on_the_way_of_the_next_push(tmp_path, caplog,
+                                                              monkeypatch):
+    # Every push may ask (at most once a second; here always, so the test needs no clock).
+    from conftest import Recorder, make_config
+    from faults import RedisServer
+    monkeypatch.setattr(wxgate, "STORE_VERIFY_EVERY", 0.0, raising=False)
+    handler = Recorder()
+    with RedisServer(tmp_path, persistent=False) as server:
+        config = make_config(tmp_path, handler, extra_gateway=f"timestamp_window = 0\n"
+                             f"store = {server.url}")
+        first, second = (webtest.TestApp(wxgate.make_app(config), lint=True)
+                         for _ in range(2))
+        push(first, text_message(msg_id="flushed-1"))
+        push(second, text_message(msg_id="flushed-2"))
+        server.client().flushall()
+        with caplog.at_level("ERROR", "wxgate"):
+            push(second, text_message(msg_id="flushed-1"))
+            push(first, text_message(msg_id="flushed-3"))
+        counts = lost_metric(first, "redis"), lost_metric(second, "redis")
+    lines = [r.getMessage() for r in caplog.records if "lost its data" in r.getMessage()]
+    assert len(lines) == 2, caplog.text  # each worker that had seen the old data, once
+    assert "is gone" in lines[0] and "another process found the data lost" in lines[1]
+    assert counts == (1, 1)
+
+
+def test_sqlite_file_deleted_while_serving_is_left_for_the_configured_path(tmp_path, caplog,
+                                                                          monkeypatch):
+    # `rm wx.db*` while serving. A worker started afterwards makes a new file; one started
+    # before kept writing to the deleted one, so the two recorded pushes where the other
+    # never looked, and a retry that changed worker ran the handler again.
+    from conftest import Recorder, make_config
+    monkeypatch.setattr(wxgate, "STORE_VERIFY_EVERY", 0.0, raising=False)
+    handler = Recorder()
+    database = tmp_path / "wx.db"
+    config = make_config(tmp_path, handler, extra_gateway=f"timestamp_window = 0\n"
+                         f"store = sqlite://{database}")
+    old_worker = webtest.TestApp(wxgate.make_app(config), lint=True)
+    push(old_worker, text_message(msg_id="before-rm"))
+    for path in tmp_path.glob("wx.db*"):
+        path.unlink()
+    new_worker = webtest.TestApp(wxgate.make_app(config), lint=True)  # a fresh file
+    with caplog.at_level("ERROR", "wxgate"):
+        push(old_worker, text_message(msg_id="after-rm"))
+        push(new_worker, text_message(msg_id="after-rm"))  # WeChat's retry, another worker
+    runs = [m["MsgId"] for m in handler.messages].count("after-rm")
+    lines = [r.getMessage() for r in caplog.records if "lost its data" in r.getMessage()]
+    print(f"\nhandler runs for a push after rm: {runs}; loss lines {len(lines)}")
+    assert runs == 1
+    assert len(lines) == 1 and f"sqlite://{database}" in lines[0]
+    assert "its file was deleted" in lines[0] and "while in use" in lines[0]
+    assert os.stat(database).st_ino == os.fstat(os.open(database, os.O_RDONLY)).st_ino
+    assert sqlite3.connect(database).execute(
+        "SELECT count(*) FROM wxgate_kv WHERE key LIKE '%after-rm'").fetchone() == (1,)
+    assert lost_metric(old_worker, "sqlite") == 1
+    detail = old_worker.get("/_wxgate/healthz", extra_environ=LOOPBACK).json
+    assert detail["store_lost"]["count"] == 1 and "reopened" in detail["store_lost"]["last"]
+
+
+def test_sqlite_file_replaced_is_noticed_by_the_health_check(tmp_path, caplog):
+    # A restore from a backup: another file renamed over the path.
+    from conftest import Recorder, make_config
+    database = tmp_path / "wx.db"
+    config = make_config(tmp_path, Recorder(), extra_gateway=f"timestamp_window = 0\n"
+                         f"store = sqlite://{database}")
+    app = wxgate.make_app(config)
+    testapp = webtest.TestApp(app, lint=True)
+    push(testapp, text_message(msg_id="kept"))
+    wxgate.SqliteStore(str(tmp_path / "backup.db")).close()
+    os.replace(tmp_path / "backup.db", database)
+    with caplog.at_level("ERROR", "wxgate"):
+        detail = testapp.get("/_wxgate/healthz", extra_environ=LOOPBACK).json
+    assert "replaced (the path names another file now)" in detail["store_lost"]["last"]
+    assert "replaced (the path names another file now)" in caplog.text
+    app.store.set("written-after", "1", 60)
+    assert sqlite3.connect(database).execute(
+        "SELECT value FROM wxgate_kv WHERE key = 'written-after'").fetchone() == ("1",)
+    app.close()
+
+
+def test_a_queue_whose_file_was_deleted_queues_into_the_new_file(tmp_path, monkeypatch):
+    # The queue holds its own connections to the file: they must go back to the path too,
+    # and the new file needs the queue's table.
+    from conftest import Recorder, make_config
+    monkeypatch.setattr(wxgate, "STORE_VERIFY_EVERY", 0.0, raising=False)
+    database = tmp_path / "wx.db"
+    config = make_config(tmp_path, Recorder(), extra_app="delivery = queue",
+                         extra_gateway=f"timestamp_window = 0\nstore = sqlite://{database}")
+    app = wxgate.make_app(config, start_worker=False)
+    testapp = webtest.TestApp(app, lint=True)
+    assert push(testapp, text_message(msg_id="queued-before")).body == b"success"
+    for path in tmp_path.glob("wx.db*"):
+        path.unlink()
+    assert push(testapp, text_message(msg_id="queued-after")).body == b"success"
+    rows = sqlite3.connect(database).execute("SELECT payload FROM wxgate_queue").fetchall()
+    assert [json.loads(payload)["dedup_key"] for (payload,) in rows] == ["test:m:queued-after"]
+    app.close()
+
+
+@pytest.mark.parametrize("policy, warned", [("allkeys-lru", True), ("volatile-lru", True),
+                                            ("noeviction", False)])
+def test_a_redis_that_evicts_keys_is_named_once(tmp_path, caplog, policy, warned):
+    from conftest import Recorder, make_config
+    from faults import RedisServer
+    with RedisServer(tmp_path, persistent=False) as server:
+        server.client().config_set("maxmemory-policy", policy)
+        config = make_config(tmp_path, Recorder(), extra_gateway=f"timestamp_window = 0\n"
+                             f"store = {server.url}")
+        testapp = webtest.TestApp(wxgate.make_app(config), lint=True)
+        with caplog.at_level("WARNING", "wxgate"):
+            push(testapp, text_message(msg_id="evict-1"))
+            push(testapp, text_message(msg_id="evict-2"))
+    lines = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0), lines
+    if warned:
+        assert policy in lines[0] and "noeviction" in lines[0]
