@@ -4414,6 +4414,11 @@ class Gateway:
         covered by no signature. A plain app reads those clear fields, so the console can move
         to compat first; its only protection is the URL ``signature``, which does not cover
         the body (the README says what that means).
+
+        When a query is bound to its body (see :meth:`_bind_query`) depends on what proves
+        the body: in safe and compat modes ``msg_signature``, so a body binds only once it
+        has passed; the URL ``signature`` alone would let whoever saw a query first bind it
+        to garbage, and WeChat's genuine push and all its retries would then be refused.
         """
         if app.mode == "cloud":
             return self._read_cloud_push(app, environ), "", None, None
@@ -4422,14 +4427,11 @@ class Gateway:
         _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
         if app.mode == "plain":  # checked before we even read the body
             check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
-            signed = True
-        else:  # WeChat sends the URL signature in every mode; it is not required here
-            signed = self._signed(app, query, timestamp, nonce)
         body = _read_body(environ, self.config.max_body_bytes)
-        if signed:
-            # Bound before any other check: a genuine push refused below (a format the app
-            # does not take, a body it cannot parse) still keeps its logged query from
-            # carrying another body.
+        if app.mode == "plain":
+            # The URL signature is all a plain push has, so it binds before any other check:
+            # a genuine push refused below (a format the app does not take, a body it
+            # cannot parse) still keeps its logged query from carrying another body.
             self._bind_query(app, timestamp, nonce, body)
         if not body.strip():
             raise MessageError("empty body", code=None)
@@ -4454,8 +4456,7 @@ class Gateway:
         # msg_signature covers Encrypt: check it before decoding a single byte.
         signature = _required(query, "msg_signature")[0]
         check_signature(signature, app.token, timestamp, nonce, encrypt)
-        if not signed:
-            self._bind_query(app, timestamp, nonce, body)
+        self._bind_query(app, timestamp, nonce, body)
         try:
             text, aes_key = self._decrypt(app, encrypt)
             inner = text.encode()
@@ -4555,18 +4556,6 @@ class Gateway:
             return ttl
         return max(ttl, int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
 
-    @staticmethod
-    def _signed(app, query, timestamp, nonce):
-        """Whether the query's URL ``signature`` (optional in compat and safe modes) is valid."""
-        signature = query.get("signature")
-        if not signature:
-            return False
-        try:
-            check_signature(signature, app.token, timestamp, nonce)
-        except SignatureError:
-            return False
-        return True
-
     def _bind_query(self, app, timestamp, nonce, body):
         """Bind one signed query to one body until its timestamp leaves the window.
 
@@ -4579,8 +4568,9 @@ class Gateway:
         The key is the app, timestamp and nonce, whatever signature came with them: the
         console's handshake (a GET, bound to an empty body), a plain push's ``signature``
         and an encrypted one's ``msg_signature`` for one timestamp and nonce are one query,
-        bound once. Only a validly signed request binds (the caller checks first), so a
-        forger cannot occupy the key of a query WeChat has yet to send.
+        bound once. Only a validly signed request binds (the caller checks first: the URL
+        ``signature`` in plain mode, ``msg_signature`` in the encrypted ones), so a forger
+        cannot occupy the key of a query WeChat has yet to send.
         """
         query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
             "utf-8", "surrogateescape")).hexdigest()
