@@ -384,6 +384,27 @@ def _redact_url(url):
     return f"{scheme}://{'***@' if at else ''}{rest}"
 
 
+# What ends or rewrites a line in a log reader: C0 controls (CR, LF, and the separators
+# str.splitlines() also breaks on), DEL, C1 controls (NEL) and Unicode's line and paragraph
+# separators.
+_UNLOGGABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _loggable(value):
+    """``value`` fit to be a log call's argument: a string's control characters escaped as
+    ``repr`` writes them (``\\n``, ``\\x85``), the rest left as it is.
+
+    Every value a request carries (a pushed MsgType, MsgId or sender, a path) goes through it
+    before it reaches a log call: a newline in a pushed field would otherwise write a line of
+    its own, a forged ``ERROR`` among them, and the formatter is the deployer's, so the
+    message itself must hold no line break. Text without control characters, the usual
+    case, is returned as it is after one ``isprintable()``.
+    """
+    if not isinstance(value, str) or value.isprintable():
+        return value
+    return _UNLOGGABLE.sub(lambda match: repr(match.group())[1:-1], value)
+
+
 ###############################################################################
 # Metrics #####################################################################
 ###############################################################################
@@ -1473,7 +1494,8 @@ class Message(collections.abc.Mapping):
         return len(self._fields)
 
     def __repr__(self) -> str:
-        return f"<Message {self.app} {self.msg_type}/{self.event} key={self.dedup_key!r}>"
+        return (f"<Message {self.app} {_loggable(self.msg_type)}/{_loggable(self.event)} "
+                f"key={self.dedup_key!r}>")
 
     @property
     def items_list(self) -> list[dict[str, Any]]:
@@ -3802,7 +3824,7 @@ class _DeliveryWorker:
                      "delivering it (a handler that exhausts memory?); not delivered again")
             self.queue.bury(item_id, claim, error, gateway._clock())
             logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
-                         app.name, item_id, message.dedup_key, error)
+                         app.name, item_id, _loggable(message.dedup_key), error)
             gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
             return
         key = _store_key(message) if message.dedup_key else item_id
@@ -3831,8 +3853,8 @@ class _DeliveryWorker:
             if attempts >= app.queue_max_attempts:
                 self.queue.bury(item_id, claim, error, gateway._clock())
                 logger.error("app=%s message %s (key %s) failed %d times, moved to the "
-                             "dead letters: %s", app.name, item_id, message.dedup_key,
-                             attempts, error)
+                             "dead letters: %s", app.name, item_id,
+                             _loggable(message.dedup_key), attempts, _loggable(error))
                 gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
                 return
             # Exponential backoff with jitter (0.5x to 1.5x), so a recovering backend is not
@@ -3841,16 +3863,18 @@ class _DeliveryWorker:
             delay *= 0.5 + self._random()
             self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
             logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
-                           "%s", app.name, item_id, message.dedup_key, attempts, delay, error)
+                           "%s", app.name, item_id, _loggable(message.dedup_key), attempts,
+                           delay, _loggable(error))
             return
         if not self.queue.ack(item_id, claim, gateway._clock()):
             logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
-                           "worker will find it done", app.name, item_id, message.dedup_key)
+                           "worker will find it done", app.name, item_id,
+                           _loggable(message.dedup_key))
         gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                 app=app.name)
         logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
-                    message.event or message.msg_type, message.dedup_key, outcome, attempts,
-                    (time.monotonic() - started) * 1000)
+                    _loggable(message.event or message.msg_type), _loggable(message.dedup_key),
+                    outcome, attempts, (time.monotonic() - started) * 1000)
 
 
 ###############################################################################
@@ -4344,8 +4368,8 @@ class Gateway:
         try:
             status, headers, body = self._respond(environ)
         except Exception:  # a bug of ours: never let it escape to the server
-            logger.exception("internal error on %s %s", environ.get("REQUEST_METHOD"),
-                             environ.get("PATH_INFO"))
+            logger.exception("internal error on %s %s", _loggable(environ.get("REQUEST_METHOD")),
+                             _loggable(environ.get("PATH_INFO")))
             status, headers, body = 500, [("Content-Type", _TEXT)], b""
         headers.append(("Content-Length", str(len(body))))
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
@@ -4380,7 +4404,7 @@ class Gateway:
             self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
                                code=exc.code or "")
             logger.warning("app=%s %s refused %d rid=%s: %s", app.name, method, exc.status,
-                           _given_request_id(environ), exc.message,
+                           _given_request_id(environ), _loggable(exc.message),
                            extra={"app": app.name, "outcome": f"refused-{exc.status}",
                                   "request_id": _request_id(environ)})
             public = getattr(exc, "public", None) or exc.message
@@ -4613,14 +4637,14 @@ class Gateway:
             return exc.status, [("Content-Type", _TEXT)], b""
         except DeliveryError as exc:  # the backend failed: its reason is the whole story
             logger.error("app=%s delivery of %s (key %s) failed: %s; answering 500 so "
-                         "WeChat retries", app.name, message.event or message.msg_type, key,
-                         exc.message)
+                         "WeChat retries", app.name, _loggable(message.event or message.msg_type),
+                         _loggable(key), _loggable(exc.message))
             self._log_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         except Exception:
             logger.exception("app=%s %s raised on %s (key %s); answering 500 so WeChat "
                              "retries", app.name, _business_name(app),
-                             message.event or message.msg_type, key)
+                             _loggable(message.event or message.msg_type), _loggable(key))
             self._log_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
@@ -4673,7 +4697,7 @@ class Gateway:
             # Without the store nothing is durable: answer 500 so WeChat retries, rather
             # than acknowledge a message we might lose.
             logger.error("app=%s cannot queue %s (%s: %s); answering 500 so WeChat retries",
-                         app.name, key, type(exc).__name__, _cause(exc))
+                         app.name, _loggable(key), type(exc).__name__, _loggable(_cause(exc)))
             self._log_push(app, message, "queue-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
@@ -4689,9 +4713,11 @@ class Gateway:
         self.metrics.count("wxgate_pushes_total", app=app.name, type=label, outcome=outcome)
         if logger.isEnabledFor(logging.INFO):
             milliseconds = (time.monotonic() - started) * 1000
+            # The extra fields too: a deployer's format may show %(dedup_key)s.
+            kind, key = _loggable(kind), _loggable(message.dedup_key)
             extra = None
             if self.config.log_format == "json":  # the fields only JSON lines show
-                extra = {"app": app.name, "dedup_key": message.dedup_key, "outcome": outcome,
+                extra = {"app": app.name, "dedup_key": key, "outcome": outcome,
                          "duration_ms": round(milliseconds, 2), "msg_type": kind,
                          "request_id": _request_id(environ)}
             # logger.info would walk the stack (findCaller) to learn what this frame knows;
@@ -4702,7 +4728,7 @@ class Gateway:
             code = sys._getframe().f_code
             logger.handle(logger.makeRecord(
                 logger.name, logging.INFO, code.co_filename, sys._getframe().f_lineno,
-                _PUSH_LINE, (app.name, kind, message.dedup_key, outcome, milliseconds,
+                _PUSH_LINE, (app.name, kind, key, outcome, milliseconds,
                              _given_request_id(environ)), None, code.co_name, extra))
 
     def _deliver(self, app, message, nonce, deadline=None, aes_key=None):
@@ -4923,8 +4949,8 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
     raised: the 500 would make WeChat retry the push, and the retry only repeat a "收到" the
     user may already have.
     """
-    logger.info("demo handler got %s from %s: %s", message.event or message.msg_type,
-                message.from_user, dict(message))
+    logger.info("demo handler got %s from %s: %s", _loggable(message.event or message.msg_type),
+                _loggable(message.from_user), dict(message))
     client = message._client
     if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
             and (client.tokens._appsecret or client.tokens.grant == "cloud"):
@@ -4932,7 +4958,7 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
             client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
         except WxgateError as exc:
             logger.warning("demo handler could not send %r to %s: %s", _DEMO_ACKNOWLEDGEMENT,
-                           message.from_user, exc.message)
+                           _loggable(message.from_user), _loggable(exc.message))
     if message.msg_type == "text" and any(
             word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
         return {"MsgType": "transfer_customer_service"}
@@ -5439,7 +5465,9 @@ def _serve(args):
             self.rfile = io.BufferedReader(_DeadlineReader(self.connection, read_timeout))
 
         def log_message(self, format, *arguments):  # wxgate logs each push itself
-            logger.debug("%s %s", self.address_string(), format % arguments)
+            # The request line is the client's bytes read as latin-1: a CR or a NEL in it
+            # would reach the log as it came.
+            logger.debug("%s %s", self.address_string(), _loggable(format % arguments))
 
     level = logging.DEBUG if args.verbose else logging.INFO
     _logging_before_handlers(level)
