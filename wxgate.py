@@ -189,9 +189,15 @@ HEALTH_CHECK_EVERY = 1.0
 # How often a process waiting on another process's work looks at the shared store again.
 POLL_INTERVAL = 0.02
 
+DEFAULT_FORWARD_TIMEOUT = 4.0
+# A forward backend's answer is read up to this size. A longer one is the backend's error,
+# never sent cut: a cut JSON document, UTF-8 character or fixed reply is not the reply.
+MAX_BACKEND_REPLY_BYTES = 1 << 20
+# The longest Content-Type a reply may carry. RFC 6838 gives a type and a subtype 127
+# characters each; a charset or a boundary parameter fits in what is left.
+MAX_CONTENT_TYPE_CHARS = 256
 # Defaults of the queue's retry schedule: 1 s, 2 s, 4 s ... capped at 5 minutes, 10 attempts;
 # each delay is then jittered by 0.5x to 1.5x.
-DEFAULT_FORWARD_TIMEOUT = 4.0
 DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_RETRY_BASE = 1.0
 DEFAULT_RETRY_MAX = 300.0
@@ -1604,10 +1610,11 @@ class RawReply:
     :param body: bytes or str, sent as they are, or a dict, sent as compact UTF-8 JSON
         (``{"ErrCode":0,"ErrMsg":"success"}``). Bytes must be UTF-8, as the dedup store
         keeps text.
-    :param content_type: the reply's Content-Type header, as is.
+    :param content_type: the reply's Content-Type header, as is (sent with
+        ``X-Content-Type-Options: nosniff``, so it is what a client goes by).
     :raises TypeError: ``body`` is none of those types.
     :raises ValueError: the body is not UTF-8, or ``content_type`` is not one line of
-        printable ASCII.
+        printable ASCII, or is longer than ``MAX_CONTENT_TYPE_CHARS`` (256).
     """
 
     __slots__ = ("body", "content_type")
@@ -1635,6 +1642,9 @@ class RawReply:
         if not isinstance(content_type, str) or not _HEADER_VALUE.match(content_type):
             raise ValueError(f"RawReply content_type must be one line of printable ASCII, "
                              f"got {_shorten(content_type)}")
+        if len(content_type) > MAX_CONTENT_TYPE_CHARS:
+            raise ValueError(f"RawReply content_type is {len(content_type)} characters, over "
+                             f"{MAX_CONTENT_TYPE_CHARS}")
         self.body, self.content_type = body, content_type
 
     def __repr__(self) -> str:
@@ -3117,6 +3127,17 @@ def _forward_signature(secret, timestamp, body):
                     hashlib.sha256).hexdigest()
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: the 3xx reaches the caller as an ``HTTPError``.
+
+    urllib follows a 302 to a POST as a GET to wherever ``Location`` says, with our
+    ``X-Wxgate-*`` headers, and would hand that server's answer to WeChat as the reply.
+    """
+
+    def redirect_request(self, request, fp, code, msg, headers, newurl):
+        return None
+
+
 def _forward(app, message, *, timestamp, timeout=None):
     """POST a push to the app's backend; return its reply (None, a str, a dict or a RawReply).
 
@@ -3127,8 +3148,12 @@ def _forward(app, message, *, timestamp, timeout=None):
     With the response header ``X-Wxgate-Reply: raw``, the body and its Content-Type go to
     WeChat exactly as given, as a handler's :class:`RawReply` does.
 
-    :raises DeliveryError: the backend timed out, was unreachable, answered a non-2xx status
-        or something that is not JSON (nor a raw reply in UTF-8).
+    A redirect is not followed: a 3xx is the backend's error, like any status but 2xx. An
+    answer over ``MAX_BACKEND_REPLY_BYTES`` is an error too, never a reply sent cut.
+
+    :raises DeliveryError: the backend timed out, was unreachable, answered a non-2xx status,
+        more than ``MAX_BACKEND_REPLY_BYTES``, or something that is not JSON (nor a raw reply
+        in UTF-8 with a Content-Type a RawReply takes).
     """
     document = {"app": message.app, "dedup_key": message.dedup_key, "format": message.format,
                 "message": message._fields}
@@ -3144,14 +3169,19 @@ def _forward(app, message, *, timestamp, timeout=None):
     })
     timeout = app.forward_timeout if timeout is None else timeout
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read(1 << 20)
+        with urllib.request.build_opener(_NoRedirects).open(request, timeout=timeout) \
+                as response:
+            status, raw = response.status, response.read(MAX_BACKEND_REPLY_BYTES + 1)
             headers = response.headers
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the connection; its body is not read
         hint = ""
         if exc.code in (401, 403):  # what tests/backend.py and the README's examples answer
             hint = (f": check that [app:{app.name}] forward_secret is the secret the backend "
                     "checks X-Wxgate-Signature with, and that both clocks are right")
+        elif 300 <= exc.code < 400:  # Location is not shown: it may carry a secret too
+            hint = (": a redirect, which wxgate never follows (it would carry the push and "
+                    "its signature elsewhere); point forward at the URL that answers")
         raise DeliveryError(f"backend {_redact_url(app.forward)} answered HTTP {exc.code}"
                             f"{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -3162,6 +3192,9 @@ def _forward(app, message, *, timestamp, timeout=None):
     except (ValueError, http.client.HTTPException) as exc:
         raise DeliveryError(f"backend {_redact_url(app.forward)} failed: "
                             f"{type(exc).__name__}") from None
+    if len(raw) > MAX_BACKEND_REPLY_BYTES:
+        raise DeliveryError(f"backend {_redact_url(app.forward)} answered more than "
+                            f"{MAX_BACKEND_REPLY_BYTES} bytes; a reply is never sent cut")
     if headers.get("X-Wxgate-Reply", "").strip().lower() == "raw":
         try:
             return RawReply(raw, headers.get("Content-Type") or "text/plain; charset=utf-8")
@@ -4371,7 +4404,9 @@ class Gateway:
             logger.exception("internal error on %s %s", _loggable(environ.get("REQUEST_METHOD")),
                              _loggable(environ.get("PATH_INFO")))
             status, headers, body = 500, [("Content-Type", _TEXT)], b""
-        headers.append(("Content-Length", str(len(body))))
+        # A raw reply's Content-Type is a backend's or a handler's choice, and refusals quote
+        # what the request sent: no client may guess another type from the bytes.
+        headers += (("Content-Length", str(len(body))), ("X-Content-Type-Options", "nosniff"))
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         return [body]
 
@@ -4425,8 +4460,7 @@ class Gateway:
         self._bind_query(app, timestamp, nonce, b"")
         logger.info("app=%s handshake ok", app.name)
         # The body must be echostr exactly: no newline, no JSON, no encryption.
-        return 200, [("Content-Type", _TEXT), ("X-Content-Type-Options", "nosniff")], \
-            echostr.encode("utf-8")
+        return 200, [("Content-Type", _TEXT)], echostr.encode("utf-8")
 
     def _read_push(self, app, environ):
         """Verify, decrypt and parse a push; return ``(message, nonce, timestamp, aes_key)``
