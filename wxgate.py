@@ -1024,10 +1024,29 @@ def _parse_store_url(url, base_dir="."):
             raise ValueError("sqlite store needs a path: sqlite:///var/lib/wxgate/wxgate.db")
         return "sqlite://" + os.path.join(base_dir, path)
     if url.startswith(("redis://", "rediss://", "unix://")):
+        _check_url_userinfo(url)
         return url
     shown = url.split("://")[0] if "://" in url else _redact(url)
     raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
                      f"got {shown[:20]!r}")
+
+
+def _check_url_userinfo(url):
+    """Raise ValueError when a password or user name in ``url`` is not percent-encoded.
+
+    redis-py reads a URL as urllib does: the host starts after the last ``@`` before the
+    first ``/``, ``?`` or ``#``. A raw ``/`` in a password thus ends the host part early,
+    and a raw ``@`` after it turns the rest of the password into the host:
+    ``redis://:p@ss/w0rd@10.0.0.5/0`` connects to host ``ss`` (and asks DNS for it) on
+    every store call and health check. So the text before the URL's last ``@`` must hold
+    none of ``@/?#``. The message names the URL redacted, never the password.
+    """
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(character in userinfo for character in "@/?#"):
+        raise ValueError(
+            f"{_redact_url(url)!r}: the password (or user name) holds a raw '@', '/', '?' or "
+            "'#', which would make part of it the host; percent-encode them (@ is %40, / is "
+            "%2F, ? is %3F, # is %23), as in redis://:p%40ss%2Fword@10.0.0.5:6379/0")
 
 
 def _parse_listen(listen):
