@@ -4565,6 +4565,18 @@ class Gateway:
                 str(environ.get(name, "")).strip() for name in _CLOUD_SOURCE_HEADERS):
             raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
                               "Hosting's gateway (cloud_source_check = yes)", status=403)
+        cloud = {}
+        for name, key in _CLOUD_HEADERS:
+            value = environ.get(key)
+            if value is None:
+                continue
+            # Servers join a repeated header's values with commas (RFC 9110 5.3), and no
+            # openid, appid or env id holds one: the client sent a second copy of its own,
+            # beside or instead of the gateway's, and which is true cannot be told.
+            if "," in value:
+                raise WxgateError(f"{name} came more than once; an identity header must come "
+                                  "once, as Cloud Hosting's gateway sends it", status=400)
+            cloud[name] = value
         body = _read_body(environ, self.config.max_body_bytes)
         if not body.strip():
             raise MessageError("empty body", code=None)
@@ -4581,7 +4593,6 @@ class Gateway:
             raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
                                "check the app's mode, and the console's push settings",
                                code=None)
-        cloud = {name: environ[key] for name, key in _CLOUD_HEADERS if key in environ}
         return Message(fields, app=app.name, format=fmt, client=self._clients[app.name],
                        cloud=cloud)
 
@@ -5516,6 +5527,14 @@ def _serve(args):
             # One deadline for the whole request, not a timeout per recv(): a client
             # sending a byte every few seconds would never trip the latter.
             self.rfile = io.BufferedReader(_DeadlineReader(self.connection, read_timeout))
+
+        def get_environ(self):
+            # "X_WX_SOURCE" and "X-WX-SOURCE" map to one environ key, HTTP_X_WX_SOURCE, so
+            # a client's underscore spelling would pass for the header Cloud Hosting's
+            # gateway adds. gunicorn drops such headers, and so do we.
+            for name in {name for name in self.headers.keys() if "_" in name}:
+                del self.headers[name]
+            return super().get_environ()
 
         def log_message(self, format, *arguments):  # wxgate logs each push itself
             # The request line is the client's bytes read as latin-1: a CR or a NEL in it

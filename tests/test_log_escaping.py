@@ -10,7 +10,6 @@ and the queue, under WebTest, ``wxgate serve`` and gunicorn.
 import dataclasses
 import http.client
 import io
-import json
 import logging
 import re
 import socket
@@ -23,7 +22,7 @@ import pytest
 import webtest
 
 import wxgate
-from conftest import (APPID, NOW, OPENID, REPO, TOKEN, Recorder, build_push, event_message,
+from conftest import (APPID, NOW, REPO, TOKEN, Recorder, build_push, event_message,
                       free_port, make_config, render, text_message)
 from test_cloud import HEADERS, cloud_config
 
