@@ -5638,6 +5638,16 @@ def _check(args):
                 print(f"    warning: api_base is {_redact_url(config.api_base)}; in Cloud "
                       "Hosting set api_base = http://api.weixin.qq.com (http, as the "
                       "sidecar takes it)")
+    cloud = [f"[app:{app.name}]" for app in config.apps.values() if app.mode == "cloud"]
+    public = [f"[app:{app.name}]" for app in config.apps.values() if app.mode != "cloud"]
+    if cloud and public:
+        # WeChat's push servers reach a self-hosted URL over the internet, so a gateway that
+        # serves one has public access on; X-WX-SOURCE proves nothing on such a service.
+        print(f"warning: {', '.join(cloud)} (mode = cloud) share this gateway with "
+              f"{', '.join(public)}, which WeChat reaches from the internet: its public "
+              "access must then be on, and any client can send an X-WX-SOURCE header of "
+              "its own, so cloud_source_check = yes proves nothing; serve cloud apps from a "
+              "Cloud Hosting service with public access off, and the others apart")
     for section, option, name in unset or ():
         print(f"warning: [{section}] {option}: environment variable {name} is not set here; "
               "serve, worker and token will need it")

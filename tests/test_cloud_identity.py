@@ -18,7 +18,8 @@ import pytest
 import webtest
 
 import wxgate
-from conftest import OPENID, REPO, Recorder, free_port, render, text_message
+from conftest import AES_KEY, APPID, OPENID, REPO, TOKEN, Recorder, free_port, render, \
+    text_message
 from test_cloud import HANDLER_SOURCE, cloud_config, cloud_ini
 
 IDENTITY = ["X-WX-OPENID", "X-WX-APPID", "X-WX-UNIONID", "X-WX-ENV", "X-WX-FROM-OPENID",
@@ -130,3 +131,37 @@ def test_under_gunicorn(tmp_path):
         check_server(int(base_url.rsplit(":", 1)[1]), calls)
     finally:
         stop(process)
+
+
+# -- what the X-WX-SOURCE check proves: wxgate check ------------------------------------------
+
+
+def mixed_ini(tmp_path, *modes):
+    source = tmp_path / "mixed.ini"
+    sections = [cloud_ini(path="/cloud")]
+    for index, mode in enumerate(modes):
+        sections.append(f"[app:self{index}]\npath = /self{index}\nappid = {APPID}\n"
+                        f"token = {TOKEN}\nencoding_aes_key = {AES_KEY}\nmode = {mode}\n"
+                        "handler = wxgate:demo_handler\n")
+    source.write_text("\n".join(sections), "utf-8")
+    return source
+
+
+@pytest.mark.parametrize("modes", [("safe",), ("plain", "compat")], ids=["one", "two"])
+def test_check_warns_when_a_cloud_app_shares_a_gateway_reachable_from_the_internet(
+        tmp_path, capsys, modes):
+    assert wxgate.main(["check", str(mixed_ini(tmp_path, *modes))]) == 0
+    out = capsys.readouterr().out
+    (warning,) = [line for line in out.splitlines()
+                  if line.startswith("warning:") and "X-WX-SOURCE" in line]
+    assert "[app:cloud]" in warning and "public access" in warning
+    assert all(f"[app:self{index}]" in warning for index in range(len(modes)))
+    assert "proves nothing" in warning
+
+
+def test_check_does_not_warn_for_cloud_apps_alone(tmp_path, capsys):
+    assert wxgate.main(["check", str(mixed_ini(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "X-WX-SOURCE" in out  # what the check says about one cloud app
+    assert not [line for line in out.splitlines()
+                if line.startswith("warning:") and "X-WX-SOURCE" in line]
