@@ -241,6 +241,13 @@ _CLOUD_SOURCE_HEADERS = ("HTTP_X_WX_SOURCE", "HTTP_X_WX_SOURCES")
 # https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
 _PATH_CHECK_ACTION = "CheckContainerPath"
 
+# A refusal of a request that proved nothing (no valid signature, a Cloud Hosting push, a
+# wrong admin secret) is logged at most REFUSAL_LOG_BURST times per app in each
+# REFUSAL_LOG_WINDOW seconds: anyone can send them, and 20,000 such requests made 18,000
+# WARNING lines. wxgate_refused_total still counts every one, and a signed push's refusal
+# is always logged.
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW = 60.0
 # A push that only previous_encoding_aes_key opens is logged at most this often per app:
 # enough for the operator to see that the console still uses the old key, not a line a push.
 PREVIOUS_KEY_WARN_EVERY = 60.0
@@ -3990,6 +3997,45 @@ def _sibling_processes():
     return count
 
 
+class _LineLimit:
+    """At most ``burst`` log lines per key in each ``window`` seconds of ``clock``.
+
+    :meth:`allow` says whether a line may go out; the line then says what was held back.
+    """
+
+    def __init__(self, burst, window, clock):
+        self._burst, self._window, self._clock = burst, window, clock
+        self._lock = threading.Lock()
+        self._windows = {}  # key -> [start of its window, lines let out, lines held back]
+
+    def allow(self, key):
+        """None to hold the line back; else ``(held, last)``: how many lines the previous
+        window held back, and whether this is the last line of its window."""
+        now = self._clock()
+        # One lock: two threads at a window's edge must not both let out its last line.
+        with self._lock:
+            state = self._windows.get(key)
+            if state is None or not 0 <= now - state[0] < self._window:  # new, or the clock
+                held = state[2] if state is not None else 0               # went back
+                self._windows[key] = state = [now, 0, 0]
+            else:
+                held = 0
+            if state[1] >= self._burst:
+                state[2] += 1
+                return None
+            state[1] += 1
+            return held, state[1] == self._burst
+
+
+def _held_back_note(held, last, what):
+    """What a refusal line adds about the lines :class:`_LineLimit` held back."""
+    note = f" ({held} more refusals not logged)" if held else ""
+    if last:
+        note += (f" (the next refusals for {what} are counted in wxgate_refused_total, not "
+                 f"logged, for the rest of {REFUSAL_LOG_WINDOW:g} s)")
+    return note
+
+
 def _from_loopback(environ):
     # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
     return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
@@ -4230,6 +4276,18 @@ def _read_body(environ, limit):
     return body
 
 
+def _read_fields(body, expected):
+    """``(fields, format)`` of a push's body: refused when empty, or in a format the app
+    does not take (``expected`` is ``auto``, ``xml`` or ``json``; the other gets 415)."""
+    if not body.strip():
+        raise MessageError("empty body", code=None)
+    fmt = _sniff_format(body)
+    if expected != "auto" and fmt != expected:
+        raise MessageError(f"app expects {expected} but the body is {fmt}", status=415,
+                           code=None)
+    return _parse_body(body, fmt), fmt
+
+
 def _required(query, *names):
     missing = [name for name in names if not query.get(name)]
     if missing:
@@ -4270,6 +4328,7 @@ def _sealed_refusal(cause):
                f"(WeChat {code})"
     error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
     error.public = SEALED_REFUSAL
+    error.signed = True  # past msg_signature: logged whatever the refusal rate
     return error
 
 
@@ -4322,6 +4381,8 @@ class Gateway:
         self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
         self._previous_keys = {app.name: app.previous_aes_key for app in config.apps.values()}
         self._notes_lock = threading.Lock()
+        # Refusal lines of requests that proved nothing, per app (None: the admin token).
+        self._refusal_lines = _LineLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW, clock)
         # app name -> clock time of its latest previous-key warning
         self._previous_key_warned: dict[str, float] = {}
         self._dropped_noted: set[str] = set()  # cloud apps whose dropped reply was logged
@@ -4457,12 +4518,24 @@ class Gateway:
         except WxgateError as exc:
             self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
                                code=exc.code or "")
-            logger.warning("app=%s %s refused %d rid=%s: %s", app.name, method, exc.status,
-                           _given_request_id(environ), _loggable(exc.message),
-                           extra={"app": app.name, "outcome": f"refused-{exc.status}",
-                                  "request_id": _request_id(environ)})
+            self._log_refusal(app, method, exc, environ)
             public = getattr(exc, "public", None) or exc.message
             return exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
+
+    def _log_refusal(self, app, method, exc, environ):
+        """The WARNING line of a refused request, held back past ``REFUSAL_LOG_BURST`` a
+        window for one that proved nothing; a signed push's refusal (``exc.signed``) always
+        goes out: only WeChat, or the one body of a captured query, can cause it."""
+        note = ""
+        if not getattr(exc, "signed", False):
+            allowed = self._refusal_lines.allow(app.name)
+            if allowed is None:
+                return
+            note = _held_back_note(*allowed, f"app={app.name}")
+        logger.warning("app=%s %s refused %d rid=%s: %s%s", app.name, method, exc.status,
+                       _given_request_id(environ), _loggable(exc.message), note,
+                       extra={"app": app.name, "outcome": f"refused-{exc.status}",
+                              "request_id": _request_id(environ)})
 
     def _handshake(self, app, environ):
         if app.mode == "cloud":
@@ -4510,22 +4583,15 @@ class Gateway:
             # a genuine push refused below (a format the app does not take, a body it
             # cannot parse) still keeps its logged query from carrying another body.
             self._bind_query(app, timestamp, nonce, body)
-        if not body.strip():
-            raise MessageError("empty body", code=None)
-        fmt = _sniff_format(body)
-        if app.format != "auto" and fmt != app.format:
-            raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
-                               code=None)
-        fields = _parse_body(body, fmt)
+            try:
+                return self._read_plain(app, body), nonce, timestamp, None
+            except WxgateError as exc:
+                # Signed and bound: WeChat's own push, or the one body a captured query
+                # could carry. Its refusal line is never held back (see _log_refusal).
+                exc.signed = True
+                raise
+        fields, fmt = _read_fields(body, app.format)
         encrypt = fields.get("Encrypt")
-        if app.mode == "plain":
-            if encrypt is not None:
-                fields = {name: value for name, value in fields.items() if name != "Encrypt"}
-                if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
-                    raise MessageError("encrypted push, but the app has mode = plain: set mode "
-                                       "to compat (or safe) and its encoding_aes_key", code=None)
-            return Message(fields, app=app.name, format=fmt, encrypted=False,
-                           client=self._clients[app.name]), nonce, timestamp, None
         if encrypt is None:
             raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
         if not isinstance(encrypt, str):
@@ -4552,6 +4618,18 @@ class Gateway:
         return Message(fields, app=app.name, format=fmt, encrypted=True,
                        client=self._clients[app.name]), nonce, timestamp, aes_key
 
+    def _read_plain(self, app, body):
+        """A plain push's :class:`Message`, from its clear fields (an ``Encrypt`` beside them,
+        as in compat mode, is left out)."""
+        fields, fmt = _read_fields(body, app.format)
+        if fields.get("Encrypt") is not None:
+            fields = {name: value for name, value in fields.items() if name != "Encrypt"}
+            if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
+                raise MessageError("encrypted push, but the app has mode = plain: set mode "
+                                   "to compat (or safe) and its encoding_aes_key", code=None)
+        return Message(fields, app=app.name, format=fmt, encrypted=False,
+                       client=self._clients[app.name])
+
     def _read_cloud_push(self, app, environ):
         """A Cloud Hosting push: no signature, no encryption; None for the path check.
 
@@ -4577,14 +4655,7 @@ class Gateway:
                 raise WxgateError(f"{name} came more than once; an identity header must come "
                                   "once, as Cloud Hosting's gateway sends it", status=400)
             cloud[name] = value
-        body = _read_body(environ, self.config.max_body_bytes)
-        if not body.strip():
-            raise MessageError("empty body", code=None)
-        fmt = _sniff_format(body)
-        if app.format != "auto" and fmt != app.format:
-            raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
-                               code=None)
-        fields = _parse_body(body, fmt)
+        fields, fmt = _read_fields(_read_body(environ, self.config.max_body_bytes), app.format)
         # The console's path check is a body of one field. A push that merely carries an
         # "action" field among others is a message and goes to the handler.
         if fields.get("action") == _PATH_CHECK_ACTION and len(fields) == 1:
@@ -4869,7 +4940,10 @@ class Gateway:
         if not self.config.admin_secret or not subpath.startswith("/token/"):
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         if not self._authorized(environ):
-            logger.warning("admin token request refused: missing or wrong bearer secret")
+            allowed = self._refusal_lines.allow(None)
+            if allowed is not None:
+                logger.warning("admin token request refused: missing or wrong bearer "
+                               "secret%s", _held_back_note(*allowed, "the admin token"))
             return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
                 b"unauthorized"
         name = subpath[len("/token/"):]
@@ -5643,11 +5717,11 @@ def _check(args):
     if cloud and public:
         # WeChat's push servers reach a self-hosted URL over the internet, so a gateway that
         # serves one has public access on; X-WX-SOURCE proves nothing on such a service.
-        print(f"warning: {', '.join(cloud)} (mode = cloud) share this gateway with "
+        print(f"warning: this gateway serves mode = cloud ({', '.join(cloud)}) beside "
               f"{', '.join(public)}, which WeChat reaches from the internet: its public "
-              "access must then be on, and any client can send an X-WX-SOURCE header of "
-              "its own, so cloud_source_check = yes proves nothing; serve cloud apps from a "
-              "Cloud Hosting service with public access off, and the others apart")
+              "access is then on, and any client can send an X-WX-SOURCE header of its own, "
+              "so cloud_source_check = yes proves nothing; serve cloud apps from a Cloud "
+              "Hosting service with public access off, and the others apart")
     for section, option, name in unset or ():
         print(f"warning: [{section}] {option}: environment variable {name} is not set here; "
               "serve, worker and token will need it")
