@@ -154,6 +154,9 @@ STABLE_FORCE_GAP = 30.0
 # push would otherwise ask again; the same error is raised for this long instead.
 FAILED_FETCH_PAUSE = 60.0
 DEFAULT_ADMIN_PATH = "/_wxgate"
+# admin_secret is the bearer secret that hands out every app's access_token, and the
+# endpoint takes guesses from anyone who reaches it: a short one could be found by trying.
+MIN_ADMIN_SECRET_CHARS = 16
 # `wxgate serve` gives a client this long to send its whole request (line, headers, body):
 # WeChat sends a few kilobytes at once, and a client trickling bytes would hold a thread and
 # its descriptors for as long as it liked.
@@ -863,7 +866,7 @@ def _parse_config(text, environ, source="<config>", *, unset=None):
                                    minimum=0.1, maximum=60),
         store=_parse_store_url(store, base_dir),
         store_prefix=gateway.text("store_prefix", "wxgate"),
-        admin_secret=gateway.text("admin_secret", ""),
+        admin_secret=_check_admin_secret(gateway, gateway.text("admin_secret", "")),
         admin_path=admin_path,
         listen=listen,
         log_format=gateway.choice("log_format", ("text", "json")),
@@ -961,6 +964,16 @@ def _parse_app(reader, base_dir):
         # Its own window on a shared store: virtual payment's retries reach hours.
         dedup_ttl=reader.number("dedup_ttl", None, kind=float, minimum=1),
     )
+
+
+def _check_admin_secret(reader, secret):
+    """``admin_secret``, unless it is short enough to guess; never echoed in errors."""
+    if secret and len(secret) < MIN_ADMIN_SECRET_CHARS:
+        raise reader.error("admin_secret", f"is {_redact(secret)}: use at least "
+                           f"{MIN_ADMIN_SECRET_CHARS} random characters, as anyone who "
+                           "reaches the admin endpoints may guess it (the token line of "
+                           "`wxgate genkey` is 32 random ones)")
+    return secret
 
 
 def _check_token(reader, token):

@@ -6,7 +6,7 @@ enough to guess. Each is refused at load, with a message that never shows the se
 import pytest
 
 import wxgate
-from conftest import APPID, TOKEN
+from conftest import APPID, REPO, TOKEN
 
 
 def write(tmp_path, gateway):
@@ -82,3 +82,42 @@ def test_the_percent_encoded_password_reaches_redis_whole(tmp_path):
             ("127.0.0.1", 1, "p@ss/w0rd")
     finally:
         store.close()
+
+
+# -- admin_secret --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", ["Q", "s3cret", "fifteen-chars15"])
+def test_an_admin_secret_under_16_characters_is_refused(tmp_path, secret):
+    error = refusal(tmp_path, f"admin_secret = {secret}")
+    assert error.option == "admin_secret" and error.section == "wxgate"
+    assert "at least 16" in error.message and f"<{len(secret)} chars>" in error.message
+    assert secret not in error.message.split("admin_secret:", 1)[1]
+
+
+def test_an_admin_secret_from_the_environment_is_checked_too(tmp_path):
+    source = write(tmp_path, "admin_secret = ${WXGATE_ADMIN_SECRET}")
+    with pytest.raises(wxgate.ConfigError) as caught:
+        wxgate.load_config(source, environ={"WXGATE_ADMIN_SECRET": "short"})
+    assert caught.value.option == "admin_secret" and "short" not in caught.value.message
+    long_enough = "0123456789abcdef"
+    config = wxgate.load_config(source, environ={"WXGATE_ADMIN_SECRET": long_enough})
+    assert config.admin_secret == long_enough
+
+
+def test_no_admin_secret_still_loads_and_so_does_an_unset_one_in_check(tmp_path, capsys):
+    assert wxgate.load_config(write(tmp_path, ""), environ={}).admin_secret == ""
+    # A shell without the server's environment: check names the variable, and loads.
+    source = write(tmp_path, "admin_secret = ${WXGATE_ADMIN_SECRET_UNSET}")
+    assert wxgate.main(["check", str(source)]) == 0
+    assert "WXGATE_ADMIN_SECRET_UNSET" in capsys.readouterr().out
+
+
+def test_the_shipped_example_ini_loads(tmp_path):
+    assert wxgate.load_config(REPO / "example.ini", environ={}).apps
+    text = (REPO / "example.ini").read_text("utf-8").replace(
+        "; admin_secret = ${WXGATE_ADMIN_SECRET}", "admin_secret = ${WXGATE_ADMIN_SECRET}")
+    source = tmp_path / "example.ini"
+    source.write_text(text, "utf-8")
+    config = wxgate.load_config(source, environ={"WXGATE_ADMIN_SECRET": "k" * 32})
+    assert config.admin_secret == "k" * 32
