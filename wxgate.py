@@ -4028,8 +4028,9 @@ class _LineLimit:
         # One lock: two threads at a window's edge must not both let out its last line.
         with self._lock:
             state = self._windows.get(key)
-            if state is None or not 0 <= now - state[0] < self._window:  # new, or the clock
-                held = state[2] if state is not None else 0               # went back
+            # A key's first line, its window over, or a clock set back: a new window.
+            if state is None or not 0 <= now - state[0] < self._window:
+                held = state[2] if state is not None else 0
                 self._windows[key] = state = [now, 0, 0]
             else:
                 held = 0
