@@ -47,7 +47,7 @@ def test_an_identity_header_that_came_twice_is_refused(tmp_path, clock, caplog, 
     app.close()
 
 
-# -- real servers --------------------------------------------------------------------------------
+# -- real servers -----------------------------------------------------------------------------
 
 
 def serve_cloud(tmp_path, port):

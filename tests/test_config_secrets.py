@@ -22,7 +22,7 @@ def refusal(tmp_path, gateway):
     return caught.value
 
 
-# -- the Redis URL -------------------------------------------------------------------------------
+# -- the Redis URL ----------------------------------------------------------------------------
 
 # (URL, pieces of its password that must never be shown): redis-py reads the host after the
 # last "@" before the first "/", "?" or "#", so each of these would connect to a piece of
@@ -84,7 +84,7 @@ def test_the_percent_encoded_password_reaches_redis_whole(tmp_path):
         store.close()
 
 
-# -- admin_secret --------------------------------------------------------------------------------
+# -- admin_secret -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("secret", ["Q", "s3cret", "fifteen-chars15"])

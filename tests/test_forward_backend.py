@@ -107,7 +107,7 @@ def post(testapp, msg_id, status="*"):
     return testapp.post(f"/wechat?{query}", body, content_type="text/xml", status=status)
 
 
-# -- redirects -----------------------------------------------------------------------------------
+# -- redirects --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
@@ -128,7 +128,7 @@ def test_a_redirect_is_a_backend_error_never_followed(gateway, backend, errors, 
     assert backend.received == 2
 
 
-# -- size --------------------------------------------------------------------------------------
+# -- size -------------------------------------------------------------------------------------
 
 
 OVERSIZE = {
@@ -161,7 +161,7 @@ def test_an_answer_of_exactly_the_limit_is_sent_whole(gateway, backend):
     assert response.status_int == 200 and response.body == body
 
 
-# -- Content-Type --------------------------------------------------------------------------------
+# -- Content-Type -----------------------------------------------------------------------------
 
 
 def test_a_content_type_over_256_characters_is_refused(gateway, backend, errors):
@@ -190,7 +190,7 @@ def test_raw_reply_refuses_a_long_content_type():
     assert wxgate.RawReply("ok", "a/" + "b" * 254).content_type == "a/" + "b" * 254
 
 
-# -- nosniff ---------------------------------------------------------------------------------------
+# -- nosniff ----------------------------------------------------------------------------------
 
 
 def test_raw_replies_carry_nosniff_and_so_do_their_retries(gateway, backend):

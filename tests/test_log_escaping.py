@@ -82,7 +82,7 @@ def assert_one_line_each(records, *, expect="INJECTED"):
         assert any(expect in record.getMessage() for record in records)
 
 
-# -- the helper --------------------------------------------------------------------------------
+# -- the helper -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("break_", BREAKS + ["\x00", "\x1b[31m", "\x7f", "\x9b"],
@@ -99,7 +99,7 @@ def test_loggable_leaves_the_rest_alone(value):
     assert wxgate._loggable(value) is value
 
 
-# -- plain mode ----------------------------------------------------------------------------------
+# -- plain mode -------------------------------------------------------------------------------
 
 
 def plain_gateway(tmp_path, clock, handler=None, **kwargs):
@@ -201,7 +201,7 @@ def test_message_repr_is_one_line():
     assert len(repr(message).splitlines()) == 1 and "\n" not in repr(message)
 
 
-# -- the queue -----------------------------------------------------------------------------------
+# -- the queue --------------------------------------------------------------------------------
 
 
 def test_queued_pushes_log_one_line_each(tmp_path, clock, records):
@@ -225,7 +225,7 @@ def test_queued_pushes_log_one_line_each(tmp_path, clock, records):
     app.close()
 
 
-# -- cloud mode ----------------------------------------------------------------------------------
+# -- cloud mode -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fmt", ["xml", "json"])
@@ -249,7 +249,7 @@ def test_cloud_pushes_log_one_line_each(tmp_path, clock, records, fmt):
     failing.close()
 
 
-# -- real servers --------------------------------------------------------------------------------
+# -- real servers -----------------------------------------------------------------------------
 
 
 def plain_ini(tmp_path, port):
