@@ -160,6 +160,9 @@ STABLE_FORCE_GAP = 30.0
 # push would otherwise ask again; the same error is raised for this long instead.
 FAILED_FETCH_PAUSE = 60.0
 DEFAULT_ADMIN_PATH = "/_wxgate"
+# admin_secret is the bearer secret that hands out every app's access_token, and the
+# endpoint takes guesses from anyone who reaches it: a short one could be found by trying.
+MIN_ADMIN_SECRET_CHARS = 16
 # `wxgate serve` gives a client this long to send its whole request (line, headers, body):
 # WeChat sends a few kilobytes at once, and a client trickling bytes would hold a thread and
 # its descriptors for as long as it liked.
@@ -200,9 +203,15 @@ POLL_INTERVAL = 0.02
 # gateway, is then noticed within a second of the next push.
 STORE_VERIFY_EVERY = 1.0
 
+DEFAULT_FORWARD_TIMEOUT = 4.0
+# A forward backend's answer is read up to this size. A longer one is the backend's error,
+# never sent cut: a cut JSON document, UTF-8 character or fixed reply is not the reply.
+MAX_BACKEND_REPLY_BYTES = 1 << 20
+# The longest Content-Type a reply may carry. RFC 6838 gives a type and a subtype 127
+# characters each; a charset or a boundary parameter fits in what is left.
+MAX_CONTENT_TYPE_CHARS = 256
 # Defaults of the queue's retry schedule: 1 s, 2 s, 4 s ... capped at 5 minutes, 10 attempts;
 # each delay is then jittered by 0.5x to 1.5x.
-DEFAULT_FORWARD_TIMEOUT = 4.0
 DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_RETRY_BASE = 1.0
 DEFAULT_RETRY_MAX = 300.0
@@ -246,6 +255,13 @@ _CLOUD_SOURCE_HEADERS = ("HTTP_X_WX_SOURCE", "HTTP_X_WX_SOURCES")
 # https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
 _PATH_CHECK_ACTION = "CheckContainerPath"
 
+# A refusal of a request that proved nothing (no valid signature, a Cloud Hosting push, a
+# wrong admin secret) is logged at most REFUSAL_LOG_BURST times per app in each
+# REFUSAL_LOG_WINDOW seconds: anyone can send them, and 20,000 such requests made 18,000
+# WARNING lines. wxgate_refused_total still counts every one, and a signed push's refusal
+# is always logged.
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW = 60.0
 # A push that only previous_encoding_aes_key opens is logged at most this often per app:
 # enough for the operator to see that the console still uses the old key, not a line a push.
 PREVIOUS_KEY_WARN_EVERY = 60.0
@@ -393,6 +409,27 @@ def _redact_url(url):
     userinfo, at, rest = rest.rpartition("@")
     rest = re.split(r"[?#]", rest, maxsplit=1)[0]
     return f"{scheme}://{'***@' if at else ''}{rest}"
+
+
+# What ends or rewrites a line in a log reader: C0 controls (CR, LF, and the separators
+# str.splitlines() also breaks on), DEL, C1 controls (NEL) and Unicode's line and paragraph
+# separators.
+_UNLOGGABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _loggable(value):
+    """``value`` fit to be a log call's argument: a string's control characters escaped as
+    ``repr`` writes them (``\\n``, ``\\x85``), the rest left as it is.
+
+    Every value a request carries (a pushed MsgType, MsgId or sender, a path) goes through it
+    before it reaches a log call: a newline in a pushed field would otherwise write a line of
+    its own, a forged ``ERROR`` among them, and the formatter is the deployer's, so the
+    message itself must hold no line break. Text without control characters, the usual
+    case, is returned as it is after one ``isprintable()``.
+    """
+    if not isinstance(value, str) or value.isprintable():
+        return value
+    return _UNLOGGABLE.sub(lambda match: repr(match.group())[1:-1], value)
 
 
 ###############################################################################
@@ -842,7 +879,7 @@ def _parse_config(text, environ, source="<config>", *, unset=None):
                                    minimum=0.1, maximum=60),
         store=_parse_store_url(store, base_dir),
         store_prefix=gateway.text("store_prefix", "wxgate"),
-        admin_secret=gateway.text("admin_secret", ""),
+        admin_secret=_check_admin_secret(gateway, gateway.text("admin_secret", "")),
         admin_path=admin_path,
         listen=listen,
         log_format=gateway.choice("log_format", ("text", "json")),
@@ -942,6 +979,16 @@ def _parse_app(reader, base_dir):
     )
 
 
+def _check_admin_secret(reader, secret):
+    """``admin_secret``, unless it is short enough to guess; never echoed in errors."""
+    if secret and len(secret) < MIN_ADMIN_SECRET_CHARS:
+        raise reader.error("admin_secret", f"is {_redact(secret)}: use at least "
+                           f"{MIN_ADMIN_SECRET_CHARS} random characters, as anyone who "
+                           "reaches the admin endpoints may guess it (the token line of "
+                           "`wxgate genkey` is 32 random ones)")
+    return secret
+
+
 def _check_token(reader, token):
     """The app's token, if WeChat's console could have issued it; never echoed in errors.
 
@@ -1010,10 +1057,29 @@ def _parse_store_url(url, base_dir="."):
             raise ValueError("sqlite store needs a path: sqlite:///var/lib/wxgate/wxgate.db")
         return "sqlite://" + os.path.join(base_dir, path)
     if url.startswith(("redis://", "rediss://", "unix://")):
+        _check_url_userinfo(url)
         return url
     shown = url.split("://")[0] if "://" in url else _redact(url)
     raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
                      f"got {shown[:20]!r}")
+
+
+def _check_url_userinfo(url):
+    """Raise ValueError when a password or user name in ``url`` is not percent-encoded.
+
+    redis-py reads a URL as urllib does: the host starts after the last ``@`` before the
+    first ``/``, ``?`` or ``#``. A raw ``/`` in a password thus ends the host part early,
+    and a raw ``@`` after it turns the rest of the password into the host:
+    ``redis://:p@ss/w0rd@10.0.0.5/0`` connects to host ``ss`` (and asks DNS for it) on
+    every store call and health check. So the text before the URL's last ``@`` must hold
+    none of ``@/?#``. The message names the URL redacted, never the password.
+    """
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(character in userinfo for character in "@/?#"):
+        raise ValueError(
+            f"{_redact_url(url)!r}: the password (or user name) holds a raw '@', '/', '?' or "
+            "'#', which would make part of it the host; percent-encode them (@ is %40, / is "
+            "%2F, ? is %3F, # is %23), as in redis://:p%40ss%2Fword@10.0.0.5:6379/0")
 
 
 def _parse_listen(listen):
@@ -1601,7 +1667,8 @@ class Message(collections.abc.Mapping):
         return len(self._fields)
 
     def __repr__(self) -> str:
-        return f"<Message {self.app} {self.msg_type}/{self.event} key={self.dedup_key!r}>"
+        return (f"<Message {self.app} {_loggable(self.msg_type)}/{_loggable(self.event)} "
+                f"key={self.dedup_key!r}>")
 
     @property
     def items_list(self) -> list[dict[str, Any]]:
@@ -1710,10 +1777,11 @@ class RawReply:
     :param body: bytes or str, sent as they are, or a dict, sent as compact UTF-8 JSON
         (``{"ErrCode":0,"ErrMsg":"success"}``). Bytes must be UTF-8, as the dedup store
         keeps text.
-    :param content_type: the reply's Content-Type header, as is.
+    :param content_type: the reply's Content-Type header, as is (sent with
+        ``X-Content-Type-Options: nosniff``, so it is what a client goes by).
     :raises TypeError: ``body`` is none of those types.
     :raises ValueError: the body is not UTF-8, or ``content_type`` is not one line of
-        printable ASCII.
+        printable ASCII, or is longer than ``MAX_CONTENT_TYPE_CHARS`` (256).
     """
 
     __slots__ = ("body", "content_type")
@@ -1741,6 +1809,9 @@ class RawReply:
         if not isinstance(content_type, str) or not _HEADER_VALUE.match(content_type):
             raise ValueError(f"RawReply content_type must be one line of printable ASCII, "
                              f"got {_shorten(content_type)}")
+        if len(content_type) > MAX_CONTENT_TYPE_CHARS:
+            raise ValueError(f"RawReply content_type is {len(content_type)} characters, over "
+                             f"{MAX_CONTENT_TYPE_CHARS}")
         self.body, self.content_type = body, content_type
 
     def __repr__(self) -> str:
@@ -3422,6 +3493,17 @@ def _forward_signature(secret, timestamp, body):
                     hashlib.sha256).hexdigest()
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: the 3xx reaches the caller as an ``HTTPError``.
+
+    urllib follows a 302 to a POST as a GET to wherever ``Location`` says, with our
+    ``X-Wxgate-*`` headers, and would hand that server's answer to WeChat as the reply.
+    """
+
+    def redirect_request(self, request, fp, code, msg, headers, newurl):
+        return None
+
+
 def _forward(app, message, *, timestamp, timeout=None):
     """POST a push to the app's backend; return its reply (None, a str, a dict or a RawReply).
 
@@ -3432,8 +3514,12 @@ def _forward(app, message, *, timestamp, timeout=None):
     With the response header ``X-Wxgate-Reply: raw``, the body and its Content-Type go to
     WeChat exactly as given, as a handler's :class:`RawReply` does.
 
-    :raises DeliveryError: the backend timed out, was unreachable, answered a non-2xx status
-        or something that is not JSON (nor a raw reply in UTF-8).
+    A redirect is not followed: a 3xx is the backend's error, like any status but 2xx. An
+    answer over ``MAX_BACKEND_REPLY_BYTES`` is an error too, never a reply sent cut.
+
+    :raises DeliveryError: the backend timed out, was unreachable, answered a non-2xx status,
+        more than ``MAX_BACKEND_REPLY_BYTES``, or something that is not JSON (nor a raw reply
+        in UTF-8 with a Content-Type a RawReply takes).
     """
     document = {"app": message.app, "dedup_key": message.dedup_key, "format": message.format,
                 "message": message._fields}
@@ -3449,14 +3535,19 @@ def _forward(app, message, *, timestamp, timeout=None):
     })
     timeout = app.forward_timeout if timeout is None else timeout
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read(1 << 20)
+        with urllib.request.build_opener(_NoRedirects).open(request, timeout=timeout) \
+                as response:
+            status, raw = response.status, response.read(MAX_BACKEND_REPLY_BYTES + 1)
             headers = response.headers
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the connection; its body is not read
         hint = ""
         if exc.code in (401, 403):  # what tests/backend.py and the README's examples answer
             hint = (f": check that [app:{app.name}] forward_secret is the secret the backend "
                     "checks X-Wxgate-Signature with, and that both clocks are right")
+        elif 300 <= exc.code < 400:  # Location is not shown: it may carry a secret too
+            hint = (": a redirect, which wxgate never follows (it would carry the push and "
+                    "its signature elsewhere); point forward at the URL that answers")
         raise DeliveryError(f"backend {_redact_url(app.forward)} answered HTTP {exc.code}"
                             f"{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -3467,6 +3558,9 @@ def _forward(app, message, *, timestamp, timeout=None):
     except (ValueError, http.client.HTTPException) as exc:
         raise DeliveryError(f"backend {_redact_url(app.forward)} failed: "
                             f"{type(exc).__name__}") from None
+    if len(raw) > MAX_BACKEND_REPLY_BYTES:
+        raise DeliveryError(f"backend {_redact_url(app.forward)} answered more than "
+                            f"{MAX_BACKEND_REPLY_BYTES} bytes; a reply is never sent cut")
     if headers.get("X-Wxgate-Reply", "").strip().lower() == "raw":
         try:
             return RawReply(raw, headers.get("Content-Type") or "text/plain; charset=utf-8")
@@ -4129,7 +4223,7 @@ class _DeliveryWorker:
                      "delivering it (a handler that exhausts memory?); not delivered again")
             self.queue.bury(item_id, claim, error, gateway._clock())
             logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
-                         app.name, item_id, message.dedup_key, error)
+                         app.name, item_id, _loggable(message.dedup_key), error)
             gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
             return
         key = _store_key(message) if message.dedup_key else item_id
@@ -4158,8 +4252,8 @@ class _DeliveryWorker:
             if attempts >= app.queue_max_attempts:
                 self.queue.bury(item_id, claim, error, gateway._clock())
                 logger.error("app=%s message %s (key %s) failed %d times, moved to the "
-                             "dead letters: %s", app.name, item_id, message.dedup_key,
-                             attempts, error)
+                             "dead letters: %s", app.name, item_id,
+                             _loggable(message.dedup_key), attempts, _loggable(error))
                 gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
                 return
             # Exponential backoff with jitter (0.5x to 1.5x), so a recovering backend is not
@@ -4168,16 +4262,18 @@ class _DeliveryWorker:
             delay *= 0.5 + self._random()
             self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
             logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
-                           "%s", app.name, item_id, message.dedup_key, attempts, delay, error)
+                           "%s", app.name, item_id, _loggable(message.dedup_key), attempts,
+                           delay, _loggable(error))
             return
         if not self.queue.ack(item_id, claim, gateway._clock()):
             logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
-                           "worker will find it done", app.name, item_id, message.dedup_key)
+                           "worker will find it done", app.name, item_id,
+                           _loggable(message.dedup_key))
         gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                 app=app.name)
         logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
-                    message.event or message.msg_type, message.dedup_key, outcome, attempts,
-                    (time.monotonic() - started) * 1000)
+                    _loggable(message.event or message.msg_type), _loggable(message.dedup_key),
+                    outcome, attempts, (time.monotonic() - started) * 1000)
 
 
 ###############################################################################
@@ -4239,6 +4335,46 @@ def _sibling_processes():
         except OSError:
             pass
     return count
+
+
+class _LineLimit:
+    """At most ``burst`` log lines per key in each ``window`` seconds of ``clock``.
+
+    :meth:`allow` says whether a line may go out; the line then says what was held back.
+    """
+
+    def __init__(self, burst, window, clock):
+        self._burst, self._window, self._clock = burst, window, clock
+        self._lock = threading.Lock()
+        self._windows = {}  # key -> [start of its window, lines let out, lines held back]
+
+    def allow(self, key):
+        """None to hold the line back; else ``(held, last)``: how many lines the previous
+        window held back, and whether this is the last line of its window."""
+        now = self._clock()
+        # One lock: two threads at a window's edge must not both let out its last line.
+        with self._lock:
+            state = self._windows.get(key)
+            # A key's first line, its window over, or a clock set back: a new window.
+            if state is None or not 0 <= now - state[0] < self._window:
+                held = state[2] if state is not None else 0
+                self._windows[key] = state = [now, 0, 0]
+            else:
+                held = 0
+            if state[1] >= self._burst:
+                state[2] += 1
+                return None
+            state[1] += 1
+            return held, state[1] == self._burst
+
+
+def _held_back_note(held, last, what):
+    """What a refusal line adds about the lines :class:`_LineLimit` held back."""
+    note = f" ({held} more refusals not logged)" if held else ""
+    if last:
+        note += (f" (the next refusals for {what} are counted in wxgate_refused_total, not "
+                 f"logged, for the rest of {REFUSAL_LOG_WINDOW:g} s)")
+    return note
 
 
 def _from_loopback(environ):
@@ -4481,6 +4617,18 @@ def _read_body(environ, limit):
     return body
 
 
+def _read_fields(body, expected):
+    """``(fields, format)`` of a push's body: refused when empty, or in a format the app
+    does not take (``expected`` is ``auto``, ``xml`` or ``json``; the other gets 415)."""
+    if not body.strip():
+        raise MessageError("empty body", code=None)
+    fmt = _sniff_format(body)
+    if expected != "auto" and fmt != expected:
+        raise MessageError(f"app expects {expected} but the body is {fmt}", status=415,
+                           code=None)
+    return _parse_body(body, fmt), fmt
+
+
 def _required(query, *names):
     missing = [name for name in names if not query.get(name)]
     if missing:
@@ -4521,6 +4669,7 @@ def _sealed_refusal(cause):
                f"(WeChat {code})"
     error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
     error.public = SEALED_REFUSAL
+    error.signed = True  # past msg_signature: logged whatever the refusal rate
     return error
 
 
@@ -4582,6 +4731,8 @@ class Gateway:
         self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
         self._previous_keys = {app.name: app.previous_aes_key for app in config.apps.values()}
         self._notes_lock = threading.Lock()
+        # Refusal lines of requests that proved nothing, per app (None: the admin token).
+        self._refusal_lines = _LineLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW, clock)
         # app name -> clock time of its latest previous-key warning
         self._previous_key_warned: dict[str, float] = {}
         self._dropped_noted: set[str] = set()  # cloud apps whose dropped reply was logged
@@ -4681,10 +4832,12 @@ class Gateway:
         try:
             status, headers, body = self._respond(environ)
         except Exception:  # a bug of ours: never let it escape to the server
-            logger.exception("internal error on %s %s", environ.get("REQUEST_METHOD"),
-                             environ.get("PATH_INFO"))
+            logger.exception("internal error on %s %s", _loggable(environ.get("REQUEST_METHOD")),
+                             _loggable(environ.get("PATH_INFO")))
             status, headers, body = 500, [("Content-Type", _TEXT)], b""
-        headers.append(("Content-Length", str(len(body))))
+        # A raw reply's Content-Type is a backend's or a handler's choice, and refusals quote
+        # what the request sent: no client may guess another type from the bytes.
+        headers += (("Content-Length", str(len(body))), ("X-Content-Type-Options", "nosniff"))
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         return [body]
 
@@ -4716,12 +4869,24 @@ class Gateway:
         except WxgateError as exc:
             self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
                                code=exc.code or "")
-            logger.warning("app=%s %s refused %d rid=%s: %s", app.name, method, exc.status,
-                           _given_request_id(environ), exc.message,
-                           extra={"app": app.name, "outcome": f"refused-{exc.status}",
-                                  "request_id": _request_id(environ)})
+            self._log_refusal(app, method, exc, environ)
             public = getattr(exc, "public", None) or exc.message
             return exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
+
+    def _log_refusal(self, app, method, exc, environ):
+        """The WARNING line of a refused request, held back past ``REFUSAL_LOG_BURST`` a
+        window for one that proved nothing; a signed push's refusal (``exc.signed``) always
+        goes out: only WeChat, or the one body of a captured query, can cause it."""
+        note = ""
+        if not getattr(exc, "signed", False):
+            allowed = self._refusal_lines.allow(app.name)
+            if allowed is None:
+                return
+            note = _held_back_note(*allowed, f"app={app.name}")
+        logger.warning("app=%s %s refused %d rid=%s: %s%s", app.name, method, exc.status,
+                       _given_request_id(environ), _loggable(exc.message), note,
+                       extra={"app": app.name, "outcome": f"refused-{exc.status}",
+                              "request_id": _request_id(environ)})
 
     def _handshake(self, app, environ):
         if app.mode == "cloud":
@@ -4738,8 +4903,7 @@ class Gateway:
         self._bind_query(app, timestamp, nonce, b"")
         logger.info("app=%s handshake ok", app.name)
         # The body must be echostr exactly: no newline, no JSON, no encryption.
-        return 200, [("Content-Type", _TEXT), ("X-Content-Type-Options", "nosniff")], \
-            echostr.encode("utf-8")
+        return 200, [("Content-Type", _TEXT)], echostr.encode("utf-8")
 
     def _read_push(self, app, environ):
         """Verify, decrypt and parse a push; return ``(message, nonce, timestamp, aes_key)``
@@ -4751,6 +4915,11 @@ class Gateway:
         covered by no signature. A plain app reads those clear fields, so the console can move
         to compat first; its only protection is the URL ``signature``, which does not cover
         the body (the README says what that means).
+
+        When a query is bound to its body (see :meth:`_bind_query`) depends on what proves
+        the body: in safe and compat modes ``msg_signature``, so a body binds only once it
+        has passed; the URL ``signature`` alone would let whoever saw a query first bind it
+        to garbage, and WeChat's genuine push and all its retries would then be refused.
         """
         if app.mode == "cloud":
             return self._read_cloud_push(app, environ), "", None, None
@@ -4759,31 +4928,21 @@ class Gateway:
         _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
         if app.mode == "plain":  # checked before we even read the body
             check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
-            signed = True
-        else:  # WeChat sends the URL signature in every mode; it is not required here
-            signed = self._signed(app, query, timestamp, nonce)
         body = _read_body(environ, self.config.max_body_bytes)
-        if signed:
-            # Bound before any other check: a genuine push refused below (a format the app
-            # does not take, a body it cannot parse) still keeps its logged query from
-            # carrying another body.
-            self._bind_query(app, timestamp, nonce, body)
-        if not body.strip():
-            raise MessageError("empty body", code=None)
-        fmt = _sniff_format(body)
-        if app.format != "auto" and fmt != app.format:
-            raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
-                               code=None)
-        fields = _parse_body(body, fmt)
-        encrypt = fields.get("Encrypt")
         if app.mode == "plain":
-            if encrypt is not None:
-                fields = {name: value for name, value in fields.items() if name != "Encrypt"}
-                if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
-                    raise MessageError("encrypted push, but the app has mode = plain: set mode "
-                                       "to compat (or safe) and its encoding_aes_key", code=None)
-            return Message(fields, app=app.name, format=fmt, encrypted=False,
-                           client=self._clients[app.name]), nonce, timestamp, None
+            # The URL signature is all a plain push has, so it binds before any other check:
+            # a genuine push refused below (a format the app does not take, a body it
+            # cannot parse) still keeps its logged query from carrying another body.
+            self._bind_query(app, timestamp, nonce, body)
+            try:
+                return self._read_plain(app, body), nonce, timestamp, None
+            except WxgateError as exc:
+                # Signed and bound: WeChat's own push, or the one body a captured query
+                # could carry. Its refusal line is never held back (see _log_refusal).
+                exc.signed = True
+                raise
+        fields, fmt = _read_fields(body, app.format)
+        encrypt = fields.get("Encrypt")
         if encrypt is None:
             raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
         if not isinstance(encrypt, str):
@@ -4791,8 +4950,7 @@ class Gateway:
         # msg_signature covers Encrypt: check it before decoding a single byte.
         signature = _required(query, "msg_signature")[0]
         check_signature(signature, app.token, timestamp, nonce, encrypt)
-        if not signed:
-            self._bind_query(app, timestamp, nonce, body)
+        self._bind_query(app, timestamp, nonce, body)
         try:
             text, aes_key = self._decrypt(app, encrypt)
             inner = text.encode()
@@ -4811,6 +4969,18 @@ class Gateway:
         return Message(fields, app=app.name, format=fmt, encrypted=True,
                        client=self._clients[app.name]), nonce, timestamp, aes_key
 
+    def _read_plain(self, app, body):
+        """A plain push's :class:`Message`, from its clear fields (an ``Encrypt`` beside them,
+        as in compat mode, is left out)."""
+        fields, fmt = _read_fields(body, app.format)
+        if fields.get("Encrypt") is not None:
+            fields = {name: value for name, value in fields.items() if name != "Encrypt"}
+            if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
+                raise MessageError("encrypted push, but the app has mode = plain: set mode "
+                                   "to compat (or safe) and its encoding_aes_key", code=None)
+        return Message(fields, app=app.name, format=fmt, encrypted=False,
+                       client=self._clients[app.name])
+
     def _read_cloud_push(self, app, environ):
         """A Cloud Hosting push: no signature, no encryption; None for the path check.
 
@@ -4824,14 +4994,19 @@ class Gateway:
                 str(environ.get(name, "")).strip() for name in _CLOUD_SOURCE_HEADERS):
             raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
                               "Hosting's gateway (cloud_source_check = yes)", status=403)
-        body = _read_body(environ, self.config.max_body_bytes)
-        if not body.strip():
-            raise MessageError("empty body", code=None)
-        fmt = _sniff_format(body)
-        if app.format != "auto" and fmt != app.format:
-            raise MessageError(f"app expects {app.format} but the body is {fmt}", status=415,
-                               code=None)
-        fields = _parse_body(body, fmt)
+        cloud = {}
+        for name, key in _CLOUD_HEADERS:
+            value = environ.get(key)
+            if value is None:
+                continue
+            # Servers join a repeated header's values with commas (RFC 9110 5.3), and no
+            # openid, appid or env id holds one: the client sent a second copy of its own,
+            # beside or instead of the gateway's, and which is true cannot be told.
+            if "," in value:
+                raise WxgateError(f"{name} came more than once; an identity header must come "
+                                  "once, as Cloud Hosting's gateway sends it", status=400)
+            cloud[name] = value
+        fields, fmt = _read_fields(_read_body(environ, self.config.max_body_bytes), app.format)
         # The console's path check is a body of one field. A push that merely carries an
         # "action" field among others is a message and goes to the handler.
         if fields.get("action") == _PATH_CHECK_ACTION and len(fields) == 1:
@@ -4840,7 +5015,6 @@ class Gateway:
             raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
                                "check the app's mode, and the console's push settings",
                                code=None)
-        cloud = {name: environ[key] for name, key in _CLOUD_HEADERS if key in environ}
         return Message(fields, app=app.name, format=fmt, client=self._clients[app.name],
                        cloud=cloud)
 
@@ -4892,18 +5066,6 @@ class Gateway:
             return ttl
         return max(ttl, int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
 
-    @staticmethod
-    def _signed(app, query, timestamp, nonce):
-        """Whether the query's URL ``signature`` (optional in compat and safe modes) is valid."""
-        signature = query.get("signature")
-        if not signature:
-            return False
-        try:
-            check_signature(signature, app.token, timestamp, nonce)
-        except SignatureError:
-            return False
-        return True
-
     def _bind_query(self, app, timestamp, nonce, body):
         """Bind one signed query to one body until its timestamp leaves the window.
 
@@ -4916,8 +5078,9 @@ class Gateway:
         The key is the app, timestamp and nonce, whatever signature came with them: the
         console's handshake (a GET, bound to an empty body), a plain push's ``signature``
         and an encrypted one's ``msg_signature`` for one timestamp and nonce are one query,
-        bound once. Only a validly signed request binds (the caller checks first), so a
-        forger cannot occupy the key of a query WeChat has yet to send.
+        bound once. Only a validly signed request binds (the caller checks first: the URL
+        ``signature`` in plain mode, ``msg_signature`` in the encrypted ones), so a forger
+        cannot occupy the key of a query WeChat has yet to send.
         """
         query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
             "utf-8", "surrogateescape")).hexdigest()
@@ -4961,14 +5124,14 @@ class Gateway:
             return exc.status, [("Content-Type", _TEXT)], b""
         except DeliveryError as exc:  # the backend failed: its reason is the whole story
             logger.error("app=%s delivery of %s (key %s) failed: %s; answering 500 so "
-                         "WeChat retries", app.name, message.event or message.msg_type, key,
-                         exc.message)
+                         "WeChat retries", app.name, _loggable(message.event or message.msg_type),
+                         _loggable(key), _loggable(exc.message))
             self._log_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         except Exception:
             logger.exception("app=%s %s raised on %s (key %s); answering 500 so WeChat "
                              "retries", app.name, _business_name(app),
-                             message.event or message.msg_type, key)
+                             _loggable(message.event or message.msg_type), _loggable(key))
             self._log_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
@@ -5022,7 +5185,7 @@ class Gateway:
             # Without the store nothing is durable: answer 500 so WeChat retries, rather
             # than acknowledge a message we might lose.
             logger.error("app=%s cannot queue %s (%s: %s); answering 500 so WeChat retries",
-                         app.name, key, type(exc).__name__, _cause(exc))
+                         app.name, _loggable(key), type(exc).__name__, _loggable(_cause(exc)))
             self._log_push(app, message, "queue-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
@@ -5038,9 +5201,11 @@ class Gateway:
         self.metrics.count("wxgate_pushes_total", app=app.name, type=label, outcome=outcome)
         if logger.isEnabledFor(logging.INFO):
             milliseconds = (time.monotonic() - started) * 1000
+            # The extra fields too: a deployer's format may show %(dedup_key)s.
+            kind, key = _loggable(kind), _loggable(message.dedup_key)
             extra = None
             if self.config.log_format == "json":  # the fields only JSON lines show
-                extra = {"app": app.name, "dedup_key": message.dedup_key, "outcome": outcome,
+                extra = {"app": app.name, "dedup_key": key, "outcome": outcome,
                          "duration_ms": round(milliseconds, 2), "msg_type": kind,
                          "request_id": _request_id(environ)}
             # logger.info would walk the stack (findCaller) to learn what this frame knows;
@@ -5051,7 +5216,7 @@ class Gateway:
             code = sys._getframe().f_code
             logger.handle(logger.makeRecord(
                 logger.name, logging.INFO, code.co_filename, sys._getframe().f_lineno,
-                _PUSH_LINE, (app.name, kind, message.dedup_key, outcome, milliseconds,
+                _PUSH_LINE, (app.name, kind, key, outcome, milliseconds,
                              _given_request_id(environ)), None, code.co_name, extra))
 
     def _deliver(self, app, message, nonce, deadline=None, aes_key=None):
@@ -5128,7 +5293,10 @@ class Gateway:
         if not self.config.admin_secret or not subpath.startswith("/token/"):
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         if not self._authorized(environ):
-            logger.warning("admin token request refused: missing or wrong bearer secret")
+            allowed = self._refusal_lines.allow(None)
+            if allowed is not None:
+                logger.warning("admin token request refused: missing or wrong bearer "
+                               "secret%s", _held_back_note(*allowed, "the admin token"))
             return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
                 b"unauthorized"
         name = subpath[len("/token/"):]
@@ -5278,8 +5446,8 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
     raised: the 500 would make WeChat retry the push, and the retry only repeat a "收到" the
     user may already have.
     """
-    logger.info("demo handler got %s from %s: %s", message.event or message.msg_type,
-                message.from_user, dict(message))
+    logger.info("demo handler got %s from %s: %s", _loggable(message.event or message.msg_type),
+                _loggable(message.from_user), dict(message))
     client = message._client
     if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
             and (client.tokens._appsecret or client.tokens.grant == "cloud"):
@@ -5287,7 +5455,7 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
             client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
         except WxgateError as exc:
             logger.warning("demo handler could not send %r to %s: %s", _DEMO_ACKNOWLEDGEMENT,
-                           message.from_user, exc.message)
+                           _loggable(message.from_user), _loggable(exc.message))
     if message.msg_type == "text" and any(
             word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
         return {"MsgType": "transfer_customer_service"}
@@ -5815,8 +5983,18 @@ def _serve(args):
             # sending a byte every few seconds would never trip the latter.
             self.rfile = io.BufferedReader(_DeadlineReader(self.connection, read_timeout))
 
+        def get_environ(self):
+            # "X_WX_SOURCE" and "X-WX-SOURCE" map to one environ key, HTTP_X_WX_SOURCE, so
+            # a client's underscore spelling would pass for the header Cloud Hosting's
+            # gateway adds. gunicorn drops such headers, and so do we.
+            for name in {name for name in self.headers.keys() if "_" in name}:
+                del self.headers[name]
+            return super().get_environ()
+
         def log_message(self, format, *arguments):  # wxgate logs each push itself
-            logger.debug("%s %s", self.address_string(), format % arguments)
+            # The request line is the client's bytes read as latin-1: a CR or a NEL in it
+            # would reach the log as it came.
+            logger.debug("%s %s", self.address_string(), _loggable(format % arguments))
 
     level = logging.DEBUG if args.verbose else logging.INFO
     _logging_before_handlers(level)
@@ -5915,6 +6093,16 @@ def _check(args):
                 print(f"    warning: api_base is {_redact_url(config.api_base)}; in Cloud "
                       "Hosting set api_base = http://api.weixin.qq.com (http, as the "
                       "sidecar takes it)")
+    cloud = [f"[app:{app.name}]" for app in config.apps.values() if app.mode == "cloud"]
+    public = [f"[app:{app.name}]" for app in config.apps.values() if app.mode != "cloud"]
+    if cloud and public:
+        # WeChat's push servers reach a self-hosted URL over the internet, so a gateway that
+        # serves one has public access on; X-WX-SOURCE proves nothing on such a service.
+        print(f"warning: this gateway serves mode = cloud ({', '.join(cloud)}) beside "
+              f"{', '.join(public)}, which WeChat reaches from the internet: its public "
+              "access is then on, and any client can send an X-WX-SOURCE header of its own, "
+              "so cloud_source_check = yes proves nothing; serve cloud apps from a Cloud "
+              "Hosting service with public access off, and the others apart")
     for section, option, name in unset or ():
         print(f"warning: [{section}] {option}: environment variable {name} is not set here; "
               "serve, worker and token will need it")

@@ -42,7 +42,6 @@ _spec.loader.exec_module(pipeline)
 # issues require and the floor does not do; "gateway" is wxgate's own bookkeeping.
 WHY = {
     "query string → dict (_query) + _required": "floor + parse_qsl",
-    "URL signature (sha1, _signed)": "issue 10 (to bind the query)",
     "read body (_read_body, incl. BytesIO)": "floor (given)",
     "query bind (sha1 id + sha256 body + store add)": "issue 10",
     "outer XML parse (_sniff_format + _parse_body)": "floor",
@@ -104,11 +103,6 @@ def main(argv=None):
             q = wxgate._query(e)
             wxgate._required(q, "timestamp", "nonce")
             wxgate._required(q, "msg_signature")
-
-    def s_signed(items, _):
-        signed = gateway._signed
-        for q in items:
-            signed(app, q, q["timestamp"], q["nonce"])
 
     def s_body(items, _):
         BytesIO, read = io.BytesIO, wxgate._read_body
@@ -174,7 +168,6 @@ def main(argv=None):
 
     stages = [
         ("query string → dict (_query) + _required", s_query, envs, None),
-        ("URL signature (sha1, _signed)", s_signed, queries, None),
         ("read body (_read_body, incl. BytesIO)", s_body,
          list(zip([dict(e) for e in envs], pushes)), None),
         ("query bind (sha1 id + sha256 body + store add)", s_bind,

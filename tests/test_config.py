@@ -212,10 +212,10 @@ def test_env_references_are_expanded_from_the_environ_argument(tmp_path, monkeyp
                                         token="${WXGATE_TEST_TOKEN}"),
                           environ={"WXGATE_TEST_TOKEN": "fromArgument",
                                    "WXGATE_TEST_SECRET": SECRET_APPSECRET,
-                                   "WXGATE_TEST_ADMIN": "mid"})
+                                   "WXGATE_TEST_ADMIN": "mid0123456789"})
     assert config.apps["a"].token == "fromArgument"
     assert config.apps["a"].appsecret == SECRET_APPSECRET
-    assert config.admin_secret == "pre-mid-post"
+    assert config.admin_secret == "pre-mid0123456789-post"
 
 
 def test_os_environ_is_not_consulted_when_environ_is_given(tmp_path, monkeypatch):
@@ -257,10 +257,12 @@ def test_missing_env_variable_names_file_section_option_and_variable(tmp_path, s
                                     "a${1X}b", "100%$%{x}", "${lower-case}"])
 def test_dollar_and_percent_elsewhere_stay_literal(tmp_path, secret):
     # Not in the token: WeChat's tokens are letters and digits, and wxgate refuses others.
-    config, _ = load_text(tmp_path, ini(f"admin_secret = {secret}", f"appsecret = {secret}"),
+    # admin_secret takes 16 characters or more: the value is padded to that.
+    padded = f"{secret}-and-long-enough"
+    config, _ = load_text(tmp_path, ini(f"admin_secret = {padded}", f"appsecret = {secret}"),
                           environ={"HOME": "/root", "x": "X", "token": "T"})
     assert config.apps["a"].appsecret == secret
-    assert config.admin_secret == secret
+    assert config.admin_secret == padded
 
 
 @pytest.mark.parametrize("written, environ", [

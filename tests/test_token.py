@@ -25,7 +25,7 @@ from serving import start_gunicorn, stop
 GRANTS = ["stable", "classic"]
 TOKEN_PATHS = {"stable": STABLE_TOKEN_PATH, "classic": TOKEN_PATH}
 WRONG_SECRET = "f" * 32
-ADMIN_SECRET = "s3cret"
+ADMIN_SECRET = "s3cret-admin-bearer-0001"
 ADMIN = "/_wxgate/token"
 
 
