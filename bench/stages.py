@@ -4,7 +4,7 @@
     python bench/stages.py --quick    # a few seconds, rougher figures
 
 Each stage is one of the calls ``App._read_push`` / ``App._push`` make, timed alone in a hot
-loop on the pushes ``pipeline.py`` builds (20000 distinct safe-mode XML texts), with the
+loop on the pushes ``pipeline.py`` builds (10000 distinct safe-mode XML texts), with the
 arguments the app would pass it; stateful stages (the query bind, the dedup claim) get a
 fresh app per repeat so every key is new. Best of the repeats. The whole push through the
 WSGI callable is timed the same way; "between the stages" is the whole minus the sum (call
@@ -76,7 +76,7 @@ def main(argv=None):
     tmp = tempfile.TemporaryDirectory(prefix="wxgate-stages-")
     pushes = pipeline.build_inputs(count)["safe-xml-text"]
 
-    def new_gateway():  # quietly: timestamp_window = 0 is warned about on every make_app
+    def new_gateway():  # quietly: make_app may warn about the memory store
         logging.getLogger("wxgate").setLevel(logging.ERROR)
         try:
             return pipeline.make_wxgate(tmp.name, pipeline.CountingHandler())
