@@ -145,7 +145,8 @@ STARTUPS = {"python3 -c pass": ["-c", "pass"],
 
 def import_times(runs=5):
     """``python3 -X importtime -c 'import wxgate'``, the run with the median total: a list of
-    ``(cumulative µs, self µs, depth, module)`` in import order."""
+    ``(cumulative µs, self µs, depth, module)`` in the order the imports finished (a module's
+    line comes after those of the modules it imported; wxgate's is the last, depth 0)."""
     parsed = []
     for _ in range(runs):
         out = subprocess.run([SYSTEM_PYTHON, "-X", "importtime", "-c",
@@ -233,22 +234,19 @@ def main():
           "what a push needs (mean over mean).")
     total = next(row[0] for row in imports if row[3] == "wxgate")
     print(f"\n`{SYSTEM_PYTHON} -X importtime -c 'import wxgate'` (median of 5 runs): "
-          f"{total / 1000:.1f} ms in all; wxgate's own body {imports[-1][1] / 1000:.1f} ms; "
-          "what it imports, by cumulative time (a module imported through another is counted "
-          "in the first):\n")
-    print("| module (imported by) | cumulative ms | self ms |")
-    print("|---|---:|---:|")
-    tops, parent = [], []
-    for cumulative, own, depth, name in imports:
-        del parent[depth:]
-        parent.append(name)
-        if depth == 1:  # imported by wxgate itself, since wxgate is the last line, depth 0
-            tops.append((cumulative, own, name, ""))
-    for cumulative, own, depth, name in imports:  # the biggest modules at any depth
-        if depth > 1 and cumulative >= 2000:
-            tops.append((cumulative, own, "  " * (depth - 1) + name, "(nested)"))
-    for cumulative, own, name, note in sorted(tops, key=lambda r: -r[0])[:20]:
-        print(f"| {name} {note} | {cumulative / 1000:.1f} | {own / 1000:.1f} |")
+          f"{total / 1000:.1f} ms in all, of which wxgate's own body {imports[-1][1] / 1000:.1f}"
+          " ms. The biggest imports, by cumulative time; \"via\": what wxgate imports that "
+          "brought it in (a module is counted under the first that imported it):\n")
+    print("| module | via | cumulative ms | self ms |")
+    print("|---|---|---:|---:|")
+    rows, ancestors = [], {}
+    for cumulative, own, depth, name in reversed(imports):  # a parent's line follows its own
+        ancestors[depth] = name
+        if depth >= 1:
+            via = ancestors[1] if depth > 1 else "(wxgate)"
+            rows.append((cumulative, own, name, via))
+    for cumulative, own, name, via in sorted(rows, key=lambda row: -row[0])[:20]:
+        print(f"| {name} | {via} | {cumulative / 1000:.1f} | {own / 1000:.1f} |")
 
 
 if __name__ == "__main__":
