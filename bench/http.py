@@ -30,7 +30,9 @@ script. The table says which rows deduplicate (and so remember every push) and w
 
 Besides requests per second and latency it reports the CPU time the gunicorn processes used
 per request (from /proc), which a busy machine disturbs less than throughput, and the resident
-memory (VmRSS) of each gunicorn worker after the round, averaged over the workers.
+memory (VmRSS) of each gunicorn worker, averaged over the workers, after the warm-up (the code
+loaded, a few thousand pushes seen) and after the round (by then a row that deduplicates
+holds the keys of every push it handled).
 
 The client is wrk (``apt-get install wrk``) with one thread and a Lua script that sends the
 prepared requests in order; where wrk is missing, Python threads on raw sockets send a fixed
@@ -440,12 +442,14 @@ def main(argv=None):
                     if client == "wrk":  # warm-up, then the round
                         run_wrk(server.port, folder, warmup_file, WARMUP_SECONDS,
                                 args.connections)
+                        rss = worker_rss(server.process.pid)
                         cpu = cpu_seconds(server.process.pid)
                         store_cpu = process_cpu(redis_process.pid) if redis_process else 0
                         result = run_wrk(server.port, folder, measured_file, seconds,
                                          args.connections)
                     else:
                         run_python(server.port, warmup, len(warmup), args.connections)
+                        rss = worker_rss(server.process.pid)
                         cpu = cpu_seconds(server.process.pid)
                         store_cpu = process_cpu(redis_process.pid) if redis_process else 0
                         result = run_python(server.port, measured, count, args.connections)
@@ -453,7 +457,7 @@ def main(argv=None):
                     if redis_process is not None:  # redis-server's own work, not in "cpu"
                         result["store_cpu"] = (process_cpu(redis_process.pid)
                                                - store_cpu) / result["requests"]
-                    result["rss"] = worker_rss(server.process.pid)
+                    result["rss"], result["rss_warm"] = worker_rss(server.process.pid), rss
                 finally:
                     server.stop()
                 if result["errors"]:
@@ -471,7 +475,8 @@ def main(argv=None):
                 results[name].append(result)
                 print(f"  {name:<24} {result['rps']:>9,.0f} req/s  p50 {result['p50']:.2f} ms"
                       f"  p99 {result['p99']:.2f} ms  errors {result['errors']}  server CPU "
-                      f"{result['cpu'] * 1e6:.0f} µs/req  RSS {result['rss']:.1f} MiB",
+                      f"{result['cpu'] * 1e6:.0f} µs/req  RSS {result['rss_warm']:.1f} → "
+                      f"{result['rss']:.1f} MiB",
                       file=sys.stderr)
     finally:
         if redis_process is not None:  # ours, by its own handle
@@ -487,14 +492,14 @@ def report(servers, results, client, args, seconds, count, rounds, elapsed, dedu
     cpu = {name: min(r["cpu"] for r in runs) for name, runs in results.items()}
     base = best.get("trivial app", {}).get("rps")
     header = (f"{'server':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-              f"{'CPU µs/req':>11} {'of trivial':>11} {'RSS MiB':>8}  dedup")
+              f"{'CPU µs/req':>11} {'of trivial':>11} {'RSS MiB':>13}  dedup")
     print(header)
     print("-" * len(header))
     for name, r in best.items():
         share = f"{r['rps'] / base:>10.0%}" if base else f"{'-':>10}"
         print(f"{name:<24} {r['rps']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
               f"{r['errors']:>7} {cpu[name] * 1e6:>11.0f} {share} "
-              f"{r['rss']:>8.1f}  {servers[name][3]}")
+              f"{r['rss_warm']:>6.1f} {r['rss']:>6.1f}  {servers[name][3]}")
     print()
     if rounds > 1:
         print("rounds (req/s, CPU µs/req):")
@@ -529,7 +534,8 @@ def report(servers, results, client, args, seconds, count, rounds, elapsed, dedu
           f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs: {cpu_model()}")
     print("peers: " + ", ".join(f"{name} {version(name)}" for name in (
         "Flask", "Werkzeug", "wechatpy", "WeRoBot", "bottle", "xmltodict", "cryptography")))
-    print("RSS MiB: mean VmRSS of the gunicorn workers after the round")
+    print("RSS MiB: mean VmRSS of the gunicorn workers after the warm-up, then after the "
+          "round (a row that deduplicates holds the keys of the round's pushes by then)")
 
 
 if __name__ == "__main__":

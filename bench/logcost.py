@@ -21,9 +21,8 @@ Two kinds of figures, both in CPU time (``time.process_time``, user + system, so
   %-formatting and the time formatting, the stream's ``write`` and the handler's ``flush``,
   and our own work in ``_log_push`` before the call (the ``extra`` fields, ``_request_id``).
 
-The cheaper line of issue 13 is in wxgate itself (its prototype lives in git history: commit
-f714de3). To compare with an older wxgate, run this script twice, once with ``WXGATE_SRC``
-pointing at a folder holding the older wxgate.py.
+To compare with an older wxgate, run this script twice, once with ``WXGATE_SRC`` pointing at
+a folder holding the older wxgate.py.
 """
 
 import os
@@ -146,7 +145,7 @@ def measure_parts(gateway, log_format, n, repeats):
     parts["handler.flush() after it"] = handler.flush
     parts["logger.info(...) whole call (the old path)"] = lambda: logger.info(
         fmt, *args, extra=extra)
-    parts["makeRecord + Logger.handle (issue 13's path)"] = lambda: logger.handle(
+    parts["makeRecord + Logger.handle (wxgate's path)"] = lambda: logger.handle(
         logger.makeRecord(logger.name, logging.INFO, __file__, 1, fmt, args, None,
                           "_log_push", extra))
     return {name: best_per_call(fn, n, repeats) * 1e6 for name, fn in parts.items()}
