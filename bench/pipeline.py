@@ -1,7 +1,7 @@
 """Pushes per second through the WSGI callable, in-process: wxgate beside its peers.
 
     pip install -r bench/requirements.txt
-    python bench/pipeline.py            # about a minute
+    python bench/pipeline.py            # about 90 s
     python bench/pipeline.py --quick    # a few seconds, rougher figures
     python bench/pipeline.py --profile safe-xml-text   # cProfile of wxgate on one case
 
