@@ -14,10 +14,14 @@ suite's ``tests/serving.py``) serves the same ini two ways, side by side in the 
 
 Both use ``store = sqlite`` (CGI must: nothing else survives a request), safe mode, a handler
 that does nothing, and log their per-push INFO line to Apache's error log, as deployed. The
-client sends safe-mode XML text pushes one at a time (each with its own MsgId, so none is a
-duplicate), a new connection each, and reports milliseconds per request. Rounds alternate
-between the two and the best round of each is kept. Two more rows split the CGI cost: the
-interpreter starting and exiting (``python3 -c pass``) and also importing wxgate.
+client sends safe-mode XML text pushes one at a time (each with its own MsgId and nonce, so
+none is a duplicate, in every round), a new connection each, and reports milliseconds per
+request. Three more rows, the same interpreter started without Apache, split the CGI cost:
+starting and exiting (``python3 -c pass``), importing what a push needs at the least
+(pycryptodome's AES, hashlib, base64, json, sqlite3 and xml.etree: the yardstick of a CGI
+push) and importing wxgate. Rounds take turns across all five rows, and the best round of each
+is kept. Last, ``python3 -X importtime -c 'import wxgate'`` (five runs, the median one) lists
+what the import spends its time on.
 """
 
 import os
@@ -29,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 import argparse
+import itertools
 import platform
 import pwd
 import shutil
@@ -59,6 +64,7 @@ from wxgate import application  # noqa: E402
 
 CGIHandler().run(application)
 """
+_nonces = itertools.count(415670741)  # one per push: a signed query binds one body
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -110,9 +116,9 @@ def send(url, target, body):
 def one_round(url, count, first_id):
     pushes = []
     now = int(time.time())
-    for i in range(count):
+    for i in range(count):  # a new MsgId and nonce each: no push is sent twice
         query, body = build_push(text_message("bench", msg_id=str(first_id + i)), fmt="xml",
-                                 timestamp=now, nonce=str(1000 + i))
+                                 timestamp=now, nonce=str(next(_nonces)))
         pushes.append((f"/wechat?{query}", body))
     times = []
     for target, body in pushes:
@@ -120,6 +126,47 @@ def one_round(url, count, first_id):
         send(url, target, body)
         times.append((time.perf_counter() - started) * 1000)
     return times
+
+
+# What a safe-mode push needs at the least, imported by a bare interpreter: the yardstick of a
+# CGI push. Debian's python3-pycryptodome installs the library as Cryptodome.
+PUSH_NEEDS = """\
+try:
+    from Crypto.Cipher import AES
+except ImportError:
+    from Cryptodome.Cipher import AES
+import base64, hashlib, json, sqlite3, xml.etree.ElementTree
+"""
+STARTUPS = {"python3 -c pass": ["-c", "pass"],
+            "python3 importing what a push needs": ["-c", PUSH_NEEDS],
+            "python3 -c 'import wxgate'": ["-c", "import sys; sys.path.insert(0, '.'); "
+                                           "import wxgate"]}
+
+
+def import_times(runs=5):
+    """``python3 -X importtime -c 'import wxgate'``, the run with the median total: a list of
+    ``(cumulative µs, self µs, depth, module)`` in the order the imports finished (a module's
+    line comes after those of the modules it imported; wxgate's is the last, depth 0)."""
+    parsed = []
+    for _ in range(runs):
+        out = subprocess.run([SYSTEM_PYTHON, "-X", "importtime", "-c",
+                              "import sys; sys.path.insert(0, '.'); import wxgate"],
+                             cwd=REPO, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                             text=True, check=True).stderr
+        rows = []
+        for line in out.splitlines():
+            if not line.startswith("import time:") or "cumulative" in line:
+                continue
+            own, cumulative, name = line[len("import time:"):].split("|")
+            depth = (len(name) - len(name.lstrip())) // 2
+            rows.append((int(cumulative), int(own), depth, name.strip()))
+            if depth == 0:  # a top-level import closes its subtree, which came before it
+                if name.strip() == "wxgate":
+                    break
+                del rows[:]  # another's (site and its .pth files): not wxgate's
+        parsed.append(rows)
+    parsed.sort(key=lambda rows: sum(row[1] for row in rows))
+    return parsed[len(parsed) // 2]
 
 
 def startup(arguments, count):
@@ -159,10 +206,11 @@ def main():
                 next_id += per_round[name]
                 if name not in best or statistics.mean(times) < statistics.mean(best[name]):
                     best[name] = times
-        starts = {"python3 -c pass": startup(["-c", "pass"], 10 if args.quick else 30),
-                  "python3 -c 'import wxgate'": startup(
-                      ["-c", "import sys; sys.path.insert(0, '.'); import wxgate"],
-                      10 if args.quick else 30)}
+            for name, arguments in STARTUPS.items():
+                times = startup(arguments, 10 if args.quick else 30)
+                if name not in best or statistics.mean(times) < statistics.mean(best[name]):
+                    best[name] = times
+        imports = import_times()
     finally:
         if process is not None:
             stop(process)
@@ -181,9 +229,28 @@ def main():
         mean = statistics.mean(times)
         print(f"| {name} | {len(times)} | {mean:.1f} | {statistics.median(times):.1f} | "
               f"{times[int(len(times) * 0.9) - 1]:.1f} | {mean / base_mean:.1f} |")
-    for name, times in starts.items():
+    for name in STARTUPS:
+        times = best[name]
         print(f"| ({name}, no request) | {len(times)} | {statistics.mean(times):.1f} | "
               f"{statistics.median(times):.1f} | | |")
+    needs = statistics.mean(best["python3 importing what a push needs"])
+    print(f"\nA CGI push: {statistics.mean(best['CGI']) / needs:.2f}x an interpreter importing "
+          "what a push needs (mean over mean).")
+    total = next(row[0] for row in imports if row[3] == "wxgate")
+    print(f"\n`{SYSTEM_PYTHON} -X importtime -c 'import wxgate'` (median of 5 runs): "
+          f"{total / 1000:.1f} ms in all, of which wxgate's own body {imports[-1][1] / 1000:.1f}"
+          " ms. The biggest imports, by cumulative time; \"via\": what wxgate imports that "
+          "brought it in (a module is counted under the first that imported it):\n")
+    print("| module | via | cumulative ms | self ms |")
+    print("|---|---|---:|---:|")
+    rows, ancestors = [], {}
+    for cumulative, own, depth, name in reversed(imports):  # a parent's line follows its own
+        ancestors[depth] = name
+        if depth >= 1:
+            via = ancestors[1] if depth > 1 else "(wxgate)"
+            rows.append((cumulative, own, name, via))
+    for cumulative, own, name, via in sorted(rows, key=lambda row: -row[0])[:20]:
+        print(f"| {name} | {via} | {cumulative / 1000:.1f} | {own / 1000:.1f} |")
 
 
 if __name__ == "__main__":

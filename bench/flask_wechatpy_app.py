@@ -4,8 +4,8 @@ The usual recipe from wechatpy's documentation and a thousand blog posts: one Fl
 ``WeChatCrypto.decrypt_message`` (which checks msg_signature, Base64-decodes, AES-decrypts and
 checks the appid), ``parse_message``, a dict of MsgIds already seen so WeChat's retries are
 answered without running the business code twice, and ``success``. The business code does
-nothing, like wxgate's no-op handler in the same benchmark. No per-push log line: a view like
-this usually has none (gunicorn's access log is off for every server in the bench).
+nothing, like wxgate's no-op handler in the same benchmark. One log line per push, as wxgate
+writes (gunicorn's access log is off for every server in the bench).
 """
 
 import time
@@ -14,6 +14,8 @@ from flask import Flask, abort, request
 from wechatpy import parse_message
 from wechatpy.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException
+
+from trivial_app import push_logger
 
 # The bench app's secrets, as in bench/http.py.
 TOKEN = "benchtoken123"
@@ -24,6 +26,7 @@ app = Flask(__name__)
 crypto = WeChatCrypto(TOKEN, AES_KEY, APPID)
 seen = {}  # MsgId (or FromUserName + CreateTime for events) -> when it was first seen
 SEEN_LIMIT = 10000  # forget the oldest half past this, so the dict cannot grow without bound
+log = push_logger("flask_wechatpy_app")
 
 
 def handle(message):
@@ -43,12 +46,14 @@ def wechat():
     message = parse_message(xml)
     key = message.id or f"{message.source}{message.create_time}{message.type}"
     if key in seen:
+        log.info("push type=%s key=%s outcome=duplicate", message.type, key)
         return "success"
     seen[key] = time.time()
     if len(seen) > SEEN_LIMIT:
         for old in list(seen)[:SEEN_LIMIT // 2]:  # dicts keep insertion order
             del seen[old]
     handle(message)
+    log.info("push type=%s key=%s outcome=handled", message.type, key)
     return "success"
 
 

@@ -1,34 +1,44 @@
-"""wxgate under gunicorn on loopback against a trivial WSGI app under the same settings.
+"""wxgate under gunicorn on loopback beside its peers and two yardsticks, same settings for all.
 
     pip install -r bench/requirements.txt
-    python bench/http.py            # about a minute and a half
-    python bench/http.py --quick    # about 15 s, rougher figures
+    python bench/http.py                    # about two minutes
+    python bench/http.py --quick            # about 30 s, rougher figures
+    python bench/http.py --sqlite --redis   # also wxgate on the sqlite and Redis stores
 
 Every server is started the same way: ``gunicorn -w 2 -k sync -b 127.0.0.1:PORT`` (gunicorn's
-sync workers close the connection after each response, so every request opens one):
+sync workers close the connection after each response, so every request opens one), access
+log off, and every one writes one log line per push to stderr, as wxgate does:
 
-- the trivial app (bench/trivial_app.py) reads the body and answers ``success``;
+- the trivial app (bench/trivial_app.py) reads the body, logs a line and answers ``success``;
 - the floor app (same file) also does what a safe-mode push needs and nothing more: split the
   query, check msg_signature, decrypt, parse;
-- wxgate (``wxgate:application``) in safe mode with a no-op handler, as deployed: with its
-  per-push INFO line on stderr, and once more with that line off (``--sqlite`` adds a row on
-  the sqlite store);
+- wxgate (``wxgate:application``) in safe mode with a no-op handler, as deployed: its per-push
+  INFO line on stderr, and once more with that line off; ``--sqlite`` and ``--redis`` add
+  rows on those stores (``--redis`` starts its own redis-server on a free loopback port);
 - what users would run instead: Flask + wechatpy, the hand-written view that checks,
   decrypts, parses, dedups in a dict and answers ``success`` (bench/flask_wechatpy_app.py),
-  and WeRoBot's WSGI app with sessions off (bench/werobot_app.py); both with a no-op handler.
+  and WeRoBot's WSGI app with sessions off (bench/werobot_app.py); both with a no-op handler
+  that logs a line.
 
-The same client sends them all the same safe-mode XML text pushes, each with its own MsgId
-(20000 of them, built up front; wxgate's LRU is set to 1000 keys, so a push that comes round
-again has long been evicted and is processed in full). Besides requests per second and
-latency it reports the CPU time the gunicorn processes used per request (from /proc), which
-a busy machine disturbs less than throughput, and the resident memory (VmRSS) of each gunicorn
-worker after the round, averaged over the workers.
+Every push is new to every server. Each round builds its own pushes (a new nonce, so a new
+signed query, and a new MsgId each; the round's timestamp): one set for the warm-up and
+another for the measured run, so the measured run sends no push the warm-up sent. Every
+server start begins with empty state (a new process; a new sqlite file; a new Redis key
+prefix), and wxgate's ``dedup_size`` is above the pushes of a round, so its LRU never evicts
+during one. A measured run that used up its pushes (and so would have resent some) stops the
+script. The table says which rows deduplicate (and so remember every push) and which do not.
 
-The client is wrk (``apt-get install wrk``) with one thread, so pushes go out in order and no
-two are in flight at once, and a Lua script that cycles through the prepared requests; where
-wrk is missing, Python threads on raw sockets send a fixed number of requests (that client
-costs more CPU, which the servers then do not get: compare ratios, not absolute figures,
-across clients). Rounds alternate between the servers and the best round of each is kept.
+Besides requests per second and latency it reports the CPU time the gunicorn processes used
+per request (from /proc), which a busy machine disturbs less than throughput, and the resident
+memory (VmRSS) of each gunicorn worker, averaged over the workers, after the warm-up (the code
+loaded, a few thousand pushes seen) and after the round (by then a row that deduplicates
+holds the keys of every push it handled).
+
+The client is wrk (``apt-get install wrk``) with one thread and a Lua script that sends the
+prepared requests in order; where wrk is missing, Python threads on raw sockets send a fixed
+number of requests (that client costs more CPU, which the servers then do not get: compare
+ratios, not absolute figures, across clients). Rounds alternate between the servers; each row
+shows its best round's req/s and latency and the lowest CPU per request of its rounds.
 """
 
 import os
@@ -43,6 +53,7 @@ import argparse
 import base64
 import hashlib
 import platform
+import py_compile
 import shutil
 import socket
 import struct
@@ -62,7 +73,6 @@ RAW_KEY = base64.b64decode(AES_KEY + "=")
 APPID = "wx2c2769f8efd9abc2"
 GH_ID = "gh_10f6c3c3ac5a"
 OPENID = "oyORnuP8q7ou2gfYjqLzSIWZf0rs"
-DISTINCT = 20000
 
 
 # -- the pushes ----------------------------------------------------------------------------
@@ -79,11 +89,12 @@ def aes_encrypt(plaintext, prefix=b"a8eedb185eb2fecf"):
     return base64.b64encode(AES.new(RAW_KEY, AES.MODE_CBC, RAW_KEY[:16]).encrypt(buffer)).decode()
 
 
-def make_pushes(count, now):
-    """``(target, body)`` pairs: safe-mode XML text pushes with distinct MsgIds."""
+def make_pushes(count, now, first):
+    """``(target, body)`` pairs: safe-mode XML text pushes ``first``, ``first + 1``, ...; each
+    has its own nonce (its own signed query) and its own MsgId."""
     pushes = []
     timestamp = str(now)
-    for i in range(count):
+    for i in range(first, first + count):
         nonce = str(415670741 + i)
         inner = (f"<xml><ToUserName><![CDATA[{GH_ID}]]></ToUserName>"
                  f"<FromUserName><![CDATA[{OPENID}]]></FromUserName>"
@@ -101,15 +112,43 @@ def make_pushes(count, now):
     return pushes
 
 
-def write_config(folder, store):
-    path = os.path.join(folder, "bench.ini")
+def write_pushes(path, pushes):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"{target}\t{body}\n" for target, body in pushes)
+
+
+def write_config(path, store, dedup_size, prefix="wxgate"):
+    """The ini of every wxgate row: the defaults but for the store and ``dedup_size``."""
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join([
-            "[wxgate]", "timestamp_window = 300", "dedup_size = 1000", f"store = {store}", "",
+            "[wxgate]", f"store = {store}", f"store_prefix = {prefix}",
+            f"dedup_size = {dedup_size}", "",
             "[app:bench]", "path = /wechat", f"appid = {APPID}", f"token = {TOKEN}",
             f"encoding_aes_key = {AES_KEY}", "mode = safe", "format = auto",
             "handler = trivial_app:noop_handler", ""]))
     return path
+
+
+def start_redis(folder):
+    """A redis-server of our own on a free loopback port (no persistence); ``(process, url)``."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--redis needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+         "no", "--dir", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise SystemExit("redis-server did not start")
 
 
 # -- gunicorn ------------------------------------------------------------------------------
@@ -135,6 +174,13 @@ def cpu_seconds(master):
         if int(name) == master or int(fields[1]) == master:  # fields[1] is the ppid
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick
+
+
+def process_cpu(pid):
+    """CPU time (user + system) of one process so far; Linux only."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def worker_rss(master):
@@ -179,8 +225,16 @@ class Server:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        with open(self.log.name, encoding="utf-8") as f:
-            raise SystemExit(f"gunicorn did not start:\n{f.read()[-2000:]}")
+        raise SystemExit(f"gunicorn did not start:\n{self.log_tail()}")
+
+    def log_tail(self, size=2000):
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()[-size:]
+
+    def log_lines(self, marker):
+        """Lines of the server's stderr holding ``marker``, once it has stopped."""
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return sum(marker in line for line in f)
 
     def stop(self):
         if self.process.poll() is None:  # our own master, by pid; its workers follow it
@@ -299,6 +353,26 @@ def version(name):
         return "not installed"
 
 
+# name -> (key for --rows, gunicorn target, which store, what it deduplicates)
+ROWS = {
+    "trivial app": ("trivial", "trivial_app:app", None, "no"),
+    "floor app": ("floor", "trivial_app:floor_app", None, "no"),
+    "wxgate": ("wxgate", "wxgate:application", "memory", "yes, per worker (memory)"),
+    "wxgate, push log off": ("wxgate-quiet", "trivial_app:wxgate_quiet()", "memory",
+                             "yes, per worker (memory)"),
+    "Flask + wechatpy": ("flask", "flask_wechatpy_app:app", None, "yes, per worker (dict)"),
+    "WeRoBot, sessions off": ("werobot", "werobot_app:app", None, "no"),
+    "wxgate, sqlite store": ("wxgate-sqlite", "wxgate:application", "sqlite",
+                             "yes, shared (sqlite)"),
+    "wxgate, Redis store": ("wxgate-redis", "wxgate:application", "redis",
+                            "yes, shared (Redis)"),
+}
+# wrk sends at most this many requests per second here (the trivial app reaches about 6,500
+# on the 2-core machine of bench/README.md); a measured run gets this many pushes per second.
+MAX_RATE = 12000
+WARMUP_SECONDS = 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, rougher figures")
@@ -312,92 +386,162 @@ def main(argv=None):
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--sqlite", action="store_true",
                         help="also run wxgate with store = sqlite (shared by the workers)")
+    parser.add_argument("--redis", action="store_true",
+                        help="also run wxgate with store = redis (starts a redis-server)")
+    parser.add_argument("--rows", help="comma-separated subset of: "
+                        + ", ".join(key for key, *_ in ROWS.values()))
     args = parser.parse_args(argv)
     client = args.client
     if client == "auto":
         client = "wrk" if shutil.which("wrk") else "python"
     seconds = args.seconds or (2 if args.quick else 6)
-    count = min(args.requests or (1500 if args.quick else 6000), DISTINCT)
+    count = args.requests or (1500 if args.quick else 6000)
     rounds = args.rounds or (1 if args.quick else 3)
+    wanted = {name for name, (key, *_) in ROWS.items()
+              if (args.rows and key in args.rows.split(","))
+              or (not args.rows and (key not in ("wxgate-sqlite", "wxgate-redis")
+                                     or (key == "wxgate-sqlite" and args.sqlite)
+                                     or (key == "wxgate-redis" and args.redis)))}
+    servers = {name: row for name, row in ROWS.items() if name in wanted}
+    warmup_count = 400 if client == "python" else int(MAX_RATE * WARMUP_SECONDS)
+    measured_count = count if client == "python" else int(MAX_RATE * seconds)
+    # Above the pushes of a round, so no wxgate row evicts a key during one.
+    dedup_size = warmup_count + measured_count + 1000
 
     folder = tempfile.mkdtemp(prefix="wxgate-http-bench-")
     for name in ("trivial_app.py", "flask_wechatpy_app.py", "werobot_app.py"):
         shutil.copy(os.path.join(HERE, name), folder)
-    pushes = make_pushes(DISTINCT, int(time.time()))
-    requests_file = os.path.join(folder, "pushes.tsv")
-    with open(requests_file, "w", encoding="utf-8") as f:
-        f.writelines(f"{target}\t{body}\n" for target, body in pushes)
-
-    memory = {"WXGATE_CONFIG": write_config(folder, "memory")}
-    servers = {
-        "trivial app": ("trivial_app:app", {}),
-        "floor app": ("trivial_app:floor_app", {}),
-        "wxgate": ("wxgate:application", memory),
-        "wxgate, push log off": ("trivial_app:wxgate_quiet()", memory),
-        "Flask + wechatpy": ("flask_wechatpy_app:app", {}),
-        "WeRoBot, sessions off": ("werobot_app:app", {}),
-    }
-    if args.sqlite:
-        db = os.path.join(folder, "wxgate.db")
-        servers["wxgate, sqlite store"] = (
-            "wxgate:application", {"WXGATE_CONFIG": write_config(folder, f"sqlite://{db}")})
-
+        py_compile.compile(os.path.join(folder, name))
+    # Bytecode compiled ahead, as an installed package has it: with PYTHONDONTWRITEBYTECODE
+    # set, or a folder it cannot write to, each worker would compile wxgate.py itself and
+    # keep about 10 MiB more for good.
+    py_compile.compile(os.path.join(REPO, "wxgate.py"))
+    redis_process = redis_url = None
     results = {name: [] for name in servers}
     started = time.perf_counter()
+    starts = 0
     try:
+        if any(store == "redis" for _, _, store, _ in servers.values()):
+            redis_process, redis_url = start_redis(folder)
+        serial = 0
         for _ in range(rounds):
-            for name, (target, env) in servers.items():
+            # This round's pushes, none sent before: the warm-up's, then the measured run's.
+            now = int(time.time())
+            warmup = make_pushes(warmup_count, now, serial)
+            measured = make_pushes(measured_count, now, serial + warmup_count)
+            serial += warmup_count + measured_count
+            warmup_file = os.path.join(folder, "warmup.tsv")
+            measured_file = os.path.join(folder, "measured.tsv")
+            write_pushes(warmup_file, warmup)
+            write_pushes(measured_file, measured)
+            for name, (_, target, store, _) in servers.items():
+                starts += 1  # every start gets empty state: a new file, a new key prefix
+                env = {}
+                if store is not None:
+                    url = {"memory": "memory", "redis": redis_url,
+                           "sqlite": f"sqlite://{folder}/wxgate-{starts}.db"}[store]
+                    env["WXGATE_CONFIG"] = write_config(
+                        os.path.join(folder, f"wxgate-{starts}.ini"), url, dedup_size,
+                        prefix=f"bench{starts}")
                 server = Server(target, folder, args.workers, env)
                 try:
                     if client == "wrk":  # warm-up, then the round
-                        run_wrk(server.port, folder, requests_file, 1, args.connections)
+                        run_wrk(server.port, folder, warmup_file, WARMUP_SECONDS,
+                                args.connections)
+                        rss = worker_rss(server.process.pid)
                         cpu = cpu_seconds(server.process.pid)
-                        result = run_wrk(server.port, folder, requests_file, seconds,
+                        store_cpu = process_cpu(redis_process.pid) if redis_process else 0
+                        result = run_wrk(server.port, folder, measured_file, seconds,
                                          args.connections)
                     else:
-                        run_python(server.port, pushes[-200:], 200, args.connections)
+                        run_python(server.port, warmup, len(warmup), args.connections)
+                        rss = worker_rss(server.process.pid)
                         cpu = cpu_seconds(server.process.pid)
-                        result = run_python(server.port, pushes, count, args.connections)
+                        store_cpu = process_cpu(redis_process.pid) if redis_process else 0
+                        result = run_python(server.port, measured, count, args.connections)
                     result["cpu"] = (cpu_seconds(server.process.pid) - cpu) / result["requests"]
-                    result["rss"] = worker_rss(server.process.pid)
+                    if redis_process is not None:  # redis-server's own work, not in "cpu"
+                        result["store_cpu"] = (process_cpu(redis_process.pid)
+                                               - store_cpu) / result["requests"]
+                    result["rss"], result["rss_warm"] = worker_rss(server.process.pid), rss
                 finally:
                     server.stop()
+                if result["errors"]:
+                    raise SystemExit(f"{name}: {result['errors']} requests failed; its log "
+                                     f"ends:\n{server.log_tail()}")
+                lines = server.log_lines(" INFO ")
+                quiet = name == "wxgate, push log off"
+                if (lines > 0) if quiet else (lines < result["requests"]):
+                    raise SystemExit(f"{name}: {lines} INFO lines for {result['requests']} "
+                                     "requests: the rows' logging would differ")
+                if result["requests"] + args.connections > len(measured):
+                    raise SystemExit(
+                        f"{name}: the measured run used up its {len(measured)} pushes and "
+                        "would have sent some again: raise MAX_RATE in bench/http.py")
                 results[name].append(result)
                 print(f"  {name:<24} {result['rps']:>9,.0f} req/s  p50 {result['p50']:.2f} ms"
                       f"  p99 {result['p99']:.2f} ms  errors {result['errors']}  server CPU "
-                      f"{result['cpu'] * 1e6:.0f} µs/req  RSS {result['rss']:.1f} MiB",
+                      f"{result['cpu'] * 1e6:.0f} µs/req  RSS {result['rss_warm']:.1f} → "
+                      f"{result['rss']:.1f} MiB",
                       file=sys.stderr)
     finally:
+        if redis_process is not None:  # ours, by its own handle
+            redis_process.kill()
+            redis_process.wait()
         shutil.rmtree(folder, ignore_errors=True)
     elapsed = time.perf_counter() - started
+    report(servers, results, client, args, seconds, count, rounds, elapsed, dedup_size)
 
+
+def report(servers, results, client, args, seconds, count, rounds, elapsed, dedup_size):
     best = {name: max(runs, key=lambda r: r["rps"]) for name, runs in results.items()}
-    base = best["trivial app"]["rps"]
+    cpu = {name: min(r["cpu"] for r in runs) for name, runs in results.items()}
+    base = best.get("trivial app", {}).get("rps")
     header = (f"{'server':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-              f"{'CPU µs/req':>11} {'of trivial':>11} {'RSS MiB':>8}")
+              f"{'CPU µs/req':>11} {'of trivial':>11} {'RSS MiB':>13}  dedup")
     print(header)
     print("-" * len(header))
     for name, r in best.items():
-        spread = ""
-        if len(results[name]) > 1:
-            rates = ", ".join(f"{x['rps']:,.0f}" for x in results[name])
-            spread = f"   (rounds: {rates})"
+        share = f"{r['rps'] / base:>10.0%}" if base else f"{'-':>10}"
         print(f"{name:<24} {r['rps']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
-              f"{r['errors']:>7} {r['cpu'] * 1e6:>11.0f} {r['rps'] / base:>10.0%} "
-              f"{r['rss']:>8.1f}{spread}")
+              f"{r['errors']:>7} {cpu[name] * 1e6:>11.0f} {share} "
+              f"{r['rss_warm']:>6.1f} {r['rss']:>6.1f}  {servers[name][3]}")
     print()
+    if rounds > 1:
+        print("rounds (req/s, CPU µs/req):")
+        for name, runs in results.items():
+            print(f"  {name:<24} " + ", ".join(f"{x['rps']:,.0f} / {x['cpu'] * 1e6:.0f}"
+                                                for x in runs))
+        print()
+    if "wxgate, Redis store" in results:
+        redis_cpu = min(r["store_cpu"] for r in results["wxgate, Redis store"])
+        print(f"wxgate, Redis store: redis-server spent {redis_cpu * 1e6:.0f} µs of CPU per "
+              "request on top of the column (its lowest round)")
+    if "wxgate" in cpu and "WeRoBot, sessions off" in cpu:
+        print(f"wxgate's CPU per push over WeRoBot's: "
+              f"{cpu['wxgate'] / cpu['WeRoBot, sessions off']:.2f}")
+    if {"wxgate", "trivial app", "floor app"} <= set(cpu):
+        above, floor = cpu["wxgate"] - cpu["trivial app"], cpu["floor app"] - cpu["trivial app"]
+        ratio = f" ({above / floor:.2f}x)" if floor > 0 else ""
+        print(f"CPU above the trivial app: wxgate {above * 1e6:.0f} µs, floor app "
+              f"{floor * 1e6:.0f} µs{ratio}")
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout \
         if client == "wrk" else ""
     print(f"client: {client} {wrk.split()[1] if wrk else ''} with {args.connections} "
           f"connections; gunicorn {version('gunicorn')} -w {args.workers} -k sync; "
           f"best of {rounds} round(s) of "
           + (f"{seconds:g} s" if client == "wrk" else f"{count} requests")
-          + f"; {elapsed:.0f} s in all")
+          + f" (req/s and latency: the best round's; CPU: the lowest round's); "
+          f"{elapsed:.0f} s in all")
+    print(f"every push new to every server; wxgate dedup_size = {dedup_size} (no eviction "
+          "within a round); every server logs one line per push to stderr, except the row "
+          "'push log off'")
     print(f"Python {platform.python_version()} ({platform.python_implementation()}), "
           f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs: {cpu_model()}")
     print("peers: " + ", ".join(f"{name} {version(name)}" for name in (
         "Flask", "Werkzeug", "wechatpy", "WeRoBot", "bottle", "xmltodict", "cryptography")))
-    print("RSS MiB: mean VmRSS of the gunicorn workers after the round")
+    print("RSS MiB: mean VmRSS of the gunicorn workers after the warm-up, then after the "
+          "round (a row that deduplicates holds the keys of the round's pushes by then)")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
 ``app`` is the least a WSGI push endpoint can do: read the body, answer ``success``.
 ``floor_app`` adds the least a safe-mode endpoint must do: split the query, check
 ``msg_signature`` (sha1), Base64-decode and AES-CBC-decrypt ``Encrypt`` (pycryptodome), check
-the appid and parse the message with ``xml.etree``; no dedup, no handler, no logging.
+the appid and parse the message with ``xml.etree``; no dedup, no handler.
 ``noop_handler`` is wxgate's handler in the same benchmark, so no server runs business code.
+
+Every server of the benchmark writes one log line per push to stderr, as wxgate does with its
+per-push INFO line; :func:`push_logger` is the peers' (the standard ``StreamHandler`` and a
+``Formatter`` of the same shape as wxgate's text line).
 """
 
 import base64
 import hashlib
+import logging
 import urllib.parse
 import xml.etree.ElementTree as ET
 
@@ -19,8 +24,24 @@ APPID = b"wx2c2769f8efd9abc2"
 _KEY = base64.b64decode(AES_KEY + "=")
 
 
+def push_logger(name):
+    """A logger that writes one INFO line per call to stderr (gunicorn's error log here)."""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+_log = push_logger("bench")
+
+
 def app(environ, start_response):
-    environ["wsgi.input"].read()
+    body = environ["wsgi.input"].read()
+    _log.info("request path=%s bytes=%d outcome=answered", environ.get("PATH_INFO"), len(body))
     start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
                               ("Content-Length", "7")])
     return [b"success"]
@@ -46,6 +67,7 @@ def floor_app(environ, start_response):
     if not fields.get("MsgId"):
         start_response("400 Bad Request", [("Content-Length", "0")])
         return [b""]
+    _log.info("push type=%s key=%s outcome=handled", fields.get("MsgType"), fields["MsgId"])
     start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
                               ("Content-Length", "7")])
     return [b"success"]
