@@ -284,7 +284,6 @@ GEN_RETURN_ERROR = -40011
 # Errors ######################################################################
 ###############################################################################
 
-
 # The default of ``WxgateError(code=...)``: the class's own code (None is a real choice).
 _CLASS_CODE: Any = object()
 
@@ -433,123 +432,8 @@ def _loggable(value):
 
 
 ###############################################################################
-# Metrics #####################################################################
+# Configuration objects #######################################################
 ###############################################################################
-
-_METRIC_HELP = {
-    "wxgate_pushes_total": ("counter", "Pushes answered, by app, message type and outcome."),
-    "wxgate_duplicates_total": ("counter", "WeChat retries answered from the dedup store."),
-    "wxgate_refused_total": ("counter", "Requests refused, by app, status and WeChat code."),
-    "wxgate_query_reused_total": ("counter", "Signed queries sent again with another body."),
-    "wxgate_previous_key_total": ("counter", "Pushes decrypted with previous_encoding_aes_key."),
-    "wxgate_handler_seconds": ("histogram", "Time in business code (handler or forward)."),
-    "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
-    "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
-    "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
-    "wxgate_store_lost_total": ("counter", "Times this process found the shared store had "
-                                "lost its data (Redis emptied, sqlite file deleted)."),
-    "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
-    "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
-    "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
-}
-_HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def _label_text(labels):
-    return ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels)
-
-
-def _escape_label(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class _Metrics:
-    """This process's counters and histograms, rendered in Prometheus' text format.
-
-    Each gunicorn worker counts its own requests (as prometheus_client does without its
-    multiprocess mode); queue gauges are read from the shared store at scrape time.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counters = {}
-        self._histograms = {}
-        self._keys = {}
-
-    def _key(self, name, labels):
-        # Counting is on every push's path: remember each label set's normalised key.
-        raw = (name, *labels.items())
-        try:
-            key = self._keys.get(raw)
-        except TypeError:  # an unhashable label value (a MsgType that is a list)
-            raw, key = None, None
-        if key is None:
-            # Label values as text: a code may be -40001 (int) or "" and must sort together.
-            # A pushed MsgType is a label: cap its length, and keep it encodable.
-            key = name, tuple(sorted(
-                (label, str(value)[:64].encode("utf-8", "backslashreplace").decode("utf-8"))
-                for label, value in labels.items()))
-            if raw is not None and len(self._keys) < 10000:
-                self._keys[raw] = key
-        return key
-
-    def count(self, name, amount=1, **labels):
-        key = self._key(name, labels)
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + amount
-
-    def observe(self, name, value, **labels):
-        key = self._key(name, labels)
-        with self._lock:
-            histogram = self._histograms.get(key)
-            if histogram is None:
-                histogram = self._histograms[key] = [0] * (len(_HISTOGRAM_BUCKETS) + 3)
-            # One slot per bucket here (the last for +Inf); render() makes them cumulative.
-            histogram[bisect.bisect_left(_HISTOGRAM_BUCKETS, value)] += 1
-            histogram[-2] += value
-            histogram[-1] += 1
-
-    def value(self, name, **labels):
-        """A counter's current value (0 when never counted)."""
-        return self._counters.get(self._key(name, labels), 0)
-
-    def render(self, gauges=()):
-        """The exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
-        lines, seen = [], set()
-
-        def header(name):
-            if name not in seen:
-                seen.add(name)
-                kind, text = _METRIC_HELP.get(name, ("untyped", name))
-                lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
-
-        with self._lock:
-            counters = sorted(self._counters.items())
-            histograms = sorted((k, list(v)) for k, v in self._histograms.items())
-        for (name, labels), value in counters:
-            header(name)
-            lines.append(f"{name}{{{_label_text(labels)}}} {value}")
-        for (name, labels), histogram in histograms:
-            header(name)
-            cumulative = 0
-            for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):
-                cumulative += count
-                label = _label_text(labels + (("le", repr(bound)),))
-                lines.append(f"{name}_bucket{{{label}}} {cumulative}")
-            label = _label_text(labels + (("le", "+Inf"),))
-            lines.append(f"{name}_bucket{{{label}}} {histogram[-1]}")
-            lines.append(f"{name}_sum{{{_label_text(labels)}}} {histogram[-2]!r}")
-            lines.append(f"{name}_count{{{_label_text(labels)}}} {histogram[-1]}")
-        for name, labels, value in gauges:
-            header(name)
-            lines.append(f"{name}{{{_label_text(tuple(sorted(labels.items())))}}} {value}")
-        return "\n".join(lines) + "\n"
-
-
-###############################################################################
-# Configuration ###############################################################
-###############################################################################
-
 
 @dataclasses.dataclass(frozen=True)
 class AppConfig:
@@ -618,6 +502,10 @@ class Config:
     queue_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     apps: dict[str, AppConfig] = dataclasses.field(default_factory=dict)
 
+
+###############################################################################
+# Configuration parser ########################################################
+###############################################################################
 
 _GATEWAY_OPTIONS = {
     "timestamp_window", "max_body_bytes", "dedup_size", "dedup_ttl", "api_base", "api_timeout",
@@ -1094,7 +982,6 @@ def _parse_listen(listen):
 # Signatures and crypto #######################################################
 ###############################################################################
 
-
 def sign(token: str, timestamp: str | int, nonce: str | int, encrypt: str | None = None
          ) -> str:
     """Return WeChat's signature: lowercase hex SHA-1 of the sorted strings, joined.
@@ -1276,9 +1163,8 @@ def decrypt_message(encrypt: str, aes_key: str | bytes, appid: str) -> str:
 
 
 ###############################################################################
-# Message codec ###############################################################
+# Push parsing ################################################################
 ###############################################################################
-
 
 def _sniff_format(body):
     """``"xml"`` or ``"json"`` from the first non-space byte; Content-Type is unreliable."""
@@ -1454,6 +1340,10 @@ def _parse_body(data, fmt):
         return fields if fields is not None else _parse_xml(data)
     return _parse_json(data)
 
+
+###############################################################################
+# Message and replies #########################################################
+###############################################################################
 
 # A MsgId or trace_id goes into a key as it is only when it looks like WeChat's own: a 64-bit
 # number, or hex and digits joined by "_" (WeChat calls MsgId a string, and both occur). Any
@@ -1819,9 +1709,68 @@ class RawReply:
 
 
 ###############################################################################
-# Stores ######################################################################
+# Push protocol ###############################################################
 ###############################################################################
 
+def _read_fields(body, expected):
+    """``(fields, format)`` of a push's body: refused when empty, or in a format the app
+    does not take (``expected`` is ``auto``, ``xml`` or ``json``; the other gets 415)."""
+    if not body.strip():
+        raise MessageError("empty body", code=None)
+    fmt = _sniff_format(body)
+    if expected != "auto" and fmt != expected:
+        raise MessageError(f"app expects {expected} but the body is {fmt}", status=415,
+                           code=None)
+    return _parse_body(body, fmt), fmt
+
+
+def _required(query, *names):
+    missing = [name for name in names if not query.get(name)]
+    if missing:
+        raise MessageError(f"query is missing {', '.join(missing)}", code=None)
+    return [query[name] for name in names]
+
+
+def _check_timestamp(timestamp, now, window):
+    """Refuse a timestamp older than ``window`` or more than ``MAX_CLOCK_AHEAD`` ahead."""
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise MessageError(f"timestamp {timestamp[:20]!r} is not a number of seconds",
+                           code=None)
+    if not window:
+        return
+    age = int(now) - int(timestamp)
+    if age > window:
+        raise ReplayError(f"timestamp {timestamp} is {age} s old, beyond timestamp_window "
+                          f"({window} s): a replay, or a clock that needs NTP")
+    ahead = min(window, MAX_CLOCK_AHEAD)
+    if -age > ahead:
+        raise ReplayError(f"timestamp {timestamp} is {-age} s ahead of our clock, more than "
+                          f"{ahead} s: a forged timestamp, or a clock that needs NTP")
+
+
+def _sealed_refusal(cause):
+    """The one refusal for every failure after msg_signature (see ``Gateway._read_push``).
+
+    The client gets ``SEALED_REFUSAL`` and 400, whatever failed; ``message`` (for the log
+    line) adds the kind of failure and WeChat's code, which our messages past decryption
+    keep free of decrypted bytes. A parse error of the decrypted text is named by its class
+    only: its message may quote the plaintext.
+    """
+    code = cause.code if cause.code is not None else PARSE_ERROR
+    if isinstance(cause, DecryptError):
+        kind = cause.message
+    else:  # a payload we cannot read is WeChat's -40002, a 415 included
+        kind = f"decrypted payload refused ({type(cause).__name__}, {cause.status}) " \
+               f"(WeChat {code})"
+    error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
+    error.public = SEALED_REFUSAL
+    error.signed = True  # past msg_signature: logged whatever the refusal rate
+    return error
+
+
+###############################################################################
+# Stores ######################################################################
+###############################################################################
 
 class Store:
     """A small key-value store with expiry: what dedup, the token cache and the locks share.
@@ -2236,6 +2185,10 @@ class SqliteStore(Store):
             connection.close()
 
 
+###############################################################################
+# Redis store #################################################################
+###############################################################################
+
 class RedisStore(Store):
     """A store in Redis, shared by every process on every host.
 
@@ -2349,6 +2302,10 @@ def open_store(url: str, *, clock: Callable[[], float] = time.time,
         return RedisStore(url, prefix=prefix)
     raise ConfigError(f"unknown store {url.split('://')[0]!r}")
 
+
+###############################################################################
+# Store fallback ##############################################################
+###############################################################################
 
 class _FallbackStore(Store):
     """A shared store that keeps pushes flowing when it fails, and loses as little as it can.
@@ -2625,7 +2582,6 @@ def _cause(exc):
 # Duplicate detection #########################################################
 ###############################################################################
 
-
 def _store_key(message):
     """Where a message's dedup key lives in the store: a push that came unencrypted (and so
     unauthenticated) has its own namespace, so a forged plain body can never claim the key
@@ -2851,633 +2807,6 @@ class _Dedup:
 
 
 ###############################################################################
-# WeChat HTTP #################################################################
-###############################################################################
-
-# The one HTTP call every API request goes through (the token endpoints and the business
-# APIs alike), and the multipart body of an upload. Pure but for _http_json's socket.
-
-
-class _Multipart:
-    """A request body already encoded as ``multipart/form-data`` (an upload)."""
-
-    __slots__ = ("data", "content_type")
-
-    def __init__(self, data: bytes, content_type: str) -> None:
-        self.data, self.content_type = data, content_type
-
-
-def _form_quote(text):
-    # What browsers do to a name or file name inside Content-Disposition's quotes (HTML's
-    # form-data encoding): CR, LF and '"' are percent-escaped, the rest goes as UTF-8.
-    return text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
-
-
-def _encode_multipart(fields, files, boundary):
-    """Encode a ``multipart/form-data`` body (RFC 7578); return a :class:`_Multipart`.
-
-    :param fields: ``{name: text}`` for plain form fields.
-    :param files: ``{name: (filename, data, content_type)}``, ``data`` bytes, sent untouched.
-    :param boundary: the boundary, ASCII letters and digits; the caller draws it at random.
-    :raises ValueError: the boundary occurs in a value: draw another one.
-    """
-    if not re.fullmatch(r"[0-9A-Za-z'()+_,./:=?-]{1,70}", boundary):
-        raise ValueError(f"not a valid multipart boundary: {boundary!r}")
-    delimiter = b"--" + boundary.encode("ascii")
-    parts = []
-    for name, value in fields.items():
-        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"\r\n',
-                      value.encode("utf-8")))
-    for name, (filename, data, content_type) in files.items():
-        if "\r" in content_type or "\n" in content_type:
-            raise ValueError(f"content type {content_type!r} holds a line break")
-        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"; '
-                      f'filename="{_form_quote(filename)}"\r\n'
-                      f'Content-Type: {content_type}\r\n', bytes(data)))
-    chunks = []
-    for headers, data in parts:
-        # A part ends where "CRLF--boundary" starts. We refuse "--boundary" anywhere, CRLF or
-        # not, as lax parsers exist; with a random boundary this never happens by chance.
-        if delimiter in data:
-            raise ValueError("the multipart boundary occurs in the data")
-        chunks += [delimiter, b"\r\n", headers.encode("utf-8"), b"\r\n", data, b"\r\n"]
-    chunks += [delimiter, b"--\r\n"]
-    return _Multipart(b"".join(chunks), f"multipart/form-data; boundary={boundary}")
-
-
-def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what="",
-               limit="api_timeout"):
-    """One HTTP call to WeChat's API; return the decoded JSON object.
-
-    ``body`` is sent as JSON, or as it is when it is a :class:`_Multipart` (an upload).
-    ``what`` names the endpoint in errors, and the URL appears only redacted (its query may
-    carry the AppSecret or a token). ``limit`` names what set ``timeout``, for the message
-    of a call that runs out of it.
-    """
-    shown = _redact_url(url)
-    if params:
-        url = f"{url}?{urllib.parse.urlencode(params)}"
-    data = None
-    headers = {"Accept": "application/json", "User-Agent": f"wxgate/{__version__}"}
-    if isinstance(body, _Multipart):
-        data, headers["Content-Type"] = body.data, body.content_type
-    elif body is not None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        headers["Content-Type"] = "application/json; charset=utf-8"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read(1 << 20)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the connection: a proxy's 502 page is not read
-        error = WeChatConnectionError(f"{what} answered HTTP {exc.code}")
-        error.http_status = exc.code  # the sidecar's 502 means something (see WeChatClient)
-        raise error from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            raise WeChatConnectionError(f"{what} timed out after {timeout:.3g} s ({limit})") \
-                from None
-        if isinstance(reason, socket.gaierror):  # DNS: a typo in api_base, or no resolver
-            raise WeChatConnectionError(f"{what} unreachable: cannot resolve the host of "
-                                        f"{shown} (check api_base, and this host's DNS)") \
-                from None
-        raise WeChatConnectionError(f"{what} unreachable at {shown}: {type(reason).__name__}") \
-            from None
-    except (ValueError, http.client.HTTPException) as exc:
-        # Their text may quote the URL, and with it the secret or the access_token.
-        raise WeChatConnectionError(f"{what} failed: {type(exc).__name__}") from None
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        raise WeChatConnectionError(f"{what} answered something that is not JSON") from None
-    if not isinstance(document, dict):
-        raise WeChatConnectionError(f"{what} answered JSON that is not an object")
-    return document
-
-
-def _errcode(document):
-    """WeChat's rule: a missing errcode means success."""
-    try:
-        return int(document.get("errcode") or 0)
-    except (TypeError, ValueError):
-        return -1
-
-
-###############################################################################
-# access_token ################################################################
-###############################################################################
-
-
-class TokenManager:
-    """One app's access_token: cached in the store beside its expiry, fetched once at a time.
-
-    Every thread in a process, every worker on a host (sqlite) and every host (Redis) share
-    one token. Within a process a lock makes concurrent callers wait for one fetch; across
-    processes a lock key in the store does the same, and a holder that crashes loses it
-    when it expires.
-
-    :param appid: the mini program's AppID.
-    :param appsecret: its AppSecret; only needed when a token must be fetched.
-    :param store: a :class:`Store`; a private :class:`MemoryStore` by default.
-    :param api_base: WeChat's API base URL (a fake one in tests).
-    :param api_timeout: seconds for each HTTP call.
-    :param grant: ``"stable"`` (``POST /cgi-bin/stable_token``), ``"classic"``
-        (``GET /cgi-bin/token``) or ``"cloud"`` (none: Cloud Hosting's 开放接口服务 adds the
-        credential to each call, and :meth:`get_token` raises).
-    :param refresh_margin: fetch a new token when the stored one expires within this many
-        seconds.
-    :param name: the app's name, for messages.
-    :param prefix: store key prefix.
-    :param clock: returns the time in seconds; ``sleep`` waits (both injectable).
-    :param metrics: where fetches and errors are counted (the gateway's, by default none).
-    """
-
-    def __init__(self, appid: str, appsecret: str | None, *, store: Store | None = None,
-                 api_base: str = DEFAULT_API_BASE, api_timeout: float = DEFAULT_API_TIMEOUT,
-                 grant: str = "stable", refresh_margin: float = DEFAULT_REFRESH_MARGIN,
-                 name: str | None = None, prefix: str = "wxgate",
-                 clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], object] = time.sleep, metrics: Any = None) -> None:
-        if grant not in TOKEN_GRANTS:
-            raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
-        self.appid, self._appsecret = appid, appsecret
-        self.store = store if store is not None else MemoryStore(clock=clock)
-        self.api_base, self.api_timeout = api_base.rstrip("/"), api_timeout
-        self.grant, self.refresh_margin = grant, refresh_margin
-        self.name = name or appid
-        self._clock, self._sleep = clock, sleep
-        self._key = f"{prefix}:token:{grant}:{appid}"
-        self._lock_key = self._key + ":lock"
-        self._force_key = self._key + ":forced"
-        self._local_lock = threading.Lock()
-        self._metrics = metrics
-        # (error, time until which it is raised again)
-        self._failure: tuple[WeChatAPIError, float] | None = None
-        self._deadlines = threading.local()
-        self._last_replacement = (None, 0.0)
-        #: How many times this manager called a token endpoint (for tests and metrics).
-        self.fetches = 0
-
-    def __repr__(self):
-        return f"<TokenManager {self.name} appid={self.appid} grant={self.grant}>"
-
-    # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
-    # gateway sets a per-thread deadline around the handler, and every request, backoff and
-    # wait for the token below fits in what is left of it.
-    def set_deadline(self, deadline: float | None) -> None:
-        """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
-        self._deadlines.value = deadline
-
-    def _time_left(self):
-        """The timeout for the next request: ``api_timeout``, or less near the deadline."""
-        deadline = getattr(self._deadlines, "value", None)
-        if deadline is None:
-            return self.api_timeout
-        remaining = deadline - time.monotonic()
-        if remaining < 0.05:
-            raise WeChatConnectionError(f"app {self.name}: WeChat's 5-second push window is "
-                                        "spent; no time left for an API call "
-                                        "(delivery = queue has no such limit)")
-        return min(self.api_timeout, remaining)
-
-    def _limit(self, timeout):
-        """What set ``timeout`` (from :meth:`_time_left`), for a timeout's message."""
-        if timeout < self.api_timeout:
-            return "what was left of WeChat's 5-second push window; delivery = queue has " \
-                "no such limit"
-        return "api_timeout"
-
-    def _can_wait(self, seconds):
-        deadline = getattr(self._deadlines, "value", None)
-        return deadline is None or time.monotonic() + seconds < deadline - 0.05
-
-    # The record kept in the store: "expires_at refresh_at token" (a token holds no space).
-    # refresh_at is decided once, by the fetcher, and read by every process: a stable_token
-    # fetched with less life left than the margin (the same token comes back until 300 s
-    # before expiry) must not make every later call fetch again.
-    def _read(self):
-        """``(token, expires_at, refresh_at)`` from the store, or None."""
-        value = self.store.get(self._key)
-        if not value:
-            return None
-        try:
-            expires_at, refresh_at, token = value.split(" ", 2)
-            return token, float(expires_at), float(refresh_at)
-        except ValueError:
-            return None
-
-    def _fresh(self, record):
-        return record is not None and record[2] > self._clock()
-
-    def token_info(self) -> dict[str, Any]:
-        """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
-        token = self.get_token()
-        record = self._read()
-        expires_at = record[1] if record and record[0] == token else self._clock()
-        return {"access_token": token, "expires_at": int(expires_at)}
-
-    def get_token(self) -> str:
-        """Return a valid access_token, fetching one when none is stored or it nearly expired.
-
-        :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
-        :raises WeChatConnectionError: the endpoint could not be reached in time.
-        :raises WxgateError: the app has no AppSecret configured, or ``token_grant = cloud``.
-        """
-        if self.grant == "cloud":
-            raise WxgateError(f"app {self.name!r} has token_grant = cloud: Cloud Hosting's "
-                              "开放接口服务 adds the credential to each call, so wxgate holds "
-                              "no access_token", status=500)
-        record = self._read()
-        if self._fresh(record):
-            return record[0]
-        failure = self._failure
-        if failure is not None and failure[1] > self._clock():
-            raise failure[0]  # a wrong AppSecret or an empty quota: do not ask again yet
-        # Single flight in this process: the first caller fetches. The others use the
-        # current token while it still works (a refresh ahead of expiry must not stall
-        # every handler), or wait on the lock and then find the new token in the store.
-        if record is not None and record[1] > self._clock():
-            if not self._local_lock.acquire(blocking=False):
-                return record[0]
-        else:
-            self._local_lock.acquire()
-        try:
-            record = self._read()
-            if self._fresh(record):
-                return record[0]
-            try:
-                return self._refresh(record)
-            except WeChatAPIError as exc:
-                if exc.errcode in CREDENTIAL_ERRCODES or exc.errcode == 45009:
-                    self._failure = (exc, self._clock() + FAILED_FETCH_PAUSE)
-                raise
-        finally:
-            self._local_lock.release()
-
-    def invalidate_token(self, token: str | None = None) -> None:
-        """Forget the stored token (only if it is still ``token``, when given)."""
-        record = self._read()
-        if record and (token is None or record[0] == token):
-            self.store.delete(self._key, f"{record[1]!r} {record[2]!r} {record[0]}")
-
-    def _replacement_for(self, rejected):
-        """A token other than ``rejected``, after an API call said it is dead.
-
-        Fetches once; with stable_token, a normal fetch returns the same token while WeChat
-        thinks it is alive, so only then do we force a refresh, and at most once per 30 s
-        (WeChat ignores closer ones). Returns None when nothing better can be had.
-        """
-        with self._local_lock:
-            record = self._read()
-            if record and record[0] != rejected and record[1] > self._clock():
-                return record[0]  # another thread already replaced it
-            last, when = self._last_replacement
-            if last == rejected and self._clock() - when < STABLE_FORCE_GAP:
-                # The token we fetched as a replacement is rejected too: something else is
-                # wrong (another system holding the AppSecret?). Fetching on every call would
-                # burn the quota, so give up until the gap has passed.
-                return None
-            self.invalidate_token(rejected)
-            token = self._refresh(None)
-            if token != rejected:
-                self._last_replacement = (token, self._clock())
-                return token
-            if self.grant != "stable" or not self.store.add(self._force_key, "1",
-                                                            STABLE_FORCE_GAP):
-                return None
-            logger.warning("app %s: WeChat rejects the current stable token; forcing a "
-                           "refresh", self.name)
-            self.invalidate_token(rejected)
-            token = self._refresh(None, force=True)
-            if token == rejected:
-                return None
-            self._last_replacement = (token, self._clock())
-            return token
-
-    def _refresh(self, stale, force=False):
-        """Fetch under the store lock, or wait for the process holding it."""
-        owner = uuid.uuid4().hex
-        lock_ttl = self.api_timeout * (len(BUSY_BACKOFF) + 1) + sum(BUSY_BACKOFF) + 1
-        deadline = time.monotonic() + lock_ttl
-        while True:
-            if self.store.add(self._lock_key, owner, lock_ttl):
-                try:
-                    record = self._read()
-                    if not force and self._fresh(record):
-                        return record[0]  # another process fetched while we waited
-                    token, expires_in = self._fetch(force)
-                    now = self._clock()
-                    expires_at = now + expires_in
-                    refresh_at = expires_at - min(self.refresh_margin, expires_in / 2)
-                    self.store.set(self._key, f"{expires_at!r} {refresh_at!r} {token}",
-                                   expires_in)
-                    return token
-                finally:
-                    self.store.delete(self._lock_key, owner)
-            # Another process is fetching. A token that still works is good enough meanwhile.
-            now = self._clock()
-            if stale and stale[1] > now and not force:
-                return stale[0]
-            record = self._read()
-            if self._fresh(record):
-                return record[0]
-            if time.monotonic() > deadline:
-                raise WeChatConnectionError(
-                    f"app {self.name}: timed out waiting for another process to fetch the "
-                    "access_token")
-            self._time_left()  # gives up when the push that needs the token is out of time
-            self._sleep(POLL_INTERVAL * 2)
-
-    def _fetch(self, force=False):
-        """Call the token endpoint; return ``(token, expires_in)``."""
-        if not self._appsecret:
-            raise WxgateError(f"app {self.name!r} has no appsecret: set appsecret in its "
-                              f"[app:{self.name}] section to fetch access tokens", status=500)
-        credentials = {"grant_type": "client_credential", "appid": self.appid,
-                       "secret": self._appsecret}
-        for attempt in range(len(BUSY_BACKOFF) + 1):
-            self.fetches += 1
-            timeout = self._time_left()
-            if self.grant == "stable":
-                document = _http_json(
-                    "POST", self.api_base + "/cgi-bin/stable_token",
-                    body=dict(credentials, force_refresh=force), timeout=timeout,
-                    what="stable_token", limit=self._limit(timeout))
-            else:
-                document = _http_json("GET", self.api_base + "/cgi-bin/token",
-                                      params=credentials, timeout=timeout, what="token",
-                                      limit=self._limit(timeout))
-            errcode = _errcode(document)
-            if self._metrics is not None:
-                self._metrics.count("wxgate_token_fetches_total", app=self.name)
-                if errcode:
-                    self._metrics.count("wxgate_token_errors_total", app=self.name,
-                                        errcode=errcode)
-            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
-                    self._can_wait(BUSY_BACKOFF[attempt]):
-                self._sleep(BUSY_BACKOFF[attempt])
-                continue
-            break
-        if errcode in CREDENTIAL_ERRCODES:
-            raise WeChatAPIError(errcode, f"the token endpoint refused app {self.name!r} "
-                                 f"(appid {self.appid}): check its appid and appsecret "
-                                 f"({document.get('errmsg', '')})")
-        if errcode:
-            raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
-        token = document.get("access_token")
-        if not isinstance(token, str) or not token or " " in token:
-            raise WeChatConnectionError("token endpoint answered without an access_token")
-        try:
-            expires_in = float(document.get("expires_in", 7200))
-        except (TypeError, ValueError):
-            expires_in = 7200.0
-        logger.info("app %s: fetched a new access_token (%s, expires in %d s)",
-                    self.name, self.grant, expires_in)
-        return token, max(expires_in, 1.0)
-
-
-###############################################################################
-# WeChat API client ###########################################################
-###############################################################################
-
-
-# Magic numbers (offset, bytes) of the formats WeChat takes as temporary media, to name and
-# type bytes handed over without a file name, or a name without an extension: WeChat judges
-# an upload by its name's extension (community reports: 40004 / 40113 for a bare name).
-_MEDIA_MAGIC = ((0, b"\xff\xd8\xff", "jpg", "image/jpeg"),
-                (0, b"\x89PNG\r\n\x1a\n", "png", "image/png"),
-                (0, b"GIF87a", "gif", "image/gif"), (0, b"GIF89a", "gif", "image/gif"),
-                (0, b"#!AMR\n", "amr", "audio/amr"),
-                (4, b"ftyp", "mp4", "video/mp4"))  # ISO base media: a box size, then ftyp
-
-
-def _guess_media(data, filename):
-    """``(filename, content_type)`` for an upload: from the name, else from the bytes.
-
-    A name without an extension gets the bytes' own (``poster`` → ``poster.png``).
-    """
-    for offset, magic, extension, content_type in _MEDIA_MAGIC:
-        if data.startswith(magic, offset):
-            break
-    else:
-        extension, content_type = "", "application/octet-stream"
-    if not filename:
-        return f"media.{extension or 'bin'}", content_type
-    if extension and not os.path.splitext(filename)[1]:
-        filename = f"{filename}.{extension}"
-    guessed = mimetypes.guess_type(filename)[0]
-    return filename, guessed or content_type
-
-
-def _sidecar_hint(path):
-    """What to do when Cloud Hosting's 开放接口服务 does not pass a call to ``path``."""
-    return (f"{path} did not pass Cloud Hosting's 开放接口服务: turn the service's 开放接口服务 "
-            f"switch on and add {path} to its API whitelist (云托管 console → 服务设置 → "
-            "云调用), then rebuild and publish a new version (the settings reach only "
-            "versions built after them)")
-
-
-class WeChatClient:
-    """Calls to WeChat's backend API for one app, with its token injected.
-
-    A call rejected for its token (40001, 40014, 42001) gets one replacement token and one
-    retry, then the error: never a loop. ``-1`` (busy) gets a short bounded backoff.
-    Handlers reach it as ``message.client``; other code as ``app.client(name)``.
-
-    :param tokens: the app's :class:`TokenManager`.
-    """
-
-    def __init__(self, tokens: TokenManager, *,
-                 sleep: Callable[[float], object] = time.sleep) -> None:
-        self.tokens = tokens
-        self._sleep = sleep
-
-    def __repr__(self):
-        return f"<WeChatClient {self.tokens.name}>"
-
-    def call(self, method: str, path: str, params: Mapping[str, Any] | None = None,
-             json: Any = None) -> dict[str, Any]:
-        """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
-
-        With ``token_grant = cloud`` the call goes to ``api_base`` (Cloud Hosting's
-        ``http://api.weixin.qq.com``) with no ``access_token``: the 开放接口服务 sidecar adds
-        the credential, and no token is ever fetched.
-
-        :param method: ``"GET"`` or ``"POST"``.
-        :param params: extra query parameters; ``access_token`` is added.
-        :param json: the JSON body, for POST.
-        :raises WeChatAPIError: WeChat answered a non-zero errcode (after the one retry, for
-            token errors); with ``token_grant = cloud``, 41001 or 502 for an API the
-            sidecar does not pass, explained.
-        :raises WeChatConnectionError: WeChat could not be reached within ``api_timeout``.
-        """
-        if self.tokens.grant == "cloud":
-            return self._call_through_sidecar(method, path, params, json)
-        token = self.tokens.get_token()
-        try:
-            return self._call_with(token, method, path, params, json)
-        except WeChatAPIError as exc:
-            if exc.errcode not in TOKEN_REJECTED_ERRCODES:
-                raise
-            replacement = self.tokens._replacement_for(token)
-            if replacement is None:
-                raise
-            logger.warning("app %s: %s rejected the access_token (%s); retrying once with "
-                           "a new one", self.tokens.name, path, exc.errcode)
-            return self._call_with(replacement, method, path, params, json)
-
-    def _call_through_sidecar(self, method, path, params, body):
-        # Cloud Hosting's 开放接口服务 takes calls over http with no access_token and adds
-        # the credential. Its FAQ: "access_token missing" (41001) while the switch is off or
-        # in a version built before it was turned on, and HTTP 502 for an API that is not on
-        # the service's whitelist (PROTOCOL.md 11.1). Neither is a token to replace: one call.
-        # https://developers.weixin.qq.com/miniprogram/dev/wxcloudrun/src/guide/weixin/open.html
-        try:
-            return self._request(method, path, dict(params or {}), body)
-        except WeChatAPIError as exc:
-            if exc.errcode != 41001:
-                raise
-            raise WeChatAPIError(41001, f"access_token missing: {_sidecar_hint(path)}") \
-                from None
-        except WeChatConnectionError as exc:
-            if exc.http_status != 502:
-                raise
-            raise WeChatAPIError(502, f"HTTP 502 from 开放接口服务: {_sidecar_hint(path)}") \
-                from None
-
-    def _call_with(self, token, method, path, params, body):
-        query = dict(params or {})
-        query["access_token"] = token
-        return self._request(method, path, query, body)
-
-    def _request(self, method, path, query, body):
-        for attempt in range(len(BUSY_BACKOFF) + 1):
-            timeout = self.tokens._time_left()
-            document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
-                                  timeout=timeout, what=path, limit=self.tokens._limit(timeout))
-            errcode = _errcode(document)
-            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
-                    self.tokens._can_wait(BUSY_BACKOFF[attempt]):
-                self._sleep(BUSY_BACKOFF[attempt])
-                continue
-            if errcode:
-                raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
-            return document
-
-    def code2session(self, js_code: str) -> dict[str, Any]:
-        """Exchange a ``wx.login`` code for ``openid``, ``session_key`` (and ``unionid``).
-
-        Never send ``session_key`` to the client.
-        https://developers.weixin.qq.com/miniprogram/dev/server/API/user-login/api_code2session
-        """
-        if not self.tokens._appsecret:
-            raise WxgateError(f"app {self.tokens.name!r} has no appsecret: set appsecret in "
-                              f"its [app:{self.tokens.name}] section to call code2session",
-                              status=500)
-        document = self._request("GET", "/sns/jscode2session", {
-            "appid": self.tokens.appid, "secret": self.tokens._appsecret,
-            "js_code": js_code, "grant_type": "authorization_code"}, None)
-        if "openid" not in document:
-            raise WeChatConnectionError("jscode2session answered without an openid")
-        return document
-
-    def send_customer_message(self, openid: str, msgtype: str, payload: dict[str, Any]
-                              ) -> dict[str, Any]:
-        """Send a customer-service message: ``{"touser", "msgtype", msgtype: payload}``."""
-        return self.call("POST", "/cgi-bin/message/custom/send",
-                         json={"touser": openid, "msgtype": msgtype, msgtype: payload})
-
-    def send_text(self, openid: str, text: str) -> dict[str, Any]:
-        """Send a text customer-service message."""
-        return self.send_customer_message(openid, "text", {"content": text})
-
-    def send_image(self, openid: str, media_id: str) -> dict[str, Any]:
-        """Send an image customer-service message (an uploaded temporary media id)."""
-        return self.send_customer_message(openid, "image", {"media_id": media_id})
-
-    def send_link(self, openid: str, title: str, description: str, url: str, thumb_url: str
-                  ) -> dict[str, Any]:
-        """Send a link card."""
-        return self.send_customer_message(openid, "link", {
-            "title": title, "description": description, "url": url, "thumb_url": thumb_url})
-
-    def send_miniprogrampage(self, openid: str, title: str, pagepath: str,
-                             thumb_media_id: str) -> dict[str, Any]:
-        """Send a mini program page card."""
-        return self.send_customer_message(openid, "miniprogrampage", {
-            "title": title, "pagepath": pagepath, "thumb_media_id": thumb_media_id})
-
-    def upload_temp_media(self, file: str | os.PathLike[str] | bytes | BinaryIO,
-                          media_type: str = "image", *, filename: str | None = None,
-                          content_type: str | None = None) -> str:
-        """Upload a temporary media file (kept 3 days) and return its ``media_id``.
-
-        customerServiceMessage.uploadTempMedia: ``POST /cgi-bin/media/upload?type=image``
-        with the file as the multipart field ``media``. Mini programs may upload images
-        only; the ``media_id`` is what :meth:`send_image` and :meth:`send_miniprogrampage`
-        take.
-        https://developers.weixin.qq.com/miniprogram/en/dev/api-backend/open-api/
-        customer-message/customerServiceMessage.uploadTempMedia.html
-
-        :param file: a path, the file's bytes, or a binary file object.
-        :param media_type: WeChat's ``type``; ``"image"`` is the only one mini programs have.
-        :param filename: the name WeChat sees; by default the file's own, or ``media.jpg``
-            (or ``.png``, ``.gif``) after the bytes' format. A name without an extension
-            gets the one of the bytes' format (JPEG, PNG, GIF, AMR, MP4), as WeChat types
-            an upload by its name.
-        :param content_type: by default guessed from the name, then from the bytes.
-        :raises WeChatAPIError: e.g. 40004 (not a media type WeChat accepts).
-        :raises WeChatConnectionError: WeChat could not be reached, or sent no media_id.
-        :raises OSError: the file cannot be read.
-        """
-        if not isinstance(media_type, str) or not re.fullmatch(r"[a-z]{1,16}", media_type):
-            raise ValueError(f"media_type must be a word such as 'image', got {media_type!r}")
-        if isinstance(file, (bytes, bytearray, memoryview)):
-            data = bytes(file)
-        elif isinstance(file, (str, os.PathLike)):
-            with open(file, "rb") as opened:
-                data = opened.read()
-            filename = filename or os.path.basename(os.fspath(file))
-        else:
-            data = file.read()
-            name = getattr(file, "name", None)
-            filename = filename or (os.path.basename(name) if isinstance(name, str) else None)
-        filename, guessed = _guess_media(data, filename)
-        files = {"media": (filename, data, content_type or guessed)}
-        boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
-        while b"--" + boundary.encode("ascii") in data:  # one file in 2**128: draw again
-            boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
-        body = _encode_multipart({}, files, boundary)
-        # call() hands its body to _http_json, which sends a _Multipart as it is: the upload
-        # gets the token, the one retry on a rejected token and the busy backoff of JSON calls.
-        document = self.call("POST", "/cgi-bin/media/upload", params={"type": media_type},
-                             json=body)
-        media_id = document.get("media_id")
-        if not isinstance(media_id, str) or not media_id:
-            raise WeChatConnectionError("media/upload answered without a media_id")
-        return media_id
-
-    def send_subscribe_message(self, openid: str, template_id: str, data: Mapping[str, Any],
-                               page: str | None = None, miniprogram_state: str | None = None,
-                               lang: str | None = None) -> dict[str, Any]:
-        """Send a subscribe message; ``data`` maps keywords to values or ``{"value": ...}``."""
-        body = {"touser": openid, "template_id": template_id,
-                "data": {name: value if isinstance(value, dict) else {"value": value}
-                         for name, value in data.items()}}
-        for name, value in (("page", page), ("miniprogram_state", miniprogram_state),
-                            ("lang", lang)):
-            if value is not None:
-                body[name] = value
-        return self.call("POST", "/cgi-bin/message/subscribe/send", json=body)
-
-    def set_typing(self, openid: str, on: bool = True) -> dict[str, Any]:
-        """Show (or hide) "typing..." in the user's chat."""
-        return self.call("POST", "/cgi-bin/message/custom/typing",
-                         json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
-
-
-###############################################################################
 # Delivery ####################################################################
 ###############################################################################
 
@@ -3594,747 +2923,117 @@ def _business_reply(app, message, *, timestamp):
 
 
 ###############################################################################
-# Router ######################################################################
+# Metrics and logs ############################################################
 ###############################################################################
 
-# A routed function, as registered: the decorators hand it back with its own type.
-_Routed = TypeVar("_Routed", bound=Callable[..., Any])
+_METRIC_HELP = {
+    "wxgate_pushes_total": ("counter", "Pushes answered, by app, message type and outcome."),
+    "wxgate_duplicates_total": ("counter", "WeChat retries answered from the dedup store."),
+    "wxgate_refused_total": ("counter", "Requests refused, by app, status and WeChat code."),
+    "wxgate_query_reused_total": ("counter", "Signed queries sent again with another body."),
+    "wxgate_previous_key_total": ("counter", "Pushes decrypted with previous_encoding_aes_key."),
+    "wxgate_handler_seconds": ("histogram", "Time in business code (handler or forward)."),
+    "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
+    "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
+    "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
+    "wxgate_store_lost_total": ("counter", "Times this process found the shared store had "
+                                "lost its data (Redis emptied, sqlite file deleted)."),
+    "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
+    "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
+    "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
+}
+_HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class Router:
-    """A handler that calls one function per message type or event name.
+def _label_text(labels):
+    return ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels)
 
-    ::
 
-        router = wxgate.Router()
+def _escape_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
-        @router.message("text")
-        def on_text(message): ...
 
-        @router.event("user_enter_tempsession")
-        def on_enter(message): ...
+class _Metrics:
+    """This process's counters and histograms, rendered in Prometheus' text format.
 
-    Point ``handler = shopbot:router`` at it. An event goes to the function registered for
-    its ``Event``, else to the one for ``router.message("event")``; any other push to the one
-    for its ``MsgType``; what matches nothing goes to ``router.default``, or is answered
-    ``success``. The routed function's return value is the reply, as a handler's is.
-    Registering a type or an event twice raises ``ValueError`` when the module is imported,
-    so one function cannot silently replace another.
+    Each gunicorn worker counts its own requests (as prometheus_client does without its
+    multiprocess mode); queue gauges are read from the shared store at scrape time.
     """
 
-    def __init__(self) -> None:
-        self._messages: dict[str, Callable[[Message], Any]] = {}
-        self._events: dict[str, Callable[[Message], Any]] = {}
-        self._default: Callable[[Message], Any] | None = None
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = {}
+        self._histograms = {}
+        self._keys = {}
 
-    def __repr__(self) -> str:
-        routes = [f"message:{name}" for name in self._messages]
-        routes += [f"event:{name}" for name in self._events]
-        routes += ["default"] if self._default is not None else []
-        return f"<Router {' '.join(routes) or '(empty)'}>"
-
-    def message(self, *types: str) -> Callable[[_Routed], _Routed]:
-        """Route pushes whose ``MsgType`` is one of ``types`` (``"text"``, ``"image"``...)."""
-        return self._register(self._messages, "message", types)
-
-    def event(self, *names: str) -> Callable[[_Routed], _Routed]:
-        """Route events whose ``Event`` is one of ``names`` (``"user_enter_tempsession"``...)."""
-        return self._register(self._events, "event", names)
-
-    def default(self, function: _Routed) -> _Routed:
-        """Route what nothing else matches; without one, those pushes get ``success``."""
-        if not callable(function):
-            raise TypeError("use @router.default on a function, without parentheses")
-        if self._default is not None:
-            raise ValueError(f"router.default is already {_function_name(self._default)}; "
-                             f"cannot also route to {_function_name(function)}")
-        self._default = function
-        return function
-
-    def _register(self, table, kind, names):
-        # Mistakes raise here, when the handler's module is imported (so at load_config, and
-        # in `wxgate check`), not at the first push of the kind.
-        if not names:
-            example = "text" if kind == "message" else "user_enter_tempsession"
-            raise TypeError(f"router.{kind}() needs at least one name, e.g. "
-                            f"@router.{kind}({example!r})")
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"router.{kind}() takes names as strings, got {name!r}: "
-                                f"write @router.{kind}('...') with the name in parentheses")
-        if len(set(names)) != len(names):
-            raise ValueError(f"router.{kind}() got the same name twice: {names!r}")
-
-        def decorator(function):
-            if not callable(function):
-                raise TypeError(f"@router.{kind}(...) decorates a function, got "
-                                f"{type(function).__name__}")
-            for name in names:  # all checked before any is registered: no half routing
-                if name in table:
-                    raise ValueError(f"{kind} {name!r} is already routed to "
-                                     f"{_function_name(table[name])}; cannot also route it "
-                                     f"to {_function_name(function)}")
-            for name in names:
-                table[name] = function
-            return function
-
-        return decorator
-
-    def __call__(self, message: Message) -> Any:
-        """Handle ``message`` with the function routed to it; return that function's reply."""
-        function = None
-        kind = message.msg_type
-        # From a hostile JSON push MsgType and Event may be objects or lists, which are not
-        # names (and not hashable): they match nothing.
-        if kind == "event" and isinstance(message.event, str):
-            function = self._events.get(message.event)
-        if function is None and isinstance(kind, str):
-            function = self._messages.get(kind)
-        if function is None:
-            function = self._default
-        if function is None:
-            return "success"
-        return function(message)
-
-
-def _function_name(function):
-    """``module.qualname`` of a routed function, for the message of a duplicate route."""
-    module = getattr(function, "__module__", None)
-    name = getattr(function, "__qualname__", None) or repr(function)
-    return f"{module}.{name}" if module else name
-
-
-###############################################################################
-# Durable queue ###############################################################
-###############################################################################
-
-
-class _Queue:
-    """A durable queue of pushes in a shared store, in order per partition (app + user).
-
-    Only the oldest message of a partition can be claimed, so one user's messages reach the
-    business code in order of arrival. A claim hides its message for ``visibility`` seconds;
-    a worker that dies before acknowledging lets it reappear.
-    """
-
-    def push(self, partition, payload, now, marker=None):
-        """Queue ``payload``; return its id.
-
-        ``marker`` is ``(key, value, ttl)``, a push's dedup key in the store: the insert and
-        setting ``key`` to ``value`` are one transaction, and a key already done (a value
-        starting with "d") means the push is already queued: nothing is inserted and the
-        result is None. So "queued" is never recorded for a message that is not in the
-        queue, and a message is never queued twice under one key.
-        """
-        raise NotImplementedError
-
-    def claim(self, now, visibility):
-        """``(id, payload, attempt, claim, cut_offs)`` of a message due for delivery, or None.
-
-        ``attempt`` is this attempt's number: one more than the attempts that ended (in
-        :meth:`retry` or :meth:`bury`). An attempt cut off by a kill never ended, so it is
-        not counted: it is noted in the message's errors, and counted in ``cut_offs`` (see
-        ``MAX_CUT_OFFS``).
-        """
-        raise NotImplementedError
-
-    def ack(self, item_id, claim, now):
-        raise NotImplementedError
-
-    def extend(self, item_id, claim, until):
-        """Keep a claim hidden until ``until`` while its delivery still runs."""
-        raise NotImplementedError
-
-    def retry(self, item_id, claim, available_at, error, now):
-        """End a failed attempt: count it, add ``error`` to the message's errors."""
-        raise NotImplementedError
-
-    def bury(self, item_id, claim, error, now):
-        """End the last attempt: count it, and move the message to the dead letters."""
-        raise NotImplementedError
-
-    def stats(self, now):
-        raise NotImplementedError
-
-    def dead(self, limit=100):
-        raise NotImplementedError
-
-    def revive(self, ids, now):
-        """Put dead letters (all when ``ids`` is empty) back in the queue; return the count."""
-        raise NotImplementedError
-
-    def purge_dead(self):
-        raise NotImplementedError
-
-
-class _SqliteQueue(_Queue):
-    """The queue as a table beside the store's key-value table."""
-
-    def __init__(self, store):
-        # Its own connection with synchronous=FULL: a push answered "success" must survive
-        # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
-        # Its tables are made by each new connection: a database file deleted while
-        # serving is made anew, and the queue must be in the new one too.
-        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL", schema=(
-            "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
-            " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
-            " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
-            " DEFAULT 0)",
-            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)"))
-        columns = {row[1] for row in self.store._read("PRAGMA table_info(wxgate_queue)", ())}
-        if "cut_offs" not in columns:  # a queue made before the column: add it in place
-            try:
-                self.store._execute("ALTER TABLE wxgate_queue ADD COLUMN cut_offs INTEGER NOT"
-                                    " NULL DEFAULT 0")
-            except sqlite3.OperationalError:  # another process added it first
-                pass
-
-    def _execute(self, sql, parameters=()):
-        """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
-        return self.store._execute(sql, parameters)
-
-    def push(self, partition, payload, now, marker=None):
-        # One transaction: durable (WAL, synchronous=FULL) once COMMIT returns. The marker
-        # lives in the key-value table of the same file, so it commits with the row or not
-        # at all; a duplicate's transaction waits for this one's write lock.
-        return self.store._using(lambda connection: self._push(connection, partition,
-                                                               payload, now, marker))
-
-    def _push(self, connection, partition, payload, now, marker):
-        connection.execute("BEGIN IMMEDIATE")
+    def _key(self, name, labels):
+        # Counting is on every push's path: remember each label set's normalised key.
+        raw = (name, *labels.items())
         try:
-            if marker is not None:
-                key, value, ttl = marker
-                row = connection.execute("SELECT value FROM wxgate_kv WHERE key = ? AND"
-                                         " expires_at > ?", (key, now)).fetchone()
-                if row is not None and row[0].startswith("d"):
-                    connection.execute("COMMIT")
-                    return None
-            item_id = connection.execute(
-                "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
-                " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
-            if marker is not None:
-                connection.execute("INSERT OR REPLACE INTO wxgate_kv VALUES (?, ?, ?)",
-                                   (key, value, now + ttl))
-            connection.execute("COMMIT")
-        except BaseException:
-            _rollback(connection)
-            raise
-        return item_id
+            key = self._keys.get(raw)
+        except TypeError:  # an unhashable label value (a MsgType that is a list)
+            raw, key = None, None
+        if key is None:
+            # Label values as text: a code may be -40001 (int) or "" and must sort together.
+            # A pushed MsgType is a label: cap its length, and keep it encodable.
+            key = name, tuple(sorted(
+                (label, str(value)[:64].encode("utf-8", "backslashreplace").decode("utf-8"))
+                for label, value in labels.items()))
+            if raw is not None and len(self._keys) < 10000:
+                self._keys[raw] = key
+        return key
 
-    def claim(self, now, visibility):
-        claim = uuid.uuid4().hex
-        for _ in range(3):
-            # Read first, without the write lock, so idle polling never queues behind the
-            # pushes. The head of each partition is its lowest live id; ids only grow, so a
-            # head stays the head until it is settled.
-            rows = self.store._read(
-                "SELECT q.id, q.payload, q.attempts, q.cut_offs, q.claim FROM wxgate_queue q"
-                " JOIN (SELECT MIN(id) AS head FROM wxgate_queue WHERE dead = 0 GROUP BY"
-                " partition) h ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id"
-                " LIMIT 1", (now,))
-            if not rows:
-                return None
-            item_id, payload, attempts, cut_offs, previous = rows[0]
-            # A claim moves available_at into the future, which hides the message; the
-            # condition makes two workers racing for it agree on one winner, and on the
-            # claim it replaces. A claim still set is one whose attempt never ended (its
-            # worker was killed): noted and counted apart, not as an attempt, since the
-            # backend may well have taken the message.
-            cut_off = previous is not None
-            if self._execute(
-                    "UPDATE wxgate_queue SET available_at = ?, error = CASE WHEN claim IS NULL"
-                    " THEN error ELSE COALESCE(error || char(10), '') || ? END, cut_offs ="
-                    " cut_offs + ?, claim = ? WHERE id = ? AND available_at <= ? AND dead = 0"
-                    " AND claim IS ?", (now + visibility, _CUT_OFF, int(cut_off), claim,
-                                        item_id, now, previous))[0] == 1:
-                return item_id, payload, attempts + 1, claim, cut_offs + cut_off
-        return None
+    def count(self, name, amount=1, **labels):
+        key = self._key(name, labels)
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + amount
 
-    def ack(self, item_id, claim, now):
-        return self._execute("DELETE FROM wxgate_queue WHERE id = ? AND claim = ?",
-                             (item_id, claim))[0] == 1
+    def observe(self, name, value, **labels):
+        key = self._key(name, labels)
+        with self._lock:
+            histogram = self._histograms.get(key)
+            if histogram is None:
+                histogram = self._histograms[key] = [0] * (len(_HISTOGRAM_BUCKETS) + 3)
+            # One slot per bucket here (the last for +Inf); render() makes them cumulative.
+            histogram[bisect.bisect_left(_HISTOGRAM_BUCKETS, value)] += 1
+            histogram[-2] += value
+            histogram[-1] += 1
 
-    def extend(self, item_id, claim, until):
-        self._execute("UPDATE wxgate_queue SET available_at = ? WHERE id = ? AND claim = ?",
-                      (until, item_id, claim))
+    def value(self, name, **labels):
+        """A counter's current value (0 when never counted)."""
+        return self._counters.get(self._key(name, labels), 0)
 
-    def retry(self, item_id, claim, available_at, error, now):
-        self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, attempts ="
-                      " attempts + 1, error = COALESCE(error || char(10), '') || 'attempt '"
-                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
-                      (available_at, error, item_id, claim))
+    def render(self, gauges=()):
+        """The exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
+        lines, seen = [], set()
 
-    def bury(self, item_id, claim, error, now):
-        self._execute("UPDATE wxgate_queue SET dead = 1, claim = NULL, attempts = attempts"
-                      " + 1, error = COALESCE(error || char(10), '') || 'attempt '"
-                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
-                      (error, item_id, claim))
+        def header(name):
+            if name not in seen:
+                seen.add(name)
+                kind, text = _METRIC_HELP.get(name, ("untyped", name))
+                lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
 
-    def stats(self, now):
-        ((pending, in_flight, dead),) = self.store._read(
-            "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 0 AND claim IS NOT NULL"
-            " AND available_at > ?), 0), COALESCE(SUM(dead = 1), 0) FROM wxgate_queue",
-            (now,))
-        return {"pending": pending, "in_flight": in_flight, "dead": dead}
-
-    def dead(self, limit=100):
-        rows = self.store._read("SELECT id, partition, payload, attempts, error FROM"
-                                " wxgate_queue WHERE dead = 1 ORDER BY id LIMIT ?", (limit,))
-        return [_dead_letter(*row) for row in rows]
-
-    def revive(self, ids, now):
-        return self.store._using(lambda connection: self._revive(connection, ids, now))
-
-    def _revive(self, connection, ids, now):
-        where = "dead = 1" + (f" AND id IN ({','.join('?' * len(ids))})" if ids else "")
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-inserted with a new id: a revived message goes after what is queued for its
-            # user now, as it would in Redis.
-            rows = connection.execute(f"SELECT id, partition, payload FROM wxgate_queue"
-                                      f" WHERE {where}", [int(i) for i in ids]).fetchall()
-            for item_id, partition, payload in rows:
-                connection.execute("DELETE FROM wxgate_queue WHERE id = ?", (item_id,))
-                connection.execute(
-                    "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
-                    " VALUES (?, ?, ?, ?)", (partition, payload, now, now))
-            connection.execute("COMMIT")
-        except BaseException:
-            _rollback(connection)
-            raise
-        return len(rows)
-
-    def purge_dead(self):
-        return self._execute("DELETE FROM wxgate_queue WHERE dead = 1")[0]
-
-
-# Noted in a message's errors when a claim on it expired before its attempt ended.
-_CUT_OFF = "an attempt was cut off (its worker stopped, or its claim expired): not counted"
-
-
-def _dead_letter(item_id, partition, payload, attempts, error):
-    try:
-        document = json.loads(payload)
-    except ValueError:
-        document = {}
-    errors = (error or "").split("\n") if error else []
-    return {"id": int(item_id), "partition": partition, "app": document.get("app"),
-            "dedup_key": document.get("dedup_key"), "attempts": int(attempts),
-            "error": errors[-1] if errors else None, "errors": errors}
-
-
-class _RedisQueue(_Queue):
-    """The queue in Redis: a list of ids per partition, a sorted set of partitions whose head
-    is due, a sorted set of claimed ids by deadline, a hash per message, and a dead list.
-
-    Every step is one Lua script, so it is atomic on the server however many gateways call.
-    """
-
-    _PUSH = """
-local p = ARGV[1]
-if ARGV[5] ~= '' then
-  local done = redis.call('GET', ARGV[5])
-  if done and string.sub(done, 1, 1) == 'd' then return false end
-end
-local id = redis.call('INCR', p .. ':q:seq')
-redis.call('HSET', p .. ':q:msg:' .. id, 'partition', ARGV[2], 'payload', ARGV[3],
-           'attempts', 0)
-if redis.call('RPUSH', p .. ':q:part:' .. ARGV[2], id) == 1 then
-  redis.call('ZADD', p .. ':q:ready', ARGV[4], ARGV[2])
-end
-redis.call('INCR', p .. ':q:pending')
-if ARGV[5] ~= '' then redis.call('SET', ARGV[5], ARGV[6], 'PX', ARGV[7]) end
-return id
-"""
-    _CLAIM = """
-local p, now = ARGV[1], tonumber(ARGV[2])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':q:inflight', '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', p .. ':q:inflight', id)
-  local part = redis.call('HGET', p .. ':q:msg:' .. id, 'partition')
-  if part then redis.call('ZADD', p .. ':q:ready', now, part) end
-end
-local heads = redis.call('ZRANGEBYSCORE', p .. ':q:ready', '-inf', now, 'LIMIT', 0, 1)
-if #heads == 0 then return false end
-redis.call('ZREM', p .. ':q:ready', heads[1])
-local id = redis.call('LINDEX', p .. ':q:part:' .. heads[1], 0)
-if not id then return false end
-local key = p .. ':q:msg:' .. id
-local attempts = tonumber(redis.call('HGET', key, 'attempts') or 0) + 1
-local cut_offs = tonumber(redis.call('HGET', key, 'cut_offs') or 0)
-if redis.call('HEXISTS', key, 'claim') == 1 then
-  local errors = redis.call('HGET', key, 'error')
-  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. ARGV[5])
-  cut_offs = redis.call('HINCRBY', key, 'cut_offs', 1)
-end
-redis.call('HSET', key, 'claim', ARGV[4])
-redis.call('ZADD', p .. ':q:inflight', now + tonumber(ARGV[3]), id)
-return {id, redis.call('HGET', key, 'payload'), attempts, cut_offs}
-"""
-    # ARGV: prefix, id, claim, now, action ('ack', 'retry', 'bury'), available_at, error
-    _SETTLE = """
-local p, id = ARGV[1], ARGV[2]
-local key = p .. ':q:msg:' .. id
-if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
-local part = redis.call('HGET', key, 'partition')
-local list = p .. ':q:part:' .. part
-redis.call('ZREM', p .. ':q:inflight', id)
-redis.call('HDEL', key, 'claim')
-if ARGV[5] ~= 'ack' then
-  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  local errors = redis.call('HGET', key, 'error')
-  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. 'attempt ' ..
-             attempts .. ': ' .. ARGV[7])
-end
-if ARGV[5] == 'retry' then
-  redis.call('ZADD', p .. ':q:ready', ARGV[6], part)
-  return 1
-end
-redis.call('LREM', list, 1, id)
-redis.call('DECR', p .. ':q:pending')
-if ARGV[5] == 'bury' then
-  redis.call('RPUSH', p .. ':q:dead', id)
-else
-  redis.call('DEL', key)
-end
-if redis.call('LLEN', list) > 0 then redis.call('ZADD', p .. ':q:ready', ARGV[4], part) end
-return 1
-"""
-    _EXTEND = """
-local key = ARGV[1] .. ':q:msg:' .. ARGV[2]
-if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
-return redis.call('ZADD', ARGV[1] .. ':q:inflight', 'XX', ARGV[4], ARGV[2])
-"""
-    _PURGE = """
-local p = ARGV[1]
-local ids = redis.call('LRANGE', p .. ':q:dead', 0, -1)
-for _, id in ipairs(ids) do redis.call('DEL', p .. ':q:msg:' .. id) end
-redis.call('DEL', p .. ':q:dead')
-return #ids
-"""
-    _REVIVE = """
-local p, now = ARGV[1], ARGV[2]
-local ids = {}
-for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
-if #ids == 0 then ids = redis.call('LRANGE', p .. ':q:dead', 0, -1) end
-local count = 0
-for _, id in ipairs(ids) do
-  local key = p .. ':q:msg:' .. id
-  local part = redis.call('HGET', key, 'partition')
-  if part and redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
-    redis.call('HSET', key, 'attempts', 0)
-    redis.call('HDEL', key, 'error', 'claim', 'cut_offs')
-    if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
-      redis.call('ZADD', p .. ':q:ready', now, part)
-    end
-    redis.call('INCR', p .. ':q:pending')
-    count = count + 1
-  end
-end
-return count
-"""
-
-    def __init__(self, store, prefix):
-        self.redis, self.prefix = store._redis, prefix
-        self._push = self.redis.register_script(self._PUSH)
-        self._claim = self.redis.register_script(self._CLAIM)
-        self._settle = self.redis.register_script(self._SETTLE)
-        self._revive = self.redis.register_script(self._REVIVE)
-        self._extend = self.redis.register_script(self._EXTEND)
-        self._purge = self.redis.register_script(self._PURGE)
-
-    def push(self, partition, payload, now, marker=None):
-        key, value, ttl = marker or ("", "", 0)
-        item_id = self._push(args=[self.prefix, partition, payload, repr(now), key, value,
-                                   max(1, int(ttl * 1000))])
-        return None if item_id is None else int(item_id)
-
-    def claim(self, now, visibility):
-        claim = uuid.uuid4().hex
-        row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim, _CUT_OFF])
-        if not row:
-            return None
-        return int(row[0]), _text(row[1]), int(row[2]), claim, int(row[3])
-
-    def ack(self, item_id, claim, now):
-        return bool(self._settle(args=[self.prefix, item_id, claim, repr(now), "ack", 0, ""]))
-
-    def extend(self, item_id, claim, until):
-        self._extend(args=[self.prefix, item_id, claim, repr(until)])
-
-    def retry(self, item_id, claim, available_at, error, now):
-        self._settle(args=[self.prefix, item_id, claim, repr(now), "retry", repr(available_at),
-                           error])
-
-    def bury(self, item_id, claim, error, now):
-        self._settle(args=[self.prefix, item_id, claim, repr(now), "bury", 0, error])
-
-    def stats(self, now):
-        return {"pending": int(self.redis.get(f"{self.prefix}:q:pending") or 0),
-                "in_flight": self.redis.zcard(f"{self.prefix}:q:inflight"),
-                "dead": self.redis.llen(f"{self.prefix}:q:dead")}
-
-    def dead(self, limit=100):
-        letters = []
-        for item_id in self.redis.lrange(f"{self.prefix}:q:dead", 0, limit - 1):
-            fields = {_text(k): _text(v) for k, v in
-                      self.redis.hgetall(f"{self.prefix}:q:msg:{_text(item_id)}").items()}
-            letters.append(_dead_letter(_text(item_id), fields.get("partition"),
-                                        fields.get("payload", "{}"),
-                                        fields.get("attempts", 0), fields.get("error")))
-        return letters
-
-    def revive(self, ids, now):
-        return int(self._revive(args=[self.prefix, repr(now), *[str(i) for i in ids]]))
-
-    def purge_dead(self):
-        return int(self._purge(args=[self.prefix]))
-
-
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _open_queue(store, prefix):
-    """The durable queue living in ``store`` (sqlite or Redis)."""
-    primary = getattr(store, "primary", store)
-    if isinstance(primary, SqliteStore):
-        return _SqliteQueue(primary)
-    if isinstance(primary, RedisStore):
-        return _RedisQueue(primary, prefix)
-    raise ConfigError("delivery = queue needs a durable store: set [wxgate] store to "
-                      "sqlite:///path/to/wxgate.db or redis://host:port/db")
-
-
-###############################################################################
-# Delivery worker #############################################################
-###############################################################################
-
-
-class _DeliveryWorker:
-    """Takes queued pushes and hands them to business code, with retries and dead letters.
-
-    Runs as threads inside each gateway process, or alone as ``wxgate worker CONFIG``. Each
-    message is delivered at least once. While a delivery runs, a keeper thread renews its
-    claim, so a slow handler is never given to a second worker; a worker that dies stops
-    renewing, and its message reappears after ``queue_visibility_timeout``. A Python
-    handler's completed dedup keys are kept in the store, so a message re-delivered after a
-    crash skips the handler; a forward backend gets the same ``dedup_key`` again and can
-    drop the repeat.
-    """
-
-    def __init__(self, gateway, queue, *, threads=1, idle_sleep=0.05, random=None):
-        import random as random_module
-        self.gateway, self.queue, self.threads = gateway, queue, threads
-        self.idle_sleep = idle_sleep
-        self._random = random or random_module.random
-        self._stop = threading.Event()
-        self._threads = []
-        self._working = {}  # item id -> claim, for the keeper
-        self._working_lock = threading.Lock()
-        self._raw_noted = set()  # apps whose RawReply we said was not sent
-
-    def start(self):
-        for index in range(self.threads):
-            thread = threading.Thread(target=self.run, name=f"wxgate-delivery-{index}",
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        keeper = threading.Thread(target=self._keep_claims, name="wxgate-delivery-claims",
-                                  daemon=True)
-        keeper.start()
-        self._threads.append(keeper)
-
-    def stop(self, timeout=5.0):
-        """Stop claiming, and let the deliveries running now finish for up to ``timeout``
-        seconds in all (not per thread). One still running then is cut off: the process
-        may exit under it, and its message reappears after ``queue_visibility_timeout``."""
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with self._working_lock:
-            running = sorted(self._working)
-        if running:
-            logger.warning("delivery stopped with %d delivery(ies) still running after %g s "
-                           "(messages %s): cut off, they are delivered again after "
-                           "queue_visibility_timeout", len(running), timeout,
-                           ", ".join(map(str, running)))
-
-    def run(self):
-        """Deliver until stopped; a failing store only makes the loop wait and try again."""
-        idle = self.idle_sleep
-        while not self._stop.is_set():
-            try:
-                busy = self.run_once()
-            except Exception:
-                logger.exception("delivery loop error; retrying in 1 s")
-                busy, idle = False, 1.0
-            if busy:
-                idle = self.idle_sleep
-            else:
-                self._stop.wait(idle)
-                idle = min(idle * 2, 0.5)
-
-    def _keep_claims(self):
-        visibility = self.gateway.config.queue_visibility_timeout
-        while not self._stop.wait(visibility / 3):
-            with self._working_lock:
-                working = list(self._working.items())
-            for item_id, claim in working:
-                try:
-                    self.queue.extend(item_id, claim, self.gateway._clock() + visibility)
-                except Exception:
-                    logger.exception("could not renew the claim on queued message %s", item_id)
-
-    def run_once(self):
-        """Claim and deliver one message; return whether there was one."""
-        gateway = self.gateway
-        item = self.queue.claim(gateway._clock(), gateway.config.queue_visibility_timeout)
-        if item is None:
-            return False
-        item_id, payload, attempts, claim, cut_offs = item
-        with self._working_lock:
-            self._working[item_id] = claim
-        try:
-            self._deliver(item_id, payload, attempts, claim, cut_offs)
-        finally:
-            with self._working_lock:
-                self._working.pop(item_id, None)
-        return True
-
-    def _deliver(self, item_id, payload, attempts, claim, cut_offs=0):
-        gateway = self.gateway
-        try:
-            document = json.loads(payload)
-            app = gateway.config.apps[document["app"]]
-            message = Message(document["message"], app=app.name, format=document["format"],
-                              encrypted=document.get("encrypted", False),
-                              client=gateway._clients[app.name], cloud=document.get("cloud"))
-        except Exception as exc:  # unreadable, or an app no longer configured: never retried
-            self.queue.bury(item_id, claim, f"cannot read the queued message: "
-                            f"{type(exc).__name__}", gateway._clock())
-            logger.error("queued message %s cannot be read (%s); moved to the dead letters",
-                         item_id, type(exc).__name__)
-            return
-        if cut_offs >= MAX_CUT_OFFS:
-            error = (f"cut off {cut_offs} times: probably a worker crash or kill while "
-                     "delivering it (a handler that exhausts memory?); not delivered again")
-            self.queue.bury(item_id, claim, error, gateway._clock())
-            logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
-                         app.name, item_id, _loggable(message.dedup_key), error)
-            gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
-            return
-        key = _store_key(message) if message.dedup_key else item_id
-        done_key = f"{gateway.config.store_prefix}:done:{key}"
-        started = time.monotonic()
-        try:
-            if gateway.store.get(done_key) is None:
-                reply = _business_reply(app, message, timestamp=gateway._clock())
-                gateway.store.set(done_key, "1", DONE_TTL)
-                if isinstance(reply, RawReply) and app.name not in self._raw_noted:
-                    # WeChat was answered success when the push was queued: a fixed body
-                    # such as virtual payment's needs delivery = sync.
-                    self._raw_noted.add(app.name)
-                    logger.warning("app=%s delivery = queue: the RawReply was not sent (the "
-                                   "push was answered success when queued); pushes that "
-                                   "need a fixed reply need delivery = sync", app.name)
-                outcome = "delivered"
-            else:
-                outcome = "already-delivered"
-        except Exception as exc:
-            # One line: the attempts' errors are stored one per line (list-dead splits
-            # them), and many are several (pydantic's ValidationError, a client library's).
-            error = " | ".join(line.strip() for line in
-                               f"{type(exc).__name__}: {exc}".splitlines() if line.strip())
-            error = error[:500]
-            if attempts >= app.queue_max_attempts:
-                self.queue.bury(item_id, claim, error, gateway._clock())
-                logger.error("app=%s message %s (key %s) failed %d times, moved to the "
-                             "dead letters: %s", app.name, item_id,
-                             _loggable(message.dedup_key), attempts, _loggable(error))
-                gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
-                return
-            # Exponential backoff with jitter (0.5x to 1.5x), so a recovering backend is not
-            # hit in lockstep; the exponent is capped before it can overflow.
-            delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** min(attempts - 1, 30))
-            delay *= 0.5 + self._random()
-            self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
-            logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
-                           "%s", app.name, item_id, _loggable(message.dedup_key), attempts,
-                           delay, _loggable(error))
-            return
-        if not self.queue.ack(item_id, claim, gateway._clock()):
-            logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
-                           "worker will find it done", app.name, item_id,
-                           _loggable(message.dedup_key))
-        gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
-                                app=app.name)
-        logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
-                    _loggable(message.event or message.msg_type), _loggable(message.dedup_key),
-                    outcome, attempts, (time.monotonic() - started) * 1000)
-
-
-###############################################################################
-# Logs and admin helpers ######################################################
-###############################################################################
-
-
-def _worker_processes(argv, environ, under_gunicorn):
-    """Why this looks like one of several worker processes (a short reason), or "".
-
-    Read from gunicorn's own settings (``-w``/``--workers`` on its command line or in
-    ``GUNICORN_CMD_ARGS``, ``WEB_CONCURRENCY``) when gunicorn is the server, else from
-    processes beside this one: children of the same parent running the same command
-    (gunicorn, Apache's prefork children, uwsgi without its own settings). Best effort: it
-    only decides whether to warn.
-    """
-    if under_gunicorn:
-        import shlex
-        words = list(argv[1:])
-        try:
-            words += shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
-        except ValueError:
-            pass
-        workers = environ.get("WEB_CONCURRENCY")
-        for index, word in enumerate(words):  # the last setting wins, as in gunicorn
-            if word in ("-w", "--workers") and index + 1 < len(words):
-                workers = words[index + 1]
-            elif word.startswith("--workers="):
-                workers = word.split("=", 1)[1]
-            elif word.startswith("-w") and word[2:].isdigit():
-                workers = word[2:]
-        try:
-            count = int(workers or 1)
-        except ValueError:
-            count = 1
-        return f"gunicorn with {count} workers" if count > 1 else ""
-    siblings = _sibling_processes()
-    return f"{siblings + 1} processes running this command" if siblings else ""
-
-
-def _sibling_processes():
-    """How many other children of our parent run our command line (0 when unknown)."""
-    try:
-        with open("/proc/self/cmdline", "rb") as file:
-            command = file.read()
-        with open("/proc/self/stat", "rb") as file:
-            parent = file.read().rsplit(b")", 1)[1].split()[1].decode()
-        with open(f"/proc/{parent}/task/{parent}/children", "rb") as file:
-            children = file.read().split()
-    except (OSError, IndexError, ValueError):
-        return 0
-    count = 0
-    for child in children:
-        if child.decode() == str(os.getpid()):
-            continue
-        try:
-            with open(f"/proc/{child.decode()}/cmdline", "rb") as file:
-                count += file.read() == command
-        except OSError:
-            pass
-    return count
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = sorted((k, list(v)) for k, v in self._histograms.items())
+        for (name, labels), value in counters:
+            header(name)
+            lines.append(f"{name}{{{_label_text(labels)}}} {value}")
+        for (name, labels), histogram in histograms:
+            header(name)
+            cumulative = 0
+            for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):
+                cumulative += count
+                label = _label_text(labels + (("le", repr(bound)),))
+                lines.append(f"{name}_bucket{{{label}}} {cumulative}")
+            label = _label_text(labels + (("le", "+Inf"),))
+            lines.append(f"{name}_bucket{{{label}}} {histogram[-1]}")
+            lines.append(f"{name}_sum{{{_label_text(labels)}}} {histogram[-2]!r}")
+            lines.append(f"{name}_count{{{_label_text(labels)}}} {histogram[-1]}")
+        for name, labels, value in gauges:
+            header(name)
+            lines.append(f"{name}{{{_label_text(tuple(sorted(labels.items())))}}} {value}")
+        return "\n".join(lines) + "\n"
 
 
 class _LineLimit:
@@ -4375,12 +3074,6 @@ def _held_back_note(held, last, what):
         note += (f" (the next refusals for {what} are counted in wxgate_refused_total, not "
                  f"logged, for the rest of {REFUSAL_LOG_WINDOW:g} s)")
     return note
-
-
-def _from_loopback(environ):
-    # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
-    return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
-        "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
 
 
 def _given_request_id(environ):
@@ -4558,8 +3251,73 @@ def _setup_logging(log_format, level=logging.INFO, *, root=False):
 
 
 ###############################################################################
-# Requests ####################################################################
+# Admin endpoints #############################################################
 ###############################################################################
+
+def _from_loopback(environ):
+    # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
+    return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
+        "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
+
+
+###############################################################################
+# WSGI application ############################################################
+###############################################################################
+
+def _worker_processes(argv, environ, under_gunicorn):
+    """Why this looks like one of several worker processes (a short reason), or "".
+
+    Read from gunicorn's own settings (``-w``/``--workers`` on its command line or in
+    ``GUNICORN_CMD_ARGS``, ``WEB_CONCURRENCY``) when gunicorn is the server, else from
+    processes beside this one: children of the same parent running the same command
+    (gunicorn, Apache's prefork children, uwsgi without its own settings). Best effort: it
+    only decides whether to warn.
+    """
+    if under_gunicorn:
+        import shlex
+        words = list(argv[1:])
+        try:
+            words += shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
+        except ValueError:
+            pass
+        workers = environ.get("WEB_CONCURRENCY")
+        for index, word in enumerate(words):  # the last setting wins, as in gunicorn
+            if word in ("-w", "--workers") and index + 1 < len(words):
+                workers = words[index + 1]
+            elif word.startswith("--workers="):
+                workers = word.split("=", 1)[1]
+            elif word.startswith("-w") and word[2:].isdigit():
+                workers = word[2:]
+        try:
+            count = int(workers or 1)
+        except ValueError:
+            count = 1
+        return f"gunicorn with {count} workers" if count > 1 else ""
+    siblings = _sibling_processes()
+    return f"{siblings + 1} processes running this command" if siblings else ""
+
+
+def _sibling_processes():
+    """How many other children of our parent run our command line (0 when unknown)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as file:
+            command = file.read()
+        with open("/proc/self/stat", "rb") as file:
+            parent = file.read().rsplit(b")", 1)[1].split()[1].decode()
+        with open(f"/proc/{parent}/task/{parent}/children", "rb") as file:
+            children = file.read().split()
+    except (OSError, IndexError, ValueError):
+        return 0
+    count = 0
+    for child in children:
+        if child.decode() == str(os.getpid()):
+            continue
+        try:
+            with open(f"/proc/{child.decode()}/cmdline", "rb") as file:
+                count += file.read() == command
+        except OSError:
+            pass
+    return count
 
 
 _STATUS_LINES = {
@@ -4616,66 +3374,6 @@ def _read_body(environ, limit):
         raise PayloadTooLarge(f"body is over max_body_bytes ({limit})")
     return body
 
-
-def _read_fields(body, expected):
-    """``(fields, format)`` of a push's body: refused when empty, or in a format the app
-    does not take (``expected`` is ``auto``, ``xml`` or ``json``; the other gets 415)."""
-    if not body.strip():
-        raise MessageError("empty body", code=None)
-    fmt = _sniff_format(body)
-    if expected != "auto" and fmt != expected:
-        raise MessageError(f"app expects {expected} but the body is {fmt}", status=415,
-                           code=None)
-    return _parse_body(body, fmt), fmt
-
-
-def _required(query, *names):
-    missing = [name for name in names if not query.get(name)]
-    if missing:
-        raise MessageError(f"query is missing {', '.join(missing)}", code=None)
-    return [query[name] for name in names]
-
-
-def _check_timestamp(timestamp, now, window):
-    """Refuse a timestamp older than ``window`` or more than ``MAX_CLOCK_AHEAD`` ahead."""
-    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
-        raise MessageError(f"timestamp {timestamp[:20]!r} is not a number of seconds",
-                           code=None)
-    if not window:
-        return
-    age = int(now) - int(timestamp)
-    if age > window:
-        raise ReplayError(f"timestamp {timestamp} is {age} s old, beyond timestamp_window "
-                          f"({window} s): a replay, or a clock that needs NTP")
-    ahead = min(window, MAX_CLOCK_AHEAD)
-    if -age > ahead:
-        raise ReplayError(f"timestamp {timestamp} is {-age} s ahead of our clock, more than "
-                          f"{ahead} s: a forged timestamp, or a clock that needs NTP")
-
-
-def _sealed_refusal(cause):
-    """The one refusal for every failure after msg_signature (see ``Gateway._read_push``).
-
-    The client gets ``SEALED_REFUSAL`` and 400, whatever failed; ``message`` (for the log
-    line) adds the kind of failure and WeChat's code, which our messages past decryption
-    keep free of decrypted bytes. A parse error of the decrypted text is named by its class
-    only: its message may quote the plaintext.
-    """
-    code = cause.code if cause.code is not None else PARSE_ERROR
-    if isinstance(cause, DecryptError):
-        kind = cause.message
-    else:  # a payload we cannot read is WeChat's -40002, a 415 included
-        kind = f"decrypted payload refused ({type(cause).__name__}, {cause.status}) " \
-               f"(WeChat {code})"
-    error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
-    error.public = SEALED_REFUSAL
-    error.signed = True  # past msg_signature: logged whatever the refusal rate
-    return error
-
-
-###############################################################################
-# WSGI application ############################################################
-###############################################################################
 
 class Gateway:
     """The WSGI application: one or more apps' push endpoints, plus the admin endpoints.
@@ -5431,35 +4129,1315 @@ class _LazyApplication:
 application = _LazyApplication()
 
 
-# WeChat's message-push page ends with this bot: each message a user sends gets "收到"
-# through customerServiceMessage.send, and the push itself is answered success.
-_DEMO_ACKNOWLEDGEMENT = "收到"
-_USER_MESSAGE_TYPES = frozenset({"text", "image", "miniprogrampage"})
+###############################################################################
+# BOUNDARY: optional parts below ##############################################
+###############################################################################
 
 
-def demo_handler(message: Message) -> dict[str, Any] | None:
-    """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent.
+###############################################################################
+# WeChat HTTP #################################################################
+###############################################################################
 
-    When the app has an AppSecret (or ``token_grant = cloud``) it is also the bot of
-    WeChat's message-push page: every message a user sends (text, image, mini program card)
-    is answered "收到" through customerServiceMessage.send. A failed send is logged, not
-    raised: the 500 would make WeChat retry the push, and the retry only repeat a "收到" the
-    user may already have.
+# The one HTTP call every API request goes through (the token endpoints and the business
+# APIs alike), and the multipart body of an upload. Pure but for _http_json's socket.
+
+
+class _Multipart:
+    """A request body already encoded as ``multipart/form-data`` (an upload)."""
+
+    __slots__ = ("data", "content_type")
+
+    def __init__(self, data: bytes, content_type: str) -> None:
+        self.data, self.content_type = data, content_type
+
+
+def _form_quote(text):
+    # What browsers do to a name or file name inside Content-Disposition's quotes (HTML's
+    # form-data encoding): CR, LF and '"' are percent-escaped, the rest goes as UTF-8.
+    return text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
+def _encode_multipart(fields, files, boundary):
+    """Encode a ``multipart/form-data`` body (RFC 7578); return a :class:`_Multipart`.
+
+    :param fields: ``{name: text}`` for plain form fields.
+    :param files: ``{name: (filename, data, content_type)}``, ``data`` bytes, sent untouched.
+    :param boundary: the boundary, ASCII letters and digits; the caller draws it at random.
+    :raises ValueError: the boundary occurs in a value: draw another one.
     """
-    logger.info("demo handler got %s from %s: %s", _loggable(message.event or message.msg_type),
-                _loggable(message.from_user), dict(message))
-    client = message._client
-    if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
-            and (client.tokens._appsecret or client.tokens.grant == "cloud"):
+    if not re.fullmatch(r"[0-9A-Za-z'()+_,./:=?-]{1,70}", boundary):
+        raise ValueError(f"not a valid multipart boundary: {boundary!r}")
+    delimiter = b"--" + boundary.encode("ascii")
+    parts = []
+    for name, value in fields.items():
+        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"\r\n',
+                      value.encode("utf-8")))
+    for name, (filename, data, content_type) in files.items():
+        if "\r" in content_type or "\n" in content_type:
+            raise ValueError(f"content type {content_type!r} holds a line break")
+        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"; '
+                      f'filename="{_form_quote(filename)}"\r\n'
+                      f'Content-Type: {content_type}\r\n', bytes(data)))
+    chunks = []
+    for headers, data in parts:
+        # A part ends where "CRLF--boundary" starts. We refuse "--boundary" anywhere, CRLF or
+        # not, as lax parsers exist; with a random boundary this never happens by chance.
+        if delimiter in data:
+            raise ValueError("the multipart boundary occurs in the data")
+        chunks += [delimiter, b"\r\n", headers.encode("utf-8"), b"\r\n", data, b"\r\n"]
+    chunks += [delimiter, b"--\r\n"]
+    return _Multipart(b"".join(chunks), f"multipart/form-data; boundary={boundary}")
+
+
+def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what="",
+               limit="api_timeout"):
+    """One HTTP call to WeChat's API; return the decoded JSON object.
+
+    ``body`` is sent as JSON, or as it is when it is a :class:`_Multipart` (an upload).
+    ``what`` names the endpoint in errors, and the URL appears only redacted (its query may
+    carry the AppSecret or a token). ``limit`` names what set ``timeout``, for the message
+    of a call that runs out of it.
+    """
+    shown = _redact_url(url)
+    if params:
+        url = f"{url}?{urllib.parse.urlencode(params)}"
+    data = None
+    headers = {"Accept": "application/json", "User-Agent": f"wxgate/{__version__}"}
+    if isinstance(body, _Multipart):
+        data, headers["Content-Type"] = body.data, body.content_type
+    elif body is not None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        headers["Content-Type"] = "application/json; charset=utf-8"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the connection: a proxy's 502 page is not read
+        error = WeChatConnectionError(f"{what} answered HTTP {exc.code}")
+        error.http_status = exc.code  # the sidecar's 502 means something (see WeChatClient)
+        raise error from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise WeChatConnectionError(f"{what} timed out after {timeout:.3g} s ({limit})") \
+                from None
+        if isinstance(reason, socket.gaierror):  # DNS: a typo in api_base, or no resolver
+            raise WeChatConnectionError(f"{what} unreachable: cannot resolve the host of "
+                                        f"{shown} (check api_base, and this host's DNS)") \
+                from None
+        raise WeChatConnectionError(f"{what} unreachable at {shown}: {type(reason).__name__}") \
+            from None
+    except (ValueError, http.client.HTTPException) as exc:
+        # Their text may quote the URL, and with it the secret or the access_token.
+        raise WeChatConnectionError(f"{what} failed: {type(exc).__name__}") from None
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise WeChatConnectionError(f"{what} answered something that is not JSON") from None
+    if not isinstance(document, dict):
+        raise WeChatConnectionError(f"{what} answered JSON that is not an object")
+    return document
+
+
+def _errcode(document):
+    """WeChat's rule: a missing errcode means success."""
+    try:
+        return int(document.get("errcode") or 0)
+    except (TypeError, ValueError):
+        return -1
+
+
+###############################################################################
+# access_token ################################################################
+###############################################################################
+
+class TokenManager:
+    """One app's access_token: cached in the store beside its expiry, fetched once at a time.
+
+    Every thread in a process, every worker on a host (sqlite) and every host (Redis) share
+    one token. Within a process a lock makes concurrent callers wait for one fetch; across
+    processes a lock key in the store does the same, and a holder that crashes loses it
+    when it expires.
+
+    :param appid: the mini program's AppID.
+    :param appsecret: its AppSecret; only needed when a token must be fetched.
+    :param store: a :class:`Store`; a private :class:`MemoryStore` by default.
+    :param api_base: WeChat's API base URL (a fake one in tests).
+    :param api_timeout: seconds for each HTTP call.
+    :param grant: ``"stable"`` (``POST /cgi-bin/stable_token``), ``"classic"``
+        (``GET /cgi-bin/token``) or ``"cloud"`` (none: Cloud Hosting's 开放接口服务 adds the
+        credential to each call, and :meth:`get_token` raises).
+    :param refresh_margin: fetch a new token when the stored one expires within this many
+        seconds.
+    :param name: the app's name, for messages.
+    :param prefix: store key prefix.
+    :param clock: returns the time in seconds; ``sleep`` waits (both injectable).
+    :param metrics: where fetches and errors are counted (the gateway's, by default none).
+    """
+
+    def __init__(self, appid: str, appsecret: str | None, *, store: Store | None = None,
+                 api_base: str = DEFAULT_API_BASE, api_timeout: float = DEFAULT_API_TIMEOUT,
+                 grant: str = "stable", refresh_margin: float = DEFAULT_REFRESH_MARGIN,
+                 name: str | None = None, prefix: str = "wxgate",
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], object] = time.sleep, metrics: Any = None) -> None:
+        if grant not in TOKEN_GRANTS:
+            raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
+        self.appid, self._appsecret = appid, appsecret
+        self.store = store if store is not None else MemoryStore(clock=clock)
+        self.api_base, self.api_timeout = api_base.rstrip("/"), api_timeout
+        self.grant, self.refresh_margin = grant, refresh_margin
+        self.name = name or appid
+        self._clock, self._sleep = clock, sleep
+        self._key = f"{prefix}:token:{grant}:{appid}"
+        self._lock_key = self._key + ":lock"
+        self._force_key = self._key + ":forced"
+        self._local_lock = threading.Lock()
+        self._metrics = metrics
+        # (error, time until which it is raised again)
+        self._failure: tuple[WeChatAPIError, float] | None = None
+        self._deadlines = threading.local()
+        self._last_replacement = (None, 0.0)
+        #: How many times this manager called a token endpoint (for tests and metrics).
+        self.fetches = 0
+
+    def __repr__(self):
+        return f"<TokenManager {self.name} appid={self.appid} grant={self.grant}>"
+
+    # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
+    # gateway sets a per-thread deadline around the handler, and every request, backoff and
+    # wait for the token below fits in what is left of it.
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
+        self._deadlines.value = deadline
+
+    def _time_left(self):
+        """The timeout for the next request: ``api_timeout``, or less near the deadline."""
+        deadline = getattr(self._deadlines, "value", None)
+        if deadline is None:
+            return self.api_timeout
+        remaining = deadline - time.monotonic()
+        if remaining < 0.05:
+            raise WeChatConnectionError(f"app {self.name}: WeChat's 5-second push window is "
+                                        "spent; no time left for an API call "
+                                        "(delivery = queue has no such limit)")
+        return min(self.api_timeout, remaining)
+
+    def _limit(self, timeout):
+        """What set ``timeout`` (from :meth:`_time_left`), for a timeout's message."""
+        if timeout < self.api_timeout:
+            return "what was left of WeChat's 5-second push window; delivery = queue has " \
+                "no such limit"
+        return "api_timeout"
+
+    def _can_wait(self, seconds):
+        deadline = getattr(self._deadlines, "value", None)
+        return deadline is None or time.monotonic() + seconds < deadline - 0.05
+
+    # The record kept in the store: "expires_at refresh_at token" (a token holds no space).
+    # refresh_at is decided once, by the fetcher, and read by every process: a stable_token
+    # fetched with less life left than the margin (the same token comes back until 300 s
+    # before expiry) must not make every later call fetch again.
+    def _read(self):
+        """``(token, expires_at, refresh_at)`` from the store, or None."""
+        value = self.store.get(self._key)
+        if not value:
+            return None
         try:
-            client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
-        except WxgateError as exc:
-            logger.warning("demo handler could not send %r to %s: %s", _DEMO_ACKNOWLEDGEMENT,
-                           _loggable(message.from_user), _loggable(exc.message))
-    if message.msg_type == "text" and any(
-            word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
-        return {"MsgType": "transfer_customer_service"}
-    return None
+            expires_at, refresh_at, token = value.split(" ", 2)
+            return token, float(expires_at), float(refresh_at)
+        except ValueError:
+            return None
+
+    def _fresh(self, record):
+        return record is not None and record[2] > self._clock()
+
+    def token_info(self) -> dict[str, Any]:
+        """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
+        token = self.get_token()
+        record = self._read()
+        expires_at = record[1] if record and record[0] == token else self._clock()
+        return {"access_token": token, "expires_at": int(expires_at)}
+
+    def get_token(self) -> str:
+        """Return a valid access_token, fetching one when none is stored or it nearly expired.
+
+        :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
+        :raises WeChatConnectionError: the endpoint could not be reached in time.
+        :raises WxgateError: the app has no AppSecret configured, or ``token_grant = cloud``.
+        """
+        if self.grant == "cloud":
+            raise WxgateError(f"app {self.name!r} has token_grant = cloud: Cloud Hosting's "
+                              "开放接口服务 adds the credential to each call, so wxgate holds "
+                              "no access_token", status=500)
+        record = self._read()
+        if self._fresh(record):
+            return record[0]
+        failure = self._failure
+        if failure is not None and failure[1] > self._clock():
+            raise failure[0]  # a wrong AppSecret or an empty quota: do not ask again yet
+        # Single flight in this process: the first caller fetches. The others use the
+        # current token while it still works (a refresh ahead of expiry must not stall
+        # every handler), or wait on the lock and then find the new token in the store.
+        if record is not None and record[1] > self._clock():
+            if not self._local_lock.acquire(blocking=False):
+                return record[0]
+        else:
+            self._local_lock.acquire()
+        try:
+            record = self._read()
+            if self._fresh(record):
+                return record[0]
+            try:
+                return self._refresh(record)
+            except WeChatAPIError as exc:
+                if exc.errcode in CREDENTIAL_ERRCODES or exc.errcode == 45009:
+                    self._failure = (exc, self._clock() + FAILED_FETCH_PAUSE)
+                raise
+        finally:
+            self._local_lock.release()
+
+    def invalidate_token(self, token: str | None = None) -> None:
+        """Forget the stored token (only if it is still ``token``, when given)."""
+        record = self._read()
+        if record and (token is None or record[0] == token):
+            self.store.delete(self._key, f"{record[1]!r} {record[2]!r} {record[0]}")
+
+    def _replacement_for(self, rejected):
+        """A token other than ``rejected``, after an API call said it is dead.
+
+        Fetches once; with stable_token, a normal fetch returns the same token while WeChat
+        thinks it is alive, so only then do we force a refresh, and at most once per 30 s
+        (WeChat ignores closer ones). Returns None when nothing better can be had.
+        """
+        with self._local_lock:
+            record = self._read()
+            if record and record[0] != rejected and record[1] > self._clock():
+                return record[0]  # another thread already replaced it
+            last, when = self._last_replacement
+            if last == rejected and self._clock() - when < STABLE_FORCE_GAP:
+                # The token we fetched as a replacement is rejected too: something else is
+                # wrong (another system holding the AppSecret?). Fetching on every call would
+                # burn the quota, so give up until the gap has passed.
+                return None
+            self.invalidate_token(rejected)
+            token = self._refresh(None)
+            if token != rejected:
+                self._last_replacement = (token, self._clock())
+                return token
+            if self.grant != "stable" or not self.store.add(self._force_key, "1",
+                                                            STABLE_FORCE_GAP):
+                return None
+            logger.warning("app %s: WeChat rejects the current stable token; forcing a "
+                           "refresh", self.name)
+            self.invalidate_token(rejected)
+            token = self._refresh(None, force=True)
+            if token == rejected:
+                return None
+            self._last_replacement = (token, self._clock())
+            return token
+
+    def _refresh(self, stale, force=False):
+        """Fetch under the store lock, or wait for the process holding it."""
+        owner = uuid.uuid4().hex
+        lock_ttl = self.api_timeout * (len(BUSY_BACKOFF) + 1) + sum(BUSY_BACKOFF) + 1
+        deadline = time.monotonic() + lock_ttl
+        while True:
+            if self.store.add(self._lock_key, owner, lock_ttl):
+                try:
+                    record = self._read()
+                    if not force and self._fresh(record):
+                        return record[0]  # another process fetched while we waited
+                    token, expires_in = self._fetch(force)
+                    now = self._clock()
+                    expires_at = now + expires_in
+                    refresh_at = expires_at - min(self.refresh_margin, expires_in / 2)
+                    self.store.set(self._key, f"{expires_at!r} {refresh_at!r} {token}",
+                                   expires_in)
+                    return token
+                finally:
+                    self.store.delete(self._lock_key, owner)
+            # Another process is fetching. A token that still works is good enough meanwhile.
+            now = self._clock()
+            if stale and stale[1] > now and not force:
+                return stale[0]
+            record = self._read()
+            if self._fresh(record):
+                return record[0]
+            if time.monotonic() > deadline:
+                raise WeChatConnectionError(
+                    f"app {self.name}: timed out waiting for another process to fetch the "
+                    "access_token")
+            self._time_left()  # gives up when the push that needs the token is out of time
+            self._sleep(POLL_INTERVAL * 2)
+
+    def _fetch(self, force=False):
+        """Call the token endpoint; return ``(token, expires_in)``."""
+        if not self._appsecret:
+            raise WxgateError(f"app {self.name!r} has no appsecret: set appsecret in its "
+                              f"[app:{self.name}] section to fetch access tokens", status=500)
+        credentials = {"grant_type": "client_credential", "appid": self.appid,
+                       "secret": self._appsecret}
+        for attempt in range(len(BUSY_BACKOFF) + 1):
+            self.fetches += 1
+            timeout = self._time_left()
+            if self.grant == "stable":
+                document = _http_json(
+                    "POST", self.api_base + "/cgi-bin/stable_token",
+                    body=dict(credentials, force_refresh=force), timeout=timeout,
+                    what="stable_token", limit=self._limit(timeout))
+            else:
+                document = _http_json("GET", self.api_base + "/cgi-bin/token",
+                                      params=credentials, timeout=timeout, what="token",
+                                      limit=self._limit(timeout))
+            errcode = _errcode(document)
+            if self._metrics is not None:
+                self._metrics.count("wxgate_token_fetches_total", app=self.name)
+                if errcode:
+                    self._metrics.count("wxgate_token_errors_total", app=self.name,
+                                        errcode=errcode)
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
+                    self._can_wait(BUSY_BACKOFF[attempt]):
+                self._sleep(BUSY_BACKOFF[attempt])
+                continue
+            break
+        if errcode in CREDENTIAL_ERRCODES:
+            raise WeChatAPIError(errcode, f"the token endpoint refused app {self.name!r} "
+                                 f"(appid {self.appid}): check its appid and appsecret "
+                                 f"({document.get('errmsg', '')})")
+        if errcode:
+            raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
+        token = document.get("access_token")
+        if not isinstance(token, str) or not token or " " in token:
+            raise WeChatConnectionError("token endpoint answered without an access_token")
+        try:
+            expires_in = float(document.get("expires_in", 7200))
+        except (TypeError, ValueError):
+            expires_in = 7200.0
+        logger.info("app %s: fetched a new access_token (%s, expires in %d s)",
+                    self.name, self.grant, expires_in)
+        return token, max(expires_in, 1.0)
+
+
+###############################################################################
+# WeChat API client ###########################################################
+###############################################################################
+
+# Magic numbers (offset, bytes) of the formats WeChat takes as temporary media, to name and
+# type bytes handed over without a file name, or a name without an extension: WeChat judges
+# an upload by its name's extension (community reports: 40004 / 40113 for a bare name).
+_MEDIA_MAGIC = ((0, b"\xff\xd8\xff", "jpg", "image/jpeg"),
+                (0, b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+                (0, b"GIF87a", "gif", "image/gif"), (0, b"GIF89a", "gif", "image/gif"),
+                (0, b"#!AMR\n", "amr", "audio/amr"),
+                (4, b"ftyp", "mp4", "video/mp4"))  # ISO base media: a box size, then ftyp
+
+
+def _guess_media(data, filename):
+    """``(filename, content_type)`` for an upload: from the name, else from the bytes.
+
+    A name without an extension gets the bytes' own (``poster`` → ``poster.png``).
+    """
+    for offset, magic, extension, content_type in _MEDIA_MAGIC:
+        if data.startswith(magic, offset):
+            break
+    else:
+        extension, content_type = "", "application/octet-stream"
+    if not filename:
+        return f"media.{extension or 'bin'}", content_type
+    if extension and not os.path.splitext(filename)[1]:
+        filename = f"{filename}.{extension}"
+    guessed = mimetypes.guess_type(filename)[0]
+    return filename, guessed or content_type
+
+
+def _sidecar_hint(path):
+    """What to do when Cloud Hosting's 开放接口服务 does not pass a call to ``path``."""
+    return (f"{path} did not pass Cloud Hosting's 开放接口服务: turn the service's 开放接口服务 "
+            f"switch on and add {path} to its API whitelist (云托管 console → 服务设置 → "
+            "云调用), then rebuild and publish a new version (the settings reach only "
+            "versions built after them)")
+
+
+class WeChatClient:
+    """Calls to WeChat's backend API for one app, with its token injected.
+
+    A call rejected for its token (40001, 40014, 42001) gets one replacement token and one
+    retry, then the error: never a loop. ``-1`` (busy) gets a short bounded backoff.
+    Handlers reach it as ``message.client``; other code as ``app.client(name)``.
+
+    :param tokens: the app's :class:`TokenManager`.
+    """
+
+    def __init__(self, tokens: TokenManager, *,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
+        self.tokens = tokens
+        self._sleep = sleep
+
+    def __repr__(self):
+        return f"<WeChatClient {self.tokens.name}>"
+
+    def call(self, method: str, path: str, params: Mapping[str, Any] | None = None,
+             json: Any = None) -> dict[str, Any]:
+        """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
+
+        With ``token_grant = cloud`` the call goes to ``api_base`` (Cloud Hosting's
+        ``http://api.weixin.qq.com``) with no ``access_token``: the 开放接口服务 sidecar adds
+        the credential, and no token is ever fetched.
+
+        :param method: ``"GET"`` or ``"POST"``.
+        :param params: extra query parameters; ``access_token`` is added.
+        :param json: the JSON body, for POST.
+        :raises WeChatAPIError: WeChat answered a non-zero errcode (after the one retry, for
+            token errors); with ``token_grant = cloud``, 41001 or 502 for an API the
+            sidecar does not pass, explained.
+        :raises WeChatConnectionError: WeChat could not be reached within ``api_timeout``.
+        """
+        if self.tokens.grant == "cloud":
+            return self._call_through_sidecar(method, path, params, json)
+        token = self.tokens.get_token()
+        try:
+            return self._call_with(token, method, path, params, json)
+        except WeChatAPIError as exc:
+            if exc.errcode not in TOKEN_REJECTED_ERRCODES:
+                raise
+            replacement = self.tokens._replacement_for(token)
+            if replacement is None:
+                raise
+            logger.warning("app %s: %s rejected the access_token (%s); retrying once with "
+                           "a new one", self.tokens.name, path, exc.errcode)
+            return self._call_with(replacement, method, path, params, json)
+
+    def _call_through_sidecar(self, method, path, params, body):
+        # Cloud Hosting's 开放接口服务 takes calls over http with no access_token and adds
+        # the credential. Its FAQ: "access_token missing" (41001) while the switch is off or
+        # in a version built before it was turned on, and HTTP 502 for an API that is not on
+        # the service's whitelist (PROTOCOL.md 11.1). Neither is a token to replace: one call.
+        # https://developers.weixin.qq.com/miniprogram/dev/wxcloudrun/src/guide/weixin/open.html
+        try:
+            return self._request(method, path, dict(params or {}), body)
+        except WeChatAPIError as exc:
+            if exc.errcode != 41001:
+                raise
+            raise WeChatAPIError(41001, f"access_token missing: {_sidecar_hint(path)}") \
+                from None
+        except WeChatConnectionError as exc:
+            if exc.http_status != 502:
+                raise
+            raise WeChatAPIError(502, f"HTTP 502 from 开放接口服务: {_sidecar_hint(path)}") \
+                from None
+
+    def _call_with(self, token, method, path, params, body):
+        query = dict(params or {})
+        query["access_token"] = token
+        return self._request(method, path, query, body)
+
+    def _request(self, method, path, query, body):
+        for attempt in range(len(BUSY_BACKOFF) + 1):
+            timeout = self.tokens._time_left()
+            document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
+                                  timeout=timeout, what=path, limit=self.tokens._limit(timeout))
+            errcode = _errcode(document)
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
+                    self.tokens._can_wait(BUSY_BACKOFF[attempt]):
+                self._sleep(BUSY_BACKOFF[attempt])
+                continue
+            if errcode:
+                raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
+            return document
+
+    def code2session(self, js_code: str) -> dict[str, Any]:
+        """Exchange a ``wx.login`` code for ``openid``, ``session_key`` (and ``unionid``).
+
+        Never send ``session_key`` to the client.
+        https://developers.weixin.qq.com/miniprogram/dev/server/API/user-login/api_code2session
+        """
+        if not self.tokens._appsecret:
+            raise WxgateError(f"app {self.tokens.name!r} has no appsecret: set appsecret in "
+                              f"its [app:{self.tokens.name}] section to call code2session",
+                              status=500)
+        document = self._request("GET", "/sns/jscode2session", {
+            "appid": self.tokens.appid, "secret": self.tokens._appsecret,
+            "js_code": js_code, "grant_type": "authorization_code"}, None)
+        if "openid" not in document:
+            raise WeChatConnectionError("jscode2session answered without an openid")
+        return document
+
+    def send_customer_message(self, openid: str, msgtype: str, payload: dict[str, Any]
+                              ) -> dict[str, Any]:
+        """Send a customer-service message: ``{"touser", "msgtype", msgtype: payload}``."""
+        return self.call("POST", "/cgi-bin/message/custom/send",
+                         json={"touser": openid, "msgtype": msgtype, msgtype: payload})
+
+    def send_text(self, openid: str, text: str) -> dict[str, Any]:
+        """Send a text customer-service message."""
+        return self.send_customer_message(openid, "text", {"content": text})
+
+    def send_image(self, openid: str, media_id: str) -> dict[str, Any]:
+        """Send an image customer-service message (an uploaded temporary media id)."""
+        return self.send_customer_message(openid, "image", {"media_id": media_id})
+
+    def send_link(self, openid: str, title: str, description: str, url: str, thumb_url: str
+                  ) -> dict[str, Any]:
+        """Send a link card."""
+        return self.send_customer_message(openid, "link", {
+            "title": title, "description": description, "url": url, "thumb_url": thumb_url})
+
+    def send_miniprogrampage(self, openid: str, title: str, pagepath: str,
+                             thumb_media_id: str) -> dict[str, Any]:
+        """Send a mini program page card."""
+        return self.send_customer_message(openid, "miniprogrampage", {
+            "title": title, "pagepath": pagepath, "thumb_media_id": thumb_media_id})
+
+    def upload_temp_media(self, file: str | os.PathLike[str] | bytes | BinaryIO,
+                          media_type: str = "image", *, filename: str | None = None,
+                          content_type: str | None = None) -> str:
+        """Upload a temporary media file (kept 3 days) and return its ``media_id``.
+
+        customerServiceMessage.uploadTempMedia: ``POST /cgi-bin/media/upload?type=image``
+        with the file as the multipart field ``media``. Mini programs may upload images
+        only; the ``media_id`` is what :meth:`send_image` and :meth:`send_miniprogrampage`
+        take.
+        https://developers.weixin.qq.com/miniprogram/en/dev/api-backend/open-api/
+        customer-message/customerServiceMessage.uploadTempMedia.html
+
+        :param file: a path, the file's bytes, or a binary file object.
+        :param media_type: WeChat's ``type``; ``"image"`` is the only one mini programs have.
+        :param filename: the name WeChat sees; by default the file's own, or ``media.jpg``
+            (or ``.png``, ``.gif``) after the bytes' format. A name without an extension
+            gets the one of the bytes' format (JPEG, PNG, GIF, AMR, MP4), as WeChat types
+            an upload by its name.
+        :param content_type: by default guessed from the name, then from the bytes.
+        :raises WeChatAPIError: e.g. 40004 (not a media type WeChat accepts).
+        :raises WeChatConnectionError: WeChat could not be reached, or sent no media_id.
+        :raises OSError: the file cannot be read.
+        """
+        if not isinstance(media_type, str) or not re.fullmatch(r"[a-z]{1,16}", media_type):
+            raise ValueError(f"media_type must be a word such as 'image', got {media_type!r}")
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            data = bytes(file)
+        elif isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as opened:
+                data = opened.read()
+            filename = filename or os.path.basename(os.fspath(file))
+        else:
+            data = file.read()
+            name = getattr(file, "name", None)
+            filename = filename or (os.path.basename(name) if isinstance(name, str) else None)
+        filename, guessed = _guess_media(data, filename)
+        files = {"media": (filename, data, content_type or guessed)}
+        boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
+        while b"--" + boundary.encode("ascii") in data:  # one file in 2**128: draw again
+            boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
+        body = _encode_multipart({}, files, boundary)
+        # call() hands its body to _http_json, which sends a _Multipart as it is: the upload
+        # gets the token, the one retry on a rejected token and the busy backoff of JSON calls.
+        document = self.call("POST", "/cgi-bin/media/upload", params={"type": media_type},
+                             json=body)
+        media_id = document.get("media_id")
+        if not isinstance(media_id, str) or not media_id:
+            raise WeChatConnectionError("media/upload answered without a media_id")
+        return media_id
+
+    def send_subscribe_message(self, openid: str, template_id: str, data: Mapping[str, Any],
+                               page: str | None = None, miniprogram_state: str | None = None,
+                               lang: str | None = None) -> dict[str, Any]:
+        """Send a subscribe message; ``data`` maps keywords to values or ``{"value": ...}``."""
+        body = {"touser": openid, "template_id": template_id,
+                "data": {name: value if isinstance(value, dict) else {"value": value}
+                         for name, value in data.items()}}
+        for name, value in (("page", page), ("miniprogram_state", miniprogram_state),
+                            ("lang", lang)):
+            if value is not None:
+                body[name] = value
+        return self.call("POST", "/cgi-bin/message/subscribe/send", json=body)
+
+    def set_typing(self, openid: str, on: bool = True) -> dict[str, Any]:
+        """Show (or hide) "typing..." in the user's chat."""
+        return self.call("POST", "/cgi-bin/message/custom/typing",
+                         json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
+
+
+###############################################################################
+# Router ######################################################################
+###############################################################################
+
+# A routed function, as registered: the decorators hand it back with its own type.
+_Routed = TypeVar("_Routed", bound=Callable[..., Any])
+
+
+class Router:
+    """A handler that calls one function per message type or event name.
+
+    ::
+
+        router = wxgate.Router()
+
+        @router.message("text")
+        def on_text(message): ...
+
+        @router.event("user_enter_tempsession")
+        def on_enter(message): ...
+
+    Point ``handler = shopbot:router`` at it. An event goes to the function registered for
+    its ``Event``, else to the one for ``router.message("event")``; any other push to the one
+    for its ``MsgType``; what matches nothing goes to ``router.default``, or is answered
+    ``success``. The routed function's return value is the reply, as a handler's is.
+    Registering a type or an event twice raises ``ValueError`` when the module is imported,
+    so one function cannot silently replace another.
+    """
+
+    def __init__(self) -> None:
+        self._messages: dict[str, Callable[[Message], Any]] = {}
+        self._events: dict[str, Callable[[Message], Any]] = {}
+        self._default: Callable[[Message], Any] | None = None
+
+    def __repr__(self) -> str:
+        routes = [f"message:{name}" for name in self._messages]
+        routes += [f"event:{name}" for name in self._events]
+        routes += ["default"] if self._default is not None else []
+        return f"<Router {' '.join(routes) or '(empty)'}>"
+
+    def message(self, *types: str) -> Callable[[_Routed], _Routed]:
+        """Route pushes whose ``MsgType`` is one of ``types`` (``"text"``, ``"image"``...)."""
+        return self._register(self._messages, "message", types)
+
+    def event(self, *names: str) -> Callable[[_Routed], _Routed]:
+        """Route events whose ``Event`` is one of ``names`` (``"user_enter_tempsession"``...)."""
+        return self._register(self._events, "event", names)
+
+    def default(self, function: _Routed) -> _Routed:
+        """Route what nothing else matches; without one, those pushes get ``success``."""
+        if not callable(function):
+            raise TypeError("use @router.default on a function, without parentheses")
+        if self._default is not None:
+            raise ValueError(f"router.default is already {_function_name(self._default)}; "
+                             f"cannot also route to {_function_name(function)}")
+        self._default = function
+        return function
+
+    def _register(self, table, kind, names):
+        # Mistakes raise here, when the handler's module is imported (so at load_config, and
+        # in `wxgate check`), not at the first push of the kind.
+        if not names:
+            example = "text" if kind == "message" else "user_enter_tempsession"
+            raise TypeError(f"router.{kind}() needs at least one name, e.g. "
+                            f"@router.{kind}({example!r})")
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"router.{kind}() takes names as strings, got {name!r}: "
+                                f"write @router.{kind}('...') with the name in parentheses")
+        if len(set(names)) != len(names):
+            raise ValueError(f"router.{kind}() got the same name twice: {names!r}")
+
+        def decorator(function):
+            if not callable(function):
+                raise TypeError(f"@router.{kind}(...) decorates a function, got "
+                                f"{type(function).__name__}")
+            for name in names:  # all checked before any is registered: no half routing
+                if name in table:
+                    raise ValueError(f"{kind} {name!r} is already routed to "
+                                     f"{_function_name(table[name])}; cannot also route it "
+                                     f"to {_function_name(function)}")
+            for name in names:
+                table[name] = function
+            return function
+
+        return decorator
+
+    def __call__(self, message: Message) -> Any:
+        """Handle ``message`` with the function routed to it; return that function's reply."""
+        function = None
+        kind = message.msg_type
+        # From a hostile JSON push MsgType and Event may be objects or lists, which are not
+        # names (and not hashable): they match nothing.
+        if kind == "event" and isinstance(message.event, str):
+            function = self._events.get(message.event)
+        if function is None and isinstance(kind, str):
+            function = self._messages.get(kind)
+        if function is None:
+            function = self._default
+        if function is None:
+            return "success"
+        return function(message)
+
+
+def _function_name(function):
+    """``module.qualname`` of a routed function, for the message of a duplicate route."""
+    module = getattr(function, "__module__", None)
+    name = getattr(function, "__qualname__", None) or repr(function)
+    return f"{module}.{name}" if module else name
+
+
+###############################################################################
+# Durable queue ###############################################################
+###############################################################################
+
+class _Queue:
+    """A durable queue of pushes in a shared store, in order per partition (app + user).
+
+    Only the oldest message of a partition can be claimed, so one user's messages reach the
+    business code in order of arrival. A claim hides its message for ``visibility`` seconds;
+    a worker that dies before acknowledging lets it reappear.
+    """
+
+    def push(self, partition, payload, now, marker=None):
+        """Queue ``payload``; return its id.
+
+        ``marker`` is ``(key, value, ttl)``, a push's dedup key in the store: the insert and
+        setting ``key`` to ``value`` are one transaction, and a key already done (a value
+        starting with "d") means the push is already queued: nothing is inserted and the
+        result is None. So "queued" is never recorded for a message that is not in the
+        queue, and a message is never queued twice under one key.
+        """
+        raise NotImplementedError
+
+    def claim(self, now, visibility):
+        """``(id, payload, attempt, claim, cut_offs)`` of a message due for delivery, or None.
+
+        ``attempt`` is this attempt's number: one more than the attempts that ended (in
+        :meth:`retry` or :meth:`bury`). An attempt cut off by a kill never ended, so it is
+        not counted: it is noted in the message's errors, and counted in ``cut_offs`` (see
+        ``MAX_CUT_OFFS``).
+        """
+        raise NotImplementedError
+
+    def ack(self, item_id, claim, now):
+        raise NotImplementedError
+
+    def extend(self, item_id, claim, until):
+        """Keep a claim hidden until ``until`` while its delivery still runs."""
+        raise NotImplementedError
+
+    def retry(self, item_id, claim, available_at, error, now):
+        """End a failed attempt: count it, add ``error`` to the message's errors."""
+        raise NotImplementedError
+
+    def bury(self, item_id, claim, error, now):
+        """End the last attempt: count it, and move the message to the dead letters."""
+        raise NotImplementedError
+
+    def stats(self, now):
+        raise NotImplementedError
+
+    def dead(self, limit=100):
+        raise NotImplementedError
+
+    def revive(self, ids, now):
+        """Put dead letters (all when ``ids`` is empty) back in the queue; return the count."""
+        raise NotImplementedError
+
+    def purge_dead(self):
+        raise NotImplementedError
+
+
+class _SqliteQueue(_Queue):
+    """The queue as a table beside the store's key-value table."""
+
+    def __init__(self, store):
+        # Its own connection with synchronous=FULL: a push answered "success" must survive
+        # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
+        # Its tables are made by each new connection: a database file deleted while
+        # serving is made anew, and the queue must be in the new one too.
+        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL", schema=(
+            "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
+            " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
+            " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
+            " DEFAULT 0)",
+            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)"))
+        columns = {row[1] for row in self.store._read("PRAGMA table_info(wxgate_queue)", ())}
+        if "cut_offs" not in columns:  # a queue made before the column: add it in place
+            try:
+                self.store._execute("ALTER TABLE wxgate_queue ADD COLUMN cut_offs INTEGER NOT"
+                                    " NULL DEFAULT 0")
+            except sqlite3.OperationalError:  # another process added it first
+                pass
+
+    def _execute(self, sql, parameters=()):
+        """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
+        return self.store._execute(sql, parameters)
+
+    def push(self, partition, payload, now, marker=None):
+        # One transaction: durable (WAL, synchronous=FULL) once COMMIT returns. The marker
+        # lives in the key-value table of the same file, so it commits with the row or not
+        # at all; a duplicate's transaction waits for this one's write lock.
+        return self.store._using(lambda connection: self._push(connection, partition,
+                                                               payload, now, marker))
+
+    def _push(self, connection, partition, payload, now, marker):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if marker is not None:
+                key, value, ttl = marker
+                row = connection.execute("SELECT value FROM wxgate_kv WHERE key = ? AND"
+                                         " expires_at > ?", (key, now)).fetchone()
+                if row is not None and row[0].startswith("d"):
+                    connection.execute("COMMIT")
+                    return None
+            item_id = connection.execute(
+                "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
+                " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
+            if marker is not None:
+                connection.execute("INSERT OR REPLACE INTO wxgate_kv VALUES (?, ?, ?)",
+                                   (key, value, now + ttl))
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+        return item_id
+
+    def claim(self, now, visibility):
+        claim = uuid.uuid4().hex
+        for _ in range(3):
+            # Read first, without the write lock, so idle polling never queues behind the
+            # pushes. The head of each partition is its lowest live id; ids only grow, so a
+            # head stays the head until it is settled.
+            rows = self.store._read(
+                "SELECT q.id, q.payload, q.attempts, q.cut_offs, q.claim FROM wxgate_queue q"
+                " JOIN (SELECT MIN(id) AS head FROM wxgate_queue WHERE dead = 0 GROUP BY"
+                " partition) h ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id"
+                " LIMIT 1", (now,))
+            if not rows:
+                return None
+            item_id, payload, attempts, cut_offs, previous = rows[0]
+            # A claim moves available_at into the future, which hides the message; the
+            # condition makes two workers racing for it agree on one winner, and on the
+            # claim it replaces. A claim still set is one whose attempt never ended (its
+            # worker was killed): noted and counted apart, not as an attempt, since the
+            # backend may well have taken the message.
+            cut_off = previous is not None
+            if self._execute(
+                    "UPDATE wxgate_queue SET available_at = ?, error = CASE WHEN claim IS NULL"
+                    " THEN error ELSE COALESCE(error || char(10), '') || ? END, cut_offs ="
+                    " cut_offs + ?, claim = ? WHERE id = ? AND available_at <= ? AND dead = 0"
+                    " AND claim IS ?", (now + visibility, _CUT_OFF, int(cut_off), claim,
+                                        item_id, now, previous))[0] == 1:
+                return item_id, payload, attempts + 1, claim, cut_offs + cut_off
+        return None
+
+    def ack(self, item_id, claim, now):
+        return self._execute("DELETE FROM wxgate_queue WHERE id = ? AND claim = ?",
+                             (item_id, claim))[0] == 1
+
+    def extend(self, item_id, claim, until):
+        self._execute("UPDATE wxgate_queue SET available_at = ? WHERE id = ? AND claim = ?",
+                      (until, item_id, claim))
+
+    def retry(self, item_id, claim, available_at, error, now):
+        self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, attempts ="
+                      " attempts + 1, error = COALESCE(error || char(10), '') || 'attempt '"
+                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
+                      (available_at, error, item_id, claim))
+
+    def bury(self, item_id, claim, error, now):
+        self._execute("UPDATE wxgate_queue SET dead = 1, claim = NULL, attempts = attempts"
+                      " + 1, error = COALESCE(error || char(10), '') || 'attempt '"
+                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
+                      (error, item_id, claim))
+
+    def stats(self, now):
+        ((pending, in_flight, dead),) = self.store._read(
+            "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 0 AND claim IS NOT NULL"
+            " AND available_at > ?), 0), COALESCE(SUM(dead = 1), 0) FROM wxgate_queue",
+            (now,))
+        return {"pending": pending, "in_flight": in_flight, "dead": dead}
+
+    def dead(self, limit=100):
+        rows = self.store._read("SELECT id, partition, payload, attempts, error FROM"
+                                " wxgate_queue WHERE dead = 1 ORDER BY id LIMIT ?", (limit,))
+        return [_dead_letter(*row) for row in rows]
+
+    def revive(self, ids, now):
+        return self.store._using(lambda connection: self._revive(connection, ids, now))
+
+    def _revive(self, connection, ids, now):
+        where = "dead = 1" + (f" AND id IN ({','.join('?' * len(ids))})" if ids else "")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-inserted with a new id: a revived message goes after what is queued for its
+            # user now, as it would in Redis.
+            rows = connection.execute(f"SELECT id, partition, payload FROM wxgate_queue"
+                                      f" WHERE {where}", [int(i) for i in ids]).fetchall()
+            for item_id, partition, payload in rows:
+                connection.execute("DELETE FROM wxgate_queue WHERE id = ?", (item_id,))
+                connection.execute(
+                    "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
+                    " VALUES (?, ?, ?, ?)", (partition, payload, now, now))
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+        return len(rows)
+
+    def purge_dead(self):
+        return self._execute("DELETE FROM wxgate_queue WHERE dead = 1")[0]
+
+
+# Noted in a message's errors when a claim on it expired before its attempt ended.
+_CUT_OFF = "an attempt was cut off (its worker stopped, or its claim expired): not counted"
+
+
+def _dead_letter(item_id, partition, payload, attempts, error):
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        document = {}
+    errors = (error or "").split("\n") if error else []
+    return {"id": int(item_id), "partition": partition, "app": document.get("app"),
+            "dedup_key": document.get("dedup_key"), "attempts": int(attempts),
+            "error": errors[-1] if errors else None, "errors": errors}
+
+
+class _RedisQueue(_Queue):
+    """The queue in Redis: a list of ids per partition, a sorted set of partitions whose head
+    is due, a sorted set of claimed ids by deadline, a hash per message, and a dead list.
+
+    Every step is one Lua script, so it is atomic on the server however many gateways call.
+    """
+
+    _PUSH = """
+local p = ARGV[1]
+if ARGV[5] ~= '' then
+  local done = redis.call('GET', ARGV[5])
+  if done and string.sub(done, 1, 1) == 'd' then return false end
+end
+local id = redis.call('INCR', p .. ':q:seq')
+redis.call('HSET', p .. ':q:msg:' .. id, 'partition', ARGV[2], 'payload', ARGV[3],
+           'attempts', 0)
+if redis.call('RPUSH', p .. ':q:part:' .. ARGV[2], id) == 1 then
+  redis.call('ZADD', p .. ':q:ready', ARGV[4], ARGV[2])
+end
+redis.call('INCR', p .. ':q:pending')
+if ARGV[5] ~= '' then redis.call('SET', ARGV[5], ARGV[6], 'PX', ARGV[7]) end
+return id
+"""
+    _CLAIM = """
+local p, now = ARGV[1], tonumber(ARGV[2])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':q:inflight', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', p .. ':q:inflight', id)
+  local part = redis.call('HGET', p .. ':q:msg:' .. id, 'partition')
+  if part then redis.call('ZADD', p .. ':q:ready', now, part) end
+end
+local heads = redis.call('ZRANGEBYSCORE', p .. ':q:ready', '-inf', now, 'LIMIT', 0, 1)
+if #heads == 0 then return false end
+redis.call('ZREM', p .. ':q:ready', heads[1])
+local id = redis.call('LINDEX', p .. ':q:part:' .. heads[1], 0)
+if not id then return false end
+local key = p .. ':q:msg:' .. id
+local attempts = tonumber(redis.call('HGET', key, 'attempts') or 0) + 1
+local cut_offs = tonumber(redis.call('HGET', key, 'cut_offs') or 0)
+if redis.call('HEXISTS', key, 'claim') == 1 then
+  local errors = redis.call('HGET', key, 'error')
+  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. ARGV[5])
+  cut_offs = redis.call('HINCRBY', key, 'cut_offs', 1)
+end
+redis.call('HSET', key, 'claim', ARGV[4])
+redis.call('ZADD', p .. ':q:inflight', now + tonumber(ARGV[3]), id)
+return {id, redis.call('HGET', key, 'payload'), attempts, cut_offs}
+"""
+    # ARGV: prefix, id, claim, now, action ('ack', 'retry', 'bury'), available_at, error
+    _SETTLE = """
+local p, id = ARGV[1], ARGV[2]
+local key = p .. ':q:msg:' .. id
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+local part = redis.call('HGET', key, 'partition')
+local list = p .. ':q:part:' .. part
+redis.call('ZREM', p .. ':q:inflight', id)
+redis.call('HDEL', key, 'claim')
+if ARGV[5] ~= 'ack' then
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  local errors = redis.call('HGET', key, 'error')
+  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. 'attempt ' ..
+             attempts .. ': ' .. ARGV[7])
+end
+if ARGV[5] == 'retry' then
+  redis.call('ZADD', p .. ':q:ready', ARGV[6], part)
+  return 1
+end
+redis.call('LREM', list, 1, id)
+redis.call('DECR', p .. ':q:pending')
+if ARGV[5] == 'bury' then
+  redis.call('RPUSH', p .. ':q:dead', id)
+else
+  redis.call('DEL', key)
+end
+if redis.call('LLEN', list) > 0 then redis.call('ZADD', p .. ':q:ready', ARGV[4], part) end
+return 1
+"""
+    _EXTEND = """
+local key = ARGV[1] .. ':q:msg:' .. ARGV[2]
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+return redis.call('ZADD', ARGV[1] .. ':q:inflight', 'XX', ARGV[4], ARGV[2])
+"""
+    _PURGE = """
+local p = ARGV[1]
+local ids = redis.call('LRANGE', p .. ':q:dead', 0, -1)
+for _, id in ipairs(ids) do redis.call('DEL', p .. ':q:msg:' .. id) end
+redis.call('DEL', p .. ':q:dead')
+return #ids
+"""
+    _REVIVE = """
+local p, now = ARGV[1], ARGV[2]
+local ids = {}
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ids == 0 then ids = redis.call('LRANGE', p .. ':q:dead', 0, -1) end
+local count = 0
+for _, id in ipairs(ids) do
+  local key = p .. ':q:msg:' .. id
+  local part = redis.call('HGET', key, 'partition')
+  if part and redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
+    redis.call('HSET', key, 'attempts', 0)
+    redis.call('HDEL', key, 'error', 'claim', 'cut_offs')
+    if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
+      redis.call('ZADD', p .. ':q:ready', now, part)
+    end
+    redis.call('INCR', p .. ':q:pending')
+    count = count + 1
+  end
+end
+return count
+"""
+
+    def __init__(self, store, prefix):
+        self.redis, self.prefix = store._redis, prefix
+        self._push = self.redis.register_script(self._PUSH)
+        self._claim = self.redis.register_script(self._CLAIM)
+        self._settle = self.redis.register_script(self._SETTLE)
+        self._revive = self.redis.register_script(self._REVIVE)
+        self._extend = self.redis.register_script(self._EXTEND)
+        self._purge = self.redis.register_script(self._PURGE)
+
+    def push(self, partition, payload, now, marker=None):
+        key, value, ttl = marker or ("", "", 0)
+        item_id = self._push(args=[self.prefix, partition, payload, repr(now), key, value,
+                                   max(1, int(ttl * 1000))])
+        return None if item_id is None else int(item_id)
+
+    def claim(self, now, visibility):
+        claim = uuid.uuid4().hex
+        row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim, _CUT_OFF])
+        if not row:
+            return None
+        return int(row[0]), _text(row[1]), int(row[2]), claim, int(row[3])
+
+    def ack(self, item_id, claim, now):
+        return bool(self._settle(args=[self.prefix, item_id, claim, repr(now), "ack", 0, ""]))
+
+    def extend(self, item_id, claim, until):
+        self._extend(args=[self.prefix, item_id, claim, repr(until)])
+
+    def retry(self, item_id, claim, available_at, error, now):
+        self._settle(args=[self.prefix, item_id, claim, repr(now), "retry", repr(available_at),
+                           error])
+
+    def bury(self, item_id, claim, error, now):
+        self._settle(args=[self.prefix, item_id, claim, repr(now), "bury", 0, error])
+
+    def stats(self, now):
+        return {"pending": int(self.redis.get(f"{self.prefix}:q:pending") or 0),
+                "in_flight": self.redis.zcard(f"{self.prefix}:q:inflight"),
+                "dead": self.redis.llen(f"{self.prefix}:q:dead")}
+
+    def dead(self, limit=100):
+        letters = []
+        for item_id in self.redis.lrange(f"{self.prefix}:q:dead", 0, limit - 1):
+            fields = {_text(k): _text(v) for k, v in
+                      self.redis.hgetall(f"{self.prefix}:q:msg:{_text(item_id)}").items()}
+            letters.append(_dead_letter(_text(item_id), fields.get("partition"),
+                                        fields.get("payload", "{}"),
+                                        fields.get("attempts", 0), fields.get("error")))
+        return letters
+
+    def revive(self, ids, now):
+        return int(self._revive(args=[self.prefix, repr(now), *[str(i) for i in ids]]))
+
+    def purge_dead(self):
+        return int(self._purge(args=[self.prefix]))
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _open_queue(store, prefix):
+    """The durable queue living in ``store`` (sqlite or Redis)."""
+    primary = getattr(store, "primary", store)
+    if isinstance(primary, SqliteStore):
+        return _SqliteQueue(primary)
+    if isinstance(primary, RedisStore):
+        return _RedisQueue(primary, prefix)
+    raise ConfigError("delivery = queue needs a durable store: set [wxgate] store to "
+                      "sqlite:///path/to/wxgate.db or redis://host:port/db")
+
+
+###############################################################################
+# Delivery worker #############################################################
+###############################################################################
+
+class _DeliveryWorker:
+    """Takes queued pushes and hands them to business code, with retries and dead letters.
+
+    Runs as threads inside each gateway process, or alone as ``wxgate worker CONFIG``. Each
+    message is delivered at least once. While a delivery runs, a keeper thread renews its
+    claim, so a slow handler is never given to a second worker; a worker that dies stops
+    renewing, and its message reappears after ``queue_visibility_timeout``. A Python
+    handler's completed dedup keys are kept in the store, so a message re-delivered after a
+    crash skips the handler; a forward backend gets the same ``dedup_key`` again and can
+    drop the repeat.
+    """
+
+    def __init__(self, gateway, queue, *, threads=1, idle_sleep=0.05, random=None):
+        import random as random_module
+        self.gateway, self.queue, self.threads = gateway, queue, threads
+        self.idle_sleep = idle_sleep
+        self._random = random or random_module.random
+        self._stop = threading.Event()
+        self._threads = []
+        self._working = {}  # item id -> claim, for the keeper
+        self._working_lock = threading.Lock()
+        self._raw_noted = set()  # apps whose RawReply we said was not sent
+
+    def start(self):
+        for index in range(self.threads):
+            thread = threading.Thread(target=self.run, name=f"wxgate-delivery-{index}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        keeper = threading.Thread(target=self._keep_claims, name="wxgate-delivery-claims",
+                                  daemon=True)
+        keeper.start()
+        self._threads.append(keeper)
+
+    def stop(self, timeout=5.0):
+        """Stop claiming, and let the deliveries running now finish for up to ``timeout``
+        seconds in all (not per thread). One still running then is cut off: the process
+        may exit under it, and its message reappears after ``queue_visibility_timeout``."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._working_lock:
+            running = sorted(self._working)
+        if running:
+            logger.warning("delivery stopped with %d delivery(ies) still running after %g s "
+                           "(messages %s): cut off, they are delivered again after "
+                           "queue_visibility_timeout", len(running), timeout,
+                           ", ".join(map(str, running)))
+
+    def run(self):
+        """Deliver until stopped; a failing store only makes the loop wait and try again."""
+        idle = self.idle_sleep
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:
+                logger.exception("delivery loop error; retrying in 1 s")
+                busy, idle = False, 1.0
+            if busy:
+                idle = self.idle_sleep
+            else:
+                self._stop.wait(idle)
+                idle = min(idle * 2, 0.5)
+
+    def _keep_claims(self):
+        visibility = self.gateway.config.queue_visibility_timeout
+        while not self._stop.wait(visibility / 3):
+            with self._working_lock:
+                working = list(self._working.items())
+            for item_id, claim in working:
+                try:
+                    self.queue.extend(item_id, claim, self.gateway._clock() + visibility)
+                except Exception:
+                    logger.exception("could not renew the claim on queued message %s", item_id)
+
+    def run_once(self):
+        """Claim and deliver one message; return whether there was one."""
+        gateway = self.gateway
+        item = self.queue.claim(gateway._clock(), gateway.config.queue_visibility_timeout)
+        if item is None:
+            return False
+        item_id, payload, attempts, claim, cut_offs = item
+        with self._working_lock:
+            self._working[item_id] = claim
+        try:
+            self._deliver(item_id, payload, attempts, claim, cut_offs)
+        finally:
+            with self._working_lock:
+                self._working.pop(item_id, None)
+        return True
+
+    def _deliver(self, item_id, payload, attempts, claim, cut_offs=0):
+        gateway = self.gateway
+        try:
+            document = json.loads(payload)
+            app = gateway.config.apps[document["app"]]
+            message = Message(document["message"], app=app.name, format=document["format"],
+                              encrypted=document.get("encrypted", False),
+                              client=gateway._clients[app.name], cloud=document.get("cloud"))
+        except Exception as exc:  # unreadable, or an app no longer configured: never retried
+            self.queue.bury(item_id, claim, f"cannot read the queued message: "
+                            f"{type(exc).__name__}", gateway._clock())
+            logger.error("queued message %s cannot be read (%s); moved to the dead letters",
+                         item_id, type(exc).__name__)
+            return
+        if cut_offs >= MAX_CUT_OFFS:
+            error = (f"cut off {cut_offs} times: probably a worker crash or kill while "
+                     "delivering it (a handler that exhausts memory?); not delivered again")
+            self.queue.bury(item_id, claim, error, gateway._clock())
+            logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
+                         app.name, item_id, _loggable(message.dedup_key), error)
+            gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
+            return
+        key = _store_key(message) if message.dedup_key else item_id
+        done_key = f"{gateway.config.store_prefix}:done:{key}"
+        started = time.monotonic()
+        try:
+            if gateway.store.get(done_key) is None:
+                reply = _business_reply(app, message, timestamp=gateway._clock())
+                gateway.store.set(done_key, "1", DONE_TTL)
+                if isinstance(reply, RawReply) and app.name not in self._raw_noted:
+                    # WeChat was answered success when the push was queued: a fixed body
+                    # such as virtual payment's needs delivery = sync.
+                    self._raw_noted.add(app.name)
+                    logger.warning("app=%s delivery = queue: the RawReply was not sent (the "
+                                   "push was answered success when queued); pushes that "
+                                   "need a fixed reply need delivery = sync", app.name)
+                outcome = "delivered"
+            else:
+                outcome = "already-delivered"
+        except Exception as exc:
+            # One line: the attempts' errors are stored one per line (list-dead splits
+            # them), and many are several (pydantic's ValidationError, a client library's).
+            error = " | ".join(line.strip() for line in
+                               f"{type(exc).__name__}: {exc}".splitlines() if line.strip())
+            error = error[:500]
+            if attempts >= app.queue_max_attempts:
+                self.queue.bury(item_id, claim, error, gateway._clock())
+                logger.error("app=%s message %s (key %s) failed %d times, moved to the "
+                             "dead letters: %s", app.name, item_id,
+                             _loggable(message.dedup_key), attempts, _loggable(error))
+                gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
+                return
+            # Exponential backoff with jitter (0.5x to 1.5x), so a recovering backend is not
+            # hit in lockstep; the exponent is capped before it can overflow.
+            delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** min(attempts - 1, 30))
+            delay *= 0.5 + self._random()
+            self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
+            logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
+                           "%s", app.name, item_id, _loggable(message.dedup_key), attempts,
+                           delay, _loggable(error))
+            return
+        if not self.queue.ack(item_id, claim, gateway._clock()):
+            logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
+                           "worker will find it done", app.name, item_id,
+                           _loggable(message.dedup_key))
+        gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
+                                app=app.name)
+        logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
+                    _loggable(message.event or message.msg_type), _loggable(message.dedup_key),
+                    outcome, attempts, (time.monotonic() - started) * 1000)
 
 
 ###############################################################################
@@ -5766,7 +5744,6 @@ class Simulator:
 # Fake WeChat API #############################################################
 ###############################################################################
 
-
 def _has_media_file(content_type, data):
     """Whether a request body is ``multipart/form-data`` with a file part named ``media``."""
     import email.parser  # only FakeAPI parses multipart: no cost on import
@@ -5928,9 +5905,8 @@ class FakeAPI:
 
 
 ###############################################################################
-# Command line ################################################################
+# Dev server and demo handler #################################################
 ###############################################################################
-
 
 class _DeadlineReader(io.RawIOBase):
     """A socket's input that ends in TimeoutError once ``seconds`` have passed in all."""
@@ -6026,6 +6002,41 @@ def _serve(args):
         app.close()
     return 0
 
+
+# WeChat's message-push page ends with this bot: each message a user sends gets "收到"
+# through customerServiceMessage.send, and the push itself is answered success.
+_DEMO_ACKNOWLEDGEMENT = "收到"
+_USER_MESSAGE_TYPES = frozenset({"text", "image", "miniprogrampage"})
+
+
+def demo_handler(message: Message) -> dict[str, Any] | None:
+    """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent.
+
+    When the app has an AppSecret (or ``token_grant = cloud``) it is also the bot of
+    WeChat's message-push page: every message a user sends (text, image, mini program card)
+    is answered "收到" through customerServiceMessage.send. A failed send is logged, not
+    raised: the 500 would make WeChat retry the push, and the retry only repeat a "收到" the
+    user may already have.
+    """
+    logger.info("demo handler got %s from %s: %s", _loggable(message.event or message.msg_type),
+                _loggable(message.from_user), dict(message))
+    client = message._client
+    if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
+            and (client.tokens._appsecret or client.tokens.grant == "cloud"):
+        try:
+            client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
+        except WxgateError as exc:
+            logger.warning("demo handler could not send %r to %s: %s", _DEMO_ACKNOWLEDGEMENT,
+                           _loggable(message.from_user), _loggable(exc.message))
+    if message.msg_type == "text" and any(
+            word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
+        return {"MsgType": "transfer_customer_service"}
+    return None
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
 
 def _genkey(args):
     """``wxgate genkey``: a fresh EncodingAESKey and Token for the console."""
