@@ -16,14 +16,33 @@ Under a real server::
     WXGATE_CONFIG=/etc/wxgate.ini gunicorn -w 4 wxgate:application
     # mod_wsgi:  WSGIScriptAlias / /path/to/wxgate.py   and   SetEnv WXGATE_CONFIG /etc/wxgate.ini
 
-The module is cut into sections (``grep -n '^# .* ####' wxgate.py``): Limits and constants,
-Errors, Metrics, Configuration, Signatures and crypto, Message codec, Stores, Duplicate
-detection, WeChat HTTP, access_token, WeChat API client, Delivery, Router, Durable queue,
-Delivery worker, Logs and admin helpers, Requests, WSGI application, Push simulator (the
-``Simulator`` for your tests, and ``wxgate push``'s engine), Fake WeChat API, Command line.
-Each uses only those above it, with two exceptions: the configuration checks keys with the
-crypto section's ``_decode_aes_key``, and the delivery worker works on the gateway object it
-is given.
+The module is cut into sections, each using only those above it (``grep -n '^# .* ####'
+wxgate.py`` lists them). The core is all a push needs, and nothing in it reaches below the
+boundary at import time or by a private attribute:
+
+    Limits and constants      every number WeChat or we impose, with its reason
+    Errors                    WxgateError and its kin; redacting secrets and log values
+    Configuration objects     the frozen Config and AppConfig
+    Configuration parser      the ini file, ${VAR} expansion, load_config
+    Signatures and crypto     SHA-1 signatures, the AES envelope, the key-rotation rule
+    Push parsing              format sniffing, hardened XML and JSON
+    Message and replies       Message, its dedup key, RawReply, the reply on the wire
+    Push verification         query, headers, body and time in; a verified push or a
+                              refusal out: every mode, format, bind and sealed refusal
+    Stores, Redis store       the Store interface: memory, sqlite, Redis, open_store
+    Store fallback            a shared store's outage policy
+    Duplicate detection       WeChat's retries: claims, waiting, recorded answers
+    Delivery                  the handler call, the forward backend, the backend document
+    Metrics and logs          Prometheus counters, the push line, logging setup
+    Admin endpoints           healthz, metrics, the admin token endpoint
+    Process lifecycle         delivery threads, CGI and several-worker warnings
+    Reading requests          the query string and body out of environ
+    WSGI application          routing and the pipeline: Gateway, make_app, application
+
+Below the boundary, the optional parts, each loaded on first use: WeChat HTTP,
+access_token (TokenManager), WeChat API client (WeChatClient), Router, Durable queue,
+Delivery worker, Push simulator (Simulator), Fake WeChat API (FakeAPI), Dev server and
+demo handler, and the Command line (``wxgate``).
 """
 
 from __future__ import annotations
@@ -72,6 +91,7 @@ import collections
 import collections.abc
 import configparser
 import dataclasses
+import functools
 import hashlib
 import hmac
 import http.client
@@ -154,7 +174,8 @@ DEFAULT_API_TIMEOUT = 3.0
 # stable_token hands out a new token once the old one is 5 minutes from expiry, both valid
 # during that overlap; refreshing 300 s early lands exactly in it.
 DEFAULT_REFRESH_MARGIN = 300.0
-# force_refresh calls less than 30 s apart do not refresh (PROTOCOL.md §7.1).
+# force_refresh calls less than 30 s apart do not refresh.
+# https://developers.weixin.qq.com/doc/service/api/base/api_getstableaccesstoken
 STABLE_FORCE_GAP = 30.0
 # After a wrong AppSecret (40001 from the token endpoint) or an exhausted quota (45009), every
 # push would otherwise ask again; the same error is raised for this long instead.
@@ -226,7 +247,7 @@ DONE_TTL = 86400.0
 # a deploy or two that stop workers mid-delivery.
 MAX_CUT_OFFS = 5
 
-# Message types and events named in the docs (PROTOCOL.md §6); others count as "other".
+# Message types and events named in WeChat's docs; others count as "other".
 _KNOWN_TYPES = frozenset({
     "text", "image", "miniprogrampage", "event", "user_enter_tempsession", "debug_demo",
     "wxa_media_check", "subscribe_msg_popup_event", "subscribe_msg_change_event",
@@ -240,21 +261,6 @@ FORMATS = ("auto", "xml", "json")
 MODES = ("safe", "compat", "plain", "cloud")
 # "cloud": Cloud Hosting's 开放接口服务 sidecar adds the credential; wxgate holds no token.
 TOKEN_GRANTS = ("stable", "classic", "cloud")
-# Headers Cloud Hosting's gateway adds to a request it passes to the container, as
-# message.cloud shows them (PROTOCOL.md 11.1); under resource sharing X-WX-FROM-* too.
-# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/development/weixin/index.md
-_CLOUD_HEADERS = (("X-WX-OPENID", "HTTP_X_WX_OPENID"), ("X-WX-APPID", "HTTP_X_WX_APPID"),
-                  ("X-WX-UNIONID", "HTTP_X_WX_UNIONID"), ("X-WX-ENV", "HTTP_X_WX_ENV"),
-                  ("X-WX-FROM-OPENID", "HTTP_X_WX_FROM_OPENID"),
-                  ("X-WX-FROM-APPID", "HTTP_X_WX_FROM_APPID"),
-                  ("X-WX-FROM-UNIONID", "HTTP_X_WX_FROM_UNIONID"))
-# "To know a caller is WeChat, check that X-WX-SOURCE is present"; an older copy of the push
-# page says x-wx-sources (unverified), so either spelling passes.
-_CLOUD_SOURCE_HEADERS = ("HTTP_X_WX_SOURCE", "HTTP_X_WX_SOURCES")
-# Cloud Hosting's console checks a push path with this body before saving the settings.
-# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
-_PATH_CHECK_ACTION = "CheckContainerPath"
-
 # A refusal of a request that proved nothing (no valid signature, a Cloud Hosting push, a
 # wrong admin secret) is logged at most REFUSAL_LOG_BURST times per app in each
 # REFUSAL_LOG_WINDOW seconds: anyone can send them, and 20,000 such requests made 18,000
@@ -266,10 +272,8 @@ REFUSAL_LOG_WINDOW = 60.0
 # enough for the operator to see that the console still uses the old key, not a line a push.
 PREVIOUS_KEY_WARN_EVERY = 60.0
 
-# The body of every refusal after msg_signature, whatever failed (issue 10: no oracle).
-SEALED_REFUSAL = "Encrypt does not decrypt to a push for this app"
-
-# The official WXBizMsgCrypt sample's return codes (PROTOCOL.md §3.2).
+# The return codes of WeChat's official WXBizMsgCrypt sample, which its docs quote.
+# https://developers.weixin.qq.com/doc/oplatform/developers/dev/push/encryption.md
 VALIDATE_SIGNATURE_ERROR = -40001
 PARSE_ERROR = -40002
 ILLEGAL_AES_KEY = -40004
@@ -878,7 +882,7 @@ def _check_admin_secret(reader, secret):
 
 
 def _check_token(reader, token):
-    """The app's token, if WeChat's console could have issued it; never echoed in errors.
+    """The app's token, if WeChat's console could have made it; never echoed in errors.
 
     The console takes 3 to 32 letters and digits, so anything else is a copying mistake
     that would fail every signature: quotes kept from a shell or a YAML file, a space, a
@@ -1039,7 +1043,7 @@ def _decode_key_text(text):
     return key
 
 
-_decode_key_text = __import__("functools").lru_cache(maxsize=64)(_decode_key_text)
+_decode_key_text = functools.lru_cache(maxsize=64)(_decode_key_text)
 
 
 def _require_aes():
@@ -1110,7 +1114,7 @@ def _cbc_decrypt(key, ciphertext):
 def _decrypt_buffer(encrypt, aes_key):
     """Strictly decrypt ``Encrypt``; return ``(random_prefix, message, appid)``.
 
-    Every failure is a :class:`DecryptError` with the official code (PROTOCOL.md §3.1).
+    Every failure is a :class:`DecryptError` with the official sample's code.
     """
     key = _decode_aes_key(aes_key)
     try:
@@ -1156,10 +1160,37 @@ def decrypt_message(encrypt: str, aes_key: str | bytes, appid: str) -> str:
     _, message, found = _decrypt_buffer(encrypt, aes_key)
     if not hmac.compare_digest(found.encode("utf-8"), appid.encode("utf-8")):
         # Never quote ``found``: when the key is right but the length field is forged, it
-        # is any slice of the plaintext (issue 10).
+        # is any slice of the plaintext, and whoever can sign could read it through us.
         raise DecryptError(f"message is not for this app's appid {appid!r}",
                            code=VALIDATE_APPID_ERROR)
     return message
+
+
+def _open_encrypt(encrypt, aes_key, previous_key, appid):
+    """Open ``Encrypt`` with the current key, then the previous one: ``(text, key)``.
+
+    The one home of the key-rotation rule, for pushes and ``wxgate decrypt`` alike.
+    WeChat's guidance for a key change: keep the current and the previous key, try the
+    previous one when the current one fails, and encrypt the reply with the key that
+    opened the push.
+    https://developers.weixin.qq.com/doc/oplatform/Third-party_Platforms/2.0/Before_Develop/Message_encryption_and_decryption.md
+    A wrong key nearly always fails the padding (-40008), and the appid check (-40005)
+    catches the rare wrong key that unpads by chance; Base64 and length errors are the same
+    under any key, so they are not tried twice. A push that fails under both keys raises
+    what the current key said.
+
+    :param previous_key: previous_encoding_aes_key, or None when no rotation is under way.
+    :raises DecryptError: neither key opens it.
+    """
+    try:
+        return decrypt_message(encrypt, aes_key, appid), aes_key
+    except DecryptError as exc:
+        if previous_key is None or exc.code not in (ILLEGAL_BUFFER, VALIDATE_APPID_ERROR):
+            raise
+        try:
+            return decrypt_message(encrypt, previous_key, appid), previous_key
+        except DecryptError:
+            raise exc from None
 
 
 ###############################################################################
@@ -1308,7 +1339,8 @@ _FLAT_LEAF = (rb"<([A-Za-z_][A-Za-z0-9_]*)>(?:<!\[CDATA\[(" + _CDATA_TEXT + rb")
 _FLAT_FIELD = re.compile(_FLAT_LEAF)
 # The same leaf, non-capturing, repeated inside <xml>...</xml> (the name is group 1 each time).
 _FLAT_XML = re.compile(_XML_SPACE + rb"<xml>(?:" + _XML_SPACE + _FLAT_LEAF.replace(
-    rb"(" + _CDATA_TEXT, rb"(?:" + _CDATA_TEXT).replace(rb"|(" + _PLAIN_TEXT, rb"|(?:" + _PLAIN_TEXT)
+    rb"(" + _CDATA_TEXT, rb"(?:" + _CDATA_TEXT).replace(
+        rb"|(" + _PLAIN_TEXT, rb"|(?:" + _PLAIN_TEXT)
     + rb")+" + _XML_SPACE + rb"</xml>" + _XML_SPACE)
 
 
@@ -1503,7 +1535,7 @@ class Message(collections.abc.Mapping):
     """
 
     __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",
-                 "encrypted", "_client", "cloud")
+                 "encrypted", "_client", "_client_factory", "cloud")
     app: str
     msg_type: str | None
     event: str | None
@@ -1515,7 +1547,8 @@ class Message(collections.abc.Mapping):
 
     def __init__(self, fields: dict[str, Any], *, app: str = "", format: str = "xml",
                  encrypted: bool = False, client: WeChatClient | None = None,
-                 cloud: Mapping[str, str] | None = None) -> None:
+                 cloud: Mapping[str, str] | None = None,
+                 client_factory: Callable[[], WeChatClient] | None = None) -> None:
         self._fields = fields
         self.app = app
         # The attributes are typed, and handlers (and the Router) trust the types: a JSON
@@ -1531,6 +1564,7 @@ class Message(collections.abc.Mapping):
         self.format = format
         self.encrypted = encrypted
         self._client = client
+        self._client_factory = client_factory
         # Read-only: a handler must not rewrite what Cloud Hosting's gateway said.
         self.cloud = types.MappingProxyType(dict(cloud)) if cloud else _NO_CLOUD
 
@@ -1538,10 +1572,13 @@ class Message(collections.abc.Mapping):
     def client(self) -> WeChatClient:
         """The app's :class:`WeChatClient`, for API calls from the handler.
 
-        The gateway always gives one; a Message built by hand has one only if given.
+        The gateway always gives one, made on first use (``client_factory``); a Message
+        built by hand has one only if given.
 
         :raises WxgateError: this Message was built without ``client=``.
         """
+        if self._client is None and self._client_factory is not None:
+            self._client = self._client_factory()
         if self._client is None:
             raise WxgateError("this Message was built without a client: pass client=... "
                               "to Message(...)")
@@ -1591,7 +1628,8 @@ def _cdata(text):
 
 
 def _dump_xml(fields, root="xml"):
-    """Render a dict as WeChat XML: strings in CDATA, numbers bare, dicts nested, lists repeated."""
+    """Render a dict as WeChat XML: strings in CDATA, numbers bare, dicts nested, lists
+    repeated."""
     parts = [f"<{root}>"]
     _dump_xml_fields(fields, parts, 0)
     parts.append(f"</{root}>")
@@ -1708,19 +1746,106 @@ class RawReply:
         return f"<RawReply {self.content_type!r} {len(self.body)} bytes>"
 
 
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json; charset=utf-8"
+_CONTENT_TYPES = {"xml": "text/xml; charset=utf-8", "json": _JSON}
+
+
+def _business_name(app):
+    """The app's business code, fit for a log line: its handler, or its backend redacted."""
+    return app.handler_spec or _redact_url(app.forward)
+
+
+def _reply_dropped(app, reply):
+    """Whether a reply is a message that cannot be sent: a Mini Program on Cloud Hosting
+    gets no passive reply, only Official Accounts do, so a dict reply becomes success."""
+    return app.mode == "cloud" and isinstance(reply, dict)
+
+
+def _render_reply(app, message, reply, *, nonce, aes_key, now, random_prefix=None):
+    """The reply on the wire, ``(content_type, text)``, for what business code returned.
+
+    The one home of the reply format: None and ``"success"`` answer ``success``, ``""``
+    the empty reply, a :class:`RawReply` goes exactly as given in every mode, a str as it
+    is, and a dict becomes a message addressed back to the sender (``_reply_fields``), in
+    the push's format. A reply to an encrypted push is encrypted, in the mode of the
+    request being answered (never a sticky flag), with ``aes_key``, the key that opened
+    it, and signed with ``nonce``; ``now`` is its TimeStamp and ``random_prefix`` its 16
+    random bytes, so the function is pure.
+
+    :raises TypeError: the business code returned something else.
+    """
+    if isinstance(reply, RawReply):  # exactly as given, in every mode
+        return reply.content_type, reply.body.decode("utf-8")
+    if isinstance(reply, (bytes, bytearray)):
+        reply = bytes(reply).decode("utf-8")
+    if reply is None or reply == "success":
+        return _TEXT, "success"
+    if reply == "":
+        return _TEXT, ""
+    if _reply_dropped(app, reply):
+        return _TEXT, "success"
+    if isinstance(reply, dict):
+        fields = _reply_fields(reply, message, now)
+        text = _dump_json(fields) if message.format == "json" else _dump_xml(fields)
+    elif isinstance(reply, str):
+        text = reply
+    else:
+        raise TypeError(f"{_business_name(app)} returned "
+                        f"{type(reply).__name__}; expected None, a str, a dict or a "
+                        "RawReply")
+    if not message.encrypted:
+        return _CONTENT_TYPES[message.format], text
+    timestamp = str(int(now))
+    encrypt = encrypt_message(text, aes_key or app.aes_key, app.appid,
+                              random_prefix=random_prefix)
+    signature = sign(app.token, timestamp, nonce, encrypt)
+    return _CONTENT_TYPES[message.format], _envelope(encrypt, signature, timestamp, nonce,
+                                                     message.format)
+
+
 ###############################################################################
-# Push protocol ###############################################################
+# Push verification ###########################################################
 ###############################################################################
+
+# What a push is, as plain values: the query (a dict of strings), the headers Cloud Hosting
+# adds, a body reader and the time go in; a verified push, or a WxgateError naming the
+# refusal, comes out. Nothing here reads environ, a clock or a store: the WSGI section
+# takes those strings out of the request, and the one store write a push makes (its query
+# bind) is a callable the caller passes. Every mode's rules are here, in the order they run.
+# https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
+
+# The body of every refusal after msg_signature, whatever failed: distinct ones (padding,
+# length, UTF-8, appid, parsing) would be an oracle for whoever holds the Token.
+SEALED_REFUSAL = "Encrypt does not decrypt to a push for this app"
+# Headers Cloud Hosting's gateway adds to a request it passes to the container, as
+# message.cloud shows them; under resource sharing X-WX-FROM-* too.
+# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/development/weixin/index.md
+_CLOUD_HEADERS = ("X-WX-OPENID", "X-WX-APPID", "X-WX-UNIONID", "X-WX-ENV",
+                  "X-WX-FROM-OPENID", "X-WX-FROM-APPID", "X-WX-FROM-UNIONID")
+# "To know a caller is WeChat, check that X-WX-SOURCE is present"; an older copy of the push
+# page says x-wx-sources (unverified), so either spelling passes.
+_CLOUD_SOURCE_HEADERS = ("X-WX-SOURCE", "X-WX-SOURCES")
+# Cloud Hosting's console checks a push path with this body before saving the settings.
+# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
+_PATH_CHECK_ACTION = "CheckContainerPath"
+
+
+def _check_format(expected, fmt, what="body"):
+    """Refuse, with 415, a ``what`` in a format the app does not take (``expected`` is
+    ``auto``, ``xml`` or ``json``). The one place this rule lives."""
+    if expected != "auto" and fmt != expected:
+        raise MessageError(f"app expects {expected} but the {what} is {fmt}", status=415,
+                           code=None)
+
 
 def _read_fields(body, expected):
     """``(fields, format)`` of a push's body: refused when empty, or in a format the app
-    does not take (``expected`` is ``auto``, ``xml`` or ``json``; the other gets 415)."""
+    does not take."""
     if not body.strip():
         raise MessageError("empty body", code=None)
     fmt = _sniff_format(body)
-    if expected != "auto" and fmt != expected:
-        raise MessageError(f"app expects {expected} but the body is {fmt}", status=415,
-                           code=None)
+    _check_format(expected, fmt)
     return _parse_body(body, fmt), fmt
 
 
@@ -1748,8 +1873,17 @@ def _check_timestamp(timestamp, now, window):
                           f"{ahead} s: a forged timestamp, or a clock that needs NTP")
 
 
+def _remember_for(ttl, window, timestamp, now):
+    """Seconds to remember a push's key and its query: ``ttl``, and at least until the
+    timestamp has left the window, so a replay is never handled again however short
+    dedup_ttl is."""
+    if not window or timestamp is None:
+        return ttl
+    return max(ttl, int(timestamp) + window - now + REMEMBER_MARGIN)
+
+
 def _sealed_refusal(cause):
-    """The one refusal for every failure after msg_signature (see ``Gateway._read_push``).
+    """The one refusal for every failure after msg_signature (see :func:`_verify_push`).
 
     The client gets ``SEALED_REFUSAL`` and 400, whatever failed; ``message`` (for the log
     line) adds the kind of failure and WeChat's code, which our messages past decryption
@@ -1766,6 +1900,203 @@ def _sealed_refusal(cause):
     error.public = SEALED_REFUSAL
     error.signed = True  # past msg_signature: logged whatever the refusal rate
     return error
+
+
+class _VerifiedPush:
+    """What :func:`_verify_push` proved: the push's fields and how it came.
+
+    :ivar nonce: the query's nonce, which an encrypted reply repeats ("" in cloud mode).
+    :ivar timestamp: the query's timestamp (None in cloud mode, which signs nothing).
+    :ivar aes_key: the key that opened the push, which seals the reply; None in the clear.
+    :ivar previous_key: whether only previous_encoding_aes_key opened it.
+    :ivar cloud: Cloud Hosting's identity headers, in cloud mode.
+    """
+
+    __slots__ = ("fields", "format", "encrypted", "nonce", "timestamp", "aes_key",
+                 "previous_key", "cloud")
+
+    def __init__(self, fields, fmt, *, encrypted=False, nonce="", timestamp=None,
+                 aes_key=None, previous_key=False, cloud=None):
+        self.fields, self.format, self.encrypted = fields, fmt, encrypted
+        self.nonce, self.timestamp, self.aes_key = nonce, timestamp, aes_key
+        self.previous_key, self.cloud = previous_key, cloud
+
+
+def _verify_handshake(app, query, now, window, bind, admin_path=DEFAULT_ADMIN_PATH):
+    """The console's URL check (a GET): return the ``echostr`` to answer, or raise."""
+    if app.mode == "cloud":
+        raise WxgateError("mode = cloud: Cloud Hosting sends no URL handshake, and there "
+                          f"is no token to sign one; probe {admin_path}/healthz instead",
+                          status=405)
+    signature, timestamp, nonce, echostr = _required(
+        query, "signature", "timestamp", "nonce", "echostr")
+    _check_timestamp(timestamp, now, window)
+    check_signature(signature, app.token, timestamp, nonce)
+    # Its query is a plain push's query (the same signature), and it is logged like every
+    # request: bound to the empty body a GET has, it can carry no push.
+    bind(app, timestamp, nonce, b"")
+    return echostr
+
+
+def _verify_push(app, query, headers, read_body, now, window, bind):
+    """Verify, decrypt and parse a push: a :class:`_VerifiedPush`, or None for Cloud
+    Hosting's path check; else raise the refusal.
+
+    :param query: the query string's parameters, first value of each.
+    :param headers: in cloud mode, the request's ``X-WX-*`` headers by their names
+        (``_CLOUD_HEADERS`` and ``_CLOUD_SOURCE_HEADERS``); unused in the other modes.
+    :param read_body: returns the body; called only once the query has passed what can be
+        checked without it.
+    :param now: the time, in seconds; ``window`` is ``timestamp_window``.
+    :param bind: ``bind(app, timestamp, nonce, body)`` binds a signed query to its body,
+        raising :class:`SignatureError` when the query came before with another body.
+
+    safe and compat modes need ``Encrypt`` and ``msg_signature`` (WeChat sends both in
+    either mode) and read only the decrypted fields: the clear ones of a compat push are
+    covered by no signature. A plain app reads those clear fields, so the console can move
+    to compat first; its only protection is the URL ``signature``, which does not cover
+    the body (the README says what that means).
+
+    When a query is bound to its body depends on what proves the body: in safe and compat
+    modes ``msg_signature``, so a body binds only once it has passed; the URL ``signature``
+    alone would let whoever saw a query first bind it to garbage, and WeChat's genuine push
+    and all its retries would then be refused.
+    """
+    if app.mode == "cloud":
+        return _verify_cloud_push(app, headers, read_body)
+    timestamp, nonce = _required(query, "timestamp", "nonce")
+    _check_timestamp(timestamp, now, window)
+    if app.mode == "plain":  # checked before we even read the body
+        check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
+    body = read_body()
+    if app.mode == "plain":
+        # The URL signature is all a plain push has, so it binds before any other check:
+        # a genuine push refused below (a format the app does not take, a body it
+        # cannot parse) still keeps its logged query from carrying another body.
+        bind(app, timestamp, nonce, body)
+        try:
+            fields, fmt = _plain_fields(app, body)
+        except WxgateError as exc:
+            # Signed and bound: WeChat's own push, or the one body a captured query
+            # could carry. Its refusal line is never held back.
+            exc.signed = True
+            raise
+        return _VerifiedPush(fields, fmt, nonce=nonce, timestamp=timestamp)
+    fields, fmt = _read_fields(body, app.format)
+    encrypt = fields.get("Encrypt")
+    if encrypt is None:
+        raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
+    if not isinstance(encrypt, str):
+        raise MessageError("Encrypt is not a string", code=None)
+    # msg_signature covers Encrypt: check it before decoding a single byte.
+    signature = _required(query, "msg_signature")[0]
+    check_signature(signature, app.token, timestamp, nonce, encrypt)
+    bind(app, timestamp, nonce, body)
+    try:
+        text, aes_key = _open_encrypt(encrypt, app.aes_key, app.previous_aes_key, app.appid)
+        inner = text.encode()
+        fmt = _sniff_format(inner)
+        _check_format(app.format, fmt, "decrypted push")
+        fields = _parse_body(inner, fmt)
+    except WxgateError as exc:
+        # One answer for every failure past msg_signature; the log line keeps the kind
+        # and WeChat's code, never a decrypted byte.
+        raise _sealed_refusal(exc) from None
+    return _VerifiedPush(fields, fmt, encrypted=True, nonce=nonce, timestamp=timestamp,
+                         aes_key=aes_key, previous_key=aes_key != app.aes_key)
+
+
+def _plain_fields(app, body):
+    """A plain push's fields, the clear ones (an ``Encrypt`` beside them, as in compat
+    mode, is left out), and its format."""
+    fields, fmt = _read_fields(body, app.format)
+    if fields.get("Encrypt") is not None:
+        fields = {name: value for name, value in fields.items() if name != "Encrypt"}
+        if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
+            raise MessageError("encrypted push, but the app has mode = plain: set mode "
+                               "to compat (or safe) and its encoding_aes_key", code=None)
+    return fields, fmt
+
+
+def _verify_cloud_push(app, headers, read_body):
+    """A Cloud Hosting push: no signature, no encryption; None for the path check.
+
+    Query binds do not apply here: Cloud Hosting signs nothing, so there is no signed query
+    that could be replayed with another body. What stands in for the signature is
+    X-WX-SOURCE, which Cloud Hosting's gateway adds; it proves something only while the
+    service's public access is off, hence the option.
+    https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
+    """
+    # An empty header names no source: it is refused like a missing one.
+    if app.cloud_source_check and not any(
+            str(headers.get(name, "")).strip() for name in _CLOUD_SOURCE_HEADERS):
+        raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
+                          "Hosting's gateway (cloud_source_check = yes)", status=403)
+    cloud = {}
+    for name in _CLOUD_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        # Servers join a repeated header's values with commas (RFC 9110 5.3), and no
+        # openid, appid or env id holds one: the client sent a second copy of its own,
+        # beside or instead of the gateway's, and which is true cannot be told.
+        if "," in value:
+            raise WxgateError(f"{name} came more than once; an identity header must come "
+                              "once, as Cloud Hosting's gateway sends it", status=400)
+        cloud[name] = value
+    fields, fmt = _read_fields(read_body(), app.format)
+    # The console's path check is a body of one field. A push that merely carries an
+    # "action" field among others is a message and goes to the handler.
+    if fields.get("action") == _PATH_CHECK_ACTION and len(fields) == 1:
+        return None  # the console's path check: answered before any handler or store
+    if "Encrypt" in fields:
+        raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
+                           "check the app's mode, and the console's push settings",
+                           code=None)
+    return _VerifiedPush(fields, fmt, cloud=cloud)
+
+
+class _QueryBinds:
+    """Binds each signed query to one body until its timestamp leaves the window.
+
+    The URL signature covers token, timestamp and nonce, never the body, so anyone who
+    saw a query (access logs hold them all) could send another body with it. WeChat's
+    retries resend the same bytes: a byte-identical body passes, to be answered as a
+    duplicate; a different one is a forgery, refused with 403. The pair lives in the
+    shared store, so the bind holds across workers.
+
+    The key is the app, timestamp and nonce, whatever signature came with them: the
+    console's handshake (a GET, bound to an empty body), a plain push's ``signature``
+    and an encrypted one's ``msg_signature`` for one timestamp and nonce are one query,
+    bound once. Only a validly signed request binds (:func:`_verify_push` checks first),
+    so a forger cannot occupy the key of a query WeChat has yet to send.
+    """
+
+    def __init__(self, store, *, prefix, ttl, window, clock, metrics):
+        self.store, self._prefix, self._ttl, self._window = store, prefix, ttl, window
+        self._clock, self._metrics = clock, metrics
+
+    def remember_for(self, app, timestamp):
+        """How long to remember a push of ``app`` stamped ``timestamp`` (see
+        :func:`_remember_for`): the app's dedup_ttl, else the gateway's."""
+        return _remember_for(app.dedup_ttl or self._ttl, self._window, timestamp,
+                             self._clock())
+
+    def bind(self, app, timestamp, nonce, body):
+        """Bind the query ``(timestamp, nonce)`` to ``body``; raise if it came with another."""
+        query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
+            "utf-8", "surrogateescape")).hexdigest()
+        key = f"{self._prefix}:query:{app.name}:{query_id}"
+        digest = hashlib.sha256(body).hexdigest()
+        if self.store.add(key, digest, self.remember_for(app, timestamp)):
+            return
+        bound = self.store.get(key)
+        if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
+                                                digest.encode("ascii")):
+            return
+        self._metrics.count("wxgate_query_reused_total", app=app.name)
+        raise SignatureError("signed query reused with a different body: a forged or altered "
+                             "push, refused", code=None)
 
 
 ###############################################################################
@@ -1946,7 +2277,7 @@ class SqliteStore(Store):
     # Idle connections kept per process. A connection is borrowed for one operation and given
     # back, so a process holds at most this many plus one per operation running right now,
     # whatever its threads do: `wxgate serve` starts a thread per request and gevent a
-    # greenlet, and a connection tied to each of them leaked its descriptors (issue 10).
+    # greenlet, and a connection tied to each of them leaked its descriptors.
     _POOL_SIZE = 4
 
     def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
@@ -1974,7 +2305,13 @@ class SqliteStore(Store):
         self._reopened: list[str] = []  # why the file was reopened, until verify() says it
         self._create_file()
         self._identity = self._file_identity()
-        self._using(lambda connection: None)  # the schema now: a bad path fails at startup
+        self.using(lambda connection: None)  # the schema now: a bad path fails at startup
+
+    def reopen(self, *, synchronous: str, schema: tuple[str, ...]) -> SqliteStore:
+        """Another store on the same file and clock, with its own connections, durability
+        and tables (the durable queue's)."""
+        return SqliteStore(self.path, clock=self._clock, synchronous=synchronous,
+                           schema=schema)
 
     def _create_file(self):
         directory = os.path.dirname(self.path)
@@ -2024,7 +2361,7 @@ class SqliteStore(Store):
             for _, connection in stale:
                 connection.close()  # the old file's: its POSIX locks are no longer needed
             self._create_file()
-            self._using(lambda connection: None)
+            self.using(lambda connection: None)
             self._identity = self._file_identity()
             self._reopened.append(f"its file {what} while in use; reopened {self.path}")
         finally:
@@ -2079,8 +2416,9 @@ class SqliteStore(Store):
                     raise
             time.sleep(0.01)
 
-    def _using(self, operation):
-        """Run ``operation(connection)`` on a connection of this process's pool.
+    def using(self, operation: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``operation(connection)`` on a connection of this process's pool (the durable
+        queue runs its transactions so, on its own tables in the same file).
 
         A connection serves one thread at a time (sqlite connections must not be shared
         mid-statement, nor cross a fork); past ``_POOL_SIZE`` idle ones, it is closed. So is
@@ -2108,7 +2446,7 @@ class SqliteStore(Store):
 
     def _write(self, statements):
         self._writes += 1
-        return self._using(lambda connection: self._transaction(connection, statements))
+        return self.using(lambda connection: self._transaction(connection, statements))
 
     def _transaction(self, connection, statements):
         connection.execute("BEGIN IMMEDIATE")
@@ -2132,7 +2470,7 @@ class SqliteStore(Store):
             ("INSERT OR IGNORE INTO wxgate_kv VALUES (?, ?, ?)", (key, value, now + ttl)),
         )) == 1
 
-    def _read(self, sql, parameters=()):
+    def query(self, sql: str, parameters: Any = ()) -> list[Any]:
         """All rows of a SELECT, its cursor closed: a statement left unfinished keeps its
         snapshot of the file (WAL) open and hides what other processes write after it."""
         def read(connection):
@@ -2141,9 +2479,9 @@ class SqliteStore(Store):
                 return cursor.fetchall()
             finally:
                 cursor.close()
-        return self._using(read)
+        return self.using(read)
 
-    def _execute(self, sql, parameters=()):
+    def execute(self, sql: str, parameters: Any = ()) -> tuple[int, int | None]:
         """One statement in autocommit mode; return ``(rowcount, lastrowid)``."""
         def execute(connection):
             cursor = connection.execute(sql, parameters)
@@ -2151,10 +2489,10 @@ class SqliteStore(Store):
                 return cursor.rowcount, cursor.lastrowid
             finally:
                 cursor.close()
-        return self._using(execute)
+        return self.using(execute)
 
     def get(self, key):
-        rows = self._read("SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
+        rows = self.query("SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
                           (key, self._clock()))
         return rows[0][0] if rows else None
 
@@ -2175,7 +2513,7 @@ class SqliteStore(Store):
                              " AND expires_at > ?", (now + ttl, key, value, now)),)) == 1
 
     def ping(self):
-        self._read("SELECT 1")
+        self.query("SELECT 1")
 
     def close(self):
         lock, idle = self._pool()
@@ -2287,13 +2625,19 @@ class RedisStore(Store):
                            "again without a word; set maxmemory-policy noeviction",
                            self.name, policy)
 
+    @property
+    def client(self) -> Any:
+        """The redis-py client (the durable queue's scripts run on it)."""
+        return self._redis
+
     def close(self):
         self._redis.close()
 
 
 def open_store(url: str, *, clock: Callable[[], float] = time.time,
                max_entries: int = DEFAULT_DEDUP_SIZE, prefix: str = "wxgate") -> Store:
-    """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``, ``redis://``)."""
+    """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``,
+    ``redis://``)."""
     if url == "memory":
         return MemoryStore(max_entries, clock=clock)
     if url.startswith("sqlite://"):
@@ -2833,6 +3177,29 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _backend_document(message, *, queued=False):
+    """The document a push becomes for a forward backend or the durable queue.
+
+    ``{"app", "dedup_key", "format", "message"}``, and ``"cloud"`` (the
+    :attr:`Message.cloud` headers) when there are any; a queued one keeps ``"encrypted"``
+    too, so its delivery sees the message as the gateway did (:func:`_queued_message`).
+    """
+    document = {"app": message.app, "dedup_key": message.dedup_key, "format": message.format,
+                "message": dict(message)}
+    if queued:
+        document["encrypted"] = message.encrypted
+    if message.cloud:  # mode = cloud: Cloud Hosting's X-WX-* headers, as message.cloud
+        document["cloud"] = dict(message.cloud)
+    return document
+
+
+def _queued_message(document, client_factory=None):
+    """The :class:`Message` a queued :func:`_backend_document` was made from."""
+    return Message(document["message"], app=document["app"], format=document["format"],
+                   encrypted=document.get("encrypted", False), cloud=document.get("cloud"),
+                   client_factory=client_factory)
+
+
 def _forward(app, message, *, timestamp, timeout=None):
     """POST a push to the app's backend; return its reply (None, a str, a dict or a RawReply).
 
@@ -2850,11 +3217,7 @@ def _forward(app, message, *, timestamp, timeout=None):
         more than ``MAX_BACKEND_REPLY_BYTES``, or something that is not JSON (nor a raw reply
         in UTF-8 with a Content-Type a RawReply takes).
     """
-    document = {"app": message.app, "dedup_key": message.dedup_key, "format": message.format,
-                "message": message._fields}
-    if message.cloud:  # mode = cloud: Cloud Hosting's X-WX-* headers, as message.cloud
-        document["cloud"] = dict(message.cloud)
-    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = _dump_json(_backend_document(message)).encode("utf-8")
     timestamp = str(int(timestamp))
     request = urllib.request.Request(app.forward, data=body, method="POST", headers={
         "Content-Type": "application/json; charset=utf-8",
@@ -2903,11 +3266,6 @@ def _forward(app, message, *, timestamp, timeout=None):
     except ValueError:
         raise DeliveryError(f"backend {_redact_url(app.forward)} answered something that is "
                             "not JSON") from None
-
-
-def _business_name(app):
-    """The app's business code, fit for a log line: its handler, or its backend redacted."""
-    return app.handler_spec or _redact_url(app.forward)
 
 
 def _business_reply(app, message, *, timestamp):
@@ -3094,7 +3452,7 @@ def _request_id(environ):
     """The proxy's X-Request-Id when there is one (nginx ``$request_id``), else a fresh one.
 
     The fresh one is 16 hex digits, 64 random bits as ``uuid4().hex[:16]`` gave, without a
-    ``getrandom(2)`` and a UUID object per push (issue 13): an id to find a line by, not a
+    ``getrandom(2)`` and a UUID object per push: an id to find a line by, not a
     secret. ``random``'s module generator is reseeded in every forked child, so gunicorn's
     workers do not draw the same ids.
     """
@@ -3105,6 +3463,28 @@ def _request_id(environ):
 
 
 _PUSH_LINE = "push app=%s type=%s key=%s outcome=%s ms=%.1f rid=%s"
+
+
+def _log_push(app_name, kind, key, outcome, milliseconds, environ, json_fields):
+    """The INFO line of one push (``_PUSH_LINE``), with the fields JSON lines show when
+    ``json_fields``; the caller has checked that INFO is enabled."""
+    # The extra fields too: a deployer's format may show %(dedup_key)s.
+    kind, key = _loggable(kind), _loggable(key)
+    extra = None
+    if json_fields:  # the fields only JSON lines show
+        extra = {"app": app_name, "dedup_key": key, "outcome": outcome,
+                 "duration_ms": round(milliseconds, 2), "msg_type": kind,
+                 "request_id": _request_id(environ)}
+    # logger.info would walk the stack (findCaller) to learn what this frame knows;
+    # makeRecord + handle is the rest of its path, so a user's record factory,
+    # Logger.disabled, filters, handlers and propagation all still apply. The frame is not
+    # kept in a local: in its own locals it would be a reference cycle, keeping the push's
+    # objects alive until the garbage collector runs.
+    code = sys._getframe().f_code
+    logger.handle(logger.makeRecord(
+        logger.name, logging.INFO, code.co_filename, sys._getframe().f_lineno,
+        _PUSH_LINE, (app_name, kind, key, outcome, milliseconds,
+                     _given_request_id(environ)), None, code.co_name, extra))
 
 
 class _TextFormatter(logging.Formatter):
@@ -3260,8 +3640,131 @@ def _from_loopback(environ):
         "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
 
 
+class _Admin:
+    """The endpoints under ``admin_path``: ``/healthz`` (open), ``/metrics`` and
+    ``/token/NAME`` (the admin secret's).
+
+    :param gateway: the :class:`Gateway` whose config, store, queue, metrics and
+        ``client(name)`` it reports on.
+    :param refusal_lines: the gateway's :class:`_LineLimit` for refusal lines.
+    """
+
+    def __init__(self, gateway, refusal_lines):
+        self.gateway = gateway
+        self.config = gateway.config
+        self._refusal_lines = refusal_lines
+        self._health_lock = threading.Lock()
+        self._health_due = 0.0  # on time.monotonic(): when healthz writes again
+
+    def respond(self, environ, subpath):
+        """``(status, headers, body)`` for ``subpath``, the path below ``admin_path``."""
+        method = environ.get("REQUEST_METHOD", "")
+        if subpath in ("/healthz", "/metrics") or subpath.startswith("/token/"):
+            if method != "GET":
+                return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
+        if subpath == "/healthz":
+            return self._healthz(self._authorized(environ) or _from_loopback(environ))
+        if subpath == "/metrics":
+            if not (self._authorized(environ) or _from_loopback(environ)):
+                return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
+                    b"unauthorized: use the admin secret, or scrape from 127.0.0.1"
+            return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
+                self.gateway.metrics.render(self._gauges()).encode("utf-8")
+        if not self.config.admin_secret or not subpath.startswith("/token/"):
+            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+        if not self._authorized(environ):
+            allowed = self._refusal_lines.allow(None)
+            if allowed is not None:
+                logger.warning("admin token request refused: missing or wrong bearer "
+                               "secret%s", _held_back_note(*allowed, "the admin token"))
+            return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
+                b"unauthorized"
+        name = subpath[len("/token/"):]
+        if name not in self.config.apps:
+            return 404, [("Content-Type", _TEXT)], b"no such app"
+        try:
+            info = self.gateway.client(name).tokens.token_info()
+        except WxgateError as exc:
+            logger.error("admin token for app %s failed: %s", name, exc.message)
+            return 502, [("Content-Type", _JSON)], _dump_json({"error": exc.message}).encode()
+        return 200, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+            _dump_json(info).encode()
+
+    def _authorized(self, environ):
+        secret = self.config.admin_secret
+        if not secret:
+            return False
+        scheme, _, credential = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credential.strip().encode("utf-8", "surrogateescape"), secret.encode("utf-8"))
+
+    def _healthz(self, detailed):
+        """The store's (and queue's) state; names, version and counts only for ``detailed``
+        callers (the admin secret, or loopback, as for /metrics): the rest get the status."""
+        status, state = (200, "ok") if self._store_writable() else (503, "store unreachable")
+        if not detailed:
+            # The status is the store's write: an anonymous caller (a load balancer, anyone
+            # on the internet) must not make every probe a queue scan as well.
+            return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+                _dump_json({"status": state}).encode()
+        store, queue = self.gateway.store, self.gateway.queue
+        document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
+                    "store": self.config.store.split("://")[0]}
+        losses = getattr(store, "losses", 0)
+        if losses:
+            # Still 200: the store works again, and every worker shares it, so a 503 would
+            # take the whole gateway out of a load balancer for a loss that is over.
+            at, reason = store.last_loss
+            document["store_lost"] = {"count": losses, "last_at": at, "last": reason}
+        if queue is not None and status == 200:
+            try:
+                document["queue"] = queue.stats(self.gateway.now())
+            except Exception as exc:
+                status, document["status"] = 503, "queue unreachable"
+                logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
+        return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+            _dump_json(document).encode()
+
+    def _store_writable(self):
+        """Whether the store takes writes, for healthz; a failure is logged once per check.
+
+        A write, not a ping: sqlite on a full disk still answers SELECT 1, and a store that
+        failed stays unhealthy until a write succeeds again (this check's, or a push's). At
+        most one write per ``HEALTH_CHECK_EVERY``: in between, the latest write's outcome
+        (the fallback store's flag, set and cleared by every write) is the answer.
+        """
+        store = self.gateway.store
+        try:
+            if not isinstance(store, _FallbackStore):
+                store.ping()
+                return True
+            with self._health_lock:  # one prober writes; the others read the flag
+                now = time.monotonic()
+                due = now >= self._health_due
+                if due:
+                    self._health_due = now + HEALTH_CHECK_EVERY
+            if not due:
+                return not store.write_failing
+            store.check_write(f"{self.config.store_prefix}:healthz:{os.getpid()}")
+            return True
+        except Exception as exc:
+            logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
+                         _cause(exc))
+            return False
+
+    def _gauges(self):
+        queue = self.gateway.queue
+        if queue is None:
+            return []
+        try:
+            stats = queue.stats(self.gateway.now())
+        except Exception:
+            return []
+        return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
+
+
 ###############################################################################
-# WSGI application ############################################################
+# Process lifecycle ###########################################################
 ###############################################################################
 
 def _worker_processes(argv, environ, under_gunicorn):
@@ -3320,15 +3823,93 @@ def _sibling_processes():
     return count
 
 
+class _Lifecycle:
+    """A gateway's process, apart from its requests: the delivery threads it runs, and the
+    warnings about the server it runs under (CGI, several workers with a memory store).
+
+    The one reader of ``sys.argv``, ``os.environ`` and ``/proc`` in the gateway.
+
+    :param make_worker: returns a delivery worker, not started (``Gateway.worker``).
+    :param start_worker: whether this process runs delivery threads.
+    :param queued: whether an app has ``delivery = queue`` and the gateway its own threads.
+    :param shared: whether the store is shared between processes.
+    """
+
+    def __init__(self, make_worker, *, start_worker, queued, shared):
+        self._make_worker, self.start_worker = make_worker, start_worker
+        self._queued, self._shared = queued, shared
+        self._worker = None
+        self._worker_pid = None
+        self._worker_lock = threading.Lock()
+        self._cgi_warned = False
+        if not shared:
+            workers = _worker_processes(sys.argv, os.environ, "gunicorn" in sys.modules)
+            if workers:
+                logger.warning("store = memory in one of several worker processes (%s): "
+                               "each keeps its own memory, so a retry that lands on another "
+                               "worker runs the handler again and every worker fetches its "
+                               "own access_token; use store = sqlite:///path/to/wxgate.db "
+                               "(one host) or redis://... (several)", workers)
+
+    def on_request(self, environ):
+        """Before each request: say what CGI cannot do, or start this process's threads."""
+        if environ.get("wsgi.run_once"):
+            self._under_cgi()
+        elif self.start_worker and self._worker_pid != os.getpid():
+            self.start_delivery()
+
+    def start_delivery(self):
+        """Start this process's delivery threads now, if it is to run any (idempotent)."""
+        if self.start_worker and self._worker_pid != os.getpid():
+            with self._worker_lock:
+                if self._worker_pid != os.getpid():
+                    self._worker = self._make_worker()
+                    self._worker.start()
+                    self._worker_pid = os.getpid()
+
+    def stop(self):
+        """Stop the delivery threads this process started."""
+        if self._worker is not None:
+            self._worker.stop()
+
+    def _under_cgi(self):
+        # One process per request (wsgiref's CGIHandler sets wsgi.run_once): nothing may
+        # rely on a thread outliving the response. Said once per process, which here is
+        # once per request, so that it shows in the server's error log.
+        if self._cgi_warned:
+            return
+        self._cgi_warned = True
+        if self._queued:
+            logger.warning("delivery = queue under CGI: a delivery thread would die with the "
+                           "request's process, so none is started; set [wxgate] "
+                           "delivery_threads = 0 and run `wxgate worker CONFIG` elsewhere")
+        if not self._shared:
+            logger.warning("store = memory under CGI: each request is a new process that "
+                           "starts empty, so every retry runs the handler again and every "
+                           "API call fetches a new access_token; use store = "
+                           "sqlite:///path/to/wxgate.db")
+
+
+###############################################################################
+# Reading requests ############################################################
+###############################################################################
+
 _STATUS_LINES = {
     200: "200 OK", 204: "204 No Content", 400: "400 Bad Request", 401: "401 Unauthorized",
     403: "403 Forbidden", 404: "404 Not Found", 405: "405 Method Not Allowed",
     413: "413 Payload Too Large", 415: "415 Unsupported Media Type",
     500: "500 Internal Server Error", 502: "502 Bad Gateway", 503: "503 Service Unavailable",
 }
-_TEXT = "text/plain; charset=utf-8"
-_JSON = "application/json; charset=utf-8"
-_CONTENT_TYPES = {"xml": "text/xml; charset=utf-8", "json": _JSON}
+
+
+# Cloud Hosting's headers as the environ names them, read for cloud apps only.
+_CLOUD_ENVIRON = tuple((name, "HTTP_" + name.replace("-", "_"))
+                       for name in _CLOUD_HEADERS + _CLOUD_SOURCE_HEADERS)
+
+
+def _cloud_headers(environ):
+    """The Cloud Hosting headers a request carries, by their names (``X-WX-OPENID``...)."""
+    return {name: environ[key] for name, key in _CLOUD_ENVIRON if key in environ}
 
 
 def _query(environ):
@@ -3375,12 +3956,19 @@ def _read_body(environ, limit):
     return body
 
 
+###############################################################################
+# WSGI application ############################################################
+###############################################################################
+
 class Gateway:
     """The WSGI application: one or more apps' push endpoints, plus the admin endpoints.
 
     Build it with :func:`make_app`. The callable never raises: a bad request gets its 4xx
     and one log line, a bug or a failing handler gets a 500 with an empty body (so WeChat
-    retries) and a traceback in the log.
+    retries) and a traceback in the log. It reads the request and runs the pipeline; what
+    makes a push valid is push verification's (:func:`_verify_push`), what goes back on the
+    wire the reply's (:func:`_render_reply`), the admin endpoints are :class:`_Admin`'s and
+    the process's threads :class:`_Lifecycle`'s.
 
     :param config: a :class:`Config`.
     :param clock: returns the time in seconds (replay window, reply TimeStamp, expiry).
@@ -3404,7 +3992,7 @@ class Gateway:
         if not config.timestamp_window:
             logger.warning("%s", _WINDOW_OFF)
         self.metrics = _Metrics()
-        self._clock, self._random_bytes = clock, random_bytes
+        self._clock, self._random_bytes, self._sleep = clock, random_bytes, sleep
         if store is None:
             store = open_store(config.store, clock=clock, max_entries=config.dedup_size,
                                prefix=config.store_prefix)
@@ -3420,54 +4008,51 @@ class Gateway:
                              ttl=config.dedup_ttl, clock=clock, sleep=sleep,
                              max_entries=config.dedup_size)
             for app in config.apps.values()}
-        # Signed queries' binds (see _bind_query) get an LRU of their own in memory: sharing
-        # the dedup LRU, one per push, they halved it, and a store sized as the README says
-        # (dedup_size above the pushes of a window) evicted pushes still inside their window.
+        # Signed queries' binds get an LRU of their own in memory: sharing the dedup LRU,
+        # one per push, they halved it, and a store sized as the README says (dedup_size
+        # above the pushes of a window) evicted pushes still inside their window.
         self._binds = self.store if self.store.shared else MemoryStore(config.dedup_size,
                                                                        clock=clock)
+        self._query_binds = _QueryBinds(self._binds, prefix=config.store_prefix,
+                                        ttl=config.dedup_ttl, window=config.timestamp_window,
+                                        clock=clock, metrics=self.metrics)
         self._routes = {app.path: app for app in config.apps.values()}
-        self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
-        self._previous_keys = {app.name: app.previous_aes_key for app in config.apps.values()}
         self._notes_lock = threading.Lock()
         # Refusal lines of requests that proved nothing, per app (None: the admin token).
         self._refusal_lines = _LineLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW, clock)
         # app name -> clock time of its latest previous-key warning
         self._previous_key_warned: dict[str, float] = {}
         self._dropped_noted: set[str] = set()  # cloud apps whose dropped reply was logged
-        self._clients = {
-            app.name: WeChatClient(TokenManager(
-                app.appid, app.appsecret, store=self.store, api_base=config.api_base,
-                api_timeout=config.api_timeout, grant=app.token_grant,
-                refresh_margin=app.token_refresh_margin, name=app.name,
-                prefix=config.store_prefix, clock=clock, sleep=sleep, metrics=self.metrics),
-                sleep=sleep)
-            for app in config.apps.values()
-        }
+        # The API clients (below the boundary) are built on first use: a gateway whose
+        # handlers never call the API never makes one.
+        self._clients: dict[str, WeChatClient] = {}
+        self._clients_lock = threading.Lock()
         queued = any(app.delivery == "queue" for app in config.apps.values())
         self.queue = _open_queue(store, config.store_prefix) if queued else None
-        self._start_worker = start_worker and queued and config.delivery_threads > 0
-        self._worker: _DeliveryWorker | None = None
-        self._worker_pid: int | None = None
-        self._worker_lock = threading.Lock()
-        self._cgi_warned = False
-        self._health_lock = threading.Lock()
-        self._health_due = 0.0  # on time.monotonic(): when healthz writes again
-        if not store.shared:
-            workers = _worker_processes(sys.argv, os.environ, "gunicorn" in sys.modules)
-            if workers:
-                logger.warning("store = memory in one of several worker processes (%s): "
-                               "each keeps its own memory, so a retry that lands on another "
-                               "worker runs the handler again and every worker fetches its "
-                               "own access_token; use store = sqlite:///path/to/wxgate.db "
-                               "(one host) or redis://... (several)", workers)
+        self._admin = _Admin(self, self._refusal_lines)
+        self._lifecycle = _Lifecycle(
+            self.worker, start_worker=start_worker and queued and config.delivery_threads > 0,
+            queued=queued and config.delivery_threads > 0, shared=store.shared)
+
+    def now(self) -> float:
+        """The gateway's clock: the time in seconds."""
+        return self._clock()
 
     def client(self, name: str) -> WeChatClient:
-        """The :class:`WeChatClient` of app ``name``."""
-        try:
-            return self._clients[name]
-        except KeyError:
-            raise KeyError(f"no app named {name!r}; configured: {sorted(self._clients)}") \
-                from None
+        """The :class:`WeChatClient` of app ``name``, made on first use."""
+        client = self._clients.get(name)
+        if client is not None:
+            return client
+        app = self.config.apps.get(name)
+        if app is None:
+            raise KeyError(f"no app named {name!r}; configured: {sorted(self.config.apps)}")
+        with self._clients_lock:  # one client per app, however many threads ask first
+            client = self._clients.get(name)
+            if client is None:
+                client = self._clients[name] = _app_client(
+                    self.config, app, self.store, clock=self._clock, sleep=self._sleep,
+                    metrics=self.metrics)
+        return client
 
     def worker(self, threads: int | None = None) -> _DeliveryWorker:
         """A delivery worker for the durable queue (not started).
@@ -3489,44 +4074,18 @@ class Gateway:
         app built before gunicorn --preload forks its workers) starts its own on its first
         request.
         """
-        if self._start_worker and self._worker_pid != os.getpid():
-            with self._worker_lock:
-                if self._worker_pid != os.getpid():
-                    self._worker = self.worker()
-                    self._worker.start()
-                    self._worker_pid = os.getpid()
+        self._lifecycle.start_delivery()
 
     def close(self) -> None:
         """Stop the delivery and claim-keeping threads, and release the store's connections."""
-        if self._worker is not None:
-            self._worker.stop()
+        self._lifecycle.stop()
         for dedup in self._dedups.values():
             dedup.close()
         self.store.close()
 
-    def _under_cgi(self):
-        # One process per request (wsgiref's CGIHandler sets wsgi.run_once): nothing may
-        # rely on a thread outliving the response. Said once per process, which here is
-        # once per request, so that it shows in the server's error log.
-        if self._cgi_warned:
-            return
-        self._cgi_warned = True
-        if self.queue is not None and self.config.delivery_threads > 0:
-            logger.warning("delivery = queue under CGI: a delivery thread would die with the "
-                           "request's process, so none is started; set [wxgate] "
-                           "delivery_threads = 0 and run `wxgate worker CONFIG` elsewhere")
-        if not self.store.shared:
-            logger.warning("store = memory under CGI: each request is a new process that "
-                           "starts empty, so every retry runs the handler again and every "
-                           "API call fetches a new access_token; use store = "
-                           "sqlite:///path/to/wxgate.db")
-
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> list[bytes]:
-        if environ.get("wsgi.run_once"):
-            self._under_cgi()
-        elif self._start_worker and self._worker_pid != os.getpid():
-            self.start_delivery()
+        self._lifecycle.on_request(environ)
         try:
             status, headers, body = self._respond(environ)
         except Exception:  # a bug of ours: never let it escape to the server
@@ -3554,14 +4113,19 @@ class Gateway:
             full_path = environ.get("SCRIPT_NAME", "") + path
             admin = self.config.admin_path + "/"
             if full_path.startswith(admin):
-                return self._admin(environ, full_path[len(admin) - 1:])
+                return self._admin.respond(environ, full_path[len(admin) - 1:])
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         method = environ.get("REQUEST_METHOD", "")
         try:
             if method == "POST":
                 return self._push(app, environ, time.monotonic())
             if method == "GET":
-                return self._handshake(app, environ)
+                echostr = _verify_handshake(app, _query(environ), self._clock(),
+                                            self.config.timestamp_window,
+                                            self._query_binds.bind, self.config.admin_path)
+                logger.info("app=%s handshake ok", app.name)
+                # The body must be echostr exactly: no newline, no JSON, no encryption.
+                return 200, [("Content-Type", _TEXT)], echostr.encode("utf-8")
             return 405, [("Content-Type", _TEXT), ("Allow", "GET, POST")], \
                 b"method not allowed: WeChat sends GET (handshake) and POST (push)"
         except WxgateError as exc:
@@ -3586,228 +4150,27 @@ class Gateway:
                        extra={"app": app.name, "outcome": f"refused-{exc.status}",
                               "request_id": _request_id(environ)})
 
-    def _handshake(self, app, environ):
-        if app.mode == "cloud":
-            raise WxgateError("mode = cloud: Cloud Hosting sends no URL handshake, and there "
-                              f"is no token to sign one; probe {self.config.admin_path}"
-                              "/healthz instead", status=405)
-        query = _query(environ)
-        signature, timestamp, nonce, echostr = _required(
-            query, "signature", "timestamp", "nonce", "echostr")
-        _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
-        check_signature(signature, app.token, timestamp, nonce)
-        # Its query is a plain push's query (the same signature), and it is logged like every
-        # request: bound to the empty body a GET has, it can carry no push.
-        self._bind_query(app, timestamp, nonce, b"")
-        logger.info("app=%s handshake ok", app.name)
-        # The body must be echostr exactly: no newline, no JSON, no encryption.
-        return 200, [("Content-Type", _TEXT)], echostr.encode("utf-8")
-
-    def _read_push(self, app, environ):
-        """Verify, decrypt and parse a push; return ``(message, nonce, timestamp, aes_key)``
-        or raise. ``aes_key`` is the key that opened the push, for the reply; None when it
-        came in the clear. ``message`` is None for Cloud Hosting's path check.
-
-        safe and compat modes need ``Encrypt`` and ``msg_signature`` (WeChat sends both in
-        either mode) and read only the decrypted fields: the clear ones of a compat push are
-        covered by no signature. A plain app reads those clear fields, so the console can move
-        to compat first; its only protection is the URL ``signature``, which does not cover
-        the body (the README says what that means).
-
-        When a query is bound to its body (see :meth:`_bind_query`) depends on what proves
-        the body: in safe and compat modes ``msg_signature``, so a body binds only once it
-        has passed; the URL ``signature`` alone would let whoever saw a query first bind it
-        to garbage, and WeChat's genuine push and all its retries would then be refused.
-        """
-        if app.mode == "cloud":
-            return self._read_cloud_push(app, environ), "", None, None
-        query = _query(environ)
-        timestamp, nonce = _required(query, "timestamp", "nonce")
-        _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
-        if app.mode == "plain":  # checked before we even read the body
-            check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
-        body = _read_body(environ, self.config.max_body_bytes)
-        if app.mode == "plain":
-            # The URL signature is all a plain push has, so it binds before any other check:
-            # a genuine push refused below (a format the app does not take, a body it
-            # cannot parse) still keeps its logged query from carrying another body.
-            self._bind_query(app, timestamp, nonce, body)
-            try:
-                return self._read_plain(app, body), nonce, timestamp, None
-            except WxgateError as exc:
-                # Signed and bound: WeChat's own push, or the one body a captured query
-                # could carry. Its refusal line is never held back (see _log_refusal).
-                exc.signed = True
-                raise
-        fields, fmt = _read_fields(body, app.format)
-        encrypt = fields.get("Encrypt")
-        if encrypt is None:
-            raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
-        if not isinstance(encrypt, str):
-            raise MessageError("Encrypt is not a string", code=None)
-        # msg_signature covers Encrypt: check it before decoding a single byte.
-        signature = _required(query, "msg_signature")[0]
-        check_signature(signature, app.token, timestamp, nonce, encrypt)
-        self._bind_query(app, timestamp, nonce, body)
-        try:
-            text, aes_key = self._decrypt(app, encrypt)
-            inner = text.encode()
-            fmt = _sniff_format(inner)
-            if app.format != "auto" and fmt != app.format:
-                raise MessageError(f"app expects {app.format} but the decrypted push is "
-                                   f"{fmt}", status=415, code=None)
-            fields = _parse_body(inner, fmt)
-        except WxgateError as exc:
-            # One answer for every failure past msg_signature: distinct ones (padding,
-            # length, UTF-8, appid, parsing) would be an oracle for whoever has the Token.
-            # The log line keeps the kind and WeChat's code, never a decrypted byte.
-            raise _sealed_refusal(exc) from None
-        if aes_key != self._aes_keys[app.name]:
-            self._note_previous_key(app)
-        return Message(fields, app=app.name, format=fmt, encrypted=True,
-                       client=self._clients[app.name]), nonce, timestamp, aes_key
-
-    def _read_plain(self, app, body):
-        """A plain push's :class:`Message`, from its clear fields (an ``Encrypt`` beside them,
-        as in compat mode, is left out)."""
-        fields, fmt = _read_fields(body, app.format)
-        if fields.get("Encrypt") is not None:
-            fields = {name: value for name, value in fields.items() if name != "Encrypt"}
-            if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
-                raise MessageError("encrypted push, but the app has mode = plain: set mode "
-                                   "to compat (or safe) and its encoding_aes_key", code=None)
-        return Message(fields, app=app.name, format=fmt, encrypted=False,
-                       client=self._clients[app.name])
-
-    def _read_cloud_push(self, app, environ):
-        """A Cloud Hosting push: no signature, no encryption; None for the path check.
-
-        Issue 10's query binds do not apply here: Cloud Hosting signs nothing, so there is
-        no signed query that could be replayed with another body. What stands in for the
-        signature is X-WX-SOURCE, which Cloud Hosting's gateway adds; it proves something
-        only while the service's public access is off (PROTOCOL.md 11.1), hence the option.
-        """
-        # An empty header names no source: it is refused like a missing one.
-        if app.cloud_source_check and not any(
-                str(environ.get(name, "")).strip() for name in _CLOUD_SOURCE_HEADERS):
-            raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
-                              "Hosting's gateway (cloud_source_check = yes)", status=403)
-        cloud = {}
-        for name, key in _CLOUD_HEADERS:
-            value = environ.get(key)
-            if value is None:
-                continue
-            # Servers join a repeated header's values with commas (RFC 9110 5.3), and no
-            # openid, appid or env id holds one: the client sent a second copy of its own,
-            # beside or instead of the gateway's, and which is true cannot be told.
-            if "," in value:
-                raise WxgateError(f"{name} came more than once; an identity header must come "
-                                  "once, as Cloud Hosting's gateway sends it", status=400)
-            cloud[name] = value
-        fields, fmt = _read_fields(_read_body(environ, self.config.max_body_bytes), app.format)
-        # The console's path check is a body of one field. A push that merely carries an
-        # "action" field among others is a message and goes to the handler.
-        if fields.get("action") == _PATH_CHECK_ACTION and len(fields) == 1:
-            return None  # the console's path check: answered before any handler or store
-        if "Encrypt" in fields:
-            raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
-                               "check the app's mode, and the console's push settings",
-                               code=None)
-        return Message(fields, app=app.name, format=fmt, client=self._clients[app.name],
-                       cloud=cloud)
-
-    def _decrypt(self, app, encrypt):
-        """Open ``Encrypt`` with the current key, then the previous one: ``(text, key)``.
-
-        WeChat's guidance for a key change: keep the current and the previous key, try the
-        previous one when the current one fails, and encrypt the reply with the key that
-        opened the push (TP-ENC, PROTOCOL.md 11.2). msg_signature was checked before: it
-        does not involve the key. A wrong key nearly always fails the padding (-40008), and
-        the appid check (-40005) catches the rare wrong key that unpads by chance; Base64
-        and length errors are the same under any key, so they are not tried twice. A push
-        that fails under both keys reports what the current key said, and so gets the one
-        sealed refusal (issue 10) like any other.
-        """
-        key = self._aes_keys[app.name]
-        try:
-            return decrypt_message(encrypt, key, app.appid), key
-        except DecryptError as exc:
-            previous = self._previous_keys[app.name]
-            if previous is None or exc.code not in (ILLEGAL_BUFFER, VALIDATE_APPID_ERROR):
-                raise
-            try:
-                return decrypt_message(encrypt, previous, app.appid), previous
-            except DecryptError:
-                raise exc from None
-
-    def _note_previous_key(self, app):
-        """Count a push the previous key opened; warn at most once a minute per app."""
-        self.metrics.count("wxgate_previous_key_total", app=app.name)
-        now = self._clock()
-        with self._notes_lock:  # two threads at the minute's edge: one line, not two
-            last = self._previous_key_warned.get(app.name)
-            warn = last is None or now - last >= PREVIOUS_KEY_WARN_EVERY
-            if warn:
-                self._previous_key_warned[app.name] = now
-        if warn:
-            logger.warning("app=%s a push opened only with previous_encoding_aes_key: WeChat "
-                           "still uses the old key; remove previous_encoding_aes_key once "
-                           "wxgate_previous_key_total stops growing", app.name)
-
-    def _remember_for(self, app, timestamp):
-        """Seconds to remember a push's key and its query: the app's dedup_ttl (else the
-        gateway's), and at least until the timestamp has left the window, so a replay is
-        never handled again however short dedup_ttl is."""
-        ttl = app.dedup_ttl or self.config.dedup_ttl
-        window = self.config.timestamp_window
-        if not window or timestamp is None:
-            return ttl
-        return max(ttl, int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
-
-    def _bind_query(self, app, timestamp, nonce, body):
-        """Bind one signed query to one body until its timestamp leaves the window.
-
-        The URL signature covers token, timestamp and nonce, never the body, so anyone who
-        saw a query (access logs hold them all) could send another body with it. WeChat's
-        retries resend the same bytes: a byte-identical body passes, to be answered as a
-        duplicate; a different one is a forgery, refused with 403. The pair lives in the
-        shared store, so the bind holds across workers.
-
-        The key is the app, timestamp and nonce, whatever signature came with them: the
-        console's handshake (a GET, bound to an empty body), a plain push's ``signature``
-        and an encrypted one's ``msg_signature`` for one timestamp and nonce are one query,
-        bound once. Only a validly signed request binds (the caller checks first: the URL
-        ``signature`` in plain mode, ``msg_signature`` in the encrypted ones), so a forger
-        cannot occupy the key of a query WeChat has yet to send.
-        """
-        query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
-            "utf-8", "surrogateescape")).hexdigest()
-        key = f"{self.config.store_prefix}:query:{app.name}:{query_id}"
-        digest = hashlib.sha256(body).hexdigest()
-        if self._binds.add(key, digest, self._remember_for(app, timestamp)):
-            return
-        bound = self._binds.get(key)
-        if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
-                                                digest.encode("ascii")):
-            return
-        self.metrics.count("wxgate_query_reused_total", app=app.name)
-        raise SignatureError("signed query reused with a different body: a forged or altered "
-                             "push, refused", code=None)
-
     def _push(self, app, environ, started):
-        message, nonce, timestamp, aes_key = self._read_push(app, environ)
-        if message is None:
+        verified = _verify_push(
+            app, _query(environ), _cloud_headers(environ) if app.mode == "cloud" else {},
+            lambda: _read_body(environ, self.config.max_body_bytes), self._clock(),
+            self.config.timestamp_window, self._query_binds.bind)
+        if verified is None:
             # Cloud Hosting's path check wants 200 and success (or an empty body).
             logger.info("app=%s Cloud Hosting path check answered success", app.name)
             return 200, [("Content-Type", _TEXT)], b"success"
-        ttl = self._remember_for(app, timestamp)
+        if verified.previous_key:
+            self._note_previous_key(app)
+        deadline = started + self.reply_deadline * 0.9  # API calls must leave time to answer
+        message = Message(verified.fields, app=app.name, format=verified.format,
+                          encrypted=verified.encrypted, cloud=verified.cloud,
+                          client_factory=functools.partial(self._push_client, app, deadline))
+        ttl = self._query_binds.remember_for(app, verified.timestamp)
         if app.delivery == "queue":
             return self._enqueue(app, message, environ, started, ttl)
 
         def work():
-            # API calls from the handler must leave time to answer WeChat.
-            return self._deliver(app, message, nonce, started + self.reply_deadline * 0.9,
-                                 aes_key)
+            return self._deliver(app, message, verified.nonce, deadline, verified.aes_key)
 
         key = message.dedup_key
         try:
@@ -3818,24 +4181,32 @@ class Gateway:
                     _store_key(message), work, started + self.reply_deadline, ttl,
                     room=self.reply_deadline * TAKEOVER_ROOM)
         except _InFlightTimeout as exc:
-            self._log_push(app, message, "in-flight-timeout", started, environ)
+            self._record_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
         except DeliveryError as exc:  # the backend failed: its reason is the whole story
             logger.error("app=%s delivery of %s (key %s) failed: %s; answering 500 so "
                          "WeChat retries", app.name, _loggable(message.event or message.msg_type),
                          _loggable(key), _loggable(exc.message))
-            self._log_push(app, message, "handler-error", started, environ)
+            self._record_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         except Exception:
             logger.exception("app=%s %s raised on %s (key %s); answering 500 so WeChat "
                              "retries", app.name, _business_name(app),
                              _loggable(message.event or message.msg_type), _loggable(key))
-            self._log_push(app, message, "handler-error", started, environ)
+            self._record_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
             self.metrics.count("wxgate_duplicates_total", app=app.name)
-        self._log_push(app, message, "duplicate" if duplicate else "handled", started, environ)
+        self._record_push(app, message, "duplicate" if duplicate else "handled", started,
+                          environ)
         return 200, [("Content-Type", content_type)], reply.encode("utf-8")
+
+    def _push_client(self, app, deadline):
+        """``message.client`` of a push: the app's client, its API calls bounded by the
+        push's ``deadline`` in this thread (the handler's)."""
+        client = self.client(app.name)
+        client.tokens.set_deadline(deadline)
+        return client
 
     def _enqueue(self, app, message, environ, started, ttl):
         """Queue mode: store the push durably, then answer ``success``.
@@ -3854,12 +4225,7 @@ class Gateway:
           ``CLAIM_TTL`` and a transaction that never committed: the retry queues it.
         """
         key = _store_key(message) if message.dedup_key else None
-        document = {"app": app.name, "dedup_key": message.dedup_key,
-                    "format": message.format, "encrypted": message.encrypted,
-                    "message": message._fields}
-        if message.cloud:
-            document["cloud"] = dict(message.cloud)
-        payload = _dump_json(document)
+        payload = _dump_json(_backend_document(message, queued=True))
         partition = f"{app.name}:{message.from_user or ''}"
         done = _Dedup.done_value(_TEXT, "success")
         dedup = self._dedups[app.name]
@@ -3877,45 +4243,31 @@ class Gateway:
                 duplicate = dedup.run(key, work, started + self.reply_deadline, ttl,
                                       kind="queued", recorded=True)[2]
         except _InFlightTimeout as exc:
-            self._log_push(app, message, "in-flight-timeout", started, environ)
+            self._record_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
         except Exception as exc:
             # Without the store nothing is durable: answer 500 so WeChat retries, rather
             # than acknowledge a message we might lose.
             logger.error("app=%s cannot queue %s (%s: %s); answering 500 so WeChat retries",
                          app.name, _loggable(key), type(exc).__name__, _loggable(_cause(exc)))
-            self._log_push(app, message, "queue-error", started, environ)
+            self._record_push(app, message, "queue-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
             self.metrics.count("wxgate_duplicates_total", app=app.name)
-        self._log_push(app, message, "duplicate" if duplicate else "queued", started, environ)
+        self._record_push(app, message, "duplicate" if duplicate else "queued", started,
+                          environ)
         return 200, [("Content-Type", _TEXT)], b"success"
 
-    def _log_push(self, app, message, outcome, started, environ):
+    def _record_push(self, app, message, outcome, started, environ):
         kind = message.event or message.msg_type
         # A label from the push: known types by name, the rest as "other", so pushes cannot
         # grow the metrics without bound.
         label = kind if isinstance(kind, str) and kind in _KNOWN_TYPES else "other"
         self.metrics.count("wxgate_pushes_total", app=app.name, type=label, outcome=outcome)
         if logger.isEnabledFor(logging.INFO):
-            milliseconds = (time.monotonic() - started) * 1000
-            # The extra fields too: a deployer's format may show %(dedup_key)s.
-            kind, key = _loggable(kind), _loggable(message.dedup_key)
-            extra = None
-            if self.config.log_format == "json":  # the fields only JSON lines show
-                extra = {"app": app.name, "dedup_key": key, "outcome": outcome,
-                         "duration_ms": round(milliseconds, 2), "msg_type": kind,
-                         "request_id": _request_id(environ)}
-            # logger.info would walk the stack (findCaller) to learn what this frame knows;
-            # makeRecord + handle is the rest of its path, so a user's record factory,
-            # Logger.disabled, filters, handlers and propagation all still apply (issue 13).
-            # The frame is not kept in a local: in its own locals it would be a reference
-            # cycle, keeping the push's objects alive until the garbage collector runs.
-            code = sys._getframe().f_code
-            logger.handle(logger.makeRecord(
-                logger.name, logging.INFO, code.co_filename, sys._getframe().f_lineno,
-                _PUSH_LINE, (app.name, kind, key, outcome, milliseconds,
-                             _given_request_id(environ)), None, code.co_name, extra))
+            _log_push(app.name, kind, message.dedup_key, outcome,
+                           (time.monotonic() - started) * 1000, environ,
+                           self.config.log_format == "json")
 
     def _deliver(self, app, message, nonce, deadline=None, aes_key=None):
         """Hand the message to business code and render its answer: ``(type, body)``.
@@ -3923,159 +4275,49 @@ class Gateway:
         ``aes_key`` is the key that opened the push: an encrypted reply is sealed with it.
         """
         started = time.monotonic()
-        tokens = self._clients[app.name].tokens
-        tokens.set_deadline(deadline)
+        client = self._clients.get(app.name)  # a handler may reach it without the message
+        if client is not None:
+            client.tokens.set_deadline(deadline)
         try:
             reply = _business_reply(app, message, timestamp=self._clock())
         finally:
-            tokens.set_deadline(None)
+            client = self._clients.get(app.name)
+            if client is not None:
+                client.tokens.set_deadline(None)
             self.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                  app=app.name)
-        content_type, body = self._render(app, message, reply, nonce, aes_key)
+        if _reply_dropped(app, reply):
+            self._note_dropped_reply(app)
+        content_type, body = _render_reply(
+            app, message, reply, nonce=nonce, aes_key=aes_key, now=self._clock(),
+            random_prefix=self._random_bytes(8).hex().encode("ascii")
+            if message.encrypted else None)
         body.encode("utf-8")  # a reply that cannot be sent fails here, inside the dedup claim
         return content_type, body
 
-    def _render(self, app, message, reply, nonce, aes_key=None):
-        if isinstance(reply, RawReply):  # exactly as given, in every mode
-            return reply.content_type, reply.body.decode("utf-8")
-        if isinstance(reply, (bytes, bytearray)):
-            reply = bytes(reply).decode("utf-8")
-        if reply is None or reply == "success":
-            return _TEXT, "success"
-        if reply == "":
-            return _TEXT, ""
-        if isinstance(reply, dict) and app.mode == "cloud":
-            # A Mini Program on Cloud Hosting gets no passive reply: only Official Accounts
-            # do (CLOUD-PUSH). Said once per app and process, not once per push.
-            with self._notes_lock:
-                first = app.name not in self._dropped_noted
-                self._dropped_noted.add(app.name)
-            if first:
-                logger.warning("app=%s mode = cloud: the handler's dict reply was dropped and "
-                               "success sent (Cloud Hosting passes no passive reply to a Mini "
-                               "Program); answer through message.client instead", app.name)
-            return _TEXT, "success"
-        if isinstance(reply, dict):
-            fields = _reply_fields(reply, message, self._clock())
-            text = _dump_json(fields) if message.format == "json" else _dump_xml(fields)
-        elif isinstance(reply, str):
-            text = reply
-        else:
-            raise TypeError(f"{_business_name(app)} returned "
-                            f"{type(reply).__name__}; expected None, a str, a dict or a "
-                            "RawReply")
-        if not message.encrypted:
-            return _CONTENT_TYPES[message.format], text
-        # Reply in the mode of the request being answered (never a sticky flag).
-        timestamp = str(int(self._clock()))
-        encrypt = encrypt_message(text, aes_key or self._aes_keys[app.name], app.appid,
-                                  random_prefix=self._random_bytes(8).hex().encode("ascii"))
-        signature = sign(app.token, timestamp, nonce, encrypt)
-        return _CONTENT_TYPES[message.format], _envelope(encrypt, signature, timestamp, nonce,
-                                                         message.format)
+    def _note_dropped_reply(self, app):
+        """Say once per app and process that a cloud app's dict reply became success."""
+        with self._notes_lock:
+            first = app.name not in self._dropped_noted
+            self._dropped_noted.add(app.name)
+        if first:
+            logger.warning("app=%s mode = cloud: the handler's dict reply was dropped and "
+                           "success sent (Cloud Hosting passes no passive reply to a Mini "
+                           "Program); answer through message.client instead", app.name)
 
-    def _admin(self, environ, subpath):
-        """``/healthz`` (open), ``/metrics`` and ``/token/NAME`` under admin_path."""
-        method = environ.get("REQUEST_METHOD", "")
-        if subpath in ("/healthz", "/metrics") or subpath.startswith("/token/"):
-            if method != "GET":
-                return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
-        if subpath == "/healthz":
-            return self._healthz(self._authorized(environ) or _from_loopback(environ))
-        if subpath == "/metrics":
-            if not (self._authorized(environ) or _from_loopback(environ)):
-                return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
-                    b"unauthorized: use the admin secret, or scrape from 127.0.0.1"
-            return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
-                self.metrics.render(self._gauges()).encode("utf-8")
-        if not self.config.admin_secret or not subpath.startswith("/token/"):
-            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
-        if not self._authorized(environ):
-            allowed = self._refusal_lines.allow(None)
-            if allowed is not None:
-                logger.warning("admin token request refused: missing or wrong bearer "
-                               "secret%s", _held_back_note(*allowed, "the admin token"))
-            return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
-                b"unauthorized"
-        name = subpath[len("/token/"):]
-        if name not in self._clients:
-            return 404, [("Content-Type", _TEXT)], b"no such app"
-        try:
-            info = self._clients[name].tokens.token_info()
-        except WxgateError as exc:
-            logger.error("admin token for app %s failed: %s", name, exc.message)
-            return 502, [("Content-Type", _JSON)], _dump_json({"error": exc.message}).encode()
-        return 200, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
-            _dump_json(info).encode()
-
-    def _authorized(self, environ):
-        secret = self.config.admin_secret
-        if not secret:
-            return False
-        scheme, _, credential = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credential.strip().encode("utf-8", "surrogateescape"), secret.encode("utf-8"))
-
-    def _healthz(self, detailed):
-        """The store's (and queue's) state; names, version and counts only for ``detailed``
-        callers (the admin secret, or loopback, as for /metrics): the rest get the status."""
-        status, state = (200, "ok") if self._store_writable() else (503, "store unreachable")
-        if not detailed:
-            # The status is the store's write: an anonymous caller (a load balancer, anyone
-            # on the internet) must not make every probe a queue scan as well.
-            return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
-                _dump_json({"status": state}).encode()
-        document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
-                    "store": self.config.store.split("://")[0]}
-        losses = getattr(self.store, "losses", 0)
-        if losses:
-            # Still 200: the store works again, and every worker shares it, so a 503 would
-            # take the whole gateway out of a load balancer for a loss that is over.
-            at, reason = self.store.last_loss
-            document["store_lost"] = {"count": losses, "last_at": at, "last": reason}
-        if self.queue is not None and status == 200:
-            try:
-                document["queue"] = self.queue.stats(self._clock())
-            except Exception as exc:
-                status, document["status"] = 503, "queue unreachable"
-                logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
-        return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
-            _dump_json(document).encode()
-
-    def _store_writable(self):
-        """Whether the store takes writes, for healthz; a failure is logged once per check.
-
-        A write, not a ping: sqlite on a full disk still answers SELECT 1, and a store that
-        failed stays unhealthy until a write succeeds again (this check's, or a push's). At
-        most one write per ``HEALTH_CHECK_EVERY``: in between, the latest write's outcome
-        (the fallback store's flag, set and cleared by every write) is the answer.
-        """
-        try:
-            if not isinstance(self.store, _FallbackStore):
-                self.store.ping()
-                return True
-            with self._health_lock:  # one prober writes; the others read the flag
-                now = time.monotonic()
-                due = now >= self._health_due
-                if due:
-                    self._health_due = now + HEALTH_CHECK_EVERY
-            if not due:
-                return not self.store.write_failing
-            self.store.check_write(f"{self.config.store_prefix}:healthz:{os.getpid()}")
-            return True
-        except Exception as exc:
-            logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
-                         _cause(exc))
-            return False
-
-    def _gauges(self):
-        if self.queue is None:
-            return []
-        try:
-            stats = self.queue.stats(self._clock())
-        except Exception:
-            return []
-        return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
+    def _note_previous_key(self, app):
+        """Count a push the previous key opened; warn at most once a minute per app."""
+        self.metrics.count("wxgate_previous_key_total", app=app.name)
+        now = self._clock()
+        with self._notes_lock:  # two threads at the minute's edge: one line, not two
+            last = self._previous_key_warned.get(app.name)
+            warn = last is None or now - last >= PREVIOUS_KEY_WARN_EVERY
+            if warn:
+                self._previous_key_warned[app.name] = now
+        if warn:
+            logger.warning("app=%s a push opened only with previous_encoding_aes_key: WeChat "
+                           "still uses the old key; remove previous_encoding_aes_key once "
+                           "wxgate_previous_key_total stops growing", app.name)
 
 
 def make_app(config: Config | str | os.PathLike[str], **options: Any) -> Gateway:
@@ -4132,6 +4374,11 @@ application = _LazyApplication()
 ###############################################################################
 # BOUNDARY: optional parts below ##############################################
 ###############################################################################
+
+# Nothing above this line uses what follows when the module is imported, nor any private
+# attribute of it. The gateway reaches the API client through Gateway.client (made on
+# first use), the queue through _open_queue and the worker through Gateway.worker, both
+# only when an app has delivery = queue; the worker uses the gateway's public methods.
 
 
 ###############################################################################
@@ -4308,12 +4555,25 @@ class TokenManager:
     # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
     # gateway sets a per-thread deadline around the handler, and every request, backoff and
     # wait for the token below fits in what is left of it.
+    @property
+    def has_appsecret(self) -> bool:
+        """Whether the app has an AppSecret (it is never shown)."""
+        return bool(self._appsecret)
+
+    def session_query(self, js_code: str) -> dict[str, str]:
+        """The query of ``jscode2session``, which carries the AppSecret itself."""
+        return {"appid": self.appid, "secret": self._appsecret or "", "js_code": js_code,
+                "grant_type": "authorization_code"}
+
     def set_deadline(self, deadline: float | None) -> None:
         """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
         self._deadlines.value = deadline
 
-    def _time_left(self):
-        """The timeout for the next request: ``api_timeout``, or less near the deadline."""
+    def time_left(self) -> float:
+        """The timeout for the next request: ``api_timeout``, or less near the deadline.
+
+        :raises WeChatConnectionError: this thread's push window is spent.
+        """
         deadline = getattr(self._deadlines, "value", None)
         if deadline is None:
             return self.api_timeout
@@ -4324,14 +4584,15 @@ class TokenManager:
                                         "(delivery = queue has no such limit)")
         return min(self.api_timeout, remaining)
 
-    def _limit(self, timeout):
-        """What set ``timeout`` (from :meth:`_time_left`), for a timeout's message."""
+    def timeout_reason(self, timeout: float) -> str:
+        """What set ``timeout`` (from :meth:`time_left`), for a timeout's message."""
         if timeout < self.api_timeout:
             return "what was left of WeChat's 5-second push window; delivery = queue has " \
                 "no such limit"
         return "api_timeout"
 
-    def _can_wait(self, seconds):
+    def can_wait(self, seconds: float) -> bool:
+        """Whether this thread's deadline leaves ``seconds`` to wait (a busy backoff)."""
         deadline = getattr(self._deadlines, "value", None)
         return deadline is None or time.monotonic() + seconds < deadline - 0.05
 
@@ -4404,7 +4665,7 @@ class TokenManager:
         if record and (token is None or record[0] == token):
             self.store.delete(self._key, f"{record[1]!r} {record[2]!r} {record[0]}")
 
-    def _replacement_for(self, rejected):
+    def replacement_for(self, rejected: str) -> str | None:
         """A token other than ``rejected``, after an API call said it is dead.
 
         Fetches once; with stable_token, a normal fetch returns the same token while WeChat
@@ -4469,7 +4730,7 @@ class TokenManager:
                 raise WeChatConnectionError(
                     f"app {self.name}: timed out waiting for another process to fetch the "
                     "access_token")
-            self._time_left()  # gives up when the push that needs the token is out of time
+            self.time_left()  # gives up when the push that needs the token is out of time
             self._sleep(POLL_INTERVAL * 2)
 
     def _fetch(self, force=False):
@@ -4481,16 +4742,16 @@ class TokenManager:
                        "secret": self._appsecret}
         for attempt in range(len(BUSY_BACKOFF) + 1):
             self.fetches += 1
-            timeout = self._time_left()
+            timeout = self.time_left()
             if self.grant == "stable":
                 document = _http_json(
                     "POST", self.api_base + "/cgi-bin/stable_token",
                     body=dict(credentials, force_refresh=force), timeout=timeout,
-                    what="stable_token", limit=self._limit(timeout))
+                    what="stable_token", limit=self.timeout_reason(timeout))
             else:
                 document = _http_json("GET", self.api_base + "/cgi-bin/token",
                                       params=credentials, timeout=timeout, what="token",
-                                      limit=self._limit(timeout))
+                                      limit=self.timeout_reason(timeout))
             errcode = _errcode(document)
             if self._metrics is not None:
                 self._metrics.count("wxgate_token_fetches_total", app=self.name)
@@ -4498,7 +4759,7 @@ class TokenManager:
                     self._metrics.count("wxgate_token_errors_total", app=self.name,
                                         errcode=errcode)
             if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
-                    self._can_wait(BUSY_BACKOFF[attempt]):
+                    self.can_wait(BUSY_BACKOFF[attempt]):
                 self._sleep(BUSY_BACKOFF[attempt])
                 continue
             break
@@ -4602,7 +4863,7 @@ class WeChatClient:
         except WeChatAPIError as exc:
             if exc.errcode not in TOKEN_REJECTED_ERRCODES:
                 raise
-            replacement = self.tokens._replacement_for(token)
+            replacement = self.tokens.replacement_for(token)
             if replacement is None:
                 raise
             logger.warning("app %s: %s rejected the access_token (%s); retrying once with "
@@ -4613,7 +4874,7 @@ class WeChatClient:
         # Cloud Hosting's 开放接口服务 takes calls over http with no access_token and adds
         # the credential. Its FAQ: "access_token missing" (41001) while the switch is off or
         # in a version built before it was turned on, and HTTP 502 for an API that is not on
-        # the service's whitelist (PROTOCOL.md 11.1). Neither is a token to replace: one call.
+        # the service's whitelist. Neither is a token to replace: one call.
         # https://developers.weixin.qq.com/miniprogram/dev/wxcloudrun/src/guide/weixin/open.html
         try:
             return self._request(method, path, dict(params or {}), body)
@@ -4635,12 +4896,13 @@ class WeChatClient:
 
     def _request(self, method, path, query, body):
         for attempt in range(len(BUSY_BACKOFF) + 1):
-            timeout = self.tokens._time_left()
+            timeout = self.tokens.time_left()
             document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
-                                  timeout=timeout, what=path, limit=self.tokens._limit(timeout))
+                                  timeout=timeout, what=path,
+                                  limit=self.tokens.timeout_reason(timeout))
             errcode = _errcode(document)
             if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
-                    self.tokens._can_wait(BUSY_BACKOFF[attempt]):
+                    self.tokens.can_wait(BUSY_BACKOFF[attempt]):
                 self._sleep(BUSY_BACKOFF[attempt])
                 continue
             if errcode:
@@ -4653,13 +4915,12 @@ class WeChatClient:
         Never send ``session_key`` to the client.
         https://developers.weixin.qq.com/miniprogram/dev/server/API/user-login/api_code2session
         """
-        if not self.tokens._appsecret:
+        if not self.tokens.has_appsecret:
             raise WxgateError(f"app {self.tokens.name!r} has no appsecret: set appsecret in "
                               f"its [app:{self.tokens.name}] section to call code2session",
                               status=500)
-        document = self._request("GET", "/sns/jscode2session", {
-            "appid": self.tokens.appid, "secret": self.tokens._appsecret,
-            "js_code": js_code, "grant_type": "authorization_code"}, None)
+        document = self._request("GET", "/sns/jscode2session",
+                                 self.tokens.session_query(js_code), None)
         if "openid" not in document:
             raise WeChatConnectionError("jscode2session answered without an openid")
         return document
@@ -4757,6 +5018,16 @@ class WeChatClient:
         """Show (or hide) "typing..." in the user's chat."""
         return self.call("POST", "/cgi-bin/message/custom/typing",
                          json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
+
+
+def _app_client(config, app, store, *, clock, sleep, metrics):
+    """The :class:`WeChatClient` of ``app``, with its :class:`TokenManager` on ``store``:
+    what ``Gateway.client`` makes on first use."""
+    return WeChatClient(TokenManager(
+        app.appid, app.appsecret, store=store, api_base=config.api_base,
+        api_timeout=config.api_timeout, grant=app.token_grant,
+        refresh_margin=app.token_refresh_margin, name=app.name, prefix=config.store_prefix,
+        clock=clock, sleep=sleep, metrics=metrics), sleep=sleep)
 
 
 ###############################################################################
@@ -4940,30 +5211,30 @@ class _SqliteQueue(_Queue):
         # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
         # Its tables are made by each new connection: a database file deleted while
         # serving is made anew, and the queue must be in the new one too.
-        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL", schema=(
+        self.store = store.reopen(synchronous="FULL", schema=(
             "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
             " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
             " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
             " DEFAULT 0)",
             "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)"))
-        columns = {row[1] for row in self.store._read("PRAGMA table_info(wxgate_queue)", ())}
+        columns = {row[1] for row in self.store.query("PRAGMA table_info(wxgate_queue)", ())}
         if "cut_offs" not in columns:  # a queue made before the column: add it in place
             try:
-                self.store._execute("ALTER TABLE wxgate_queue ADD COLUMN cut_offs INTEGER NOT"
+                self.store.execute("ALTER TABLE wxgate_queue ADD COLUMN cut_offs INTEGER NOT"
                                     " NULL DEFAULT 0")
             except sqlite3.OperationalError:  # another process added it first
                 pass
 
     def _execute(self, sql, parameters=()):
         """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
-        return self.store._execute(sql, parameters)
+        return self.store.execute(sql, parameters)
 
     def push(self, partition, payload, now, marker=None):
         # One transaction: durable (WAL, synchronous=FULL) once COMMIT returns. The marker
         # lives in the key-value table of the same file, so it commits with the row or not
         # at all; a duplicate's transaction waits for this one's write lock.
-        return self.store._using(lambda connection: self._push(connection, partition,
+        return self.store.using(lambda connection: self._push(connection, partition,
                                                                payload, now, marker))
 
     def _push(self, connection, partition, payload, now, marker):
@@ -4994,7 +5265,7 @@ class _SqliteQueue(_Queue):
             # Read first, without the write lock, so idle polling never queues behind the
             # pushes. The head of each partition is its lowest live id; ids only grow, so a
             # head stays the head until it is settled.
-            rows = self.store._read(
+            rows = self.store.query(
                 "SELECT q.id, q.payload, q.attempts, q.cut_offs, q.claim FROM wxgate_queue q"
                 " JOIN (SELECT MIN(id) AS head FROM wxgate_queue WHERE dead = 0 GROUP BY"
                 " partition) h ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id"
@@ -5038,19 +5309,19 @@ class _SqliteQueue(_Queue):
                       (error, item_id, claim))
 
     def stats(self, now):
-        ((pending, in_flight, dead),) = self.store._read(
+        ((pending, in_flight, dead),) = self.store.query(
             "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 0 AND claim IS NOT NULL"
             " AND available_at > ?), 0), COALESCE(SUM(dead = 1), 0) FROM wxgate_queue",
             (now,))
         return {"pending": pending, "in_flight": in_flight, "dead": dead}
 
     def dead(self, limit=100):
-        rows = self.store._read("SELECT id, partition, payload, attempts, error FROM"
+        rows = self.store.query("SELECT id, partition, payload, attempts, error FROM"
                                 " wxgate_queue WHERE dead = 1 ORDER BY id LIMIT ?", (limit,))
         return [_dead_letter(*row) for row in rows]
 
     def revive(self, ids, now):
-        return self.store._using(lambda connection: self._revive(connection, ids, now))
+        return self.store.using(lambda connection: self._revive(connection, ids, now))
 
     def _revive(self, connection, ids, now):
         where = "dead = 1" + (f" AND id IN ({','.join('?' * len(ids))})" if ids else "")
@@ -5115,7 +5386,8 @@ return id
 """
     _CLAIM = """
 local p, now = ARGV[1], tonumber(ARGV[2])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':q:inflight', '-inf', now, 'LIMIT', 0, 100)) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':q:inflight', '-inf', now,
+                               'LIMIT', 0, 100)) do
   redis.call('ZREM', p .. ':q:inflight', id)
   local part = redis.call('HGET', p .. ':q:msg:' .. id, 'partition')
   if part then redis.call('ZADD', p .. ':q:ready', now, part) end
@@ -5201,7 +5473,7 @@ return count
 """
 
     def __init__(self, store, prefix):
-        self.redis, self.prefix = store._redis, prefix
+        self.redis, self.prefix = store.client, prefix
         self._push = self.redis.register_script(self._PUSH)
         self._claim = self.redis.register_script(self._CLAIM)
         self._settle = self.redis.register_script(self._SETTLE)
@@ -5348,14 +5620,14 @@ class _DeliveryWorker:
                 working = list(self._working.items())
             for item_id, claim in working:
                 try:
-                    self.queue.extend(item_id, claim, self.gateway._clock() + visibility)
+                    self.queue.extend(item_id, claim, self.gateway.now() + visibility)
                 except Exception:
                     logger.exception("could not renew the claim on queued message %s", item_id)
 
     def run_once(self):
         """Claim and deliver one message; return whether there was one."""
         gateway = self.gateway
-        item = self.queue.claim(gateway._clock(), gateway.config.queue_visibility_timeout)
+        item = self.queue.claim(gateway.now(), gateway.config.queue_visibility_timeout)
         if item is None:
             return False
         item_id, payload, attempts, claim, cut_offs = item
@@ -5373,19 +5645,17 @@ class _DeliveryWorker:
         try:
             document = json.loads(payload)
             app = gateway.config.apps[document["app"]]
-            message = Message(document["message"], app=app.name, format=document["format"],
-                              encrypted=document.get("encrypted", False),
-                              client=gateway._clients[app.name], cloud=document.get("cloud"))
+            message = _queued_message(document, functools.partial(gateway.client, app.name))
         except Exception as exc:  # unreadable, or an app no longer configured: never retried
             self.queue.bury(item_id, claim, f"cannot read the queued message: "
-                            f"{type(exc).__name__}", gateway._clock())
+                            f"{type(exc).__name__}", gateway.now())
             logger.error("queued message %s cannot be read (%s); moved to the dead letters",
                          item_id, type(exc).__name__)
             return
         if cut_offs >= MAX_CUT_OFFS:
             error = (f"cut off {cut_offs} times: probably a worker crash or kill while "
                      "delivering it (a handler that exhausts memory?); not delivered again")
-            self.queue.bury(item_id, claim, error, gateway._clock())
+            self.queue.bury(item_id, claim, error, gateway.now())
             logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
                          app.name, item_id, _loggable(message.dedup_key), error)
             gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
@@ -5395,7 +5665,7 @@ class _DeliveryWorker:
         started = time.monotonic()
         try:
             if gateway.store.get(done_key) is None:
-                reply = _business_reply(app, message, timestamp=gateway._clock())
+                reply = _business_reply(app, message, timestamp=gateway.now())
                 gateway.store.set(done_key, "1", DONE_TTL)
                 if isinstance(reply, RawReply) and app.name not in self._raw_noted:
                     # WeChat was answered success when the push was queued: a fixed body
@@ -5414,7 +5684,7 @@ class _DeliveryWorker:
                                f"{type(exc).__name__}: {exc}".splitlines() if line.strip())
             error = error[:500]
             if attempts >= app.queue_max_attempts:
-                self.queue.bury(item_id, claim, error, gateway._clock())
+                self.queue.bury(item_id, claim, error, gateway.now())
                 logger.error("app=%s message %s (key %s) failed %d times, moved to the "
                              "dead letters: %s", app.name, item_id,
                              _loggable(message.dedup_key), attempts, _loggable(error))
@@ -5424,12 +5694,12 @@ class _DeliveryWorker:
             # hit in lockstep; the exponent is capped before it can overflow.
             delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** min(attempts - 1, 30))
             delay *= 0.5 + self._random()
-            self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
+            self.queue.retry(item_id, claim, gateway.now() + delay, error, gateway.now())
             logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
                            "%s", app.name, item_id, _loggable(message.dedup_key), attempts,
                            delay, _loggable(error))
             return
-        if not self.queue.ack(item_id, claim, gateway._clock()):
+        if not self.queue.ack(item_id, claim, gateway.now()):
             logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
                            "worker will find it done", app.name, item_id,
                            _loggable(message.dedup_key))
@@ -5448,7 +5718,8 @@ class _DeliveryWorker:
 # (gh_ and 12 hex digits in real life), which the ini does not know.
 SIMULATED_GH_ID = "gh_wxgatedemo"
 SIMULATED_OPENID = "o_wxgate_demo_user"
-# A passive reply is addressed and typed, or it is the four-field envelope (PROTOCOL.md §4).
+# A passive reply is addressed and typed, or it is the four-field envelope.
+# https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
 _REPLY_ADDRESS = ("ToUserName", "FromUserName", "CreateTime", "MsgType")
 _ENVELOPE_FIELDS = frozenset({"Encrypt", "MsgSignature", "TimeStamp", "Nonce"})
 # Some pushes are answered with a fixed JSON body instead: virtual payment's
@@ -5585,7 +5856,7 @@ class Simulator:
                                   "FromUserName": SIMULATED_OPENID, "CreateTime": now}
         filled.update(fields)
         if filled.get("MsgType") not in (None, "event") and "MsgId" not in filled:
-            # MsgId is a 64-bit number, sent as text (PROTOCOL.md §6).
+            # MsgId is a 64-bit number, sent as text.
             filled["MsgId"] = str(int.from_bytes(self._random_bytes(8), "big") >> 1)
         dump = _dump_json if fmt == "json" else _dump_xml
         try:
@@ -5667,6 +5938,14 @@ class Simulator:
             return text
         return self._reply_fields(text)
 
+    def reply_text(self, body: bytes | str) -> str:
+        """Verify a reply as :meth:`open_reply` does; return its text, decrypted (what
+        ``wxgate push`` shows)."""
+        text = self._reply_text(body)
+        if text not in ("success", ""):
+            self._reply_fields(text)  # addressed and typed, or it raises
+        return text
+
     def _reply_text(self, body):
         """Verify a reply and return its text: decrypted when it was encrypted."""
         app = self.app
@@ -5703,7 +5982,7 @@ class Simulator:
                                  f"Encrypt under app {app.name!r}'s token") from None
         text = decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
         if text in ("success", ""):
-            # PROTOCOL.md §4: success and the empty reply are never encrypted, in any mode.
+            # success and the empty reply are never encrypted, in any mode.
             raise MessageError(f"reply is an encrypted {text!r}; WeChat takes success and the "
                                "empty reply only in the clear", code=None)
         return text
@@ -5711,15 +5990,15 @@ class Simulator:
     def _parse_reply(self, data, what):
         try:
             fmt = _sniff_format(data)
-            if self.app.format != "auto" and fmt != self.app.format:
-                raise MessageError(f"is {fmt}, but app {self.app.name!r} has format = "
-                                   f"{self.app.format}", code=None)
+            _check_format(self.app.format, fmt, what)
             return _parse_body(data, fmt)
         except MessageError as exc:
             # Our codes (-40002) are for pushes; "body is ..." reads "reply is ..." here.
             reason = exc.message.split(" (WeChat")[0]
-            reason = reason[len("body "):] if reason.startswith("body ") else reason
-            raise MessageError(f"{what} {reason}", code=None) from None
+            if not reason.startswith("app expects"):
+                reason = reason[len("body "):] if reason.startswith("body ") else reason
+                reason = f"{what} {reason}"
+            raise MessageError(reason, code=None) from None
 
     def _reply_fields(self, text):
         """The fields of a (decrypted) reply, which must be addressed and typed."""
@@ -5804,7 +6083,7 @@ class FakeAPI:
         """Listen on a free port of 127.0.0.1, in a daemon thread; return self."""
         import http.server
 
-        fake = self
+        handle = self._handle
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
@@ -5816,8 +6095,8 @@ class FakeAPI:
             def _answer(self, method):
                 length = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(length) if length else b""
-                document = fake._handle(method, self.path, self.headers.get("Content-Type", ""),
-                                        data)
+                document = handle(method, self.path, self.headers.get("Content-Type", ""),
+                                  data)
                 raw = json.dumps(document, ensure_ascii=False).encode("utf-8")
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json; encoding=utf-8")
@@ -6020,9 +6299,12 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
     """
     logger.info("demo handler got %s from %s: %s", _loggable(message.event or message.msg_type),
                 _loggable(message.from_user), dict(message))
-    client = message._client
+    try:
+        client: WeChatClient | None = message.client
+    except WxgateError:  # a Message built by hand, without a client
+        client = None
     if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
-            and (client.tokens._appsecret or client.tokens.grant == "cloud"):
+            and (client.tokens.has_appsecret or client.tokens.grant == "cloud"):
         try:
             client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
         except WxgateError as exc:
@@ -6032,6 +6314,248 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
             word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
         return {"MsgType": "transfer_customer_service"}
     return None
+
+
+###############################################################################
+# Command line: acting as WeChat ##############################################
+###############################################################################
+
+def _push_fields(args):
+    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest."""
+    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
+        if path:
+            try:
+                with open(path, "rb") as file:
+                    return parse(file.read())
+            except OSError as exc:
+                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
+    fields = {"FromUserName": args.openid}
+    if args.text is not None:
+        fields.update(MsgType="text", Content=args.text)
+    else:
+        fields.update(MsgType="event", Event=args.event)
+        for pair in args.field or ():
+            name, _, value = pair.partition("=")
+            fields[name] = value
+    return fields
+
+
+def _with_query(url, query_string):
+    """``url`` with ``query_string`` added: after ``?``, or after ``&`` when it has a query.
+
+    A proxy or a host may route on a query parameter of its own (``/wechat?x=1``): WeChat
+    keeps it and appends its parameters, and so do we.
+    """
+    if not query_string:  # a cloud push: nothing to add
+        return url
+    base, _, fragment = url.partition("#")
+    joiner = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
+    return f"{base}{joiner}{query_string}" + (f"#{fragment}" if fragment else "")
+
+
+def _call_gateway(url, body=None, headers=None):
+    """One request to a gateway, as WeChat makes it (a GET without ``body``): ``(status,
+    body)``, whatever the status.
+
+    :raises OSError: the gateway cannot be reached; the message names the URL redacted.
+    :raises ValueError: the URL cannot be sent to at all (a bad port, say).
+    """
+    shown = _redact_url(url)
+    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=REPLY_DEADLINE) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise OSError(f"cannot reach {shown}: {getattr(exc, 'reason', exc)}") from None
+    except (ValueError, http.client.HTTPException) as exc:
+        # http.client's InvalidURL quotes the URL, password included: its class only.
+        raise ValueError(f"cannot send to {shown}: {type(exc).__name__} (is --url a whole "
+                         "URL, with any password percent-encoded?)") from None
+
+
+def _push(args):
+    """``wxgate push CONFIG``: act as WeChat, send a push, and print the decrypted reply."""
+    config = _load_config(args.config, unset=[])  # it needs the token and key only
+    app = _pick_app(config, args.app)
+    wechat = Simulator(config, app.name)
+    host, port = _parse_listen(config.listen)
+    url = args.url or f"http://{host}:{port}{app.path}"
+    push = wechat.push(_push_fields(args), format=args.format)
+    fields = push.fields
+    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}): {fields.get('MsgType')}"
+          f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
+    failed = False
+    # --repeat sends the very same request, as WeChat's retries do: one signed query, one
+    # body, which the gateway's query binds accept and its dedup answers from memory.
+    for attempt in range(1, args.repeat + 1):
+        started = time.monotonic()
+        try:
+            status, reply = _call_gateway(_with_query(url, push.query_string), push.body,
+                                          push.headers)
+        except OSError as exc:
+            print(f"wxgate: {exc} (is `wxgate serve` running?)", file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"wxgate: {exc}", file=sys.stderr)
+            return 1
+        elapsed = (time.monotonic() - started) * 1000
+        try:
+            if status == 200:
+                shown = wechat.reply_text(reply)
+            else:
+                shown = reply.decode("utf-8", "replace")
+        except WxgateError as exc:
+            shown = f"reply does not verify: {exc.message}"
+            failed = True
+        failed = failed or status != 200
+        print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
+    return 1 if failed else 0
+
+
+def _handshake_command(args):
+    """``wxgate handshake CONFIG``: the URL check of WeChat's console, with a plain verdict.
+
+    ``--token`` signs with the console's value instead of the ini's, which is how a token
+    that differs between the two shows up: the console's check fails, and so does ours.
+    """
+    config = _load_config(args.config, unset=[])  # it needs the token only
+    app = _pick_app(config, args.app)
+    host, port = _parse_listen(config.listen)
+    url = args.url or f"http://{host}:{port}{app.path}"
+    check = Simulator(config, app.name).handshake(token=args.token)
+    shown = _redact_url(url)
+    try:
+        status, body = _call_gateway(_with_query(url, check.query_string))
+    except (OSError, ValueError) as exc:
+        print(f"FAIL: {exc}")
+        return 1
+    if status == 200 and body == check.expected:
+        refused = _console_refuses(url)
+        verdict = (f"but the console itself would refuse this URL ({refused}): it takes "
+                   "http:// on port 80 or https:// on port 443, at a public address" if refused
+                   else "WeChat's console would accept it")
+        print(f"PASS: {shown} echoed echostr exactly; {verdict}")
+        return 0
+    print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
+          f"{check.echostr!r}: {_handshake_hint(status, app, args.token)}")
+    return 1
+
+
+def _console_refuses(url):
+    """Why WeChat's console would not take ``url`` as the push URL (a short reason), or "".
+
+    The console's form: "必须以http://或https://开头，分别支持80端口和443端口", and WeChat's
+    servers must reach the host, which a loopback or private address is not.
+    """
+    import ipaddress
+    split = urllib.parse.urlsplit(url)
+    try:
+        port = split.port
+    except ValueError:
+        port = -1
+    default = {"http": 80, "https": 443}.get(split.scheme)
+    if default is None or port not in (None, default):
+        return f"{split.scheme}:// on port {port or default}"
+    if split.hostname in (None, "localhost"):
+        return "a loopback name"
+    try:
+        address = ipaddress.ip_address(split.hostname)
+    except ValueError:
+        return ""  # a name: whether it is public, only DNS knows
+    return "" if address.is_global else "a private or loopback address"
+
+
+def _handshake_hint(status, app, console_token):
+    """What a failed handshake's status points at, for app ``app``."""
+    where = f"[app:{app.name}]"
+    if status == 404:
+        return (f"nothing answers at this path: the URL's path must be the ini's {where} path "
+                f"{app.path!r} (behind a proxy, check that it passes the path unchanged)")
+    if status in (500, 502, 503, 504):
+        return "the server failed: its log (wxgate serve's output, or the WSGI server's " \
+               "error log) says why"
+    if status == 403 and console_token is not None and console_token != app.token:
+        return (f"the console's token (given with --token) is not the one in the ini's {where}: "
+                f"copy the console's Token(令牌) into {where} token, or enter the ini's in the "
+                "console (开发管理 → 开发设置 → 消息推送) and press 提交")
+    if status == 403:
+        return (f"the signature was refused: check that the token in the console and in "
+                f"{where} are the same (try --token), or a clock far off (NTP)")
+    return f"check the URL, and the token in the console and in {where}"
+
+
+def _decrypt_command(args):
+    """``wxgate decrypt CONFIG BODY_OR_FILE ...``: verify and decrypt a captured push."""
+    config = _load_config(args.config, unset=[])  # it needs the token and key only
+    app = _pick_app(config, args.app)
+    if app.aes_key is None:
+        raise WxgateError(f"app {app.name!r} has mode = {app.mode} and no encoding_aes_key: "
+                          "there is nothing to decrypt with")
+    body = args.body
+    if os.path.isfile(body):
+        try:
+            with open(body, "rb") as file:
+                raw = file.read()
+        except OSError as exc:
+            print(f"wxgate: cannot decrypt: cannot read {body}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
+        what = "the file"
+    elif _looks_like_a_path(body):
+        print(f"wxgate: cannot decrypt: no such file: {body}", file=sys.stderr)
+        return 2
+    else:
+        raw = body.encode("utf-8", "surrogateescape")
+        what = "the argument"
+    try:
+        if raw.strip()[:1] in (b"<", b"{"):
+            fields = _parse_body(raw, _sniff_format(raw))
+            encrypt = fields.get("Encrypt")
+            if not isinstance(encrypt, str):
+                raise MessageError("the body has no Encrypt field: it is not encrypted",
+                                   code=None)
+        else:
+            try:
+                encrypt = raw.decode("utf-8").strip()  # the bare Encrypt value
+            except UnicodeDecodeError:
+                print(f"wxgate: cannot decrypt: {what} is not UTF-8, so neither a push body "
+                      "nor an Encrypt value", file=sys.stderr)
+                return 2
+        if args.msg_signature:
+            check_signature(args.msg_signature, app.token, args.timestamp, args.nonce, encrypt)
+            print(f"msg_signature ok for app {app.name}", file=sys.stderr)
+        else:
+            print("no --msg-signature given: signature not checked", file=sys.stderr)
+        # The gateway's rule: the previous key, during a rotation, and for the same failures.
+        text, key = _open_encrypt(encrypt, app.aes_key, app.previous_aes_key, app.appid)
+        if app.previous_aes_key is not None:
+            option = "encoding_aes_key" if key == app.aes_key else "previous_encoding_aes_key"
+            print(f"decrypted with {option}", file=sys.stderr)
+        print(text)
+    except WxgateError as exc:
+        print(f"wxgate: cannot decrypt: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _looks_like_a_path(text):
+    """Whether a BODY_OR_FILE that is not a file was meant as one (a path, not a value).
+
+    An ``Encrypt`` value is Base64, whose alphabet has ``/`` too: only text that is not
+    Base64 and has a path's shape (a separator, or a file extension) counts.
+    """
+    stripped = text.strip()
+    if stripped[:1] in ("<", "{"):
+        return False
+    try:
+        _strict_b64decode(stripped)
+        return False
+    except (binascii.Error, ValueError):
+        pass
+    return os.sep in stripped or bool(re.search(r"\.[A-Za-z0-9]{1,5}$", stripped))
 
 
 ###############################################################################
@@ -6134,256 +6658,6 @@ def _token(args):
     gateway = make_app(args.config)
     print(gateway.client(_pick_app(gateway.config, args.app).name).tokens.get_token())
     return 0
-
-
-def _push_fields(args):
-    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest."""
-    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
-        if path:
-            try:
-                with open(path, "rb") as file:
-                    return parse(file.read())
-            except OSError as exc:
-                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
-    fields = {"FromUserName": args.openid}
-    if args.text is not None:
-        fields.update(MsgType="text", Content=args.text)
-    else:
-        fields.update(MsgType="event", Event=args.event)
-        for pair in args.field or ():
-            name, _, value = pair.partition("=")
-            fields[name] = value
-    return fields
-
-
-def _with_query(url, query_string):
-    """``url`` with ``query_string`` added: after ``?``, or after ``&`` when it has a query.
-
-    A proxy or a host may route on a query parameter of its own (``/wechat?x=1``): WeChat
-    keeps it and appends its parameters, and so do we.
-    """
-    if not query_string:  # a cloud push: nothing to add
-        return url
-    base, _, fragment = url.partition("#")
-    joiner = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
-    return f"{base}{joiner}{query_string}" + (f"#{fragment}" if fragment else "")
-
-
-def _call_gateway(url, body=None, headers=None):
-    """One request to a gateway, as WeChat makes it (a GET without ``body``): ``(status,
-    body)``, whatever the status.
-
-    :raises OSError: the gateway cannot be reached; the message names the URL redacted.
-    :raises ValueError: the URL cannot be sent to at all (a bad port, say).
-    """
-    shown = _redact_url(url)
-    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
-                                     headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=REPLY_DEADLINE) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        raise OSError(f"cannot reach {shown}: {getattr(exc, 'reason', exc)}") from None
-    except (ValueError, http.client.HTTPException) as exc:
-        # http.client's InvalidURL quotes the URL, password included: its class only.
-        raise ValueError(f"cannot send to {shown}: {type(exc).__name__} (is --url a whole "
-                         "URL, with any password percent-encoded?)") from None
-
-
-def _push(args):
-    """``wxgate push CONFIG``: act as WeChat, send a push, and print the decrypted reply."""
-    config = _load_config(args.config, unset=[])  # it needs the token and key only
-    app = _pick_app(config, args.app)
-    wechat = Simulator(config, app.name)
-    host, port = _parse_listen(config.listen)
-    url = args.url or f"http://{host}:{port}{app.path}"
-    push = wechat.push(_push_fields(args), format=args.format)
-    fields = push.fields
-    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}): {fields.get('MsgType')}"
-          f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
-    failed = False
-    # --repeat sends the very same request, as WeChat's retries do: one signed query, one
-    # body, which the gateway's query binds accept and its dedup answers from memory.
-    for attempt in range(1, args.repeat + 1):
-        started = time.monotonic()
-        try:
-            status, reply = _call_gateway(_with_query(url, push.query_string), push.body,
-                                          push.headers)
-        except OSError as exc:
-            print(f"wxgate: {exc} (is `wxgate serve` running?)", file=sys.stderr)
-            return 1
-        except ValueError as exc:
-            print(f"wxgate: {exc}", file=sys.stderr)
-            return 1
-        elapsed = (time.monotonic() - started) * 1000
-        try:
-            if status == 200:
-                shown = wechat._reply_text(reply)
-                if shown not in ("success", ""):
-                    wechat._reply_fields(shown)  # addressed and typed, or it raises
-            else:
-                shown = reply.decode("utf-8", "replace")
-        except WxgateError as exc:
-            shown = f"reply does not verify: {exc.message}"
-            failed = True
-        failed = failed or status != 200
-        print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
-    return 1 if failed else 0
-
-
-def _handshake_command(args):
-    """``wxgate handshake CONFIG``: the URL check of WeChat's console, with a plain verdict.
-
-    ``--token`` signs with the console's value instead of the ini's, which is how a token
-    that differs between the two shows up: the console's check fails, and so does ours.
-    """
-    config = _load_config(args.config, unset=[])  # it needs the token only
-    app = _pick_app(config, args.app)
-    host, port = _parse_listen(config.listen)
-    url = args.url or f"http://{host}:{port}{app.path}"
-    check = Simulator(config, app.name).handshake(token=args.token)
-    shown = _redact_url(url)
-    try:
-        status, body = _call_gateway(_with_query(url, check.query_string))
-    except (OSError, ValueError) as exc:
-        print(f"FAIL: {exc}")
-        return 1
-    if status == 200 and body == check.expected:
-        refused = _console_refuses(url)
-        verdict = (f"but the console itself would refuse this URL ({refused}): it takes "
-                   "http:// on port 80 or https:// on port 443, at a public address" if refused
-                   else "WeChat's console would accept it")
-        print(f"PASS: {shown} echoed echostr exactly; {verdict}")
-        return 0
-    print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
-          f"{check.echostr!r}: {_handshake_hint(status, app, args.token)}")
-    return 1
-
-
-def _console_refuses(url):
-    """Why WeChat's console would not take ``url`` as the push URL (a short reason), or "".
-
-    The console's form: "必须以http://或https://开头，分别支持80端口和443端口", and WeChat's
-    servers must reach the host, which a loopback or private address is not.
-    """
-    import ipaddress
-    split = urllib.parse.urlsplit(url)
-    try:
-        port = split.port
-    except ValueError:
-        port = -1
-    default = {"http": 80, "https": 443}.get(split.scheme)
-    if default is None or port not in (None, default):
-        return f"{split.scheme}:// on port {port or default}"
-    if split.hostname in (None, "localhost"):
-        return "a loopback name"
-    try:
-        address = ipaddress.ip_address(split.hostname)
-    except ValueError:
-        return ""  # a name: whether it is public, only DNS knows
-    return "" if address.is_global else "a private or loopback address"
-
-
-def _handshake_hint(status, app, console_token):
-    """What a failed handshake's status points at, for app ``app``."""
-    where = f"[app:{app.name}]"
-    if status == 404:
-        return (f"nothing answers at this path: the URL's path must be the ini's {where} path "
-                f"{app.path!r} (behind a proxy, check that it passes the path unchanged)")
-    if status in (500, 502, 503, 504):
-        return "the server failed: its log (wxgate serve's output, or the WSGI server's " \
-               "error log) says why"
-    if status == 403 and console_token is not None and console_token != app.token:
-        return (f"the console's token (given with --token) is not the one in the ini's {where}: "
-                f"copy the console's Token(令牌) into {where} token, or enter the ini's in the "
-                "console (开发管理 → 开发设置 → 消息推送) and press 提交")
-    if status == 403:
-        return (f"the signature was refused: check that the token in the console and in "
-                f"{where} are the same (try --token), or a clock far off (NTP)")
-    return f"check the URL, and the token in the console and in {where}"
-
-
-def _decrypt_command(args):
-    """``wxgate decrypt CONFIG BODY_OR_FILE ...``: verify and decrypt a captured push."""
-    config = _load_config(args.config, unset=[])  # it needs the token and key only
-    app = _pick_app(config, args.app)
-    if app.aes_key is None:
-        raise WxgateError(f"app {app.name!r} has mode = {app.mode} and no encoding_aes_key: "
-                          "there is nothing to decrypt with")
-    keys = [("encoding_aes_key", app.aes_key)]
-    if app.previous_aes_key is not None:  # a key rotation under way: the old key too
-        keys.append(("previous_encoding_aes_key", app.previous_aes_key))
-    body = args.body
-    if os.path.isfile(body):
-        try:
-            with open(body, "rb") as file:
-                raw = file.read()
-        except OSError as exc:
-            print(f"wxgate: cannot decrypt: cannot read {body}: {exc.strerror}",
-                  file=sys.stderr)
-            return 2
-        what = "the file"
-    elif _looks_like_a_path(body):
-        print(f"wxgate: cannot decrypt: no such file: {body}", file=sys.stderr)
-        return 2
-    else:
-        raw = body.encode("utf-8", "surrogateescape")
-        what = "the argument"
-    try:
-        if raw.strip()[:1] in (b"<", b"{"):
-            fields = _parse_body(raw, _sniff_format(raw))
-            encrypt = fields.get("Encrypt")
-            if not isinstance(encrypt, str):
-                raise MessageError("the body has no Encrypt field: it is not encrypted",
-                                   code=None)
-        else:
-            try:
-                encrypt = raw.decode("utf-8").strip()  # the bare Encrypt value
-            except UnicodeDecodeError:
-                print(f"wxgate: cannot decrypt: {what} is not UTF-8, so neither a push body "
-                      "nor an Encrypt value", file=sys.stderr)
-                return 2
-        if args.msg_signature:
-            check_signature(args.msg_signature, app.token, args.timestamp, args.nonce, encrypt)
-            print(f"msg_signature ok for app {app.name}", file=sys.stderr)
-        else:
-            print("no --msg-signature given: signature not checked", file=sys.stderr)
-        failure = None
-        for option, key in keys:
-            try:
-                text = decrypt_message(encrypt, key, app.appid)
-            except DecryptError as exc:
-                failure = failure or exc  # what the current key said, as the gateway logs
-                continue
-            if len(keys) > 1:
-                print(f"decrypted with {option}", file=sys.stderr)
-            print(text)
-            break
-        else:
-            raise failure
-    except WxgateError as exc:
-        print(f"wxgate: cannot decrypt: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _looks_like_a_path(text):
-    """Whether a BODY_OR_FILE that is not a file was meant as one (a path, not a value).
-
-    An ``Encrypt`` value is Base64, whose alphabet has ``/`` too: only text that is not
-    Base64 and has a path's shape (a separator, or a file extension) counts.
-    """
-    stripped = text.strip()
-    if stripped[:1] in ("<", "{"):
-        return False
-    try:
-        _strict_b64decode(stripped)
-        return False
-    except (binascii.Error, ValueError):
-        pass
-    return os.sep in stripped or bool(re.search(r"\.[A-Za-z0-9]{1,5}$", stripped))
 
 
 def _worker_command(args):
