@@ -1835,8 +1835,8 @@ def _check_format(expected, fmt, what="body"):
     """Refuse, with 415, a ``what`` in a format the app does not take (``expected`` is
     ``auto``, ``xml`` or ``json``). The one place this rule lives."""
     if expected != "auto" and fmt != expected:
-        raise MessageError(f"app expects {expected} but the {what} is {fmt}", status=415,
-                           code=None)
+        raise MessageError(f"the {what} is {fmt}, but the app expects {expected} (format = "
+                           f"{expected})", status=415, code=None)
 
 
 def _read_fields(body, expected):
@@ -5995,7 +5995,7 @@ class Simulator:
         except MessageError as exc:
             # Our codes (-40002) are for pushes; "body is ..." reads "reply is ..." here.
             reason = exc.message.split(" (WeChat")[0]
-            if not reason.startswith("app expects"):
+            if exc.status != 415:  # the format check names what it read itself
                 reason = reason[len("body "):] if reason.startswith("body ") else reason
                 reason = f"{what} {reason}"
             raise MessageError(reason, code=None) from None
