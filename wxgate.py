@@ -23,6 +23,7 @@ boundary at import time or by a private attribute:
     Limits and constants      every number WeChat or we impose, with its reason
     Errors                    WxgateError and its kin; redacting secrets and log values
     Configuration objects     the frozen Config and AppConfig
+    Configuration values      checks of tokens, appids, handlers, store URLs, listen
     Configuration parser      the ini file, ${VAR} expansion, load_config
     Signatures and crypto     SHA-1 signatures, the AES envelope, the key-rotation rule
     Push parsing              format sniffing, hardened XML and JSON
@@ -42,7 +43,8 @@ boundary at import time or by a private attribute:
 Below the boundary, the optional parts, each loaded on first use: WeChat HTTP,
 access_token (TokenManager), WeChat API client (WeChatClient), Router, Durable queue,
 Delivery worker, Push simulator (Simulator), Fake WeChat API (FakeAPI), Dev server and
-demo handler, and the Command line (``wxgate``).
+demo handler, and the command line (``wxgate``): acting as WeChat (push, handshake,
+decrypt), then the rest and ``main``.
 """
 
 from __future__ import annotations
@@ -508,6 +510,128 @@ class Config:
 
 
 ###############################################################################
+# Configuration values ########################################################
+###############################################################################
+
+# WeChat's console takes a Token of 3 to 32 letters and digits.
+_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
+# An AppID, as the console shows it (开发管理 → 开发设置 → 开发者ID): "wx" and 16 lowercase
+# hex digits, for mini programs, official accounts and third-party platforms alike.
+_APPID_PATTERN = re.compile(r"wx[0-9a-f]{16}")
+
+
+def _check_admin_secret(reader, secret):
+    """``admin_secret``, unless it is short enough to guess; never echoed in errors."""
+    if secret and len(secret) < MIN_ADMIN_SECRET_CHARS:
+        raise reader.error("admin_secret", f"is {_redact(secret)}: use at least "
+                           f"{MIN_ADMIN_SECRET_CHARS} random characters, as anyone who "
+                           "reaches the admin endpoints may guess it (the token line of "
+                           "`wxgate genkey` is 32 random ones)")
+    return secret
+
+
+def _check_token(reader, token):
+    """The app's token, if WeChat's console could have made it; never echoed in errors.
+
+    The console takes 3 to 32 letters and digits, so anything else is a copying mistake
+    that would fail every signature: quotes kept from a shell or a YAML file, a space, a
+    character lost or added.
+    """
+    if _TOKEN_PATTERN.fullmatch(token):
+        return token
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+        raise reader.error("token", "is in quotes: remove them (ini values take no quotes); "
+                           "WeChat's tokens are 3 to 32 letters and digits")
+    if not 3 <= len(token) <= 32:
+        problem = f"got {len(token)} characters"
+    elif any(character.isspace() for character in token):
+        problem = "it has a space inside"
+    else:
+        problem = "it has characters other than letters and digits"
+    raise reader.error("token", f"expected 3 to 32 letters and digits, as WeChat's console "
+                       f"takes, but {problem}")
+
+
+def _check_appid(reader, appid):
+    """The app's AppID, if it has the console's shape; shown in errors, as it is no secret.
+
+    A wrong AppID loads and then fails far away: every encrypted push with -40005, every
+    token fetch with 40013. Its shape alone catches a truncated paste or a placeholder.
+    """
+    if _APPID_PATTERN.fullmatch(appid):
+        return appid
+    quoted = len(appid) >= 2 and appid[0] == appid[-1] and appid[0] in "\"'"
+    fix = ": remove the quotes (ini values take no quotes)" if quoted else \
+        " (开发管理 → 开发设置 → 开发者ID)"
+    raise reader.error("appid", f"expected the console's AppID, 'wx' and 16 lowercase hex "
+                       f"digits, got {appid!r}{fix}")
+
+
+def _resolve_handler(spec, base_dir):
+    """Import ``module:callable``; the ini file's directory is searched after ``sys.path``."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError("expected module:callable, e.g. mypkg.bot:on_message")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] or base_dir in sys.path:
+            raise
+        # Handlers usually sit beside the ini file; servers rarely start in that directory.
+        sys.path.append(base_dir)
+        module = importlib.import_module(module_name)
+    target = module
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{spec} is not callable")
+    return target
+
+
+def _parse_store_url(url, base_dir="."):
+    """Normalise ``memory``, ``sqlite://PATH`` or ``redis[s]://...``; raise ValueError if none."""
+    if url == "memory":
+        return url
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if not path:
+            raise ValueError("sqlite store needs a path: sqlite:///var/lib/wxgate/wxgate.db")
+        return "sqlite://" + os.path.join(base_dir, path)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        _check_url_userinfo(url)
+        return url
+    shown = url.split("://")[0] if "://" in url else _redact(url)
+    raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
+                     f"got {shown[:20]!r}")
+
+
+def _check_url_userinfo(url):
+    """Raise ValueError when a password or user name in ``url`` is not percent-encoded.
+
+    redis-py reads a URL as urllib does: the host starts after the last ``@`` before the
+    first ``/``, ``?`` or ``#``. A raw ``/`` in a password thus ends the host part early,
+    and a raw ``@`` after it turns the rest of the password into the host:
+    ``redis://:p@ss/w0rd@10.0.0.5/0`` connects to host ``ss`` (and asks DNS for it) on
+    every store call and health check. So the text before the URL's last ``@`` must hold
+    none of ``@/?#``. The message names the URL redacted, never the password.
+    """
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(character in userinfo for character in "@/?#"):
+        raise ValueError(
+            f"{_redact_url(url)!r}: the password (or user name) holds a raw '@', '/', '?' or "
+            "'#', which would make part of it the host; percent-encode them (@ is %40, / is "
+            "%2F, ? is %3F, # is %23), as in redis://:p%40ss%2Fword@10.0.0.5:6379/0")
+
+
+def _parse_listen(listen):
+    """``host:port`` → ``(host, port)``."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+###############################################################################
 # Configuration parser ########################################################
 ###############################################################################
 
@@ -527,13 +651,6 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # `wxgate handshake`, `push`, `decrypt` and `check` work without them, so on a host whose
 # secrets live in a systemd EnvironmentFile they run from a plain shell.
 _SERVER_SECRETS = frozenset({"appsecret", "admin_secret", "forward_secret"})
-# WeChat's console takes a Token of 3 to 32 letters and digits.
-_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
-# An AppID, as the console shows it (开发管理 → 开发设置 → 开发者ID): "wx" and 16 lowercase
-# hex digits, for mini programs, official accounts and third-party platforms alike.
-_APPID_PATTERN = re.compile(r"wx[0-9a-f]{16}")
-
-
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
                 ) -> Config:
     """Read and check an ini file; return a :class:`Config`.
@@ -869,117 +986,6 @@ def _parse_app(reader, base_dir):
         # Its own window on a shared store: virtual payment's retries reach hours.
         dedup_ttl=reader.number("dedup_ttl", None, kind=float, minimum=1),
     )
-
-
-def _check_admin_secret(reader, secret):
-    """``admin_secret``, unless it is short enough to guess; never echoed in errors."""
-    if secret and len(secret) < MIN_ADMIN_SECRET_CHARS:
-        raise reader.error("admin_secret", f"is {_redact(secret)}: use at least "
-                           f"{MIN_ADMIN_SECRET_CHARS} random characters, as anyone who "
-                           "reaches the admin endpoints may guess it (the token line of "
-                           "`wxgate genkey` is 32 random ones)")
-    return secret
-
-
-def _check_token(reader, token):
-    """The app's token, if WeChat's console could have made it; never echoed in errors.
-
-    The console takes 3 to 32 letters and digits, so anything else is a copying mistake
-    that would fail every signature: quotes kept from a shell or a YAML file, a space, a
-    character lost or added.
-    """
-    if _TOKEN_PATTERN.fullmatch(token):
-        return token
-    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
-        raise reader.error("token", "is in quotes: remove them (ini values take no quotes); "
-                           "WeChat's tokens are 3 to 32 letters and digits")
-    if not 3 <= len(token) <= 32:
-        problem = f"got {len(token)} characters"
-    elif any(character.isspace() for character in token):
-        problem = "it has a space inside"
-    else:
-        problem = "it has characters other than letters and digits"
-    raise reader.error("token", f"expected 3 to 32 letters and digits, as WeChat's console "
-                       f"takes, but {problem}")
-
-
-def _check_appid(reader, appid):
-    """The app's AppID, if it has the console's shape; shown in errors, as it is no secret.
-
-    A wrong AppID loads and then fails far away: every encrypted push with -40005, every
-    token fetch with 40013. Its shape alone catches a truncated paste or a placeholder.
-    """
-    if _APPID_PATTERN.fullmatch(appid):
-        return appid
-    quoted = len(appid) >= 2 and appid[0] == appid[-1] and appid[0] in "\"'"
-    fix = ": remove the quotes (ini values take no quotes)" if quoted else \
-        " (开发管理 → 开发设置 → 开发者ID)"
-    raise reader.error("appid", f"expected the console's AppID, 'wx' and 16 lowercase hex "
-                       f"digits, got {appid!r}{fix}")
-
-
-def _resolve_handler(spec, base_dir):
-    """Import ``module:callable``; the ini file's directory is searched after ``sys.path``."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError("expected module:callable, e.g. mypkg.bot:on_message")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name.split(".")[0] or base_dir in sys.path:
-            raise
-        # Handlers usually sit beside the ini file; servers rarely start in that directory.
-        sys.path.append(base_dir)
-        module = importlib.import_module(module_name)
-    target = module
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    if not callable(target):
-        raise ValueError(f"{spec} is not callable")
-    return target
-
-
-def _parse_store_url(url, base_dir="."):
-    """Normalise ``memory``, ``sqlite://PATH`` or ``redis[s]://...``; raise ValueError if none."""
-    if url == "memory":
-        return url
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://"):]
-        if not path:
-            raise ValueError("sqlite store needs a path: sqlite:///var/lib/wxgate/wxgate.db")
-        return "sqlite://" + os.path.join(base_dir, path)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        _check_url_userinfo(url)
-        return url
-    shown = url.split("://")[0] if "://" in url else _redact(url)
-    raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
-                     f"got {shown[:20]!r}")
-
-
-def _check_url_userinfo(url):
-    """Raise ValueError when a password or user name in ``url`` is not percent-encoded.
-
-    redis-py reads a URL as urllib does: the host starts after the last ``@`` before the
-    first ``/``, ``?`` or ``#``. A raw ``/`` in a password thus ends the host part early,
-    and a raw ``@`` after it turns the rest of the password into the host:
-    ``redis://:p@ss/w0rd@10.0.0.5/0`` connects to host ``ss`` (and asks DNS for it) on
-    every store call and health check. So the text before the URL's last ``@`` must hold
-    none of ``@/?#``. The message names the URL redacted, never the password.
-    """
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    if any(character in userinfo for character in "@/?#"):
-        raise ValueError(
-            f"{_redact_url(url)!r}: the password (or user name) holds a raw '@', '/', '?' or "
-            "'#', which would make part of it the host; percent-encode them (@ is %40, / is "
-            "%2F, ? is %3F, # is %23), as in redis://:p%40ss%2Fword@10.0.0.5:6379/0")
-
-
-def _parse_listen(listen):
-    """``host:port`` → ``(host, port)``."""
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {listen!r}")
-    return host.strip("[]"), int(port)
 
 
 ###############################################################################
