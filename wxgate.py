@@ -40,7 +40,8 @@ boundary at import time or by a private attribute:
     Reading requests          the query string and body out of environ
     WSGI application          routing and the pipeline: Gateway, make_app, application
 
-Below the boundary, the optional parts, each loaded on first use: WeChat HTTP,
+Below the boundary, the optional parts, used only when asked for (an app's API client is
+made on its first API call, the queue and its worker only for delivery = queue): WeChat HTTP,
 access_token (TokenManager), WeChat API client (WeChatClient), Router, Durable queue,
 Delivery worker, Push simulator (Simulator), Fake WeChat API (FakeAPI), Dev server and
 demo handler, and the command line (``wxgate``): acting as WeChat (push, handshake,
