@@ -16,14 +16,36 @@ Under a real server::
     WXGATE_CONFIG=/etc/wxgate.ini gunicorn -w 4 wxgate:application
     # mod_wsgi:  WSGIScriptAlias / /path/to/wxgate.py   and   SetEnv WXGATE_CONFIG /etc/wxgate.ini
 
-The module is cut into sections (``grep -n '^# .* ####' wxgate.py``): Limits and constants,
-Errors, Metrics, Configuration, Signatures and crypto, Message codec, Stores, Duplicate
-detection, WeChat HTTP, access_token, WeChat API client, Delivery, Router, Durable queue,
-Delivery worker, Logs and admin helpers, Requests, WSGI application, Push simulator (the
-``Simulator`` for your tests, and ``wxgate push``'s engine), Fake WeChat API, Command line.
-Each uses only those above it, with two exceptions: the configuration checks keys with the
-crypto section's ``_decode_aes_key``, and the delivery worker works on the gateway object it
-is given.
+The module is cut into sections, each using only those above it (``grep -n '^# .* ####'
+wxgate.py`` lists them). The core is all a push needs, and nothing in it reaches below the
+boundary at import time or by a private attribute:
+
+    Limits and constants      every number WeChat or we impose, with its reason
+    Errors                    WxgateError and its kin; redacting secrets and log values
+    Configuration objects     the frozen Config and AppConfig
+    Configuration values      checks of tokens, appids, handlers, store URLs, listen
+    Configuration parser      the ini file, ${VAR} expansion, load_config
+    Signatures and crypto     SHA-1 signatures, the AES envelope, the key-rotation rule
+    Push parsing              format sniffing, hardened XML and JSON
+    Message and replies       Message, its dedup key, RawReply, the reply on the wire
+    Push verification         query, headers, body and time in; a verified push or a
+                              refusal out: every mode, format, bind and sealed refusal
+    Stores, Redis store       the Store interface: memory, sqlite, Redis, open_store
+    Store fallback            a shared store's outage policy
+    Duplicate detection       WeChat's retries: claims, waiting, recorded answers
+    Delivery                  the handler call, the forward backend, the backend document
+    Metrics and logs          Prometheus counters, the push line, logging setup
+    Admin endpoints           healthz, metrics, the admin token endpoint
+    Process lifecycle         delivery threads, CGI and several-worker warnings
+    Reading requests          the query string and body out of environ
+    WSGI application          routing and the pipeline: Gateway, make_app, application
+
+Below the boundary, the optional parts, used only when asked for (an app's API client is
+made on its first API call, the queue and its worker only for delivery = queue): WeChat HTTP,
+access_token (TokenManager), WeChat API client (WeChatClient), Router, Durable queue,
+Delivery worker, Push simulator (Simulator), Fake WeChat API (FakeAPI), Dev server and
+demo handler, and the command line (``wxgate``): acting as WeChat (push, handshake,
+decrypt), then the rest and ``main``.
 """
 
 from __future__ import annotations
@@ -72,6 +94,7 @@ import collections
 import collections.abc
 import configparser
 import dataclasses
+import functools
 import hashlib
 import hmac
 import http.client
@@ -154,7 +177,8 @@ DEFAULT_API_TIMEOUT = 3.0
 # stable_token hands out a new token once the old one is 5 minutes from expiry, both valid
 # during that overlap; refreshing 300 s early lands exactly in it.
 DEFAULT_REFRESH_MARGIN = 300.0
-# force_refresh calls less than 30 s apart do not refresh (PROTOCOL.md §7.1).
+# force_refresh calls less than 30 s apart do not refresh.
+# https://developers.weixin.qq.com/doc/service/api/base/api_getstableaccesstoken
 STABLE_FORCE_GAP = 30.0
 # After a wrong AppSecret (40001 from the token endpoint) or an exhausted quota (45009), every
 # push would otherwise ask again; the same error is raised for this long instead.
@@ -226,7 +250,7 @@ DONE_TTL = 86400.0
 # a deploy or two that stop workers mid-delivery.
 MAX_CUT_OFFS = 5
 
-# Message types and events named in the docs (PROTOCOL.md §6); others count as "other".
+# Message types and events named in WeChat's docs; others count as "other".
 _KNOWN_TYPES = frozenset({
     "text", "image", "miniprogrampage", "event", "user_enter_tempsession", "debug_demo",
     "wxa_media_check", "subscribe_msg_popup_event", "subscribe_msg_change_event",
@@ -240,21 +264,6 @@ FORMATS = ("auto", "xml", "json")
 MODES = ("safe", "compat", "plain", "cloud")
 # "cloud": Cloud Hosting's 开放接口服务 sidecar adds the credential; wxgate holds no token.
 TOKEN_GRANTS = ("stable", "classic", "cloud")
-# Headers Cloud Hosting's gateway adds to a request it passes to the container, as
-# message.cloud shows them (PROTOCOL.md 11.1); under resource sharing X-WX-FROM-* too.
-# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/development/weixin/index.md
-_CLOUD_HEADERS = (("X-WX-OPENID", "HTTP_X_WX_OPENID"), ("X-WX-APPID", "HTTP_X_WX_APPID"),
-                  ("X-WX-UNIONID", "HTTP_X_WX_UNIONID"), ("X-WX-ENV", "HTTP_X_WX_ENV"),
-                  ("X-WX-FROM-OPENID", "HTTP_X_WX_FROM_OPENID"),
-                  ("X-WX-FROM-APPID", "HTTP_X_WX_FROM_APPID"),
-                  ("X-WX-FROM-UNIONID", "HTTP_X_WX_FROM_UNIONID"))
-# "To know a caller is WeChat, check that X-WX-SOURCE is present"; an older copy of the push
-# page says x-wx-sources (unverified), so either spelling passes.
-_CLOUD_SOURCE_HEADERS = ("HTTP_X_WX_SOURCE", "HTTP_X_WX_SOURCES")
-# Cloud Hosting's console checks a push path with this body before saving the settings.
-# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
-_PATH_CHECK_ACTION = "CheckContainerPath"
-
 # A refusal of a request that proved nothing (no valid signature, a Cloud Hosting push, a
 # wrong admin secret) is logged at most REFUSAL_LOG_BURST times per app in each
 # REFUSAL_LOG_WINDOW seconds: anyone can send them, and 20,000 such requests made 18,000
@@ -266,10 +275,8 @@ REFUSAL_LOG_WINDOW = 60.0
 # enough for the operator to see that the console still uses the old key, not a line a push.
 PREVIOUS_KEY_WARN_EVERY = 60.0
 
-# The body of every refusal after msg_signature, whatever failed (issue 10: no oracle).
-SEALED_REFUSAL = "Encrypt does not decrypt to a push for this app"
-
-# The official WXBizMsgCrypt sample's return codes (PROTOCOL.md §3.2).
+# The return codes of WeChat's official WXBizMsgCrypt sample, which its docs quote.
+# https://developers.weixin.qq.com/doc/oplatform/developers/dev/push/encryption.md
 VALIDATE_SIGNATURE_ERROR = -40001
 PARSE_ERROR = -40002
 ILLEGAL_AES_KEY = -40004
@@ -283,7 +290,6 @@ GEN_RETURN_ERROR = -40011
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
-
 
 # The default of ``WxgateError(code=...)``: the class's own code (None is a real choice).
 _CLASS_CODE: Any = object()
@@ -433,123 +439,8 @@ def _loggable(value):
 
 
 ###############################################################################
-# Metrics #####################################################################
+# Configuration objects #######################################################
 ###############################################################################
-
-_METRIC_HELP = {
-    "wxgate_pushes_total": ("counter", "Pushes answered, by app, message type and outcome."),
-    "wxgate_duplicates_total": ("counter", "WeChat retries answered from the dedup store."),
-    "wxgate_refused_total": ("counter", "Requests refused, by app, status and WeChat code."),
-    "wxgate_query_reused_total": ("counter", "Signed queries sent again with another body."),
-    "wxgate_previous_key_total": ("counter", "Pushes decrypted with previous_encoding_aes_key."),
-    "wxgate_handler_seconds": ("histogram", "Time in business code (handler or forward)."),
-    "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
-    "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
-    "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
-    "wxgate_store_lost_total": ("counter", "Times this process found the shared store had "
-                                "lost its data (Redis emptied, sqlite file deleted)."),
-    "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
-    "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
-    "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
-}
-_HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def _label_text(labels):
-    return ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels)
-
-
-def _escape_label(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class _Metrics:
-    """This process's counters and histograms, rendered in Prometheus' text format.
-
-    Each gunicorn worker counts its own requests (as prometheus_client does without its
-    multiprocess mode); queue gauges are read from the shared store at scrape time.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counters = {}
-        self._histograms = {}
-        self._keys = {}
-
-    def _key(self, name, labels):
-        # Counting is on every push's path: remember each label set's normalised key.
-        raw = (name, *labels.items())
-        try:
-            key = self._keys.get(raw)
-        except TypeError:  # an unhashable label value (a MsgType that is a list)
-            raw, key = None, None
-        if key is None:
-            # Label values as text: a code may be -40001 (int) or "" and must sort together.
-            # A pushed MsgType is a label: cap its length, and keep it encodable.
-            key = name, tuple(sorted(
-                (label, str(value)[:64].encode("utf-8", "backslashreplace").decode("utf-8"))
-                for label, value in labels.items()))
-            if raw is not None and len(self._keys) < 10000:
-                self._keys[raw] = key
-        return key
-
-    def count(self, name, amount=1, **labels):
-        key = self._key(name, labels)
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + amount
-
-    def observe(self, name, value, **labels):
-        key = self._key(name, labels)
-        with self._lock:
-            histogram = self._histograms.get(key)
-            if histogram is None:
-                histogram = self._histograms[key] = [0] * (len(_HISTOGRAM_BUCKETS) + 3)
-            # One slot per bucket here (the last for +Inf); render() makes them cumulative.
-            histogram[bisect.bisect_left(_HISTOGRAM_BUCKETS, value)] += 1
-            histogram[-2] += value
-            histogram[-1] += 1
-
-    def value(self, name, **labels):
-        """A counter's current value (0 when never counted)."""
-        return self._counters.get(self._key(name, labels), 0)
-
-    def render(self, gauges=()):
-        """The exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
-        lines, seen = [], set()
-
-        def header(name):
-            if name not in seen:
-                seen.add(name)
-                kind, text = _METRIC_HELP.get(name, ("untyped", name))
-                lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
-
-        with self._lock:
-            counters = sorted(self._counters.items())
-            histograms = sorted((k, list(v)) for k, v in self._histograms.items())
-        for (name, labels), value in counters:
-            header(name)
-            lines.append(f"{name}{{{_label_text(labels)}}} {value}")
-        for (name, labels), histogram in histograms:
-            header(name)
-            cumulative = 0
-            for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):
-                cumulative += count
-                label = _label_text(labels + (("le", repr(bound)),))
-                lines.append(f"{name}_bucket{{{label}}} {cumulative}")
-            label = _label_text(labels + (("le", "+Inf"),))
-            lines.append(f"{name}_bucket{{{label}}} {histogram[-1]}")
-            lines.append(f"{name}_sum{{{_label_text(labels)}}} {histogram[-2]!r}")
-            lines.append(f"{name}_count{{{_label_text(labels)}}} {histogram[-1]}")
-        for name, labels, value in gauges:
-            header(name)
-            lines.append(f"{name}{{{_label_text(tuple(sorted(labels.items())))}}} {value}")
-        return "\n".join(lines) + "\n"
-
-
-###############################################################################
-# Configuration ###############################################################
-###############################################################################
-
 
 @dataclasses.dataclass(frozen=True)
 class AppConfig:
@@ -619,6 +510,132 @@ class Config:
     apps: dict[str, AppConfig] = dataclasses.field(default_factory=dict)
 
 
+###############################################################################
+# Configuration values ########################################################
+###############################################################################
+
+# WeChat's console takes a Token of 3 to 32 letters and digits.
+_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
+# An AppID, as the console shows it (开发管理 → 开发设置 → 开发者ID): "wx" and 16 lowercase
+# hex digits, for mini programs, official accounts and third-party platforms alike.
+_APPID_PATTERN = re.compile(r"wx[0-9a-f]{16}")
+
+
+def _check_admin_secret(reader, secret):
+    """``admin_secret``, unless it is short enough to guess; never echoed in errors."""
+    if secret and len(secret) < MIN_ADMIN_SECRET_CHARS:
+        raise reader.error("admin_secret", f"is {_redact(secret)}: use at least "
+                           f"{MIN_ADMIN_SECRET_CHARS} random characters, as anyone who "
+                           "reaches the admin endpoints may guess it (the token line of "
+                           "`wxgate genkey` is 32 random ones)")
+    return secret
+
+
+def _check_token(reader, token):
+    """The app's token, if WeChat's console could have made it; never echoed in errors.
+
+    The console takes 3 to 32 letters and digits, so anything else is a copying mistake
+    that would fail every signature: quotes kept from a shell or a YAML file, a space, a
+    character lost or added.
+    """
+    if _TOKEN_PATTERN.fullmatch(token):
+        return token
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+        raise reader.error("token", "is in quotes: remove them (ini values take no quotes); "
+                           "WeChat's tokens are 3 to 32 letters and digits")
+    if not 3 <= len(token) <= 32:
+        problem = f"got {len(token)} characters"
+    elif any(character.isspace() for character in token):
+        problem = "it has a space inside"
+    else:
+        problem = "it has characters other than letters and digits"
+    raise reader.error("token", f"expected 3 to 32 letters and digits, as WeChat's console "
+                       f"takes, but {problem}")
+
+
+def _check_appid(reader, appid):
+    """The app's AppID, if it has the console's shape; shown in errors, as it is no secret.
+
+    A wrong AppID loads and then fails far away: every encrypted push with -40005, every
+    token fetch with 40013. Its shape alone catches a truncated paste or a placeholder.
+    """
+    if _APPID_PATTERN.fullmatch(appid):
+        return appid
+    quoted = len(appid) >= 2 and appid[0] == appid[-1] and appid[0] in "\"'"
+    fix = ": remove the quotes (ini values take no quotes)" if quoted else \
+        " (开发管理 → 开发设置 → 开发者ID)"
+    raise reader.error("appid", f"expected the console's AppID, 'wx' and 16 lowercase hex "
+                       f"digits, got {appid!r}{fix}")
+
+
+def _resolve_handler(spec, base_dir):
+    """Import ``module:callable``; the ini file's directory is searched after ``sys.path``."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError("expected module:callable, e.g. mypkg.bot:on_message")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] or base_dir in sys.path:
+            raise
+        # Handlers usually sit beside the ini file; servers rarely start in that directory.
+        sys.path.append(base_dir)
+        module = importlib.import_module(module_name)
+    target = module
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{spec} is not callable")
+    return target
+
+
+def _parse_store_url(url, base_dir="."):
+    """Normalise ``memory``, ``sqlite://PATH`` or ``redis[s]://...``; raise ValueError if none."""
+    if url == "memory":
+        return url
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if not path:
+            raise ValueError("sqlite store needs a path: sqlite:///var/lib/wxgate/wxgate.db")
+        return "sqlite://" + os.path.join(base_dir, path)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        _check_url_userinfo(url)
+        return url
+    shown = url.split("://")[0] if "://" in url else _redact(url)
+    raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
+                     f"got {shown[:20]!r}")
+
+
+def _check_url_userinfo(url):
+    """Raise ValueError when a password or user name in ``url`` is not percent-encoded.
+
+    redis-py reads a URL as urllib does: the host starts after the last ``@`` before the
+    first ``/``, ``?`` or ``#``. A raw ``/`` in a password thus ends the host part early,
+    and a raw ``@`` after it turns the rest of the password into the host:
+    ``redis://:p@ss/w0rd@10.0.0.5/0`` connects to host ``ss`` (and asks DNS for it) on
+    every store call and health check. So the text before the URL's last ``@`` must hold
+    none of ``@/?#``. The message names the URL redacted, never the password.
+    """
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(character in userinfo for character in "@/?#"):
+        raise ValueError(
+            f"{_redact_url(url)!r}: the password (or user name) holds a raw '@', '/', '?' or "
+            "'#', which would make part of it the host; percent-encode them (@ is %40, / is "
+            "%2F, ? is %3F, # is %23), as in redis://:p%40ss%2Fword@10.0.0.5:6379/0")
+
+
+def _parse_listen(listen):
+    """``host:port`` → ``(host, port)``."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+###############################################################################
+# Configuration parser ########################################################
+###############################################################################
+
 _GATEWAY_OPTIONS = {
     "timestamp_window", "max_body_bytes", "dedup_size", "dedup_ttl", "api_base", "api_timeout",
     "store", "store_prefix", "admin_secret", "admin_path", "listen", "log_format",
@@ -635,13 +652,6 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # `wxgate handshake`, `push`, `decrypt` and `check` work without them, so on a host whose
 # secrets live in a systemd EnvironmentFile they run from a plain shell.
 _SERVER_SECRETS = frozenset({"appsecret", "admin_secret", "forward_secret"})
-# WeChat's console takes a Token of 3 to 32 letters and digits.
-_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9]{3,32}")
-# An AppID, as the console shows it (开发管理 → 开发设置 → 开发者ID): "wx" and 16 lowercase
-# hex digits, for mini programs, official accounts and third-party platforms alike.
-_APPID_PATTERN = re.compile(r"wx[0-9a-f]{16}")
-
-
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
                 ) -> Config:
     """Read and check an ini file; return a :class:`Config`.
@@ -979,121 +989,9 @@ def _parse_app(reader, base_dir):
     )
 
 
-def _check_admin_secret(reader, secret):
-    """``admin_secret``, unless it is short enough to guess; never echoed in errors."""
-    if secret and len(secret) < MIN_ADMIN_SECRET_CHARS:
-        raise reader.error("admin_secret", f"is {_redact(secret)}: use at least "
-                           f"{MIN_ADMIN_SECRET_CHARS} random characters, as anyone who "
-                           "reaches the admin endpoints may guess it (the token line of "
-                           "`wxgate genkey` is 32 random ones)")
-    return secret
-
-
-def _check_token(reader, token):
-    """The app's token, if WeChat's console could have issued it; never echoed in errors.
-
-    The console takes 3 to 32 letters and digits, so anything else is a copying mistake
-    that would fail every signature: quotes kept from a shell or a YAML file, a space, a
-    character lost or added.
-    """
-    if _TOKEN_PATTERN.fullmatch(token):
-        return token
-    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
-        raise reader.error("token", "is in quotes: remove them (ini values take no quotes); "
-                           "WeChat's tokens are 3 to 32 letters and digits")
-    if not 3 <= len(token) <= 32:
-        problem = f"got {len(token)} characters"
-    elif any(character.isspace() for character in token):
-        problem = "it has a space inside"
-    else:
-        problem = "it has characters other than letters and digits"
-    raise reader.error("token", f"expected 3 to 32 letters and digits, as WeChat's console "
-                       f"takes, but {problem}")
-
-
-def _check_appid(reader, appid):
-    """The app's AppID, if it has the console's shape; shown in errors, as it is no secret.
-
-    A wrong AppID loads and then fails far away: every encrypted push with -40005, every
-    token fetch with 40013. Its shape alone catches a truncated paste or a placeholder.
-    """
-    if _APPID_PATTERN.fullmatch(appid):
-        return appid
-    quoted = len(appid) >= 2 and appid[0] == appid[-1] and appid[0] in "\"'"
-    fix = ": remove the quotes (ini values take no quotes)" if quoted else \
-        " (开发管理 → 开发设置 → 开发者ID)"
-    raise reader.error("appid", f"expected the console's AppID, 'wx' and 16 lowercase hex "
-                       f"digits, got {appid!r}{fix}")
-
-
-def _resolve_handler(spec, base_dir):
-    """Import ``module:callable``; the ini file's directory is searched after ``sys.path``."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError("expected module:callable, e.g. mypkg.bot:on_message")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name.split(".")[0] or base_dir in sys.path:
-            raise
-        # Handlers usually sit beside the ini file; servers rarely start in that directory.
-        sys.path.append(base_dir)
-        module = importlib.import_module(module_name)
-    target = module
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    if not callable(target):
-        raise ValueError(f"{spec} is not callable")
-    return target
-
-
-def _parse_store_url(url, base_dir="."):
-    """Normalise ``memory``, ``sqlite://PATH`` or ``redis[s]://...``; raise ValueError if none."""
-    if url == "memory":
-        return url
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://"):]
-        if not path:
-            raise ValueError("sqlite store needs a path: sqlite:///var/lib/wxgate/wxgate.db")
-        return "sqlite://" + os.path.join(base_dir, path)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        _check_url_userinfo(url)
-        return url
-    shown = url.split("://")[0] if "://" in url else _redact(url)
-    raise ValueError(f"expected memory, sqlite:///path/to/wxgate.db or redis://host:port/db, "
-                     f"got {shown[:20]!r}")
-
-
-def _check_url_userinfo(url):
-    """Raise ValueError when a password or user name in ``url`` is not percent-encoded.
-
-    redis-py reads a URL as urllib does: the host starts after the last ``@`` before the
-    first ``/``, ``?`` or ``#``. A raw ``/`` in a password thus ends the host part early,
-    and a raw ``@`` after it turns the rest of the password into the host:
-    ``redis://:p@ss/w0rd@10.0.0.5/0`` connects to host ``ss`` (and asks DNS for it) on
-    every store call and health check. So the text before the URL's last ``@`` must hold
-    none of ``@/?#``. The message names the URL redacted, never the password.
-    """
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    if any(character in userinfo for character in "@/?#"):
-        raise ValueError(
-            f"{_redact_url(url)!r}: the password (or user name) holds a raw '@', '/', '?' or "
-            "'#', which would make part of it the host; percent-encode them (@ is %40, / is "
-            "%2F, ? is %3F, # is %23), as in redis://:p%40ss%2Fword@10.0.0.5:6379/0")
-
-
-def _parse_listen(listen):
-    """``host:port`` → ``(host, port)``."""
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {listen!r}")
-    return host.strip("[]"), int(port)
-
-
 ###############################################################################
 # Signatures and crypto #######################################################
 ###############################################################################
-
 
 def sign(token: str, timestamp: str | int, nonce: str | int, encrypt: str | None = None
          ) -> str:
@@ -1152,7 +1050,7 @@ def _decode_key_text(text):
     return key
 
 
-_decode_key_text = __import__("functools").lru_cache(maxsize=64)(_decode_key_text)
+_decode_key_text = functools.lru_cache(maxsize=64)(_decode_key_text)
 
 
 def _require_aes():
@@ -1223,7 +1121,7 @@ def _cbc_decrypt(key, ciphertext):
 def _decrypt_buffer(encrypt, aes_key):
     """Strictly decrypt ``Encrypt``; return ``(random_prefix, message, appid)``.
 
-    Every failure is a :class:`DecryptError` with the official code (PROTOCOL.md §3.1).
+    Every failure is a :class:`DecryptError` with the official sample's code.
     """
     key = _decode_aes_key(aes_key)
     try:
@@ -1269,16 +1167,42 @@ def decrypt_message(encrypt: str, aes_key: str | bytes, appid: str) -> str:
     _, message, found = _decrypt_buffer(encrypt, aes_key)
     if not hmac.compare_digest(found.encode("utf-8"), appid.encode("utf-8")):
         # Never quote ``found``: when the key is right but the length field is forged, it
-        # is any slice of the plaintext (issue 10).
+        # is any slice of the plaintext, and whoever can sign could read it through us.
         raise DecryptError(f"message is not for this app's appid {appid!r}",
                            code=VALIDATE_APPID_ERROR)
     return message
 
 
-###############################################################################
-# Message codec ###############################################################
-###############################################################################
+def _open_encrypt(encrypt, aes_key, previous_key, appid):
+    """Open ``Encrypt`` with the current key, then the previous one: ``(text, key)``.
 
+    The one home of the key-rotation rule, for pushes and ``wxgate decrypt`` alike.
+    WeChat's guidance for a key change: keep the current and the previous key, try the
+    previous one when the current one fails, and encrypt the reply with the key that
+    opened the push.
+    https://developers.weixin.qq.com/doc/oplatform/Third-party_Platforms/2.0/Before_Develop/Message_encryption_and_decryption.md
+    A wrong key nearly always fails the padding (-40008), and the appid check (-40005)
+    catches the rare wrong key that unpads by chance; Base64 and length errors are the same
+    under any key, so they are not tried twice. A push that fails under both keys raises
+    what the current key said.
+
+    :param previous_key: previous_encoding_aes_key, or None when no rotation is under way.
+    :raises DecryptError: neither key opens it.
+    """
+    try:
+        return decrypt_message(encrypt, aes_key, appid), aes_key
+    except DecryptError as exc:
+        if previous_key is None or exc.code not in (ILLEGAL_BUFFER, VALIDATE_APPID_ERROR):
+            raise
+        try:
+            return decrypt_message(encrypt, previous_key, appid), previous_key
+        except DecryptError:
+            raise exc from None
+
+
+###############################################################################
+# Push parsing ################################################################
+###############################################################################
 
 def _sniff_format(body):
     """``"xml"`` or ``"json"`` from the first non-space byte; Content-Type is unreliable."""
@@ -1422,7 +1346,8 @@ _FLAT_LEAF = (rb"<([A-Za-z_][A-Za-z0-9_]*)>(?:<!\[CDATA\[(" + _CDATA_TEXT + rb")
 _FLAT_FIELD = re.compile(_FLAT_LEAF)
 # The same leaf, non-capturing, repeated inside <xml>...</xml> (the name is group 1 each time).
 _FLAT_XML = re.compile(_XML_SPACE + rb"<xml>(?:" + _XML_SPACE + _FLAT_LEAF.replace(
-    rb"(" + _CDATA_TEXT, rb"(?:" + _CDATA_TEXT).replace(rb"|(" + _PLAIN_TEXT, rb"|(?:" + _PLAIN_TEXT)
+    rb"(" + _CDATA_TEXT, rb"(?:" + _CDATA_TEXT).replace(
+        rb"|(" + _PLAIN_TEXT, rb"|(?:" + _PLAIN_TEXT)
     + rb")+" + _XML_SPACE + rb"</xml>" + _XML_SPACE)
 
 
@@ -1454,6 +1379,10 @@ def _parse_body(data, fmt):
         return fields if fields is not None else _parse_xml(data)
     return _parse_json(data)
 
+
+###############################################################################
+# Message and replies #########################################################
+###############################################################################
 
 # A MsgId or trace_id goes into a key as it is only when it looks like WeChat's own: a 64-bit
 # number, or hex and digits joined by "_" (WeChat calls MsgId a string, and both occur). Any
@@ -1613,7 +1542,7 @@ class Message(collections.abc.Mapping):
     """
 
     __slots__ = ("_fields", "app", "msg_type", "event", "from_user", "dedup_key", "format",
-                 "encrypted", "_client", "cloud")
+                 "encrypted", "_client", "_client_factory", "cloud")
     app: str
     msg_type: str | None
     event: str | None
@@ -1625,7 +1554,8 @@ class Message(collections.abc.Mapping):
 
     def __init__(self, fields: dict[str, Any], *, app: str = "", format: str = "xml",
                  encrypted: bool = False, client: WeChatClient | None = None,
-                 cloud: Mapping[str, str] | None = None) -> None:
+                 cloud: Mapping[str, str] | None = None,
+                 client_factory: Callable[[], WeChatClient] | None = None) -> None:
         self._fields = fields
         self.app = app
         # The attributes are typed, and handlers (and the Router) trust the types: a JSON
@@ -1641,6 +1571,7 @@ class Message(collections.abc.Mapping):
         self.format = format
         self.encrypted = encrypted
         self._client = client
+        self._client_factory = client_factory
         # Read-only: a handler must not rewrite what Cloud Hosting's gateway said.
         self.cloud = types.MappingProxyType(dict(cloud)) if cloud else _NO_CLOUD
 
@@ -1648,10 +1579,13 @@ class Message(collections.abc.Mapping):
     def client(self) -> WeChatClient:
         """The app's :class:`WeChatClient`, for API calls from the handler.
 
-        The gateway always gives one; a Message built by hand has one only if given.
+        The gateway always gives one, made on first use (``client_factory``); a Message
+        built by hand has one only if given.
 
         :raises WxgateError: this Message was built without ``client=``.
         """
+        if self._client is None and self._client_factory is not None:
+            self._client = self._client_factory()
         if self._client is None:
             raise WxgateError("this Message was built without a client: pass client=... "
                               "to Message(...)")
@@ -1701,7 +1635,8 @@ def _cdata(text):
 
 
 def _dump_xml(fields, root="xml"):
-    """Render a dict as WeChat XML: strings in CDATA, numbers bare, dicts nested, lists repeated."""
+    """Render a dict as WeChat XML: strings in CDATA, numbers bare, dicts nested, lists
+    repeated."""
     parts = [f"<{root}>"]
     _dump_xml_fields(fields, parts, 0)
     parts.append(f"</{root}>")
@@ -1818,10 +1753,362 @@ class RawReply:
         return f"<RawReply {self.content_type!r} {len(self.body)} bytes>"
 
 
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json; charset=utf-8"
+_CONTENT_TYPES = {"xml": "text/xml; charset=utf-8", "json": _JSON}
+
+
+def _business_name(app):
+    """The app's business code, fit for a log line: its handler, or its backend redacted."""
+    return app.handler_spec or _redact_url(app.forward)
+
+
+def _reply_dropped(app, reply):
+    """Whether a reply is a message that cannot be sent: a Mini Program on Cloud Hosting
+    gets no passive reply, only Official Accounts do, so a dict reply becomes success."""
+    return app.mode == "cloud" and isinstance(reply, dict)
+
+
+def _render_reply(app, message, reply, *, nonce, aes_key, now, random_prefix=None):
+    """The reply on the wire, ``(content_type, text)``, for what business code returned.
+
+    The one home of the reply format: None and ``"success"`` answer ``success``, ``""``
+    the empty reply, a :class:`RawReply` goes exactly as given in every mode, a str as it
+    is, and a dict becomes a message addressed back to the sender (``_reply_fields``), in
+    the push's format. A reply to an encrypted push is encrypted, in the mode of the
+    request being answered (never a sticky flag), with ``aes_key``, the key that opened
+    it, and signed with ``nonce``; ``now`` is its TimeStamp and ``random_prefix`` its 16
+    random bytes, so the function is pure.
+
+    :raises TypeError: the business code returned something else.
+    """
+    if isinstance(reply, RawReply):  # exactly as given, in every mode
+        return reply.content_type, reply.body.decode("utf-8")
+    if isinstance(reply, (bytes, bytearray)):
+        reply = bytes(reply).decode("utf-8")
+    if reply is None or reply == "success":
+        return _TEXT, "success"
+    if reply == "":
+        return _TEXT, ""
+    if _reply_dropped(app, reply):
+        return _TEXT, "success"
+    if isinstance(reply, dict):
+        fields = _reply_fields(reply, message, now)
+        text = _dump_json(fields) if message.format == "json" else _dump_xml(fields)
+    elif isinstance(reply, str):
+        text = reply
+    else:
+        raise TypeError(f"{_business_name(app)} returned "
+                        f"{type(reply).__name__}; expected None, a str, a dict or a "
+                        "RawReply")
+    if not message.encrypted:
+        return _CONTENT_TYPES[message.format], text
+    timestamp = str(int(now))
+    encrypt = encrypt_message(text, aes_key or app.aes_key, app.appid,
+                              random_prefix=random_prefix)
+    signature = sign(app.token, timestamp, nonce, encrypt)
+    return _CONTENT_TYPES[message.format], _envelope(encrypt, signature, timestamp, nonce,
+                                                     message.format)
+
+
+###############################################################################
+# Push verification ###########################################################
+###############################################################################
+
+# What a push is, as plain values: the query (a dict of strings), the headers Cloud Hosting
+# adds, a body reader and the time go in; a verified push, or a WxgateError naming the
+# refusal, comes out. Nothing here reads environ, a clock or a store: the WSGI section
+# takes those strings out of the request, and the one store write a push makes (its query
+# bind) is a callable the caller passes. Every mode's rules are here, in the order they run.
+# https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
+
+# The body of every refusal after msg_signature, whatever failed: distinct ones (padding,
+# length, UTF-8, appid, parsing) would be an oracle for whoever holds the Token.
+SEALED_REFUSAL = "Encrypt does not decrypt to a push for this app"
+# Headers Cloud Hosting's gateway adds to a request it passes to the container, as
+# message.cloud shows them; under resource sharing X-WX-FROM-* too.
+# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/development/weixin/index.md
+_CLOUD_HEADERS = ("X-WX-OPENID", "X-WX-APPID", "X-WX-UNIONID", "X-WX-ENV",
+                  "X-WX-FROM-OPENID", "X-WX-FROM-APPID", "X-WX-FROM-UNIONID")
+# "To know a caller is WeChat, check that X-WX-SOURCE is present"; an older copy of the push
+# page says x-wx-sources (unverified), so either spelling passes.
+_CLOUD_SOURCE_HEADERS = ("X-WX-SOURCE", "X-WX-SOURCES")
+# Cloud Hosting's console checks a push path with this body before saving the settings.
+# https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
+_PATH_CHECK_ACTION = "CheckContainerPath"
+
+
+def _check_format(expected, fmt, what="body"):
+    """Refuse, with 415, a ``what`` in a format the app does not take (``expected`` is
+    ``auto``, ``xml`` or ``json``). The one place this rule lives."""
+    if expected != "auto" and fmt != expected:
+        raise MessageError(f"the {what} is {fmt}, but the app expects {expected} (format = "
+                           f"{expected})", status=415, code=None)
+
+
+def _read_fields(body, expected):
+    """``(fields, format)`` of a push's body: refused when empty, or in a format the app
+    does not take."""
+    if not body.strip():
+        raise MessageError("empty body", code=None)
+    fmt = _sniff_format(body)
+    _check_format(expected, fmt)
+    return _parse_body(body, fmt), fmt
+
+
+def _required(query, *names):
+    missing = [name for name in names if not query.get(name)]
+    if missing:
+        raise MessageError(f"query is missing {', '.join(missing)}", code=None)
+    return [query[name] for name in names]
+
+
+def _check_timestamp(timestamp, now, window):
+    """Refuse a timestamp older than ``window`` or more than ``MAX_CLOCK_AHEAD`` ahead."""
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise MessageError(f"timestamp {timestamp[:20]!r} is not a number of seconds",
+                           code=None)
+    if not window:
+        return
+    age = int(now) - int(timestamp)
+    if age > window:
+        raise ReplayError(f"timestamp {timestamp} is {age} s old, beyond timestamp_window "
+                          f"({window} s): a replay, or a clock that needs NTP")
+    ahead = min(window, MAX_CLOCK_AHEAD)
+    if -age > ahead:
+        raise ReplayError(f"timestamp {timestamp} is {-age} s ahead of our clock, more than "
+                          f"{ahead} s: a forged timestamp, or a clock that needs NTP")
+
+
+def _remember_for(ttl, window, timestamp, now):
+    """Seconds to remember a push's key and its query: ``ttl``, and at least until the
+    timestamp has left the window, so a replay is never handled again however short
+    dedup_ttl is."""
+    if not window or timestamp is None:
+        return ttl
+    return max(ttl, int(timestamp) + window - now + REMEMBER_MARGIN)
+
+
+def _sealed_refusal(cause):
+    """The one refusal for every failure after msg_signature (see :func:`_verify_push`).
+
+    The client gets ``SEALED_REFUSAL`` and 400, whatever failed; ``message`` (for the log
+    line) adds the kind of failure and WeChat's code, which our messages past decryption
+    keep free of decrypted bytes. A parse error of the decrypted text is named by its class
+    only: its message may quote the plaintext.
+    """
+    code = cause.code if cause.code is not None else PARSE_ERROR
+    if isinstance(cause, DecryptError):
+        kind = cause.message
+    else:  # a payload we cannot read is WeChat's -40002, a 415 included
+        kind = f"decrypted payload refused ({type(cause).__name__}, {cause.status}) " \
+               f"(WeChat {code})"
+    error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
+    error.public = SEALED_REFUSAL
+    error.signed = True  # past msg_signature: logged whatever the refusal rate
+    return error
+
+
+class _VerifiedPush:
+    """What :func:`_verify_push` proved: the push's fields and how it came.
+
+    :ivar nonce: the query's nonce, which an encrypted reply repeats ("" in cloud mode).
+    :ivar timestamp: the query's timestamp (None in cloud mode, which signs nothing).
+    :ivar aes_key: the key that opened the push, which seals the reply; None in the clear.
+    :ivar previous_key: whether only previous_encoding_aes_key opened it.
+    :ivar cloud: Cloud Hosting's identity headers, in cloud mode.
+    """
+
+    __slots__ = ("fields", "format", "encrypted", "nonce", "timestamp", "aes_key",
+                 "previous_key", "cloud")
+
+    def __init__(self, fields, fmt, *, encrypted=False, nonce="", timestamp=None,
+                 aes_key=None, previous_key=False, cloud=None):
+        self.fields, self.format, self.encrypted = fields, fmt, encrypted
+        self.nonce, self.timestamp, self.aes_key = nonce, timestamp, aes_key
+        self.previous_key, self.cloud = previous_key, cloud
+
+
+def _verify_handshake(app, query, now, window, bind, admin_path=DEFAULT_ADMIN_PATH):
+    """The console's URL check (a GET): return the ``echostr`` to answer, or raise."""
+    if app.mode == "cloud":
+        raise WxgateError("mode = cloud: Cloud Hosting sends no URL handshake, and there "
+                          f"is no token to sign one; probe {admin_path}/healthz instead",
+                          status=405)
+    signature, timestamp, nonce, echostr = _required(
+        query, "signature", "timestamp", "nonce", "echostr")
+    _check_timestamp(timestamp, now, window)
+    check_signature(signature, app.token, timestamp, nonce)
+    # Its query is a plain push's query (the same signature), and it is logged like every
+    # request: bound to the empty body a GET has, it can carry no push.
+    bind(app, timestamp, nonce, b"")
+    return echostr
+
+
+def _verify_push(app, query, headers, read_body, now, window, bind):
+    """Verify, decrypt and parse a push: a :class:`_VerifiedPush`, or None for Cloud
+    Hosting's path check; else raise the refusal.
+
+    :param query: the query string's parameters, first value of each.
+    :param headers: in cloud mode, the request's ``X-WX-*`` headers by their names
+        (``_CLOUD_HEADERS`` and ``_CLOUD_SOURCE_HEADERS``); unused in the other modes.
+    :param read_body: returns the body; called only once the query has passed what can be
+        checked without it.
+    :param now: the time, in seconds; ``window`` is ``timestamp_window``.
+    :param bind: ``bind(app, timestamp, nonce, body)`` binds a signed query to its body,
+        raising :class:`SignatureError` when the query came before with another body.
+
+    safe and compat modes need ``Encrypt`` and ``msg_signature`` (WeChat sends both in
+    either mode) and read only the decrypted fields: the clear ones of a compat push are
+    covered by no signature. A plain app reads those clear fields, so the console can move
+    to compat first; its only protection is the URL ``signature``, which does not cover
+    the body (the README says what that means).
+
+    When a query is bound to its body depends on what proves the body: in safe and compat
+    modes ``msg_signature``, so a body binds only once it has passed; the URL ``signature``
+    alone would let whoever saw a query first bind it to garbage, and WeChat's genuine push
+    and all its retries would then be refused.
+    """
+    if app.mode == "cloud":
+        return _verify_cloud_push(app, headers, read_body)
+    timestamp, nonce = _required(query, "timestamp", "nonce")
+    _check_timestamp(timestamp, now, window)
+    if app.mode == "plain":  # checked before we even read the body
+        check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
+    body = read_body()
+    if app.mode == "plain":
+        # The URL signature is all a plain push has, so it binds before any other check:
+        # a genuine push refused below (a format the app does not take, a body it
+        # cannot parse) still keeps its logged query from carrying another body.
+        bind(app, timestamp, nonce, body)
+        try:
+            fields, fmt = _plain_fields(app, body)
+        except WxgateError as exc:
+            # Signed and bound: WeChat's own push, or the one body a captured query
+            # could carry. Its refusal line is never held back.
+            exc.signed = True
+            raise
+        return _VerifiedPush(fields, fmt, nonce=nonce, timestamp=timestamp)
+    fields, fmt = _read_fields(body, app.format)
+    encrypt = fields.get("Encrypt")
+    if encrypt is None:
+        raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
+    if not isinstance(encrypt, str):
+        raise MessageError("Encrypt is not a string", code=None)
+    # msg_signature covers Encrypt: check it before decoding a single byte.
+    signature = _required(query, "msg_signature")[0]
+    check_signature(signature, app.token, timestamp, nonce, encrypt)
+    bind(app, timestamp, nonce, body)
+    try:
+        text, aes_key = _open_encrypt(encrypt, app.aes_key, app.previous_aes_key, app.appid)
+        inner = text.encode()
+        fmt = _sniff_format(inner)
+        _check_format(app.format, fmt, "decrypted push")
+        fields = _parse_body(inner, fmt)
+    except WxgateError as exc:
+        # One answer for every failure past msg_signature; the log line keeps the kind
+        # and WeChat's code, never a decrypted byte.
+        raise _sealed_refusal(exc) from None
+    return _VerifiedPush(fields, fmt, encrypted=True, nonce=nonce, timestamp=timestamp,
+                         aes_key=aes_key, previous_key=aes_key != app.aes_key)
+
+
+def _plain_fields(app, body):
+    """A plain push's fields, the clear ones (an ``Encrypt`` beside them, as in compat
+    mode, is left out), and its format."""
+    fields, fmt = _read_fields(body, app.format)
+    if fields.get("Encrypt") is not None:
+        fields = {name: value for name, value in fields.items() if name != "Encrypt"}
+        if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
+            raise MessageError("encrypted push, but the app has mode = plain: set mode "
+                               "to compat (or safe) and its encoding_aes_key", code=None)
+    return fields, fmt
+
+
+def _verify_cloud_push(app, headers, read_body):
+    """A Cloud Hosting push: no signature, no encryption; None for the path check.
+
+    Query binds do not apply here: Cloud Hosting signs nothing, so there is no signed query
+    that could be replayed with another body. What stands in for the signature is
+    X-WX-SOURCE, which Cloud Hosting's gateway adds; it proves something only while the
+    service's public access is off, hence the option.
+    https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
+    """
+    # An empty header names no source: it is refused like a missing one.
+    if app.cloud_source_check and not any(
+            str(headers.get(name, "")).strip() for name in _CLOUD_SOURCE_HEADERS):
+        raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
+                          "Hosting's gateway (cloud_source_check = yes)", status=403)
+    cloud = {}
+    for name in _CLOUD_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        # Servers join a repeated header's values with commas (RFC 9110 5.3), and no
+        # openid, appid or env id holds one: the client sent a second copy of its own,
+        # beside or instead of the gateway's, and which is true cannot be told.
+        if "," in value:
+            raise WxgateError(f"{name} came more than once; an identity header must come "
+                              "once, as Cloud Hosting's gateway sends it", status=400)
+        cloud[name] = value
+    fields, fmt = _read_fields(read_body(), app.format)
+    # The console's path check is a body of one field. A push that merely carries an
+    # "action" field among others is a message and goes to the handler.
+    if fields.get("action") == _PATH_CHECK_ACTION and len(fields) == 1:
+        return None  # the console's path check: answered before any handler or store
+    if "Encrypt" in fields:
+        raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
+                           "check the app's mode, and the console's push settings",
+                           code=None)
+    return _VerifiedPush(fields, fmt, cloud=cloud)
+
+
+class _QueryBinds:
+    """Binds each signed query to one body until its timestamp leaves the window.
+
+    The URL signature covers token, timestamp and nonce, never the body, so anyone who
+    saw a query (access logs hold them all) could send another body with it. WeChat's
+    retries resend the same bytes: a byte-identical body passes, to be answered as a
+    duplicate; a different one is a forgery, refused with 403. The pair lives in the
+    shared store, so the bind holds across workers.
+
+    The key is the app, timestamp and nonce, whatever signature came with them: the
+    console's handshake (a GET, bound to an empty body), a plain push's ``signature``
+    and an encrypted one's ``msg_signature`` for one timestamp and nonce are one query,
+    bound once. Only a validly signed request binds (:func:`_verify_push` checks first),
+    so a forger cannot occupy the key of a query WeChat has yet to send.
+    """
+
+    def __init__(self, store, *, prefix, ttl, window, clock, metrics):
+        self.store, self._prefix, self._ttl, self._window = store, prefix, ttl, window
+        self._clock, self._metrics = clock, metrics
+
+    def remember_for(self, app, timestamp):
+        """How long to remember a push of ``app`` stamped ``timestamp`` (see
+        :func:`_remember_for`): the app's dedup_ttl, else the gateway's."""
+        return _remember_for(app.dedup_ttl or self._ttl, self._window, timestamp,
+                             self._clock())
+
+    def bind(self, app, timestamp, nonce, body):
+        """Bind the query ``(timestamp, nonce)`` to ``body``; raise if it came with another."""
+        query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
+            "utf-8", "surrogateescape")).hexdigest()
+        key = f"{self._prefix}:query:{app.name}:{query_id}"
+        digest = hashlib.sha256(body).hexdigest()
+        if self.store.add(key, digest, self.remember_for(app, timestamp)):
+            return
+        bound = self.store.get(key)
+        if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
+                                                digest.encode("ascii")):
+            return
+        self._metrics.count("wxgate_query_reused_total", app=app.name)
+        raise SignatureError("signed query reused with a different body: a forged or altered "
+                             "push, refused", code=None)
+
+
 ###############################################################################
 # Stores ######################################################################
 ###############################################################################
-
 
 class Store:
     """A small key-value store with expiry: what dedup, the token cache and the locks share.
@@ -1997,7 +2284,7 @@ class SqliteStore(Store):
     # Idle connections kept per process. A connection is borrowed for one operation and given
     # back, so a process holds at most this many plus one per operation running right now,
     # whatever its threads do: `wxgate serve` starts a thread per request and gevent a
-    # greenlet, and a connection tied to each of them leaked its descriptors (issue 10).
+    # greenlet, and a connection tied to each of them leaked its descriptors.
     _POOL_SIZE = 4
 
     def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
@@ -2025,7 +2312,13 @@ class SqliteStore(Store):
         self._reopened: list[str] = []  # why the file was reopened, until verify() says it
         self._create_file()
         self._identity = self._file_identity()
-        self._using(lambda connection: None)  # the schema now: a bad path fails at startup
+        self.using(lambda connection: None)  # the schema now: a bad path fails at startup
+
+    def reopen(self, *, synchronous: str, schema: tuple[str, ...]) -> SqliteStore:
+        """Another store on the same file and clock, with its own connections, durability
+        and tables (the durable queue's)."""
+        return SqliteStore(self.path, clock=self._clock, synchronous=synchronous,
+                           schema=schema)
 
     def _create_file(self):
         directory = os.path.dirname(self.path)
@@ -2075,7 +2368,7 @@ class SqliteStore(Store):
             for _, connection in stale:
                 connection.close()  # the old file's: its POSIX locks are no longer needed
             self._create_file()
-            self._using(lambda connection: None)
+            self.using(lambda connection: None)
             self._identity = self._file_identity()
             self._reopened.append(f"its file {what} while in use; reopened {self.path}")
         finally:
@@ -2130,8 +2423,9 @@ class SqliteStore(Store):
                     raise
             time.sleep(0.01)
 
-    def _using(self, operation):
-        """Run ``operation(connection)`` on a connection of this process's pool.
+    def using(self, operation: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``operation(connection)`` on a connection of this process's pool (the durable
+        queue runs its transactions so, on its own tables in the same file).
 
         A connection serves one thread at a time (sqlite connections must not be shared
         mid-statement, nor cross a fork); past ``_POOL_SIZE`` idle ones, it is closed. So is
@@ -2159,7 +2453,7 @@ class SqliteStore(Store):
 
     def _write(self, statements):
         self._writes += 1
-        return self._using(lambda connection: self._transaction(connection, statements))
+        return self.using(lambda connection: self._transaction(connection, statements))
 
     def _transaction(self, connection, statements):
         connection.execute("BEGIN IMMEDIATE")
@@ -2183,7 +2477,7 @@ class SqliteStore(Store):
             ("INSERT OR IGNORE INTO wxgate_kv VALUES (?, ?, ?)", (key, value, now + ttl)),
         )) == 1
 
-    def _read(self, sql, parameters=()):
+    def query(self, sql: str, parameters: Any = ()) -> list[Any]:
         """All rows of a SELECT, its cursor closed: a statement left unfinished keeps its
         snapshot of the file (WAL) open and hides what other processes write after it."""
         def read(connection):
@@ -2192,9 +2486,9 @@ class SqliteStore(Store):
                 return cursor.fetchall()
             finally:
                 cursor.close()
-        return self._using(read)
+        return self.using(read)
 
-    def _execute(self, sql, parameters=()):
+    def execute(self, sql: str, parameters: Any = ()) -> tuple[int, int | None]:
         """One statement in autocommit mode; return ``(rowcount, lastrowid)``."""
         def execute(connection):
             cursor = connection.execute(sql, parameters)
@@ -2202,10 +2496,10 @@ class SqliteStore(Store):
                 return cursor.rowcount, cursor.lastrowid
             finally:
                 cursor.close()
-        return self._using(execute)
+        return self.using(execute)
 
     def get(self, key):
-        rows = self._read("SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
+        rows = self.query("SELECT value FROM wxgate_kv WHERE key = ? AND expires_at > ?",
                           (key, self._clock()))
         return rows[0][0] if rows else None
 
@@ -2226,7 +2520,7 @@ class SqliteStore(Store):
                              " AND expires_at > ?", (now + ttl, key, value, now)),)) == 1
 
     def ping(self):
-        self._read("SELECT 1")
+        self.query("SELECT 1")
 
     def close(self):
         lock, idle = self._pool()
@@ -2235,6 +2529,10 @@ class SqliteStore(Store):
         for _, connection in connections:
             connection.close()
 
+
+###############################################################################
+# Redis store #################################################################
+###############################################################################
 
 class RedisStore(Store):
     """A store in Redis, shared by every process on every host.
@@ -2334,13 +2632,19 @@ class RedisStore(Store):
                            "again without a word; set maxmemory-policy noeviction",
                            self.name, policy)
 
+    @property
+    def client(self) -> Any:
+        """The redis-py client (the durable queue's scripts run on it)."""
+        return self._redis
+
     def close(self):
         self._redis.close()
 
 
 def open_store(url: str, *, clock: Callable[[], float] = time.time,
                max_entries: int = DEFAULT_DEDUP_SIZE, prefix: str = "wxgate") -> Store:
-    """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``, ``redis://``)."""
+    """Open the store a ``[wxgate] store`` value names (``memory``, ``sqlite://``,
+    ``redis://``)."""
     if url == "memory":
         return MemoryStore(max_entries, clock=clock)
     if url.startswith("sqlite://"):
@@ -2349,6 +2653,10 @@ def open_store(url: str, *, clock: Callable[[], float] = time.time,
         return RedisStore(url, prefix=prefix)
     raise ConfigError(f"unknown store {url.split('://')[0]!r}")
 
+
+###############################################################################
+# Store fallback ##############################################################
+###############################################################################
 
 class _FallbackStore(Store):
     """A shared store that keeps pushes flowing when it fails, and loses as little as it can.
@@ -2625,7 +2933,6 @@ def _cause(exc):
 # Duplicate detection #########################################################
 ###############################################################################
 
-
 def _store_key(message):
     """Where a message's dedup key lives in the store: a push that came unencrypted (and so
     unauthenticated) has its own namespace, so a forged plain body can never claim the key
@@ -2851,633 +3158,6 @@ class _Dedup:
 
 
 ###############################################################################
-# WeChat HTTP #################################################################
-###############################################################################
-
-# The one HTTP call every API request goes through (the token endpoints and the business
-# APIs alike), and the multipart body of an upload. Pure but for _http_json's socket.
-
-
-class _Multipart:
-    """A request body already encoded as ``multipart/form-data`` (an upload)."""
-
-    __slots__ = ("data", "content_type")
-
-    def __init__(self, data: bytes, content_type: str) -> None:
-        self.data, self.content_type = data, content_type
-
-
-def _form_quote(text):
-    # What browsers do to a name or file name inside Content-Disposition's quotes (HTML's
-    # form-data encoding): CR, LF and '"' are percent-escaped, the rest goes as UTF-8.
-    return text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
-
-
-def _encode_multipart(fields, files, boundary):
-    """Encode a ``multipart/form-data`` body (RFC 7578); return a :class:`_Multipart`.
-
-    :param fields: ``{name: text}`` for plain form fields.
-    :param files: ``{name: (filename, data, content_type)}``, ``data`` bytes, sent untouched.
-    :param boundary: the boundary, ASCII letters and digits; the caller draws it at random.
-    :raises ValueError: the boundary occurs in a value: draw another one.
-    """
-    if not re.fullmatch(r"[0-9A-Za-z'()+_,./:=?-]{1,70}", boundary):
-        raise ValueError(f"not a valid multipart boundary: {boundary!r}")
-    delimiter = b"--" + boundary.encode("ascii")
-    parts = []
-    for name, value in fields.items():
-        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"\r\n',
-                      value.encode("utf-8")))
-    for name, (filename, data, content_type) in files.items():
-        if "\r" in content_type or "\n" in content_type:
-            raise ValueError(f"content type {content_type!r} holds a line break")
-        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"; '
-                      f'filename="{_form_quote(filename)}"\r\n'
-                      f'Content-Type: {content_type}\r\n', bytes(data)))
-    chunks = []
-    for headers, data in parts:
-        # A part ends where "CRLF--boundary" starts. We refuse "--boundary" anywhere, CRLF or
-        # not, as lax parsers exist; with a random boundary this never happens by chance.
-        if delimiter in data:
-            raise ValueError("the multipart boundary occurs in the data")
-        chunks += [delimiter, b"\r\n", headers.encode("utf-8"), b"\r\n", data, b"\r\n"]
-    chunks += [delimiter, b"--\r\n"]
-    return _Multipart(b"".join(chunks), f"multipart/form-data; boundary={boundary}")
-
-
-def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what="",
-               limit="api_timeout"):
-    """One HTTP call to WeChat's API; return the decoded JSON object.
-
-    ``body`` is sent as JSON, or as it is when it is a :class:`_Multipart` (an upload).
-    ``what`` names the endpoint in errors, and the URL appears only redacted (its query may
-    carry the AppSecret or a token). ``limit`` names what set ``timeout``, for the message
-    of a call that runs out of it.
-    """
-    shown = _redact_url(url)
-    if params:
-        url = f"{url}?{urllib.parse.urlencode(params)}"
-    data = None
-    headers = {"Accept": "application/json", "User-Agent": f"wxgate/{__version__}"}
-    if isinstance(body, _Multipart):
-        data, headers["Content-Type"] = body.data, body.content_type
-    elif body is not None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        headers["Content-Type"] = "application/json; charset=utf-8"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read(1 << 20)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the connection: a proxy's 502 page is not read
-        error = WeChatConnectionError(f"{what} answered HTTP {exc.code}")
-        error.http_status = exc.code  # the sidecar's 502 means something (see WeChatClient)
-        raise error from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            raise WeChatConnectionError(f"{what} timed out after {timeout:.3g} s ({limit})") \
-                from None
-        if isinstance(reason, socket.gaierror):  # DNS: a typo in api_base, or no resolver
-            raise WeChatConnectionError(f"{what} unreachable: cannot resolve the host of "
-                                        f"{shown} (check api_base, and this host's DNS)") \
-                from None
-        raise WeChatConnectionError(f"{what} unreachable at {shown}: {type(reason).__name__}") \
-            from None
-    except (ValueError, http.client.HTTPException) as exc:
-        # Their text may quote the URL, and with it the secret or the access_token.
-        raise WeChatConnectionError(f"{what} failed: {type(exc).__name__}") from None
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        raise WeChatConnectionError(f"{what} answered something that is not JSON") from None
-    if not isinstance(document, dict):
-        raise WeChatConnectionError(f"{what} answered JSON that is not an object")
-    return document
-
-
-def _errcode(document):
-    """WeChat's rule: a missing errcode means success."""
-    try:
-        return int(document.get("errcode") or 0)
-    except (TypeError, ValueError):
-        return -1
-
-
-###############################################################################
-# access_token ################################################################
-###############################################################################
-
-
-class TokenManager:
-    """One app's access_token: cached in the store beside its expiry, fetched once at a time.
-
-    Every thread in a process, every worker on a host (sqlite) and every host (Redis) share
-    one token. Within a process a lock makes concurrent callers wait for one fetch; across
-    processes a lock key in the store does the same, and a holder that crashes loses it
-    when it expires.
-
-    :param appid: the mini program's AppID.
-    :param appsecret: its AppSecret; only needed when a token must be fetched.
-    :param store: a :class:`Store`; a private :class:`MemoryStore` by default.
-    :param api_base: WeChat's API base URL (a fake one in tests).
-    :param api_timeout: seconds for each HTTP call.
-    :param grant: ``"stable"`` (``POST /cgi-bin/stable_token``), ``"classic"``
-        (``GET /cgi-bin/token``) or ``"cloud"`` (none: Cloud Hosting's 开放接口服务 adds the
-        credential to each call, and :meth:`get_token` raises).
-    :param refresh_margin: fetch a new token when the stored one expires within this many
-        seconds.
-    :param name: the app's name, for messages.
-    :param prefix: store key prefix.
-    :param clock: returns the time in seconds; ``sleep`` waits (both injectable).
-    :param metrics: where fetches and errors are counted (the gateway's, by default none).
-    """
-
-    def __init__(self, appid: str, appsecret: str | None, *, store: Store | None = None,
-                 api_base: str = DEFAULT_API_BASE, api_timeout: float = DEFAULT_API_TIMEOUT,
-                 grant: str = "stable", refresh_margin: float = DEFAULT_REFRESH_MARGIN,
-                 name: str | None = None, prefix: str = "wxgate",
-                 clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], object] = time.sleep, metrics: Any = None) -> None:
-        if grant not in TOKEN_GRANTS:
-            raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
-        self.appid, self._appsecret = appid, appsecret
-        self.store = store if store is not None else MemoryStore(clock=clock)
-        self.api_base, self.api_timeout = api_base.rstrip("/"), api_timeout
-        self.grant, self.refresh_margin = grant, refresh_margin
-        self.name = name or appid
-        self._clock, self._sleep = clock, sleep
-        self._key = f"{prefix}:token:{grant}:{appid}"
-        self._lock_key = self._key + ":lock"
-        self._force_key = self._key + ":forced"
-        self._local_lock = threading.Lock()
-        self._metrics = metrics
-        # (error, time until which it is raised again)
-        self._failure: tuple[WeChatAPIError, float] | None = None
-        self._deadlines = threading.local()
-        self._last_replacement = (None, 0.0)
-        #: How many times this manager called a token endpoint (for tests and metrics).
-        self.fetches = 0
-
-    def __repr__(self):
-        return f"<TokenManager {self.name} appid={self.appid} grant={self.grant}>"
-
-    # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
-    # gateway sets a per-thread deadline around the handler, and every request, backoff and
-    # wait for the token below fits in what is left of it.
-    def set_deadline(self, deadline: float | None) -> None:
-        """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
-        self._deadlines.value = deadline
-
-    def _time_left(self):
-        """The timeout for the next request: ``api_timeout``, or less near the deadline."""
-        deadline = getattr(self._deadlines, "value", None)
-        if deadline is None:
-            return self.api_timeout
-        remaining = deadline - time.monotonic()
-        if remaining < 0.05:
-            raise WeChatConnectionError(f"app {self.name}: WeChat's 5-second push window is "
-                                        "spent; no time left for an API call "
-                                        "(delivery = queue has no such limit)")
-        return min(self.api_timeout, remaining)
-
-    def _limit(self, timeout):
-        """What set ``timeout`` (from :meth:`_time_left`), for a timeout's message."""
-        if timeout < self.api_timeout:
-            return "what was left of WeChat's 5-second push window; delivery = queue has " \
-                "no such limit"
-        return "api_timeout"
-
-    def _can_wait(self, seconds):
-        deadline = getattr(self._deadlines, "value", None)
-        return deadline is None or time.monotonic() + seconds < deadline - 0.05
-
-    # The record kept in the store: "expires_at refresh_at token" (a token holds no space).
-    # refresh_at is decided once, by the fetcher, and read by every process: a stable_token
-    # fetched with less life left than the margin (the same token comes back until 300 s
-    # before expiry) must not make every later call fetch again.
-    def _read(self):
-        """``(token, expires_at, refresh_at)`` from the store, or None."""
-        value = self.store.get(self._key)
-        if not value:
-            return None
-        try:
-            expires_at, refresh_at, token = value.split(" ", 2)
-            return token, float(expires_at), float(refresh_at)
-        except ValueError:
-            return None
-
-    def _fresh(self, record):
-        return record is not None and record[2] > self._clock()
-
-    def token_info(self) -> dict[str, Any]:
-        """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
-        token = self.get_token()
-        record = self._read()
-        expires_at = record[1] if record and record[0] == token else self._clock()
-        return {"access_token": token, "expires_at": int(expires_at)}
-
-    def get_token(self) -> str:
-        """Return a valid access_token, fetching one when none is stored or it nearly expired.
-
-        :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
-        :raises WeChatConnectionError: the endpoint could not be reached in time.
-        :raises WxgateError: the app has no AppSecret configured, or ``token_grant = cloud``.
-        """
-        if self.grant == "cloud":
-            raise WxgateError(f"app {self.name!r} has token_grant = cloud: Cloud Hosting's "
-                              "开放接口服务 adds the credential to each call, so wxgate holds "
-                              "no access_token", status=500)
-        record = self._read()
-        if self._fresh(record):
-            return record[0]
-        failure = self._failure
-        if failure is not None and failure[1] > self._clock():
-            raise failure[0]  # a wrong AppSecret or an empty quota: do not ask again yet
-        # Single flight in this process: the first caller fetches. The others use the
-        # current token while it still works (a refresh ahead of expiry must not stall
-        # every handler), or wait on the lock and then find the new token in the store.
-        if record is not None and record[1] > self._clock():
-            if not self._local_lock.acquire(blocking=False):
-                return record[0]
-        else:
-            self._local_lock.acquire()
-        try:
-            record = self._read()
-            if self._fresh(record):
-                return record[0]
-            try:
-                return self._refresh(record)
-            except WeChatAPIError as exc:
-                if exc.errcode in CREDENTIAL_ERRCODES or exc.errcode == 45009:
-                    self._failure = (exc, self._clock() + FAILED_FETCH_PAUSE)
-                raise
-        finally:
-            self._local_lock.release()
-
-    def invalidate_token(self, token: str | None = None) -> None:
-        """Forget the stored token (only if it is still ``token``, when given)."""
-        record = self._read()
-        if record and (token is None or record[0] == token):
-            self.store.delete(self._key, f"{record[1]!r} {record[2]!r} {record[0]}")
-
-    def _replacement_for(self, rejected):
-        """A token other than ``rejected``, after an API call said it is dead.
-
-        Fetches once; with stable_token, a normal fetch returns the same token while WeChat
-        thinks it is alive, so only then do we force a refresh, and at most once per 30 s
-        (WeChat ignores closer ones). Returns None when nothing better can be had.
-        """
-        with self._local_lock:
-            record = self._read()
-            if record and record[0] != rejected and record[1] > self._clock():
-                return record[0]  # another thread already replaced it
-            last, when = self._last_replacement
-            if last == rejected and self._clock() - when < STABLE_FORCE_GAP:
-                # The token we fetched as a replacement is rejected too: something else is
-                # wrong (another system holding the AppSecret?). Fetching on every call would
-                # burn the quota, so give up until the gap has passed.
-                return None
-            self.invalidate_token(rejected)
-            token = self._refresh(None)
-            if token != rejected:
-                self._last_replacement = (token, self._clock())
-                return token
-            if self.grant != "stable" or not self.store.add(self._force_key, "1",
-                                                            STABLE_FORCE_GAP):
-                return None
-            logger.warning("app %s: WeChat rejects the current stable token; forcing a "
-                           "refresh", self.name)
-            self.invalidate_token(rejected)
-            token = self._refresh(None, force=True)
-            if token == rejected:
-                return None
-            self._last_replacement = (token, self._clock())
-            return token
-
-    def _refresh(self, stale, force=False):
-        """Fetch under the store lock, or wait for the process holding it."""
-        owner = uuid.uuid4().hex
-        lock_ttl = self.api_timeout * (len(BUSY_BACKOFF) + 1) + sum(BUSY_BACKOFF) + 1
-        deadline = time.monotonic() + lock_ttl
-        while True:
-            if self.store.add(self._lock_key, owner, lock_ttl):
-                try:
-                    record = self._read()
-                    if not force and self._fresh(record):
-                        return record[0]  # another process fetched while we waited
-                    token, expires_in = self._fetch(force)
-                    now = self._clock()
-                    expires_at = now + expires_in
-                    refresh_at = expires_at - min(self.refresh_margin, expires_in / 2)
-                    self.store.set(self._key, f"{expires_at!r} {refresh_at!r} {token}",
-                                   expires_in)
-                    return token
-                finally:
-                    self.store.delete(self._lock_key, owner)
-            # Another process is fetching. A token that still works is good enough meanwhile.
-            now = self._clock()
-            if stale and stale[1] > now and not force:
-                return stale[0]
-            record = self._read()
-            if self._fresh(record):
-                return record[0]
-            if time.monotonic() > deadline:
-                raise WeChatConnectionError(
-                    f"app {self.name}: timed out waiting for another process to fetch the "
-                    "access_token")
-            self._time_left()  # gives up when the push that needs the token is out of time
-            self._sleep(POLL_INTERVAL * 2)
-
-    def _fetch(self, force=False):
-        """Call the token endpoint; return ``(token, expires_in)``."""
-        if not self._appsecret:
-            raise WxgateError(f"app {self.name!r} has no appsecret: set appsecret in its "
-                              f"[app:{self.name}] section to fetch access tokens", status=500)
-        credentials = {"grant_type": "client_credential", "appid": self.appid,
-                       "secret": self._appsecret}
-        for attempt in range(len(BUSY_BACKOFF) + 1):
-            self.fetches += 1
-            timeout = self._time_left()
-            if self.grant == "stable":
-                document = _http_json(
-                    "POST", self.api_base + "/cgi-bin/stable_token",
-                    body=dict(credentials, force_refresh=force), timeout=timeout,
-                    what="stable_token", limit=self._limit(timeout))
-            else:
-                document = _http_json("GET", self.api_base + "/cgi-bin/token",
-                                      params=credentials, timeout=timeout, what="token",
-                                      limit=self._limit(timeout))
-            errcode = _errcode(document)
-            if self._metrics is not None:
-                self._metrics.count("wxgate_token_fetches_total", app=self.name)
-                if errcode:
-                    self._metrics.count("wxgate_token_errors_total", app=self.name,
-                                        errcode=errcode)
-            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
-                    self._can_wait(BUSY_BACKOFF[attempt]):
-                self._sleep(BUSY_BACKOFF[attempt])
-                continue
-            break
-        if errcode in CREDENTIAL_ERRCODES:
-            raise WeChatAPIError(errcode, f"the token endpoint refused app {self.name!r} "
-                                 f"(appid {self.appid}): check its appid and appsecret "
-                                 f"({document.get('errmsg', '')})")
-        if errcode:
-            raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
-        token = document.get("access_token")
-        if not isinstance(token, str) or not token or " " in token:
-            raise WeChatConnectionError("token endpoint answered without an access_token")
-        try:
-            expires_in = float(document.get("expires_in", 7200))
-        except (TypeError, ValueError):
-            expires_in = 7200.0
-        logger.info("app %s: fetched a new access_token (%s, expires in %d s)",
-                    self.name, self.grant, expires_in)
-        return token, max(expires_in, 1.0)
-
-
-###############################################################################
-# WeChat API client ###########################################################
-###############################################################################
-
-
-# Magic numbers (offset, bytes) of the formats WeChat takes as temporary media, to name and
-# type bytes handed over without a file name, or a name without an extension: WeChat judges
-# an upload by its name's extension (community reports: 40004 / 40113 for a bare name).
-_MEDIA_MAGIC = ((0, b"\xff\xd8\xff", "jpg", "image/jpeg"),
-                (0, b"\x89PNG\r\n\x1a\n", "png", "image/png"),
-                (0, b"GIF87a", "gif", "image/gif"), (0, b"GIF89a", "gif", "image/gif"),
-                (0, b"#!AMR\n", "amr", "audio/amr"),
-                (4, b"ftyp", "mp4", "video/mp4"))  # ISO base media: a box size, then ftyp
-
-
-def _guess_media(data, filename):
-    """``(filename, content_type)`` for an upload: from the name, else from the bytes.
-
-    A name without an extension gets the bytes' own (``poster`` → ``poster.png``).
-    """
-    for offset, magic, extension, content_type in _MEDIA_MAGIC:
-        if data.startswith(magic, offset):
-            break
-    else:
-        extension, content_type = "", "application/octet-stream"
-    if not filename:
-        return f"media.{extension or 'bin'}", content_type
-    if extension and not os.path.splitext(filename)[1]:
-        filename = f"{filename}.{extension}"
-    guessed = mimetypes.guess_type(filename)[0]
-    return filename, guessed or content_type
-
-
-def _sidecar_hint(path):
-    """What to do when Cloud Hosting's 开放接口服务 does not pass a call to ``path``."""
-    return (f"{path} did not pass Cloud Hosting's 开放接口服务: turn the service's 开放接口服务 "
-            f"switch on and add {path} to its API whitelist (云托管 console → 服务设置 → "
-            "云调用), then rebuild and publish a new version (the settings reach only "
-            "versions built after them)")
-
-
-class WeChatClient:
-    """Calls to WeChat's backend API for one app, with its token injected.
-
-    A call rejected for its token (40001, 40014, 42001) gets one replacement token and one
-    retry, then the error: never a loop. ``-1`` (busy) gets a short bounded backoff.
-    Handlers reach it as ``message.client``; other code as ``app.client(name)``.
-
-    :param tokens: the app's :class:`TokenManager`.
-    """
-
-    def __init__(self, tokens: TokenManager, *,
-                 sleep: Callable[[float], object] = time.sleep) -> None:
-        self.tokens = tokens
-        self._sleep = sleep
-
-    def __repr__(self):
-        return f"<WeChatClient {self.tokens.name}>"
-
-    def call(self, method: str, path: str, params: Mapping[str, Any] | None = None,
-             json: Any = None) -> dict[str, Any]:
-        """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
-
-        With ``token_grant = cloud`` the call goes to ``api_base`` (Cloud Hosting's
-        ``http://api.weixin.qq.com``) with no ``access_token``: the 开放接口服务 sidecar adds
-        the credential, and no token is ever fetched.
-
-        :param method: ``"GET"`` or ``"POST"``.
-        :param params: extra query parameters; ``access_token`` is added.
-        :param json: the JSON body, for POST.
-        :raises WeChatAPIError: WeChat answered a non-zero errcode (after the one retry, for
-            token errors); with ``token_grant = cloud``, 41001 or 502 for an API the
-            sidecar does not pass, explained.
-        :raises WeChatConnectionError: WeChat could not be reached within ``api_timeout``.
-        """
-        if self.tokens.grant == "cloud":
-            return self._call_through_sidecar(method, path, params, json)
-        token = self.tokens.get_token()
-        try:
-            return self._call_with(token, method, path, params, json)
-        except WeChatAPIError as exc:
-            if exc.errcode not in TOKEN_REJECTED_ERRCODES:
-                raise
-            replacement = self.tokens._replacement_for(token)
-            if replacement is None:
-                raise
-            logger.warning("app %s: %s rejected the access_token (%s); retrying once with "
-                           "a new one", self.tokens.name, path, exc.errcode)
-            return self._call_with(replacement, method, path, params, json)
-
-    def _call_through_sidecar(self, method, path, params, body):
-        # Cloud Hosting's 开放接口服务 takes calls over http with no access_token and adds
-        # the credential. Its FAQ: "access_token missing" (41001) while the switch is off or
-        # in a version built before it was turned on, and HTTP 502 for an API that is not on
-        # the service's whitelist (PROTOCOL.md 11.1). Neither is a token to replace: one call.
-        # https://developers.weixin.qq.com/miniprogram/dev/wxcloudrun/src/guide/weixin/open.html
-        try:
-            return self._request(method, path, dict(params or {}), body)
-        except WeChatAPIError as exc:
-            if exc.errcode != 41001:
-                raise
-            raise WeChatAPIError(41001, f"access_token missing: {_sidecar_hint(path)}") \
-                from None
-        except WeChatConnectionError as exc:
-            if exc.http_status != 502:
-                raise
-            raise WeChatAPIError(502, f"HTTP 502 from 开放接口服务: {_sidecar_hint(path)}") \
-                from None
-
-    def _call_with(self, token, method, path, params, body):
-        query = dict(params or {})
-        query["access_token"] = token
-        return self._request(method, path, query, body)
-
-    def _request(self, method, path, query, body):
-        for attempt in range(len(BUSY_BACKOFF) + 1):
-            timeout = self.tokens._time_left()
-            document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
-                                  timeout=timeout, what=path, limit=self.tokens._limit(timeout))
-            errcode = _errcode(document)
-            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
-                    self.tokens._can_wait(BUSY_BACKOFF[attempt]):
-                self._sleep(BUSY_BACKOFF[attempt])
-                continue
-            if errcode:
-                raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
-            return document
-
-    def code2session(self, js_code: str) -> dict[str, Any]:
-        """Exchange a ``wx.login`` code for ``openid``, ``session_key`` (and ``unionid``).
-
-        Never send ``session_key`` to the client.
-        https://developers.weixin.qq.com/miniprogram/dev/server/API/user-login/api_code2session
-        """
-        if not self.tokens._appsecret:
-            raise WxgateError(f"app {self.tokens.name!r} has no appsecret: set appsecret in "
-                              f"its [app:{self.tokens.name}] section to call code2session",
-                              status=500)
-        document = self._request("GET", "/sns/jscode2session", {
-            "appid": self.tokens.appid, "secret": self.tokens._appsecret,
-            "js_code": js_code, "grant_type": "authorization_code"}, None)
-        if "openid" not in document:
-            raise WeChatConnectionError("jscode2session answered without an openid")
-        return document
-
-    def send_customer_message(self, openid: str, msgtype: str, payload: dict[str, Any]
-                              ) -> dict[str, Any]:
-        """Send a customer-service message: ``{"touser", "msgtype", msgtype: payload}``."""
-        return self.call("POST", "/cgi-bin/message/custom/send",
-                         json={"touser": openid, "msgtype": msgtype, msgtype: payload})
-
-    def send_text(self, openid: str, text: str) -> dict[str, Any]:
-        """Send a text customer-service message."""
-        return self.send_customer_message(openid, "text", {"content": text})
-
-    def send_image(self, openid: str, media_id: str) -> dict[str, Any]:
-        """Send an image customer-service message (an uploaded temporary media id)."""
-        return self.send_customer_message(openid, "image", {"media_id": media_id})
-
-    def send_link(self, openid: str, title: str, description: str, url: str, thumb_url: str
-                  ) -> dict[str, Any]:
-        """Send a link card."""
-        return self.send_customer_message(openid, "link", {
-            "title": title, "description": description, "url": url, "thumb_url": thumb_url})
-
-    def send_miniprogrampage(self, openid: str, title: str, pagepath: str,
-                             thumb_media_id: str) -> dict[str, Any]:
-        """Send a mini program page card."""
-        return self.send_customer_message(openid, "miniprogrampage", {
-            "title": title, "pagepath": pagepath, "thumb_media_id": thumb_media_id})
-
-    def upload_temp_media(self, file: str | os.PathLike[str] | bytes | BinaryIO,
-                          media_type: str = "image", *, filename: str | None = None,
-                          content_type: str | None = None) -> str:
-        """Upload a temporary media file (kept 3 days) and return its ``media_id``.
-
-        customerServiceMessage.uploadTempMedia: ``POST /cgi-bin/media/upload?type=image``
-        with the file as the multipart field ``media``. Mini programs may upload images
-        only; the ``media_id`` is what :meth:`send_image` and :meth:`send_miniprogrampage`
-        take.
-        https://developers.weixin.qq.com/miniprogram/en/dev/api-backend/open-api/
-        customer-message/customerServiceMessage.uploadTempMedia.html
-
-        :param file: a path, the file's bytes, or a binary file object.
-        :param media_type: WeChat's ``type``; ``"image"`` is the only one mini programs have.
-        :param filename: the name WeChat sees; by default the file's own, or ``media.jpg``
-            (or ``.png``, ``.gif``) after the bytes' format. A name without an extension
-            gets the one of the bytes' format (JPEG, PNG, GIF, AMR, MP4), as WeChat types
-            an upload by its name.
-        :param content_type: by default guessed from the name, then from the bytes.
-        :raises WeChatAPIError: e.g. 40004 (not a media type WeChat accepts).
-        :raises WeChatConnectionError: WeChat could not be reached, or sent no media_id.
-        :raises OSError: the file cannot be read.
-        """
-        if not isinstance(media_type, str) or not re.fullmatch(r"[a-z]{1,16}", media_type):
-            raise ValueError(f"media_type must be a word such as 'image', got {media_type!r}")
-        if isinstance(file, (bytes, bytearray, memoryview)):
-            data = bytes(file)
-        elif isinstance(file, (str, os.PathLike)):
-            with open(file, "rb") as opened:
-                data = opened.read()
-            filename = filename or os.path.basename(os.fspath(file))
-        else:
-            data = file.read()
-            name = getattr(file, "name", None)
-            filename = filename or (os.path.basename(name) if isinstance(name, str) else None)
-        filename, guessed = _guess_media(data, filename)
-        files = {"media": (filename, data, content_type or guessed)}
-        boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
-        while b"--" + boundary.encode("ascii") in data:  # one file in 2**128: draw again
-            boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
-        body = _encode_multipart({}, files, boundary)
-        # call() hands its body to _http_json, which sends a _Multipart as it is: the upload
-        # gets the token, the one retry on a rejected token and the busy backoff of JSON calls.
-        document = self.call("POST", "/cgi-bin/media/upload", params={"type": media_type},
-                             json=body)
-        media_id = document.get("media_id")
-        if not isinstance(media_id, str) or not media_id:
-            raise WeChatConnectionError("media/upload answered without a media_id")
-        return media_id
-
-    def send_subscribe_message(self, openid: str, template_id: str, data: Mapping[str, Any],
-                               page: str | None = None, miniprogram_state: str | None = None,
-                               lang: str | None = None) -> dict[str, Any]:
-        """Send a subscribe message; ``data`` maps keywords to values or ``{"value": ...}``."""
-        body = {"touser": openid, "template_id": template_id,
-                "data": {name: value if isinstance(value, dict) else {"value": value}
-                         for name, value in data.items()}}
-        for name, value in (("page", page), ("miniprogram_state", miniprogram_state),
-                            ("lang", lang)):
-            if value is not None:
-                body[name] = value
-        return self.call("POST", "/cgi-bin/message/subscribe/send", json=body)
-
-    def set_typing(self, openid: str, on: bool = True) -> dict[str, Any]:
-        """Show (or hide) "typing..." in the user's chat."""
-        return self.call("POST", "/cgi-bin/message/custom/typing",
-                         json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
-
-
-###############################################################################
 # Delivery ####################################################################
 ###############################################################################
 
@@ -3504,6 +3184,29 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _backend_document(message, *, queued=False):
+    """The document a push becomes for a forward backend or the durable queue.
+
+    ``{"app", "dedup_key", "format", "message"}``, and ``"cloud"`` (the
+    :attr:`Message.cloud` headers) when there are any; a queued one keeps ``"encrypted"``
+    too, so its delivery sees the message as the gateway did (:func:`_queued_message`).
+    """
+    document = {"app": message.app, "dedup_key": message.dedup_key, "format": message.format,
+                "message": dict(message)}
+    if queued:
+        document["encrypted"] = message.encrypted
+    if message.cloud:  # mode = cloud: Cloud Hosting's X-WX-* headers, as message.cloud
+        document["cloud"] = dict(message.cloud)
+    return document
+
+
+def _queued_message(document, client_factory=None):
+    """The :class:`Message` a queued :func:`_backend_document` was made from."""
+    return Message(document["message"], app=document["app"], format=document["format"],
+                   encrypted=document.get("encrypted", False), cloud=document.get("cloud"),
+                   client_factory=client_factory)
+
+
 def _forward(app, message, *, timestamp, timeout=None):
     """POST a push to the app's backend; return its reply (None, a str, a dict or a RawReply).
 
@@ -3521,11 +3224,7 @@ def _forward(app, message, *, timestamp, timeout=None):
         more than ``MAX_BACKEND_REPLY_BYTES``, or something that is not JSON (nor a raw reply
         in UTF-8 with a Content-Type a RawReply takes).
     """
-    document = {"app": message.app, "dedup_key": message.dedup_key, "format": message.format,
-                "message": message._fields}
-    if message.cloud:  # mode = cloud: Cloud Hosting's X-WX-* headers, as message.cloud
-        document["cloud"] = dict(message.cloud)
-    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = _dump_json(_backend_document(message)).encode("utf-8")
     timestamp = str(int(timestamp))
     request = urllib.request.Request(app.forward, data=body, method="POST", headers={
         "Content-Type": "application/json; charset=utf-8",
@@ -3576,11 +3275,6 @@ def _forward(app, message, *, timestamp, timeout=None):
                             "not JSON") from None
 
 
-def _business_name(app):
-    """The app's business code, fit for a log line: its handler, or its backend redacted."""
-    return app.handler_spec or _redact_url(app.forward)
-
-
 def _business_reply(app, message, *, timestamp):
     """Hand a message to the app's business code: its backend, its handler, or both.
 
@@ -3594,747 +3288,117 @@ def _business_reply(app, message, *, timestamp):
 
 
 ###############################################################################
-# Router ######################################################################
+# Metrics and logs ############################################################
 ###############################################################################
 
-# A routed function, as registered: the decorators hand it back with its own type.
-_Routed = TypeVar("_Routed", bound=Callable[..., Any])
+_METRIC_HELP = {
+    "wxgate_pushes_total": ("counter", "Pushes answered, by app, message type and outcome."),
+    "wxgate_duplicates_total": ("counter", "WeChat retries answered from the dedup store."),
+    "wxgate_refused_total": ("counter", "Requests refused, by app, status and WeChat code."),
+    "wxgate_query_reused_total": ("counter", "Signed queries sent again with another body."),
+    "wxgate_previous_key_total": ("counter", "Pushes decrypted with previous_encoding_aes_key."),
+    "wxgate_handler_seconds": ("histogram", "Time in business code (handler or forward)."),
+    "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
+    "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
+    "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
+    "wxgate_store_lost_total": ("counter", "Times this process found the shared store had "
+                                "lost its data (Redis emptied, sqlite file deleted)."),
+    "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
+    "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
+    "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
+}
+_HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class Router:
-    """A handler that calls one function per message type or event name.
+def _label_text(labels):
+    return ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels)
 
-    ::
 
-        router = wxgate.Router()
+def _escape_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
-        @router.message("text")
-        def on_text(message): ...
 
-        @router.event("user_enter_tempsession")
-        def on_enter(message): ...
+class _Metrics:
+    """This process's counters and histograms, rendered in Prometheus' text format.
 
-    Point ``handler = shopbot:router`` at it. An event goes to the function registered for
-    its ``Event``, else to the one for ``router.message("event")``; any other push to the one
-    for its ``MsgType``; what matches nothing goes to ``router.default``, or is answered
-    ``success``. The routed function's return value is the reply, as a handler's is.
-    Registering a type or an event twice raises ``ValueError`` when the module is imported,
-    so one function cannot silently replace another.
+    Each gunicorn worker counts its own requests (as prometheus_client does without its
+    multiprocess mode); queue gauges are read from the shared store at scrape time.
     """
 
-    def __init__(self) -> None:
-        self._messages: dict[str, Callable[[Message], Any]] = {}
-        self._events: dict[str, Callable[[Message], Any]] = {}
-        self._default: Callable[[Message], Any] | None = None
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = {}
+        self._histograms = {}
+        self._keys = {}
 
-    def __repr__(self) -> str:
-        routes = [f"message:{name}" for name in self._messages]
-        routes += [f"event:{name}" for name in self._events]
-        routes += ["default"] if self._default is not None else []
-        return f"<Router {' '.join(routes) or '(empty)'}>"
-
-    def message(self, *types: str) -> Callable[[_Routed], _Routed]:
-        """Route pushes whose ``MsgType`` is one of ``types`` (``"text"``, ``"image"``...)."""
-        return self._register(self._messages, "message", types)
-
-    def event(self, *names: str) -> Callable[[_Routed], _Routed]:
-        """Route events whose ``Event`` is one of ``names`` (``"user_enter_tempsession"``...)."""
-        return self._register(self._events, "event", names)
-
-    def default(self, function: _Routed) -> _Routed:
-        """Route what nothing else matches; without one, those pushes get ``success``."""
-        if not callable(function):
-            raise TypeError("use @router.default on a function, without parentheses")
-        if self._default is not None:
-            raise ValueError(f"router.default is already {_function_name(self._default)}; "
-                             f"cannot also route to {_function_name(function)}")
-        self._default = function
-        return function
-
-    def _register(self, table, kind, names):
-        # Mistakes raise here, when the handler's module is imported (so at load_config, and
-        # in `wxgate check`), not at the first push of the kind.
-        if not names:
-            example = "text" if kind == "message" else "user_enter_tempsession"
-            raise TypeError(f"router.{kind}() needs at least one name, e.g. "
-                            f"@router.{kind}({example!r})")
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"router.{kind}() takes names as strings, got {name!r}: "
-                                f"write @router.{kind}('...') with the name in parentheses")
-        if len(set(names)) != len(names):
-            raise ValueError(f"router.{kind}() got the same name twice: {names!r}")
-
-        def decorator(function):
-            if not callable(function):
-                raise TypeError(f"@router.{kind}(...) decorates a function, got "
-                                f"{type(function).__name__}")
-            for name in names:  # all checked before any is registered: no half routing
-                if name in table:
-                    raise ValueError(f"{kind} {name!r} is already routed to "
-                                     f"{_function_name(table[name])}; cannot also route it "
-                                     f"to {_function_name(function)}")
-            for name in names:
-                table[name] = function
-            return function
-
-        return decorator
-
-    def __call__(self, message: Message) -> Any:
-        """Handle ``message`` with the function routed to it; return that function's reply."""
-        function = None
-        kind = message.msg_type
-        # From a hostile JSON push MsgType and Event may be objects or lists, which are not
-        # names (and not hashable): they match nothing.
-        if kind == "event" and isinstance(message.event, str):
-            function = self._events.get(message.event)
-        if function is None and isinstance(kind, str):
-            function = self._messages.get(kind)
-        if function is None:
-            function = self._default
-        if function is None:
-            return "success"
-        return function(message)
-
-
-def _function_name(function):
-    """``module.qualname`` of a routed function, for the message of a duplicate route."""
-    module = getattr(function, "__module__", None)
-    name = getattr(function, "__qualname__", None) or repr(function)
-    return f"{module}.{name}" if module else name
-
-
-###############################################################################
-# Durable queue ###############################################################
-###############################################################################
-
-
-class _Queue:
-    """A durable queue of pushes in a shared store, in order per partition (app + user).
-
-    Only the oldest message of a partition can be claimed, so one user's messages reach the
-    business code in order of arrival. A claim hides its message for ``visibility`` seconds;
-    a worker that dies before acknowledging lets it reappear.
-    """
-
-    def push(self, partition, payload, now, marker=None):
-        """Queue ``payload``; return its id.
-
-        ``marker`` is ``(key, value, ttl)``, a push's dedup key in the store: the insert and
-        setting ``key`` to ``value`` are one transaction, and a key already done (a value
-        starting with "d") means the push is already queued: nothing is inserted and the
-        result is None. So "queued" is never recorded for a message that is not in the
-        queue, and a message is never queued twice under one key.
-        """
-        raise NotImplementedError
-
-    def claim(self, now, visibility):
-        """``(id, payload, attempt, claim, cut_offs)`` of a message due for delivery, or None.
-
-        ``attempt`` is this attempt's number: one more than the attempts that ended (in
-        :meth:`retry` or :meth:`bury`). An attempt cut off by a kill never ended, so it is
-        not counted: it is noted in the message's errors, and counted in ``cut_offs`` (see
-        ``MAX_CUT_OFFS``).
-        """
-        raise NotImplementedError
-
-    def ack(self, item_id, claim, now):
-        raise NotImplementedError
-
-    def extend(self, item_id, claim, until):
-        """Keep a claim hidden until ``until`` while its delivery still runs."""
-        raise NotImplementedError
-
-    def retry(self, item_id, claim, available_at, error, now):
-        """End a failed attempt: count it, add ``error`` to the message's errors."""
-        raise NotImplementedError
-
-    def bury(self, item_id, claim, error, now):
-        """End the last attempt: count it, and move the message to the dead letters."""
-        raise NotImplementedError
-
-    def stats(self, now):
-        raise NotImplementedError
-
-    def dead(self, limit=100):
-        raise NotImplementedError
-
-    def revive(self, ids, now):
-        """Put dead letters (all when ``ids`` is empty) back in the queue; return the count."""
-        raise NotImplementedError
-
-    def purge_dead(self):
-        raise NotImplementedError
-
-
-class _SqliteQueue(_Queue):
-    """The queue as a table beside the store's key-value table."""
-
-    def __init__(self, store):
-        # Its own connection with synchronous=FULL: a push answered "success" must survive
-        # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
-        # Its tables are made by each new connection: a database file deleted while
-        # serving is made anew, and the queue must be in the new one too.
-        self.store = SqliteStore(store.path, clock=store._clock, synchronous="FULL", schema=(
-            "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
-            " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
-            " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
-            " DEFAULT 0)",
-            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)"))
-        columns = {row[1] for row in self.store._read("PRAGMA table_info(wxgate_queue)", ())}
-        if "cut_offs" not in columns:  # a queue made before the column: add it in place
-            try:
-                self.store._execute("ALTER TABLE wxgate_queue ADD COLUMN cut_offs INTEGER NOT"
-                                    " NULL DEFAULT 0")
-            except sqlite3.OperationalError:  # another process added it first
-                pass
-
-    def _execute(self, sql, parameters=()):
-        """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
-        return self.store._execute(sql, parameters)
-
-    def push(self, partition, payload, now, marker=None):
-        # One transaction: durable (WAL, synchronous=FULL) once COMMIT returns. The marker
-        # lives in the key-value table of the same file, so it commits with the row or not
-        # at all; a duplicate's transaction waits for this one's write lock.
-        return self.store._using(lambda connection: self._push(connection, partition,
-                                                               payload, now, marker))
-
-    def _push(self, connection, partition, payload, now, marker):
-        connection.execute("BEGIN IMMEDIATE")
+    def _key(self, name, labels):
+        # Counting is on every push's path: remember each label set's normalised key.
+        raw = (name, *labels.items())
         try:
-            if marker is not None:
-                key, value, ttl = marker
-                row = connection.execute("SELECT value FROM wxgate_kv WHERE key = ? AND"
-                                         " expires_at > ?", (key, now)).fetchone()
-                if row is not None and row[0].startswith("d"):
-                    connection.execute("COMMIT")
-                    return None
-            item_id = connection.execute(
-                "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
-                " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
-            if marker is not None:
-                connection.execute("INSERT OR REPLACE INTO wxgate_kv VALUES (?, ?, ?)",
-                                   (key, value, now + ttl))
-            connection.execute("COMMIT")
-        except BaseException:
-            _rollback(connection)
-            raise
-        return item_id
+            key = self._keys.get(raw)
+        except TypeError:  # an unhashable label value (a MsgType that is a list)
+            raw, key = None, None
+        if key is None:
+            # Label values as text: a code may be -40001 (int) or "" and must sort together.
+            # A pushed MsgType is a label: cap its length, and keep it encodable.
+            key = name, tuple(sorted(
+                (label, str(value)[:64].encode("utf-8", "backslashreplace").decode("utf-8"))
+                for label, value in labels.items()))
+            if raw is not None and len(self._keys) < 10000:
+                self._keys[raw] = key
+        return key
 
-    def claim(self, now, visibility):
-        claim = uuid.uuid4().hex
-        for _ in range(3):
-            # Read first, without the write lock, so idle polling never queues behind the
-            # pushes. The head of each partition is its lowest live id; ids only grow, so a
-            # head stays the head until it is settled.
-            rows = self.store._read(
-                "SELECT q.id, q.payload, q.attempts, q.cut_offs, q.claim FROM wxgate_queue q"
-                " JOIN (SELECT MIN(id) AS head FROM wxgate_queue WHERE dead = 0 GROUP BY"
-                " partition) h ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id"
-                " LIMIT 1", (now,))
-            if not rows:
-                return None
-            item_id, payload, attempts, cut_offs, previous = rows[0]
-            # A claim moves available_at into the future, which hides the message; the
-            # condition makes two workers racing for it agree on one winner, and on the
-            # claim it replaces. A claim still set is one whose attempt never ended (its
-            # worker was killed): noted and counted apart, not as an attempt, since the
-            # backend may well have taken the message.
-            cut_off = previous is not None
-            if self._execute(
-                    "UPDATE wxgate_queue SET available_at = ?, error = CASE WHEN claim IS NULL"
-                    " THEN error ELSE COALESCE(error || char(10), '') || ? END, cut_offs ="
-                    " cut_offs + ?, claim = ? WHERE id = ? AND available_at <= ? AND dead = 0"
-                    " AND claim IS ?", (now + visibility, _CUT_OFF, int(cut_off), claim,
-                                        item_id, now, previous))[0] == 1:
-                return item_id, payload, attempts + 1, claim, cut_offs + cut_off
-        return None
+    def count(self, name, amount=1, **labels):
+        key = self._key(name, labels)
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + amount
 
-    def ack(self, item_id, claim, now):
-        return self._execute("DELETE FROM wxgate_queue WHERE id = ? AND claim = ?",
-                             (item_id, claim))[0] == 1
+    def observe(self, name, value, **labels):
+        key = self._key(name, labels)
+        with self._lock:
+            histogram = self._histograms.get(key)
+            if histogram is None:
+                histogram = self._histograms[key] = [0] * (len(_HISTOGRAM_BUCKETS) + 3)
+            # One slot per bucket here (the last for +Inf); render() makes them cumulative.
+            histogram[bisect.bisect_left(_HISTOGRAM_BUCKETS, value)] += 1
+            histogram[-2] += value
+            histogram[-1] += 1
 
-    def extend(self, item_id, claim, until):
-        self._execute("UPDATE wxgate_queue SET available_at = ? WHERE id = ? AND claim = ?",
-                      (until, item_id, claim))
+    def value(self, name, **labels):
+        """A counter's current value (0 when never counted)."""
+        return self._counters.get(self._key(name, labels), 0)
 
-    def retry(self, item_id, claim, available_at, error, now):
-        self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, attempts ="
-                      " attempts + 1, error = COALESCE(error || char(10), '') || 'attempt '"
-                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
-                      (available_at, error, item_id, claim))
+    def render(self, gauges=()):
+        """The exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
+        lines, seen = [], set()
 
-    def bury(self, item_id, claim, error, now):
-        self._execute("UPDATE wxgate_queue SET dead = 1, claim = NULL, attempts = attempts"
-                      " + 1, error = COALESCE(error || char(10), '') || 'attempt '"
-                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
-                      (error, item_id, claim))
+        def header(name):
+            if name not in seen:
+                seen.add(name)
+                kind, text = _METRIC_HELP.get(name, ("untyped", name))
+                lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
 
-    def stats(self, now):
-        ((pending, in_flight, dead),) = self.store._read(
-            "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 0 AND claim IS NOT NULL"
-            " AND available_at > ?), 0), COALESCE(SUM(dead = 1), 0) FROM wxgate_queue",
-            (now,))
-        return {"pending": pending, "in_flight": in_flight, "dead": dead}
-
-    def dead(self, limit=100):
-        rows = self.store._read("SELECT id, partition, payload, attempts, error FROM"
-                                " wxgate_queue WHERE dead = 1 ORDER BY id LIMIT ?", (limit,))
-        return [_dead_letter(*row) for row in rows]
-
-    def revive(self, ids, now):
-        return self.store._using(lambda connection: self._revive(connection, ids, now))
-
-    def _revive(self, connection, ids, now):
-        where = "dead = 1" + (f" AND id IN ({','.join('?' * len(ids))})" if ids else "")
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-inserted with a new id: a revived message goes after what is queued for its
-            # user now, as it would in Redis.
-            rows = connection.execute(f"SELECT id, partition, payload FROM wxgate_queue"
-                                      f" WHERE {where}", [int(i) for i in ids]).fetchall()
-            for item_id, partition, payload in rows:
-                connection.execute("DELETE FROM wxgate_queue WHERE id = ?", (item_id,))
-                connection.execute(
-                    "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
-                    " VALUES (?, ?, ?, ?)", (partition, payload, now, now))
-            connection.execute("COMMIT")
-        except BaseException:
-            _rollback(connection)
-            raise
-        return len(rows)
-
-    def purge_dead(self):
-        return self._execute("DELETE FROM wxgate_queue WHERE dead = 1")[0]
-
-
-# Noted in a message's errors when a claim on it expired before its attempt ended.
-_CUT_OFF = "an attempt was cut off (its worker stopped, or its claim expired): not counted"
-
-
-def _dead_letter(item_id, partition, payload, attempts, error):
-    try:
-        document = json.loads(payload)
-    except ValueError:
-        document = {}
-    errors = (error or "").split("\n") if error else []
-    return {"id": int(item_id), "partition": partition, "app": document.get("app"),
-            "dedup_key": document.get("dedup_key"), "attempts": int(attempts),
-            "error": errors[-1] if errors else None, "errors": errors}
-
-
-class _RedisQueue(_Queue):
-    """The queue in Redis: a list of ids per partition, a sorted set of partitions whose head
-    is due, a sorted set of claimed ids by deadline, a hash per message, and a dead list.
-
-    Every step is one Lua script, so it is atomic on the server however many gateways call.
-    """
-
-    _PUSH = """
-local p = ARGV[1]
-if ARGV[5] ~= '' then
-  local done = redis.call('GET', ARGV[5])
-  if done and string.sub(done, 1, 1) == 'd' then return false end
-end
-local id = redis.call('INCR', p .. ':q:seq')
-redis.call('HSET', p .. ':q:msg:' .. id, 'partition', ARGV[2], 'payload', ARGV[3],
-           'attempts', 0)
-if redis.call('RPUSH', p .. ':q:part:' .. ARGV[2], id) == 1 then
-  redis.call('ZADD', p .. ':q:ready', ARGV[4], ARGV[2])
-end
-redis.call('INCR', p .. ':q:pending')
-if ARGV[5] ~= '' then redis.call('SET', ARGV[5], ARGV[6], 'PX', ARGV[7]) end
-return id
-"""
-    _CLAIM = """
-local p, now = ARGV[1], tonumber(ARGV[2])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':q:inflight', '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', p .. ':q:inflight', id)
-  local part = redis.call('HGET', p .. ':q:msg:' .. id, 'partition')
-  if part then redis.call('ZADD', p .. ':q:ready', now, part) end
-end
-local heads = redis.call('ZRANGEBYSCORE', p .. ':q:ready', '-inf', now, 'LIMIT', 0, 1)
-if #heads == 0 then return false end
-redis.call('ZREM', p .. ':q:ready', heads[1])
-local id = redis.call('LINDEX', p .. ':q:part:' .. heads[1], 0)
-if not id then return false end
-local key = p .. ':q:msg:' .. id
-local attempts = tonumber(redis.call('HGET', key, 'attempts') or 0) + 1
-local cut_offs = tonumber(redis.call('HGET', key, 'cut_offs') or 0)
-if redis.call('HEXISTS', key, 'claim') == 1 then
-  local errors = redis.call('HGET', key, 'error')
-  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. ARGV[5])
-  cut_offs = redis.call('HINCRBY', key, 'cut_offs', 1)
-end
-redis.call('HSET', key, 'claim', ARGV[4])
-redis.call('ZADD', p .. ':q:inflight', now + tonumber(ARGV[3]), id)
-return {id, redis.call('HGET', key, 'payload'), attempts, cut_offs}
-"""
-    # ARGV: prefix, id, claim, now, action ('ack', 'retry', 'bury'), available_at, error
-    _SETTLE = """
-local p, id = ARGV[1], ARGV[2]
-local key = p .. ':q:msg:' .. id
-if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
-local part = redis.call('HGET', key, 'partition')
-local list = p .. ':q:part:' .. part
-redis.call('ZREM', p .. ':q:inflight', id)
-redis.call('HDEL', key, 'claim')
-if ARGV[5] ~= 'ack' then
-  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  local errors = redis.call('HGET', key, 'error')
-  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. 'attempt ' ..
-             attempts .. ': ' .. ARGV[7])
-end
-if ARGV[5] == 'retry' then
-  redis.call('ZADD', p .. ':q:ready', ARGV[6], part)
-  return 1
-end
-redis.call('LREM', list, 1, id)
-redis.call('DECR', p .. ':q:pending')
-if ARGV[5] == 'bury' then
-  redis.call('RPUSH', p .. ':q:dead', id)
-else
-  redis.call('DEL', key)
-end
-if redis.call('LLEN', list) > 0 then redis.call('ZADD', p .. ':q:ready', ARGV[4], part) end
-return 1
-"""
-    _EXTEND = """
-local key = ARGV[1] .. ':q:msg:' .. ARGV[2]
-if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
-return redis.call('ZADD', ARGV[1] .. ':q:inflight', 'XX', ARGV[4], ARGV[2])
-"""
-    _PURGE = """
-local p = ARGV[1]
-local ids = redis.call('LRANGE', p .. ':q:dead', 0, -1)
-for _, id in ipairs(ids) do redis.call('DEL', p .. ':q:msg:' .. id) end
-redis.call('DEL', p .. ':q:dead')
-return #ids
-"""
-    _REVIVE = """
-local p, now = ARGV[1], ARGV[2]
-local ids = {}
-for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
-if #ids == 0 then ids = redis.call('LRANGE', p .. ':q:dead', 0, -1) end
-local count = 0
-for _, id in ipairs(ids) do
-  local key = p .. ':q:msg:' .. id
-  local part = redis.call('HGET', key, 'partition')
-  if part and redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
-    redis.call('HSET', key, 'attempts', 0)
-    redis.call('HDEL', key, 'error', 'claim', 'cut_offs')
-    if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
-      redis.call('ZADD', p .. ':q:ready', now, part)
-    end
-    redis.call('INCR', p .. ':q:pending')
-    count = count + 1
-  end
-end
-return count
-"""
-
-    def __init__(self, store, prefix):
-        self.redis, self.prefix = store._redis, prefix
-        self._push = self.redis.register_script(self._PUSH)
-        self._claim = self.redis.register_script(self._CLAIM)
-        self._settle = self.redis.register_script(self._SETTLE)
-        self._revive = self.redis.register_script(self._REVIVE)
-        self._extend = self.redis.register_script(self._EXTEND)
-        self._purge = self.redis.register_script(self._PURGE)
-
-    def push(self, partition, payload, now, marker=None):
-        key, value, ttl = marker or ("", "", 0)
-        item_id = self._push(args=[self.prefix, partition, payload, repr(now), key, value,
-                                   max(1, int(ttl * 1000))])
-        return None if item_id is None else int(item_id)
-
-    def claim(self, now, visibility):
-        claim = uuid.uuid4().hex
-        row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim, _CUT_OFF])
-        if not row:
-            return None
-        return int(row[0]), _text(row[1]), int(row[2]), claim, int(row[3])
-
-    def ack(self, item_id, claim, now):
-        return bool(self._settle(args=[self.prefix, item_id, claim, repr(now), "ack", 0, ""]))
-
-    def extend(self, item_id, claim, until):
-        self._extend(args=[self.prefix, item_id, claim, repr(until)])
-
-    def retry(self, item_id, claim, available_at, error, now):
-        self._settle(args=[self.prefix, item_id, claim, repr(now), "retry", repr(available_at),
-                           error])
-
-    def bury(self, item_id, claim, error, now):
-        self._settle(args=[self.prefix, item_id, claim, repr(now), "bury", 0, error])
-
-    def stats(self, now):
-        return {"pending": int(self.redis.get(f"{self.prefix}:q:pending") or 0),
-                "in_flight": self.redis.zcard(f"{self.prefix}:q:inflight"),
-                "dead": self.redis.llen(f"{self.prefix}:q:dead")}
-
-    def dead(self, limit=100):
-        letters = []
-        for item_id in self.redis.lrange(f"{self.prefix}:q:dead", 0, limit - 1):
-            fields = {_text(k): _text(v) for k, v in
-                      self.redis.hgetall(f"{self.prefix}:q:msg:{_text(item_id)}").items()}
-            letters.append(_dead_letter(_text(item_id), fields.get("partition"),
-                                        fields.get("payload", "{}"),
-                                        fields.get("attempts", 0), fields.get("error")))
-        return letters
-
-    def revive(self, ids, now):
-        return int(self._revive(args=[self.prefix, repr(now), *[str(i) for i in ids]]))
-
-    def purge_dead(self):
-        return int(self._purge(args=[self.prefix]))
-
-
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _open_queue(store, prefix):
-    """The durable queue living in ``store`` (sqlite or Redis)."""
-    primary = getattr(store, "primary", store)
-    if isinstance(primary, SqliteStore):
-        return _SqliteQueue(primary)
-    if isinstance(primary, RedisStore):
-        return _RedisQueue(primary, prefix)
-    raise ConfigError("delivery = queue needs a durable store: set [wxgate] store to "
-                      "sqlite:///path/to/wxgate.db or redis://host:port/db")
-
-
-###############################################################################
-# Delivery worker #############################################################
-###############################################################################
-
-
-class _DeliveryWorker:
-    """Takes queued pushes and hands them to business code, with retries and dead letters.
-
-    Runs as threads inside each gateway process, or alone as ``wxgate worker CONFIG``. Each
-    message is delivered at least once. While a delivery runs, a keeper thread renews its
-    claim, so a slow handler is never given to a second worker; a worker that dies stops
-    renewing, and its message reappears after ``queue_visibility_timeout``. A Python
-    handler's completed dedup keys are kept in the store, so a message re-delivered after a
-    crash skips the handler; a forward backend gets the same ``dedup_key`` again and can
-    drop the repeat.
-    """
-
-    def __init__(self, gateway, queue, *, threads=1, idle_sleep=0.05, random=None):
-        import random as random_module
-        self.gateway, self.queue, self.threads = gateway, queue, threads
-        self.idle_sleep = idle_sleep
-        self._random = random or random_module.random
-        self._stop = threading.Event()
-        self._threads = []
-        self._working = {}  # item id -> claim, for the keeper
-        self._working_lock = threading.Lock()
-        self._raw_noted = set()  # apps whose RawReply we said was not sent
-
-    def start(self):
-        for index in range(self.threads):
-            thread = threading.Thread(target=self.run, name=f"wxgate-delivery-{index}",
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        keeper = threading.Thread(target=self._keep_claims, name="wxgate-delivery-claims",
-                                  daemon=True)
-        keeper.start()
-        self._threads.append(keeper)
-
-    def stop(self, timeout=5.0):
-        """Stop claiming, and let the deliveries running now finish for up to ``timeout``
-        seconds in all (not per thread). One still running then is cut off: the process
-        may exit under it, and its message reappears after ``queue_visibility_timeout``."""
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with self._working_lock:
-            running = sorted(self._working)
-        if running:
-            logger.warning("delivery stopped with %d delivery(ies) still running after %g s "
-                           "(messages %s): cut off, they are delivered again after "
-                           "queue_visibility_timeout", len(running), timeout,
-                           ", ".join(map(str, running)))
-
-    def run(self):
-        """Deliver until stopped; a failing store only makes the loop wait and try again."""
-        idle = self.idle_sleep
-        while not self._stop.is_set():
-            try:
-                busy = self.run_once()
-            except Exception:
-                logger.exception("delivery loop error; retrying in 1 s")
-                busy, idle = False, 1.0
-            if busy:
-                idle = self.idle_sleep
-            else:
-                self._stop.wait(idle)
-                idle = min(idle * 2, 0.5)
-
-    def _keep_claims(self):
-        visibility = self.gateway.config.queue_visibility_timeout
-        while not self._stop.wait(visibility / 3):
-            with self._working_lock:
-                working = list(self._working.items())
-            for item_id, claim in working:
-                try:
-                    self.queue.extend(item_id, claim, self.gateway._clock() + visibility)
-                except Exception:
-                    logger.exception("could not renew the claim on queued message %s", item_id)
-
-    def run_once(self):
-        """Claim and deliver one message; return whether there was one."""
-        gateway = self.gateway
-        item = self.queue.claim(gateway._clock(), gateway.config.queue_visibility_timeout)
-        if item is None:
-            return False
-        item_id, payload, attempts, claim, cut_offs = item
-        with self._working_lock:
-            self._working[item_id] = claim
-        try:
-            self._deliver(item_id, payload, attempts, claim, cut_offs)
-        finally:
-            with self._working_lock:
-                self._working.pop(item_id, None)
-        return True
-
-    def _deliver(self, item_id, payload, attempts, claim, cut_offs=0):
-        gateway = self.gateway
-        try:
-            document = json.loads(payload)
-            app = gateway.config.apps[document["app"]]
-            message = Message(document["message"], app=app.name, format=document["format"],
-                              encrypted=document.get("encrypted", False),
-                              client=gateway._clients[app.name], cloud=document.get("cloud"))
-        except Exception as exc:  # unreadable, or an app no longer configured: never retried
-            self.queue.bury(item_id, claim, f"cannot read the queued message: "
-                            f"{type(exc).__name__}", gateway._clock())
-            logger.error("queued message %s cannot be read (%s); moved to the dead letters",
-                         item_id, type(exc).__name__)
-            return
-        if cut_offs >= MAX_CUT_OFFS:
-            error = (f"cut off {cut_offs} times: probably a worker crash or kill while "
-                     "delivering it (a handler that exhausts memory?); not delivered again")
-            self.queue.bury(item_id, claim, error, gateway._clock())
-            logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
-                         app.name, item_id, _loggable(message.dedup_key), error)
-            gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
-            return
-        key = _store_key(message) if message.dedup_key else item_id
-        done_key = f"{gateway.config.store_prefix}:done:{key}"
-        started = time.monotonic()
-        try:
-            if gateway.store.get(done_key) is None:
-                reply = _business_reply(app, message, timestamp=gateway._clock())
-                gateway.store.set(done_key, "1", DONE_TTL)
-                if isinstance(reply, RawReply) and app.name not in self._raw_noted:
-                    # WeChat was answered success when the push was queued: a fixed body
-                    # such as virtual payment's needs delivery = sync.
-                    self._raw_noted.add(app.name)
-                    logger.warning("app=%s delivery = queue: the RawReply was not sent (the "
-                                   "push was answered success when queued); pushes that "
-                                   "need a fixed reply need delivery = sync", app.name)
-                outcome = "delivered"
-            else:
-                outcome = "already-delivered"
-        except Exception as exc:
-            # One line: the attempts' errors are stored one per line (list-dead splits
-            # them), and many are several (pydantic's ValidationError, a client library's).
-            error = " | ".join(line.strip() for line in
-                               f"{type(exc).__name__}: {exc}".splitlines() if line.strip())
-            error = error[:500]
-            if attempts >= app.queue_max_attempts:
-                self.queue.bury(item_id, claim, error, gateway._clock())
-                logger.error("app=%s message %s (key %s) failed %d times, moved to the "
-                             "dead letters: %s", app.name, item_id,
-                             _loggable(message.dedup_key), attempts, _loggable(error))
-                gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
-                return
-            # Exponential backoff with jitter (0.5x to 1.5x), so a recovering backend is not
-            # hit in lockstep; the exponent is capped before it can overflow.
-            delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** min(attempts - 1, 30))
-            delay *= 0.5 + self._random()
-            self.queue.retry(item_id, claim, gateway._clock() + delay, error, gateway._clock())
-            logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
-                           "%s", app.name, item_id, _loggable(message.dedup_key), attempts,
-                           delay, _loggable(error))
-            return
-        if not self.queue.ack(item_id, claim, gateway._clock()):
-            logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
-                           "worker will find it done", app.name, item_id,
-                           _loggable(message.dedup_key))
-        gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
-                                app=app.name)
-        logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
-                    _loggable(message.event or message.msg_type), _loggable(message.dedup_key),
-                    outcome, attempts, (time.monotonic() - started) * 1000)
-
-
-###############################################################################
-# Logs and admin helpers ######################################################
-###############################################################################
-
-
-def _worker_processes(argv, environ, under_gunicorn):
-    """Why this looks like one of several worker processes (a short reason), or "".
-
-    Read from gunicorn's own settings (``-w``/``--workers`` on its command line or in
-    ``GUNICORN_CMD_ARGS``, ``WEB_CONCURRENCY``) when gunicorn is the server, else from
-    processes beside this one: children of the same parent running the same command
-    (gunicorn, Apache's prefork children, uwsgi without its own settings). Best effort: it
-    only decides whether to warn.
-    """
-    if under_gunicorn:
-        import shlex
-        words = list(argv[1:])
-        try:
-            words += shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
-        except ValueError:
-            pass
-        workers = environ.get("WEB_CONCURRENCY")
-        for index, word in enumerate(words):  # the last setting wins, as in gunicorn
-            if word in ("-w", "--workers") and index + 1 < len(words):
-                workers = words[index + 1]
-            elif word.startswith("--workers="):
-                workers = word.split("=", 1)[1]
-            elif word.startswith("-w") and word[2:].isdigit():
-                workers = word[2:]
-        try:
-            count = int(workers or 1)
-        except ValueError:
-            count = 1
-        return f"gunicorn with {count} workers" if count > 1 else ""
-    siblings = _sibling_processes()
-    return f"{siblings + 1} processes running this command" if siblings else ""
-
-
-def _sibling_processes():
-    """How many other children of our parent run our command line (0 when unknown)."""
-    try:
-        with open("/proc/self/cmdline", "rb") as file:
-            command = file.read()
-        with open("/proc/self/stat", "rb") as file:
-            parent = file.read().rsplit(b")", 1)[1].split()[1].decode()
-        with open(f"/proc/{parent}/task/{parent}/children", "rb") as file:
-            children = file.read().split()
-    except (OSError, IndexError, ValueError):
-        return 0
-    count = 0
-    for child in children:
-        if child.decode() == str(os.getpid()):
-            continue
-        try:
-            with open(f"/proc/{child.decode()}/cmdline", "rb") as file:
-                count += file.read() == command
-        except OSError:
-            pass
-    return count
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = sorted((k, list(v)) for k, v in self._histograms.items())
+        for (name, labels), value in counters:
+            header(name)
+            lines.append(f"{name}{{{_label_text(labels)}}} {value}")
+        for (name, labels), histogram in histograms:
+            header(name)
+            cumulative = 0
+            for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):
+                cumulative += count
+                label = _label_text(labels + (("le", repr(bound)),))
+                lines.append(f"{name}_bucket{{{label}}} {cumulative}")
+            label = _label_text(labels + (("le", "+Inf"),))
+            lines.append(f"{name}_bucket{{{label}}} {histogram[-1]}")
+            lines.append(f"{name}_sum{{{_label_text(labels)}}} {histogram[-2]!r}")
+            lines.append(f"{name}_count{{{_label_text(labels)}}} {histogram[-1]}")
+        for name, labels, value in gauges:
+            header(name)
+            lines.append(f"{name}{{{_label_text(tuple(sorted(labels.items())))}}} {value}")
+        return "\n".join(lines) + "\n"
 
 
 class _LineLimit:
@@ -4377,12 +3441,6 @@ def _held_back_note(held, last, what):
     return note
 
 
-def _from_loopback(environ):
-    # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
-    return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
-        "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
-
-
 def _given_request_id(environ):
     """The proxy's X-Request-Id (nginx ``$request_id``) when usable, else "-".
 
@@ -4401,7 +3459,7 @@ def _request_id(environ):
     """The proxy's X-Request-Id when there is one (nginx ``$request_id``), else a fresh one.
 
     The fresh one is 16 hex digits, 64 random bits as ``uuid4().hex[:16]`` gave, without a
-    ``getrandom(2)`` and a UUID object per push (issue 13): an id to find a line by, not a
+    ``getrandom(2)`` and a UUID object per push: an id to find a line by, not a
     secret. ``random``'s module generator is reseeded in every forked child, so gunicorn's
     workers do not draw the same ids.
     """
@@ -4412,6 +3470,28 @@ def _request_id(environ):
 
 
 _PUSH_LINE = "push app=%s type=%s key=%s outcome=%s ms=%.1f rid=%s"
+
+
+def _log_push(app_name, kind, key, outcome, milliseconds, environ, json_fields):
+    """The INFO line of one push (``_PUSH_LINE``), with the fields JSON lines show when
+    ``json_fields``; the caller has checked that INFO is enabled."""
+    # The extra fields too: a deployer's format may show %(dedup_key)s.
+    kind, key = _loggable(kind), _loggable(key)
+    extra = None
+    if json_fields:  # the fields only JSON lines show
+        extra = {"app": app_name, "dedup_key": key, "outcome": outcome,
+                 "duration_ms": round(milliseconds, 2), "msg_type": kind,
+                 "request_id": _request_id(environ)}
+    # logger.info would walk the stack (findCaller) to learn what this frame knows;
+    # makeRecord + handle is the rest of its path, so a user's record factory,
+    # Logger.disabled, filters, handlers and propagation all still apply. The frame is not
+    # kept in a local: in its own locals it would be a reference cycle, keeping the push's
+    # objects alive until the garbage collector runs.
+    code = sys._getframe().f_code
+    logger.handle(logger.makeRecord(
+        logger.name, logging.INFO, code.co_filename, sys._getframe().f_lineno,
+        _PUSH_LINE, (app_name, kind, key, outcome, milliseconds,
+                     _given_request_id(environ)), None, code.co_name, extra))
 
 
 class _TextFormatter(logging.Formatter):
@@ -4558,9 +3638,268 @@ def _setup_logging(log_format, level=logging.INFO, *, root=False):
 
 
 ###############################################################################
-# Requests ####################################################################
+# Admin endpoints #############################################################
 ###############################################################################
 
+def _from_loopback(environ):
+    # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
+    return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
+        "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" not in environ
+
+
+class _Admin:
+    """The endpoints under ``admin_path``: ``/healthz`` (open), ``/metrics`` and
+    ``/token/NAME`` (the admin secret's).
+
+    :param gateway: the :class:`Gateway` whose config, store, queue, metrics and
+        ``client(name)`` it reports on.
+    :param refusal_lines: the gateway's :class:`_LineLimit` for refusal lines.
+    """
+
+    def __init__(self, gateway, refusal_lines):
+        self.gateway = gateway
+        self.config = gateway.config
+        self._refusal_lines = refusal_lines
+        self._health_lock = threading.Lock()
+        self._health_due = 0.0  # on time.monotonic(): when healthz writes again
+
+    def respond(self, environ, subpath):
+        """``(status, headers, body)`` for ``subpath``, the path below ``admin_path``."""
+        method = environ.get("REQUEST_METHOD", "")
+        if subpath in ("/healthz", "/metrics") or subpath.startswith("/token/"):
+            if method != "GET":
+                return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
+        if subpath == "/healthz":
+            return self._healthz(self._authorized(environ) or _from_loopback(environ))
+        if subpath == "/metrics":
+            if not (self._authorized(environ) or _from_loopback(environ)):
+                return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
+                    b"unauthorized: use the admin secret, or scrape from 127.0.0.1"
+            return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
+                self.gateway.metrics.render(self._gauges()).encode("utf-8")
+        if not self.config.admin_secret or not subpath.startswith("/token/"):
+            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+        if not self._authorized(environ):
+            allowed = self._refusal_lines.allow(None)
+            if allowed is not None:
+                logger.warning("admin token request refused: missing or wrong bearer "
+                               "secret%s", _held_back_note(*allowed, "the admin token"))
+            return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
+                b"unauthorized"
+        name = subpath[len("/token/"):]
+        if name not in self.config.apps:
+            return 404, [("Content-Type", _TEXT)], b"no such app"
+        try:
+            info = self.gateway.client(name).tokens.token_info()
+        except WxgateError as exc:
+            logger.error("admin token for app %s failed: %s", name, exc.message)
+            return 502, [("Content-Type", _JSON)], _dump_json({"error": exc.message}).encode()
+        return 200, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+            _dump_json(info).encode()
+
+    def _authorized(self, environ):
+        secret = self.config.admin_secret
+        if not secret:
+            return False
+        scheme, _, credential = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credential.strip().encode("utf-8", "surrogateescape"), secret.encode("utf-8"))
+
+    def _healthz(self, detailed):
+        """The store's (and queue's) state; names, version and counts only for ``detailed``
+        callers (the admin secret, or loopback, as for /metrics): the rest get the status."""
+        status, state = (200, "ok") if self._store_writable() else (503, "store unreachable")
+        if not detailed:
+            # The status is the store's write: an anonymous caller (a load balancer, anyone
+            # on the internet) must not make every probe a queue scan as well.
+            return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+                _dump_json({"status": state}).encode()
+        store, queue = self.gateway.store, self.gateway.queue
+        document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
+                    "store": self.config.store.split("://")[0]}
+        losses = getattr(store, "losses", 0)
+        if losses:
+            # Still 200: the store works again, and every worker shares it, so a 503 would
+            # take the whole gateway out of a load balancer for a loss that is over.
+            at, reason = store.last_loss
+            document["store_lost"] = {"count": losses, "last_at": at, "last": reason}
+        if queue is not None and status == 200:
+            try:
+                document["queue"] = queue.stats(self.gateway.now())
+            except Exception as exc:
+                status, document["status"] = 503, "queue unreachable"
+                logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
+        return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
+            _dump_json(document).encode()
+
+    def _store_writable(self):
+        """Whether the store takes writes, for healthz; a failure is logged once per check.
+
+        A write, not a ping: sqlite on a full disk still answers SELECT 1, and a store that
+        failed stays unhealthy until a write succeeds again (this check's, or a push's). At
+        most one write per ``HEALTH_CHECK_EVERY``: in between, the latest write's outcome
+        (the fallback store's flag, set and cleared by every write) is the answer.
+        """
+        store = self.gateway.store
+        try:
+            if not isinstance(store, _FallbackStore):
+                store.ping()
+                return True
+            with self._health_lock:  # one prober writes; the others read the flag
+                now = time.monotonic()
+                due = now >= self._health_due
+                if due:
+                    self._health_due = now + HEALTH_CHECK_EVERY
+            if not due:
+                return not store.write_failing
+            store.check_write(f"{self.config.store_prefix}:healthz:{os.getpid()}")
+            return True
+        except Exception as exc:
+            logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
+                         _cause(exc))
+            return False
+
+    def _gauges(self):
+        queue = self.gateway.queue
+        if queue is None:
+            return []
+        try:
+            stats = queue.stats(self.gateway.now())
+        except Exception:
+            return []
+        return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
+
+
+###############################################################################
+# Process lifecycle ###########################################################
+###############################################################################
+
+def _worker_processes(argv, environ, under_gunicorn):
+    """Why this looks like one of several worker processes (a short reason), or "".
+
+    Read from gunicorn's own settings (``-w``/``--workers`` on its command line or in
+    ``GUNICORN_CMD_ARGS``, ``WEB_CONCURRENCY``) when gunicorn is the server, else from
+    processes beside this one: children of the same parent running the same command
+    (gunicorn, Apache's prefork children, uwsgi without its own settings). Best effort: it
+    only decides whether to warn.
+    """
+    if under_gunicorn:
+        import shlex
+        words = list(argv[1:])
+        try:
+            words += shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
+        except ValueError:
+            pass
+        workers = environ.get("WEB_CONCURRENCY")
+        for index, word in enumerate(words):  # the last setting wins, as in gunicorn
+            if word in ("-w", "--workers") and index + 1 < len(words):
+                workers = words[index + 1]
+            elif word.startswith("--workers="):
+                workers = word.split("=", 1)[1]
+            elif word.startswith("-w") and word[2:].isdigit():
+                workers = word[2:]
+        try:
+            count = int(workers or 1)
+        except ValueError:
+            count = 1
+        return f"gunicorn with {count} workers" if count > 1 else ""
+    siblings = _sibling_processes()
+    return f"{siblings + 1} processes running this command" if siblings else ""
+
+
+def _sibling_processes():
+    """How many other children of our parent run our command line (0 when unknown)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as file:
+            command = file.read()
+        with open("/proc/self/stat", "rb") as file:
+            parent = file.read().rsplit(b")", 1)[1].split()[1].decode()
+        with open(f"/proc/{parent}/task/{parent}/children", "rb") as file:
+            children = file.read().split()
+    except (OSError, IndexError, ValueError):
+        return 0
+    count = 0
+    for child in children:
+        if child.decode() == str(os.getpid()):
+            continue
+        try:
+            with open(f"/proc/{child.decode()}/cmdline", "rb") as file:
+                count += file.read() == command
+        except OSError:
+            pass
+    return count
+
+
+class _Lifecycle:
+    """A gateway's process, apart from its requests: the delivery threads it runs, and the
+    warnings about the server it runs under (CGI, several workers with a memory store).
+
+    The one reader of ``sys.argv``, ``os.environ`` and ``/proc`` in the gateway.
+
+    :param make_worker: returns a delivery worker, not started (``Gateway.worker``).
+    :param start_worker: whether this process runs delivery threads.
+    :param queued: whether an app has ``delivery = queue`` and the gateway its own threads.
+    :param shared: whether the store is shared between processes.
+    """
+
+    def __init__(self, make_worker, *, start_worker, queued, shared):
+        self._make_worker, self.start_worker = make_worker, start_worker
+        self._queued, self._shared = queued, shared
+        self._worker = None
+        self._worker_pid = None
+        self._worker_lock = threading.Lock()
+        self._cgi_warned = False
+        if not shared:
+            workers = _worker_processes(sys.argv, os.environ, "gunicorn" in sys.modules)
+            if workers:
+                logger.warning("store = memory in one of several worker processes (%s): "
+                               "each keeps its own memory, so a retry that lands on another "
+                               "worker runs the handler again and every worker fetches its "
+                               "own access_token; use store = sqlite:///path/to/wxgate.db "
+                               "(one host) or redis://... (several)", workers)
+
+    def on_request(self, environ):
+        """Before each request: say what CGI cannot do, or start this process's threads."""
+        if environ.get("wsgi.run_once"):
+            self._under_cgi()
+        elif self.start_worker and self._worker_pid != os.getpid():
+            self.start_delivery()
+
+    def start_delivery(self):
+        """Start this process's delivery threads now, if it is to run any (idempotent)."""
+        if self.start_worker and self._worker_pid != os.getpid():
+            with self._worker_lock:
+                if self._worker_pid != os.getpid():
+                    self._worker = self._make_worker()
+                    self._worker.start()
+                    self._worker_pid = os.getpid()
+
+    def stop(self):
+        """Stop the delivery threads this process started."""
+        if self._worker is not None:
+            self._worker.stop()
+
+    def _under_cgi(self):
+        # One process per request (wsgiref's CGIHandler sets wsgi.run_once): nothing may
+        # rely on a thread outliving the response. Said once per process, which here is
+        # once per request, so that it shows in the server's error log.
+        if self._cgi_warned:
+            return
+        self._cgi_warned = True
+        if self._queued:
+            logger.warning("delivery = queue under CGI: a delivery thread would die with the "
+                           "request's process, so none is started; set [wxgate] "
+                           "delivery_threads = 0 and run `wxgate worker CONFIG` elsewhere")
+        if not self._shared:
+            logger.warning("store = memory under CGI: each request is a new process that "
+                           "starts empty, so every retry runs the handler again and every "
+                           "API call fetches a new access_token; use store = "
+                           "sqlite:///path/to/wxgate.db")
+
+
+###############################################################################
+# Reading requests ############################################################
+###############################################################################
 
 _STATUS_LINES = {
     200: "200 OK", 204: "204 No Content", 400: "400 Bad Request", 401: "401 Unauthorized",
@@ -4568,9 +3907,16 @@ _STATUS_LINES = {
     413: "413 Payload Too Large", 415: "415 Unsupported Media Type",
     500: "500 Internal Server Error", 502: "502 Bad Gateway", 503: "503 Service Unavailable",
 }
-_TEXT = "text/plain; charset=utf-8"
-_JSON = "application/json; charset=utf-8"
-_CONTENT_TYPES = {"xml": "text/xml; charset=utf-8", "json": _JSON}
+
+
+# Cloud Hosting's headers as the environ names them, read for cloud apps only.
+_CLOUD_ENVIRON = tuple((name, "HTTP_" + name.replace("-", "_"))
+                       for name in _CLOUD_HEADERS + _CLOUD_SOURCE_HEADERS)
+
+
+def _cloud_headers(environ):
+    """The Cloud Hosting headers a request carries, by their names (``X-WX-OPENID``...)."""
+    return {name: environ[key] for name, key in _CLOUD_ENVIRON if key in environ}
 
 
 def _query(environ):
@@ -4617,62 +3963,6 @@ def _read_body(environ, limit):
     return body
 
 
-def _read_fields(body, expected):
-    """``(fields, format)`` of a push's body: refused when empty, or in a format the app
-    does not take (``expected`` is ``auto``, ``xml`` or ``json``; the other gets 415)."""
-    if not body.strip():
-        raise MessageError("empty body", code=None)
-    fmt = _sniff_format(body)
-    if expected != "auto" and fmt != expected:
-        raise MessageError(f"app expects {expected} but the body is {fmt}", status=415,
-                           code=None)
-    return _parse_body(body, fmt), fmt
-
-
-def _required(query, *names):
-    missing = [name for name in names if not query.get(name)]
-    if missing:
-        raise MessageError(f"query is missing {', '.join(missing)}", code=None)
-    return [query[name] for name in names]
-
-
-def _check_timestamp(timestamp, now, window):
-    """Refuse a timestamp older than ``window`` or more than ``MAX_CLOCK_AHEAD`` ahead."""
-    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
-        raise MessageError(f"timestamp {timestamp[:20]!r} is not a number of seconds",
-                           code=None)
-    if not window:
-        return
-    age = int(now) - int(timestamp)
-    if age > window:
-        raise ReplayError(f"timestamp {timestamp} is {age} s old, beyond timestamp_window "
-                          f"({window} s): a replay, or a clock that needs NTP")
-    ahead = min(window, MAX_CLOCK_AHEAD)
-    if -age > ahead:
-        raise ReplayError(f"timestamp {timestamp} is {-age} s ahead of our clock, more than "
-                          f"{ahead} s: a forged timestamp, or a clock that needs NTP")
-
-
-def _sealed_refusal(cause):
-    """The one refusal for every failure after msg_signature (see ``Gateway._read_push``).
-
-    The client gets ``SEALED_REFUSAL`` and 400, whatever failed; ``message`` (for the log
-    line) adds the kind of failure and WeChat's code, which our messages past decryption
-    keep free of decrypted bytes. A parse error of the decrypted text is named by its class
-    only: its message may quote the plaintext.
-    """
-    code = cause.code if cause.code is not None else PARSE_ERROR
-    if isinstance(cause, DecryptError):
-        kind = cause.message
-    else:  # a payload we cannot read is WeChat's -40002, a 415 included
-        kind = f"decrypted payload refused ({type(cause).__name__}, {cause.status}) " \
-               f"(WeChat {code})"
-    error = DecryptError(f"{SEALED_REFUSAL}: {kind}", code=code)
-    error.public = SEALED_REFUSAL
-    error.signed = True  # past msg_signature: logged whatever the refusal rate
-    return error
-
-
 ###############################################################################
 # WSGI application ############################################################
 ###############################################################################
@@ -4682,7 +3972,10 @@ class Gateway:
 
     Build it with :func:`make_app`. The callable never raises: a bad request gets its 4xx
     and one log line, a bug or a failing handler gets a 500 with an empty body (so WeChat
-    retries) and a traceback in the log.
+    retries) and a traceback in the log. It reads the request and runs the pipeline; what
+    makes a push valid is push verification's (:func:`_verify_push`), what goes back on the
+    wire the reply's (:func:`_render_reply`), the admin endpoints are :class:`_Admin`'s and
+    the process's threads :class:`_Lifecycle`'s.
 
     :param config: a :class:`Config`.
     :param clock: returns the time in seconds (replay window, reply TimeStamp, expiry).
@@ -4706,7 +3999,7 @@ class Gateway:
         if not config.timestamp_window:
             logger.warning("%s", _WINDOW_OFF)
         self.metrics = _Metrics()
-        self._clock, self._random_bytes = clock, random_bytes
+        self._clock, self._random_bytes, self._sleep = clock, random_bytes, sleep
         if store is None:
             store = open_store(config.store, clock=clock, max_entries=config.dedup_size,
                                prefix=config.store_prefix)
@@ -4722,54 +4015,51 @@ class Gateway:
                              ttl=config.dedup_ttl, clock=clock, sleep=sleep,
                              max_entries=config.dedup_size)
             for app in config.apps.values()}
-        # Signed queries' binds (see _bind_query) get an LRU of their own in memory: sharing
-        # the dedup LRU, one per push, they halved it, and a store sized as the README says
-        # (dedup_size above the pushes of a window) evicted pushes still inside their window.
+        # Signed queries' binds get an LRU of their own in memory: sharing the dedup LRU,
+        # one per push, they halved it, and a store sized as the README says (dedup_size
+        # above the pushes of a window) evicted pushes still inside their window.
         self._binds = self.store if self.store.shared else MemoryStore(config.dedup_size,
                                                                        clock=clock)
+        self._query_binds = _QueryBinds(self._binds, prefix=config.store_prefix,
+                                        ttl=config.dedup_ttl, window=config.timestamp_window,
+                                        clock=clock, metrics=self.metrics)
         self._routes = {app.path: app for app in config.apps.values()}
-        self._aes_keys = {app.name: app.aes_key for app in config.apps.values()}
-        self._previous_keys = {app.name: app.previous_aes_key for app in config.apps.values()}
         self._notes_lock = threading.Lock()
         # Refusal lines of requests that proved nothing, per app (None: the admin token).
         self._refusal_lines = _LineLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW, clock)
         # app name -> clock time of its latest previous-key warning
         self._previous_key_warned: dict[str, float] = {}
         self._dropped_noted: set[str] = set()  # cloud apps whose dropped reply was logged
-        self._clients = {
-            app.name: WeChatClient(TokenManager(
-                app.appid, app.appsecret, store=self.store, api_base=config.api_base,
-                api_timeout=config.api_timeout, grant=app.token_grant,
-                refresh_margin=app.token_refresh_margin, name=app.name,
-                prefix=config.store_prefix, clock=clock, sleep=sleep, metrics=self.metrics),
-                sleep=sleep)
-            for app in config.apps.values()
-        }
+        # The API clients (below the boundary) are built on first use: a gateway whose
+        # handlers never call the API never makes one.
+        self._clients: dict[str, WeChatClient] = {}
+        self._clients_lock = threading.Lock()
         queued = any(app.delivery == "queue" for app in config.apps.values())
         self.queue = _open_queue(store, config.store_prefix) if queued else None
-        self._start_worker = start_worker and queued and config.delivery_threads > 0
-        self._worker: _DeliveryWorker | None = None
-        self._worker_pid: int | None = None
-        self._worker_lock = threading.Lock()
-        self._cgi_warned = False
-        self._health_lock = threading.Lock()
-        self._health_due = 0.0  # on time.monotonic(): when healthz writes again
-        if not store.shared:
-            workers = _worker_processes(sys.argv, os.environ, "gunicorn" in sys.modules)
-            if workers:
-                logger.warning("store = memory in one of several worker processes (%s): "
-                               "each keeps its own memory, so a retry that lands on another "
-                               "worker runs the handler again and every worker fetches its "
-                               "own access_token; use store = sqlite:///path/to/wxgate.db "
-                               "(one host) or redis://... (several)", workers)
+        self._admin = _Admin(self, self._refusal_lines)
+        self._lifecycle = _Lifecycle(
+            self.worker, start_worker=start_worker and queued and config.delivery_threads > 0,
+            queued=queued and config.delivery_threads > 0, shared=store.shared)
+
+    def now(self) -> float:
+        """The gateway's clock: the time in seconds."""
+        return self._clock()
 
     def client(self, name: str) -> WeChatClient:
-        """The :class:`WeChatClient` of app ``name``."""
-        try:
-            return self._clients[name]
-        except KeyError:
-            raise KeyError(f"no app named {name!r}; configured: {sorted(self._clients)}") \
-                from None
+        """The :class:`WeChatClient` of app ``name``, made on first use."""
+        client = self._clients.get(name)
+        if client is not None:
+            return client
+        app = self.config.apps.get(name)
+        if app is None:
+            raise KeyError(f"no app named {name!r}; configured: {sorted(self.config.apps)}")
+        with self._clients_lock:  # one client per app, however many threads ask first
+            client = self._clients.get(name)
+            if client is None:
+                client = self._clients[name] = _app_client(
+                    self.config, app, self.store, clock=self._clock, sleep=self._sleep,
+                    metrics=self.metrics)
+        return client
 
     def worker(self, threads: int | None = None) -> _DeliveryWorker:
         """A delivery worker for the durable queue (not started).
@@ -4791,44 +4081,18 @@ class Gateway:
         app built before gunicorn --preload forks its workers) starts its own on its first
         request.
         """
-        if self._start_worker and self._worker_pid != os.getpid():
-            with self._worker_lock:
-                if self._worker_pid != os.getpid():
-                    self._worker = self.worker()
-                    self._worker.start()
-                    self._worker_pid = os.getpid()
+        self._lifecycle.start_delivery()
 
     def close(self) -> None:
         """Stop the delivery and claim-keeping threads, and release the store's connections."""
-        if self._worker is not None:
-            self._worker.stop()
+        self._lifecycle.stop()
         for dedup in self._dedups.values():
             dedup.close()
         self.store.close()
 
-    def _under_cgi(self):
-        # One process per request (wsgiref's CGIHandler sets wsgi.run_once): nothing may
-        # rely on a thread outliving the response. Said once per process, which here is
-        # once per request, so that it shows in the server's error log.
-        if self._cgi_warned:
-            return
-        self._cgi_warned = True
-        if self.queue is not None and self.config.delivery_threads > 0:
-            logger.warning("delivery = queue under CGI: a delivery thread would die with the "
-                           "request's process, so none is started; set [wxgate] "
-                           "delivery_threads = 0 and run `wxgate worker CONFIG` elsewhere")
-        if not self.store.shared:
-            logger.warning("store = memory under CGI: each request is a new process that "
-                           "starts empty, so every retry runs the handler again and every "
-                           "API call fetches a new access_token; use store = "
-                           "sqlite:///path/to/wxgate.db")
-
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> list[bytes]:
-        if environ.get("wsgi.run_once"):
-            self._under_cgi()
-        elif self._start_worker and self._worker_pid != os.getpid():
-            self.start_delivery()
+        self._lifecycle.on_request(environ)
         try:
             status, headers, body = self._respond(environ)
         except Exception:  # a bug of ours: never let it escape to the server
@@ -4856,14 +4120,19 @@ class Gateway:
             full_path = environ.get("SCRIPT_NAME", "") + path
             admin = self.config.admin_path + "/"
             if full_path.startswith(admin):
-                return self._admin(environ, full_path[len(admin) - 1:])
+                return self._admin.respond(environ, full_path[len(admin) - 1:])
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         method = environ.get("REQUEST_METHOD", "")
         try:
             if method == "POST":
                 return self._push(app, environ, time.monotonic())
             if method == "GET":
-                return self._handshake(app, environ)
+                echostr = _verify_handshake(app, _query(environ), self._clock(),
+                                            self.config.timestamp_window,
+                                            self._query_binds.bind, self.config.admin_path)
+                logger.info("app=%s handshake ok", app.name)
+                # The body must be echostr exactly: no newline, no JSON, no encryption.
+                return 200, [("Content-Type", _TEXT)], echostr.encode("utf-8")
             return 405, [("Content-Type", _TEXT), ("Allow", "GET, POST")], \
                 b"method not allowed: WeChat sends GET (handshake) and POST (push)"
         except WxgateError as exc:
@@ -4888,228 +4157,27 @@ class Gateway:
                        extra={"app": app.name, "outcome": f"refused-{exc.status}",
                               "request_id": _request_id(environ)})
 
-    def _handshake(self, app, environ):
-        if app.mode == "cloud":
-            raise WxgateError("mode = cloud: Cloud Hosting sends no URL handshake, and there "
-                              f"is no token to sign one; probe {self.config.admin_path}"
-                              "/healthz instead", status=405)
-        query = _query(environ)
-        signature, timestamp, nonce, echostr = _required(
-            query, "signature", "timestamp", "nonce", "echostr")
-        _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
-        check_signature(signature, app.token, timestamp, nonce)
-        # Its query is a plain push's query (the same signature), and it is logged like every
-        # request: bound to the empty body a GET has, it can carry no push.
-        self._bind_query(app, timestamp, nonce, b"")
-        logger.info("app=%s handshake ok", app.name)
-        # The body must be echostr exactly: no newline, no JSON, no encryption.
-        return 200, [("Content-Type", _TEXT)], echostr.encode("utf-8")
-
-    def _read_push(self, app, environ):
-        """Verify, decrypt and parse a push; return ``(message, nonce, timestamp, aes_key)``
-        or raise. ``aes_key`` is the key that opened the push, for the reply; None when it
-        came in the clear. ``message`` is None for Cloud Hosting's path check.
-
-        safe and compat modes need ``Encrypt`` and ``msg_signature`` (WeChat sends both in
-        either mode) and read only the decrypted fields: the clear ones of a compat push are
-        covered by no signature. A plain app reads those clear fields, so the console can move
-        to compat first; its only protection is the URL ``signature``, which does not cover
-        the body (the README says what that means).
-
-        When a query is bound to its body (see :meth:`_bind_query`) depends on what proves
-        the body: in safe and compat modes ``msg_signature``, so a body binds only once it
-        has passed; the URL ``signature`` alone would let whoever saw a query first bind it
-        to garbage, and WeChat's genuine push and all its retries would then be refused.
-        """
-        if app.mode == "cloud":
-            return self._read_cloud_push(app, environ), "", None, None
-        query = _query(environ)
-        timestamp, nonce = _required(query, "timestamp", "nonce")
-        _check_timestamp(timestamp, self._clock(), self.config.timestamp_window)
-        if app.mode == "plain":  # checked before we even read the body
-            check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
-        body = _read_body(environ, self.config.max_body_bytes)
-        if app.mode == "plain":
-            # The URL signature is all a plain push has, so it binds before any other check:
-            # a genuine push refused below (a format the app does not take, a body it
-            # cannot parse) still keeps its logged query from carrying another body.
-            self._bind_query(app, timestamp, nonce, body)
-            try:
-                return self._read_plain(app, body), nonce, timestamp, None
-            except WxgateError as exc:
-                # Signed and bound: WeChat's own push, or the one body a captured query
-                # could carry. Its refusal line is never held back (see _log_refusal).
-                exc.signed = True
-                raise
-        fields, fmt = _read_fields(body, app.format)
-        encrypt = fields.get("Encrypt")
-        if encrypt is None:
-            raise MessageError(f"{app.mode} mode refuses an unencrypted push", code=None)
-        if not isinstance(encrypt, str):
-            raise MessageError("Encrypt is not a string", code=None)
-        # msg_signature covers Encrypt: check it before decoding a single byte.
-        signature = _required(query, "msg_signature")[0]
-        check_signature(signature, app.token, timestamp, nonce, encrypt)
-        self._bind_query(app, timestamp, nonce, body)
-        try:
-            text, aes_key = self._decrypt(app, encrypt)
-            inner = text.encode()
-            fmt = _sniff_format(inner)
-            if app.format != "auto" and fmt != app.format:
-                raise MessageError(f"app expects {app.format} but the decrypted push is "
-                                   f"{fmt}", status=415, code=None)
-            fields = _parse_body(inner, fmt)
-        except WxgateError as exc:
-            # One answer for every failure past msg_signature: distinct ones (padding,
-            # length, UTF-8, appid, parsing) would be an oracle for whoever has the Token.
-            # The log line keeps the kind and WeChat's code, never a decrypted byte.
-            raise _sealed_refusal(exc) from None
-        if aes_key != self._aes_keys[app.name]:
-            self._note_previous_key(app)
-        return Message(fields, app=app.name, format=fmt, encrypted=True,
-                       client=self._clients[app.name]), nonce, timestamp, aes_key
-
-    def _read_plain(self, app, body):
-        """A plain push's :class:`Message`, from its clear fields (an ``Encrypt`` beside them,
-        as in compat mode, is left out)."""
-        fields, fmt = _read_fields(body, app.format)
-        if fields.get("Encrypt") is not None:
-            fields = {name: value for name, value in fields.items() if name != "Encrypt"}
-            if "MsgType" not in fields:  # a safe-mode push: nothing in clear to read
-                raise MessageError("encrypted push, but the app has mode = plain: set mode "
-                                   "to compat (or safe) and its encoding_aes_key", code=None)
-        return Message(fields, app=app.name, format=fmt, encrypted=False,
-                       client=self._clients[app.name])
-
-    def _read_cloud_push(self, app, environ):
-        """A Cloud Hosting push: no signature, no encryption; None for the path check.
-
-        Issue 10's query binds do not apply here: Cloud Hosting signs nothing, so there is
-        no signed query that could be replayed with another body. What stands in for the
-        signature is X-WX-SOURCE, which Cloud Hosting's gateway adds; it proves something
-        only while the service's public access is off (PROTOCOL.md 11.1), hence the option.
-        """
-        # An empty header names no source: it is refused like a missing one.
-        if app.cloud_source_check and not any(
-                str(environ.get(name, "")).strip() for name in _CLOUD_SOURCE_HEADERS):
-            raise WxgateError("no X-WX-SOURCE header: the request did not come through Cloud "
-                              "Hosting's gateway (cloud_source_check = yes)", status=403)
-        cloud = {}
-        for name, key in _CLOUD_HEADERS:
-            value = environ.get(key)
-            if value is None:
-                continue
-            # Servers join a repeated header's values with commas (RFC 9110 5.3), and no
-            # openid, appid or env id holds one: the client sent a second copy of its own,
-            # beside or instead of the gateway's, and which is true cannot be told.
-            if "," in value:
-                raise WxgateError(f"{name} came more than once; an identity header must come "
-                                  "once, as Cloud Hosting's gateway sends it", status=400)
-            cloud[name] = value
-        fields, fmt = _read_fields(_read_body(environ, self.config.max_body_bytes), app.format)
-        # The console's path check is a body of one field. A push that merely carries an
-        # "action" field among others is a message and goes to the handler.
-        if fields.get("action") == _PATH_CHECK_ACTION and len(fields) == 1:
-            return None  # the console's path check: answered before any handler or store
-        if "Encrypt" in fields:
-            raise MessageError("encrypted push, but Cloud Hosting pushes are not encrypted: "
-                               "check the app's mode, and the console's push settings",
-                               code=None)
-        return Message(fields, app=app.name, format=fmt, client=self._clients[app.name],
-                       cloud=cloud)
-
-    def _decrypt(self, app, encrypt):
-        """Open ``Encrypt`` with the current key, then the previous one: ``(text, key)``.
-
-        WeChat's guidance for a key change: keep the current and the previous key, try the
-        previous one when the current one fails, and encrypt the reply with the key that
-        opened the push (TP-ENC, PROTOCOL.md 11.2). msg_signature was checked before: it
-        does not involve the key. A wrong key nearly always fails the padding (-40008), and
-        the appid check (-40005) catches the rare wrong key that unpads by chance; Base64
-        and length errors are the same under any key, so they are not tried twice. A push
-        that fails under both keys reports what the current key said, and so gets the one
-        sealed refusal (issue 10) like any other.
-        """
-        key = self._aes_keys[app.name]
-        try:
-            return decrypt_message(encrypt, key, app.appid), key
-        except DecryptError as exc:
-            previous = self._previous_keys[app.name]
-            if previous is None or exc.code not in (ILLEGAL_BUFFER, VALIDATE_APPID_ERROR):
-                raise
-            try:
-                return decrypt_message(encrypt, previous, app.appid), previous
-            except DecryptError:
-                raise exc from None
-
-    def _note_previous_key(self, app):
-        """Count a push the previous key opened; warn at most once a minute per app."""
-        self.metrics.count("wxgate_previous_key_total", app=app.name)
-        now = self._clock()
-        with self._notes_lock:  # two threads at the minute's edge: one line, not two
-            last = self._previous_key_warned.get(app.name)
-            warn = last is None or now - last >= PREVIOUS_KEY_WARN_EVERY
-            if warn:
-                self._previous_key_warned[app.name] = now
-        if warn:
-            logger.warning("app=%s a push opened only with previous_encoding_aes_key: WeChat "
-                           "still uses the old key; remove previous_encoding_aes_key once "
-                           "wxgate_previous_key_total stops growing", app.name)
-
-    def _remember_for(self, app, timestamp):
-        """Seconds to remember a push's key and its query: the app's dedup_ttl (else the
-        gateway's), and at least until the timestamp has left the window, so a replay is
-        never handled again however short dedup_ttl is."""
-        ttl = app.dedup_ttl or self.config.dedup_ttl
-        window = self.config.timestamp_window
-        if not window or timestamp is None:
-            return ttl
-        return max(ttl, int(timestamp) + window - self._clock() + REMEMBER_MARGIN)
-
-    def _bind_query(self, app, timestamp, nonce, body):
-        """Bind one signed query to one body until its timestamp leaves the window.
-
-        The URL signature covers token, timestamp and nonce, never the body, so anyone who
-        saw a query (access logs hold them all) could send another body with it. WeChat's
-        retries resend the same bytes: a byte-identical body passes, to be answered as a
-        duplicate; a different one is a forgery, refused with 403. The pair lives in the
-        shared store, so the bind holds across workers.
-
-        The key is the app, timestamp and nonce, whatever signature came with them: the
-        console's handshake (a GET, bound to an empty body), a plain push's ``signature``
-        and an encrypted one's ``msg_signature`` for one timestamp and nonce are one query,
-        bound once. Only a validly signed request binds (the caller checks first: the URL
-        ``signature`` in plain mode, ``msg_signature`` in the encrypted ones), so a forger
-        cannot occupy the key of a query WeChat has yet to send.
-        """
-        query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
-            "utf-8", "surrogateescape")).hexdigest()
-        key = f"{self.config.store_prefix}:query:{app.name}:{query_id}"
-        digest = hashlib.sha256(body).hexdigest()
-        if self._binds.add(key, digest, self._remember_for(app, timestamp)):
-            return
-        bound = self._binds.get(key)
-        if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
-                                                digest.encode("ascii")):
-            return
-        self.metrics.count("wxgate_query_reused_total", app=app.name)
-        raise SignatureError("signed query reused with a different body: a forged or altered "
-                             "push, refused", code=None)
-
     def _push(self, app, environ, started):
-        message, nonce, timestamp, aes_key = self._read_push(app, environ)
-        if message is None:
+        verified = _verify_push(
+            app, _query(environ), _cloud_headers(environ) if app.mode == "cloud" else {},
+            lambda: _read_body(environ, self.config.max_body_bytes), self._clock(),
+            self.config.timestamp_window, self._query_binds.bind)
+        if verified is None:
             # Cloud Hosting's path check wants 200 and success (or an empty body).
             logger.info("app=%s Cloud Hosting path check answered success", app.name)
             return 200, [("Content-Type", _TEXT)], b"success"
-        ttl = self._remember_for(app, timestamp)
+        if verified.previous_key:
+            self._note_previous_key(app)
+        deadline = started + self.reply_deadline * 0.9  # API calls must leave time to answer
+        message = Message(verified.fields, app=app.name, format=verified.format,
+                          encrypted=verified.encrypted, cloud=verified.cloud,
+                          client_factory=functools.partial(self._push_client, app, deadline))
+        ttl = self._query_binds.remember_for(app, verified.timestamp)
         if app.delivery == "queue":
             return self._enqueue(app, message, environ, started, ttl)
 
         def work():
-            # API calls from the handler must leave time to answer WeChat.
-            return self._deliver(app, message, nonce, started + self.reply_deadline * 0.9,
-                                 aes_key)
+            return self._deliver(app, message, verified.nonce, deadline, verified.aes_key)
 
         key = message.dedup_key
         try:
@@ -5120,24 +4188,32 @@ class Gateway:
                     _store_key(message), work, started + self.reply_deadline, ttl,
                     room=self.reply_deadline * TAKEOVER_ROOM)
         except _InFlightTimeout as exc:
-            self._log_push(app, message, "in-flight-timeout", started, environ)
+            self._record_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
         except DeliveryError as exc:  # the backend failed: its reason is the whole story
             logger.error("app=%s delivery of %s (key %s) failed: %s; answering 500 so "
                          "WeChat retries", app.name, _loggable(message.event or message.msg_type),
                          _loggable(key), _loggable(exc.message))
-            self._log_push(app, message, "handler-error", started, environ)
+            self._record_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         except Exception:
             logger.exception("app=%s %s raised on %s (key %s); answering 500 so WeChat "
                              "retries", app.name, _business_name(app),
                              _loggable(message.event or message.msg_type), _loggable(key))
-            self._log_push(app, message, "handler-error", started, environ)
+            self._record_push(app, message, "handler-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
             self.metrics.count("wxgate_duplicates_total", app=app.name)
-        self._log_push(app, message, "duplicate" if duplicate else "handled", started, environ)
+        self._record_push(app, message, "duplicate" if duplicate else "handled", started,
+                          environ)
         return 200, [("Content-Type", content_type)], reply.encode("utf-8")
+
+    def _push_client(self, app, deadline):
+        """``message.client`` of a push: the app's client, its API calls bounded by the
+        push's ``deadline`` in this thread (the handler's)."""
+        client = self.client(app.name)
+        client.tokens.set_deadline(deadline)
+        return client
 
     def _enqueue(self, app, message, environ, started, ttl):
         """Queue mode: store the push durably, then answer ``success``.
@@ -5156,12 +4232,7 @@ class Gateway:
           ``CLAIM_TTL`` and a transaction that never committed: the retry queues it.
         """
         key = _store_key(message) if message.dedup_key else None
-        document = {"app": app.name, "dedup_key": message.dedup_key,
-                    "format": message.format, "encrypted": message.encrypted,
-                    "message": message._fields}
-        if message.cloud:
-            document["cloud"] = dict(message.cloud)
-        payload = _dump_json(document)
+        payload = _dump_json(_backend_document(message, queued=True))
         partition = f"{app.name}:{message.from_user or ''}"
         done = _Dedup.done_value(_TEXT, "success")
         dedup = self._dedups[app.name]
@@ -5179,45 +4250,31 @@ class Gateway:
                 duplicate = dedup.run(key, work, started + self.reply_deadline, ttl,
                                       kind="queued", recorded=True)[2]
         except _InFlightTimeout as exc:
-            self._log_push(app, message, "in-flight-timeout", started, environ)
+            self._record_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
         except Exception as exc:
             # Without the store nothing is durable: answer 500 so WeChat retries, rather
             # than acknowledge a message we might lose.
             logger.error("app=%s cannot queue %s (%s: %s); answering 500 so WeChat retries",
                          app.name, _loggable(key), type(exc).__name__, _loggable(_cause(exc)))
-            self._log_push(app, message, "queue-error", started, environ)
+            self._record_push(app, message, "queue-error", started, environ)
             return 500, [("Content-Type", _TEXT)], b""
         if duplicate:
             self.metrics.count("wxgate_duplicates_total", app=app.name)
-        self._log_push(app, message, "duplicate" if duplicate else "queued", started, environ)
+        self._record_push(app, message, "duplicate" if duplicate else "queued", started,
+                          environ)
         return 200, [("Content-Type", _TEXT)], b"success"
 
-    def _log_push(self, app, message, outcome, started, environ):
+    def _record_push(self, app, message, outcome, started, environ):
         kind = message.event or message.msg_type
         # A label from the push: known types by name, the rest as "other", so pushes cannot
         # grow the metrics without bound.
         label = kind if isinstance(kind, str) and kind in _KNOWN_TYPES else "other"
         self.metrics.count("wxgate_pushes_total", app=app.name, type=label, outcome=outcome)
         if logger.isEnabledFor(logging.INFO):
-            milliseconds = (time.monotonic() - started) * 1000
-            # The extra fields too: a deployer's format may show %(dedup_key)s.
-            kind, key = _loggable(kind), _loggable(message.dedup_key)
-            extra = None
-            if self.config.log_format == "json":  # the fields only JSON lines show
-                extra = {"app": app.name, "dedup_key": key, "outcome": outcome,
-                         "duration_ms": round(milliseconds, 2), "msg_type": kind,
-                         "request_id": _request_id(environ)}
-            # logger.info would walk the stack (findCaller) to learn what this frame knows;
-            # makeRecord + handle is the rest of its path, so a user's record factory,
-            # Logger.disabled, filters, handlers and propagation all still apply (issue 13).
-            # The frame is not kept in a local: in its own locals it would be a reference
-            # cycle, keeping the push's objects alive until the garbage collector runs.
-            code = sys._getframe().f_code
-            logger.handle(logger.makeRecord(
-                logger.name, logging.INFO, code.co_filename, sys._getframe().f_lineno,
-                _PUSH_LINE, (app.name, kind, key, outcome, milliseconds,
-                             _given_request_id(environ)), None, code.co_name, extra))
+            _log_push(app.name, kind, message.dedup_key, outcome,
+                           (time.monotonic() - started) * 1000, environ,
+                           self.config.log_format == "json")
 
     def _deliver(self, app, message, nonce, deadline=None, aes_key=None):
         """Hand the message to business code and render its answer: ``(type, body)``.
@@ -5225,159 +4282,49 @@ class Gateway:
         ``aes_key`` is the key that opened the push: an encrypted reply is sealed with it.
         """
         started = time.monotonic()
-        tokens = self._clients[app.name].tokens
-        tokens.set_deadline(deadline)
+        client = self._clients.get(app.name)  # a handler may reach it without the message
+        if client is not None:
+            client.tokens.set_deadline(deadline)
         try:
             reply = _business_reply(app, message, timestamp=self._clock())
         finally:
-            tokens.set_deadline(None)
+            client = self._clients.get(app.name)
+            if client is not None:
+                client.tokens.set_deadline(None)
             self.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
                                  app=app.name)
-        content_type, body = self._render(app, message, reply, nonce, aes_key)
+        if _reply_dropped(app, reply):
+            self._note_dropped_reply(app)
+        content_type, body = _render_reply(
+            app, message, reply, nonce=nonce, aes_key=aes_key, now=self._clock(),
+            random_prefix=self._random_bytes(8).hex().encode("ascii")
+            if message.encrypted else None)
         body.encode("utf-8")  # a reply that cannot be sent fails here, inside the dedup claim
         return content_type, body
 
-    def _render(self, app, message, reply, nonce, aes_key=None):
-        if isinstance(reply, RawReply):  # exactly as given, in every mode
-            return reply.content_type, reply.body.decode("utf-8")
-        if isinstance(reply, (bytes, bytearray)):
-            reply = bytes(reply).decode("utf-8")
-        if reply is None or reply == "success":
-            return _TEXT, "success"
-        if reply == "":
-            return _TEXT, ""
-        if isinstance(reply, dict) and app.mode == "cloud":
-            # A Mini Program on Cloud Hosting gets no passive reply: only Official Accounts
-            # do (CLOUD-PUSH). Said once per app and process, not once per push.
-            with self._notes_lock:
-                first = app.name not in self._dropped_noted
-                self._dropped_noted.add(app.name)
-            if first:
-                logger.warning("app=%s mode = cloud: the handler's dict reply was dropped and "
-                               "success sent (Cloud Hosting passes no passive reply to a Mini "
-                               "Program); answer through message.client instead", app.name)
-            return _TEXT, "success"
-        if isinstance(reply, dict):
-            fields = _reply_fields(reply, message, self._clock())
-            text = _dump_json(fields) if message.format == "json" else _dump_xml(fields)
-        elif isinstance(reply, str):
-            text = reply
-        else:
-            raise TypeError(f"{_business_name(app)} returned "
-                            f"{type(reply).__name__}; expected None, a str, a dict or a "
-                            "RawReply")
-        if not message.encrypted:
-            return _CONTENT_TYPES[message.format], text
-        # Reply in the mode of the request being answered (never a sticky flag).
-        timestamp = str(int(self._clock()))
-        encrypt = encrypt_message(text, aes_key or self._aes_keys[app.name], app.appid,
-                                  random_prefix=self._random_bytes(8).hex().encode("ascii"))
-        signature = sign(app.token, timestamp, nonce, encrypt)
-        return _CONTENT_TYPES[message.format], _envelope(encrypt, signature, timestamp, nonce,
-                                                         message.format)
+    def _note_dropped_reply(self, app):
+        """Say once per app and process that a cloud app's dict reply became success."""
+        with self._notes_lock:
+            first = app.name not in self._dropped_noted
+            self._dropped_noted.add(app.name)
+        if first:
+            logger.warning("app=%s mode = cloud: the handler's dict reply was dropped and "
+                           "success sent (Cloud Hosting passes no passive reply to a Mini "
+                           "Program); answer through message.client instead", app.name)
 
-    def _admin(self, environ, subpath):
-        """``/healthz`` (open), ``/metrics`` and ``/token/NAME`` under admin_path."""
-        method = environ.get("REQUEST_METHOD", "")
-        if subpath in ("/healthz", "/metrics") or subpath.startswith("/token/"):
-            if method != "GET":
-                return 405, [("Content-Type", _TEXT), ("Allow", "GET")], b""
-        if subpath == "/healthz":
-            return self._healthz(self._authorized(environ) or _from_loopback(environ))
-        if subpath == "/metrics":
-            if not (self._authorized(environ) or _from_loopback(environ)):
-                return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
-                    b"unauthorized: use the admin secret, or scrape from 127.0.0.1"
-            return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
-                self.metrics.render(self._gauges()).encode("utf-8")
-        if not self.config.admin_secret or not subpath.startswith("/token/"):
-            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
-        if not self._authorized(environ):
-            allowed = self._refusal_lines.allow(None)
-            if allowed is not None:
-                logger.warning("admin token request refused: missing or wrong bearer "
-                               "secret%s", _held_back_note(*allowed, "the admin token"))
-            return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
-                b"unauthorized"
-        name = subpath[len("/token/"):]
-        if name not in self._clients:
-            return 404, [("Content-Type", _TEXT)], b"no such app"
-        try:
-            info = self._clients[name].tokens.token_info()
-        except WxgateError as exc:
-            logger.error("admin token for app %s failed: %s", name, exc.message)
-            return 502, [("Content-Type", _JSON)], _dump_json({"error": exc.message}).encode()
-        return 200, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
-            _dump_json(info).encode()
-
-    def _authorized(self, environ):
-        secret = self.config.admin_secret
-        if not secret:
-            return False
-        scheme, _, credential = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credential.strip().encode("utf-8", "surrogateescape"), secret.encode("utf-8"))
-
-    def _healthz(self, detailed):
-        """The store's (and queue's) state; names, version and counts only for ``detailed``
-        callers (the admin secret, or loopback, as for /metrics): the rest get the status."""
-        status, state = (200, "ok") if self._store_writable() else (503, "store unreachable")
-        if not detailed:
-            # The status is the store's write: an anonymous caller (a load balancer, anyone
-            # on the internet) must not make every probe a queue scan as well.
-            return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
-                _dump_json({"status": state}).encode()
-        document = {"status": state, "version": __version__, "apps": sorted(self.config.apps),
-                    "store": self.config.store.split("://")[0]}
-        losses = getattr(self.store, "losses", 0)
-        if losses:
-            # Still 200: the store works again, and every worker shares it, so a 503 would
-            # take the whole gateway out of a load balancer for a loss that is over.
-            at, reason = self.store.last_loss
-            document["store_lost"] = {"count": losses, "last_at": at, "last": reason}
-        if self.queue is not None and status == 200:
-            try:
-                document["queue"] = self.queue.stats(self._clock())
-            except Exception as exc:
-                status, document["status"] = 503, "queue unreachable"
-                logger.error("healthz: queue unreachable: %s: %s", type(exc).__name__, exc)
-        return status, [("Content-Type", _JSON), ("Cache-Control", "no-store")], \
-            _dump_json(document).encode()
-
-    def _store_writable(self):
-        """Whether the store takes writes, for healthz; a failure is logged once per check.
-
-        A write, not a ping: sqlite on a full disk still answers SELECT 1, and a store that
-        failed stays unhealthy until a write succeeds again (this check's, or a push's). At
-        most one write per ``HEALTH_CHECK_EVERY``: in between, the latest write's outcome
-        (the fallback store's flag, set and cleared by every write) is the answer.
-        """
-        try:
-            if not isinstance(self.store, _FallbackStore):
-                self.store.ping()
-                return True
-            with self._health_lock:  # one prober writes; the others read the flag
-                now = time.monotonic()
-                due = now >= self._health_due
-                if due:
-                    self._health_due = now + HEALTH_CHECK_EVERY
-            if not due:
-                return not self.store.write_failing
-            self.store.check_write(f"{self.config.store_prefix}:healthz:{os.getpid()}")
-            return True
-        except Exception as exc:
-            logger.error("healthz: store cannot be written: %s: %s", type(exc).__name__,
-                         _cause(exc))
-            return False
-
-    def _gauges(self):
-        if self.queue is None:
-            return []
-        try:
-            stats = self.queue.stats(self._clock())
-        except Exception:
-            return []
-        return [(f"wxgate_queue_{name}", {}, value) for name, value in stats.items()]
+    def _note_previous_key(self, app):
+        """Count a push the previous key opened; warn at most once a minute per app."""
+        self.metrics.count("wxgate_previous_key_total", app=app.name)
+        now = self._clock()
+        with self._notes_lock:  # two threads at the minute's edge: one line, not two
+            last = self._previous_key_warned.get(app.name)
+            warn = last is None or now - last >= PREVIOUS_KEY_WARN_EVERY
+            if warn:
+                self._previous_key_warned[app.name] = now
+        if warn:
+            logger.warning("app=%s a push opened only with previous_encoding_aes_key: WeChat "
+                           "still uses the old key; remove previous_encoding_aes_key once "
+                           "wxgate_previous_key_total stops growing", app.name)
 
 
 def make_app(config: Config | str | os.PathLike[str], **options: Any) -> Gateway:
@@ -5431,35 +4378,1343 @@ class _LazyApplication:
 application = _LazyApplication()
 
 
-# WeChat's message-push page ends with this bot: each message a user sends gets "收到"
-# through customerServiceMessage.send, and the push itself is answered success.
-_DEMO_ACKNOWLEDGEMENT = "收到"
-_USER_MESSAGE_TYPES = frozenset({"text", "image", "miniprogrampage"})
+###############################################################################
+# BOUNDARY: optional parts below ##############################################
+###############################################################################
+
+# Nothing above this line uses what follows when the module is imported, nor any private
+# attribute of it. The gateway reaches the API client through Gateway.client (made on
+# first use), the queue through _open_queue and the worker through Gateway.worker, both
+# only when an app has delivery = queue; the worker uses the gateway's public methods.
 
 
-def demo_handler(message: Message) -> dict[str, Any] | None:
-    """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent.
+###############################################################################
+# WeChat HTTP #################################################################
+###############################################################################
 
-    When the app has an AppSecret (or ``token_grant = cloud``) it is also the bot of
-    WeChat's message-push page: every message a user sends (text, image, mini program card)
-    is answered "收到" through customerServiceMessage.send. A failed send is logged, not
-    raised: the 500 would make WeChat retry the push, and the retry only repeat a "收到" the
-    user may already have.
+# The one HTTP call every API request goes through (the token endpoints and the business
+# APIs alike), and the multipart body of an upload. Pure but for _http_json's socket.
+
+
+class _Multipart:
+    """A request body already encoded as ``multipart/form-data`` (an upload)."""
+
+    __slots__ = ("data", "content_type")
+
+    def __init__(self, data: bytes, content_type: str) -> None:
+        self.data, self.content_type = data, content_type
+
+
+def _form_quote(text):
+    # What browsers do to a name or file name inside Content-Disposition's quotes (HTML's
+    # form-data encoding): CR, LF and '"' are percent-escaped, the rest goes as UTF-8.
+    return text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
+def _encode_multipart(fields, files, boundary):
+    """Encode a ``multipart/form-data`` body (RFC 7578); return a :class:`_Multipart`.
+
+    :param fields: ``{name: text}`` for plain form fields.
+    :param files: ``{name: (filename, data, content_type)}``, ``data`` bytes, sent untouched.
+    :param boundary: the boundary, ASCII letters and digits; the caller draws it at random.
+    :raises ValueError: the boundary occurs in a value: draw another one.
     """
-    logger.info("demo handler got %s from %s: %s", _loggable(message.event or message.msg_type),
-                _loggable(message.from_user), dict(message))
-    client = message._client
-    if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
-            and (client.tokens._appsecret or client.tokens.grant == "cloud"):
+    if not re.fullmatch(r"[0-9A-Za-z'()+_,./:=?-]{1,70}", boundary):
+        raise ValueError(f"not a valid multipart boundary: {boundary!r}")
+    delimiter = b"--" + boundary.encode("ascii")
+    parts = []
+    for name, value in fields.items():
+        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"\r\n',
+                      value.encode("utf-8")))
+    for name, (filename, data, content_type) in files.items():
+        if "\r" in content_type or "\n" in content_type:
+            raise ValueError(f"content type {content_type!r} holds a line break")
+        parts.append((f'Content-Disposition: form-data; name="{_form_quote(name)}"; '
+                      f'filename="{_form_quote(filename)}"\r\n'
+                      f'Content-Type: {content_type}\r\n', bytes(data)))
+    chunks = []
+    for headers, data in parts:
+        # A part ends where "CRLF--boundary" starts. We refuse "--boundary" anywhere, CRLF or
+        # not, as lax parsers exist; with a random boundary this never happens by chance.
+        if delimiter in data:
+            raise ValueError("the multipart boundary occurs in the data")
+        chunks += [delimiter, b"\r\n", headers.encode("utf-8"), b"\r\n", data, b"\r\n"]
+    chunks += [delimiter, b"--\r\n"]
+    return _Multipart(b"".join(chunks), f"multipart/form-data; boundary={boundary}")
+
+
+def _http_json(method, url, *, params=None, body=None, timeout=DEFAULT_API_TIMEOUT, what="",
+               limit="api_timeout"):
+    """One HTTP call to WeChat's API; return the decoded JSON object.
+
+    ``body`` is sent as JSON, or as it is when it is a :class:`_Multipart` (an upload).
+    ``what`` names the endpoint in errors, and the URL appears only redacted (its query may
+    carry the AppSecret or a token). ``limit`` names what set ``timeout``, for the message
+    of a call that runs out of it.
+    """
+    shown = _redact_url(url)
+    if params:
+        url = f"{url}?{urllib.parse.urlencode(params)}"
+    data = None
+    headers = {"Accept": "application/json", "User-Agent": f"wxgate/{__version__}"}
+    if isinstance(body, _Multipart):
+        data, headers["Content-Type"] = body.data, body.content_type
+    elif body is not None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        headers["Content-Type"] = "application/json; charset=utf-8"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the connection: a proxy's 502 page is not read
+        error = WeChatConnectionError(f"{what} answered HTTP {exc.code}")
+        error.http_status = exc.code  # the sidecar's 502 means something (see WeChatClient)
+        raise error from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise WeChatConnectionError(f"{what} timed out after {timeout:.3g} s ({limit})") \
+                from None
+        if isinstance(reason, socket.gaierror):  # DNS: a typo in api_base, or no resolver
+            raise WeChatConnectionError(f"{what} unreachable: cannot resolve the host of "
+                                        f"{shown} (check api_base, and this host's DNS)") \
+                from None
+        raise WeChatConnectionError(f"{what} unreachable at {shown}: {type(reason).__name__}") \
+            from None
+    except (ValueError, http.client.HTTPException) as exc:
+        # Their text may quote the URL, and with it the secret or the access_token.
+        raise WeChatConnectionError(f"{what} failed: {type(exc).__name__}") from None
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise WeChatConnectionError(f"{what} answered something that is not JSON") from None
+    if not isinstance(document, dict):
+        raise WeChatConnectionError(f"{what} answered JSON that is not an object")
+    return document
+
+
+def _errcode(document):
+    """WeChat's rule: a missing errcode means success."""
+    try:
+        return int(document.get("errcode") or 0)
+    except (TypeError, ValueError):
+        return -1
+
+
+###############################################################################
+# access_token ################################################################
+###############################################################################
+
+class TokenManager:
+    """One app's access_token: cached in the store beside its expiry, fetched once at a time.
+
+    Every thread in a process, every worker on a host (sqlite) and every host (Redis) share
+    one token. Within a process a lock makes concurrent callers wait for one fetch; across
+    processes a lock key in the store does the same, and a holder that crashes loses it
+    when it expires.
+
+    :param appid: the mini program's AppID.
+    :param appsecret: its AppSecret; only needed when a token must be fetched.
+    :param store: a :class:`Store`; a private :class:`MemoryStore` by default.
+    :param api_base: WeChat's API base URL (a fake one in tests).
+    :param api_timeout: seconds for each HTTP call.
+    :param grant: ``"stable"`` (``POST /cgi-bin/stable_token``), ``"classic"``
+        (``GET /cgi-bin/token``) or ``"cloud"`` (none: Cloud Hosting's 开放接口服务 adds the
+        credential to each call, and :meth:`get_token` raises).
+    :param refresh_margin: fetch a new token when the stored one expires within this many
+        seconds.
+    :param name: the app's name, for messages.
+    :param prefix: store key prefix.
+    :param clock: returns the time in seconds; ``sleep`` waits (both injectable).
+    :param metrics: where fetches and errors are counted (the gateway's, by default none).
+    """
+
+    def __init__(self, appid: str, appsecret: str | None, *, store: Store | None = None,
+                 api_base: str = DEFAULT_API_BASE, api_timeout: float = DEFAULT_API_TIMEOUT,
+                 grant: str = "stable", refresh_margin: float = DEFAULT_REFRESH_MARGIN,
+                 name: str | None = None, prefix: str = "wxgate",
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], object] = time.sleep, metrics: Any = None) -> None:
+        if grant not in TOKEN_GRANTS:
+            raise ValueError(f"grant must be one of {TOKEN_GRANTS}, got {grant!r}")
+        self.appid, self._appsecret = appid, appsecret
+        self.store = store if store is not None else MemoryStore(clock=clock)
+        self.api_base, self.api_timeout = api_base.rstrip("/"), api_timeout
+        self.grant, self.refresh_margin = grant, refresh_margin
+        self.name = name or appid
+        self._clock, self._sleep = clock, sleep
+        self._key = f"{prefix}:token:{grant}:{appid}"
+        self._lock_key = self._key + ":lock"
+        self._force_key = self._key + ":forced"
+        self._local_lock = threading.Lock()
+        self._metrics = metrics
+        # (error, time until which it is raised again)
+        self._failure: tuple[WeChatAPIError, float] | None = None
+        self._deadlines = threading.local()
+        self._last_replacement = (None, 0.0)
+        #: How many times this manager called a token endpoint (for tests and metrics).
+        self.fetches = 0
+
+    def __repr__(self):
+        return f"<TokenManager {self.name} appid={self.appid} grant={self.grant}>"
+
+    # A handler answering a push has WeChat's 5 seconds, not api_timeout per request: the
+    # gateway sets a per-thread deadline around the handler, and every request, backoff and
+    # wait for the token below fits in what is left of it.
+    @property
+    def has_appsecret(self) -> bool:
+        """Whether the app has an AppSecret (it is never shown)."""
+        return bool(self._appsecret)
+
+    def session_query(self, js_code: str) -> dict[str, str]:
+        """The query of ``jscode2session``, which carries the AppSecret itself."""
+        return {"appid": self.appid, "secret": self._appsecret or "", "js_code": js_code,
+                "grant_type": "authorization_code"}
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound this thread's API work by ``deadline`` (``time.monotonic()``; None: off)."""
+        self._deadlines.value = deadline
+
+    def time_left(self) -> float:
+        """The timeout for the next request: ``api_timeout``, or less near the deadline.
+
+        :raises WeChatConnectionError: this thread's push window is spent.
+        """
+        deadline = getattr(self._deadlines, "value", None)
+        if deadline is None:
+            return self.api_timeout
+        remaining = deadline - time.monotonic()
+        if remaining < 0.05:
+            raise WeChatConnectionError(f"app {self.name}: WeChat's 5-second push window is "
+                                        "spent; no time left for an API call "
+                                        "(delivery = queue has no such limit)")
+        return min(self.api_timeout, remaining)
+
+    def timeout_reason(self, timeout: float) -> str:
+        """What set ``timeout`` (from :meth:`time_left`), for a timeout's message."""
+        if timeout < self.api_timeout:
+            return "what was left of WeChat's 5-second push window; delivery = queue has " \
+                "no such limit"
+        return "api_timeout"
+
+    def can_wait(self, seconds: float) -> bool:
+        """Whether this thread's deadline leaves ``seconds`` to wait (a busy backoff)."""
+        deadline = getattr(self._deadlines, "value", None)
+        return deadline is None or time.monotonic() + seconds < deadline - 0.05
+
+    # The record kept in the store: "expires_at refresh_at token" (a token holds no space).
+    # refresh_at is decided once, by the fetcher, and read by every process: a stable_token
+    # fetched with less life left than the margin (the same token comes back until 300 s
+    # before expiry) must not make every later call fetch again.
+    def _read(self):
+        """``(token, expires_at, refresh_at)`` from the store, or None."""
+        value = self.store.get(self._key)
+        if not value:
+            return None
         try:
-            client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
-        except WxgateError as exc:
-            logger.warning("demo handler could not send %r to %s: %s", _DEMO_ACKNOWLEDGEMENT,
-                           _loggable(message.from_user), _loggable(exc.message))
-    if message.msg_type == "text" and any(
-            word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
-        return {"MsgType": "transfer_customer_service"}
-    return None
+            expires_at, refresh_at, token = value.split(" ", 2)
+            return token, float(expires_at), float(refresh_at)
+        except ValueError:
+            return None
+
+    def _fresh(self, record):
+        return record is not None and record[2] > self._clock()
+
+    def token_info(self) -> dict[str, Any]:
+        """``{"access_token": ..., "expires_at": ...}`` for a valid token, fetching if needed."""
+        token = self.get_token()
+        record = self._read()
+        expires_at = record[1] if record and record[0] == token else self._clock()
+        return {"access_token": token, "expires_at": int(expires_at)}
+
+    def get_token(self) -> str:
+        """Return a valid access_token, fetching one when none is stored or it nearly expired.
+
+        :raises WeChatAPIError: the token endpoint refused (40001: wrong AppSecret).
+        :raises WeChatConnectionError: the endpoint could not be reached in time.
+        :raises WxgateError: the app has no AppSecret configured, or ``token_grant = cloud``.
+        """
+        if self.grant == "cloud":
+            raise WxgateError(f"app {self.name!r} has token_grant = cloud: Cloud Hosting's "
+                              "开放接口服务 adds the credential to each call, so wxgate holds "
+                              "no access_token", status=500)
+        record = self._read()
+        if self._fresh(record):
+            return record[0]
+        failure = self._failure
+        if failure is not None and failure[1] > self._clock():
+            raise failure[0]  # a wrong AppSecret or an empty quota: do not ask again yet
+        # Single flight in this process: the first caller fetches. The others use the
+        # current token while it still works (a refresh ahead of expiry must not stall
+        # every handler), or wait on the lock and then find the new token in the store.
+        if record is not None and record[1] > self._clock():
+            if not self._local_lock.acquire(blocking=False):
+                return record[0]
+        else:
+            self._local_lock.acquire()
+        try:
+            record = self._read()
+            if self._fresh(record):
+                return record[0]
+            try:
+                return self._refresh(record)
+            except WeChatAPIError as exc:
+                if exc.errcode in CREDENTIAL_ERRCODES or exc.errcode == 45009:
+                    self._failure = (exc, self._clock() + FAILED_FETCH_PAUSE)
+                raise
+        finally:
+            self._local_lock.release()
+
+    def invalidate_token(self, token: str | None = None) -> None:
+        """Forget the stored token (only if it is still ``token``, when given)."""
+        record = self._read()
+        if record and (token is None or record[0] == token):
+            self.store.delete(self._key, f"{record[1]!r} {record[2]!r} {record[0]}")
+
+    def replacement_for(self, rejected: str) -> str | None:
+        """A token other than ``rejected``, after an API call said it is dead.
+
+        Fetches once; with stable_token, a normal fetch returns the same token while WeChat
+        thinks it is alive, so only then do we force a refresh, and at most once per 30 s
+        (WeChat ignores closer ones). Returns None when nothing better can be had.
+        """
+        with self._local_lock:
+            record = self._read()
+            if record and record[0] != rejected and record[1] > self._clock():
+                return record[0]  # another thread already replaced it
+            last, when = self._last_replacement
+            if last == rejected and self._clock() - when < STABLE_FORCE_GAP:
+                # The token we fetched as a replacement is rejected too: something else is
+                # wrong (another system holding the AppSecret?). Fetching on every call would
+                # burn the quota, so give up until the gap has passed.
+                return None
+            self.invalidate_token(rejected)
+            token = self._refresh(None)
+            if token != rejected:
+                self._last_replacement = (token, self._clock())
+                return token
+            if self.grant != "stable" or not self.store.add(self._force_key, "1",
+                                                            STABLE_FORCE_GAP):
+                return None
+            logger.warning("app %s: WeChat rejects the current stable token; forcing a "
+                           "refresh", self.name)
+            self.invalidate_token(rejected)
+            token = self._refresh(None, force=True)
+            if token == rejected:
+                return None
+            self._last_replacement = (token, self._clock())
+            return token
+
+    def _refresh(self, stale, force=False):
+        """Fetch under the store lock, or wait for the process holding it."""
+        owner = uuid.uuid4().hex
+        lock_ttl = self.api_timeout * (len(BUSY_BACKOFF) + 1) + sum(BUSY_BACKOFF) + 1
+        deadline = time.monotonic() + lock_ttl
+        while True:
+            if self.store.add(self._lock_key, owner, lock_ttl):
+                try:
+                    record = self._read()
+                    if not force and self._fresh(record):
+                        return record[0]  # another process fetched while we waited
+                    token, expires_in = self._fetch(force)
+                    now = self._clock()
+                    expires_at = now + expires_in
+                    refresh_at = expires_at - min(self.refresh_margin, expires_in / 2)
+                    self.store.set(self._key, f"{expires_at!r} {refresh_at!r} {token}",
+                                   expires_in)
+                    return token
+                finally:
+                    self.store.delete(self._lock_key, owner)
+            # Another process is fetching. A token that still works is good enough meanwhile.
+            now = self._clock()
+            if stale and stale[1] > now and not force:
+                return stale[0]
+            record = self._read()
+            if self._fresh(record):
+                return record[0]
+            if time.monotonic() > deadline:
+                raise WeChatConnectionError(
+                    f"app {self.name}: timed out waiting for another process to fetch the "
+                    "access_token")
+            self.time_left()  # gives up when the push that needs the token is out of time
+            self._sleep(POLL_INTERVAL * 2)
+
+    def _fetch(self, force=False):
+        """Call the token endpoint; return ``(token, expires_in)``."""
+        if not self._appsecret:
+            raise WxgateError(f"app {self.name!r} has no appsecret: set appsecret in its "
+                              f"[app:{self.name}] section to fetch access tokens", status=500)
+        credentials = {"grant_type": "client_credential", "appid": self.appid,
+                       "secret": self._appsecret}
+        for attempt in range(len(BUSY_BACKOFF) + 1):
+            self.fetches += 1
+            timeout = self.time_left()
+            if self.grant == "stable":
+                document = _http_json(
+                    "POST", self.api_base + "/cgi-bin/stable_token",
+                    body=dict(credentials, force_refresh=force), timeout=timeout,
+                    what="stable_token", limit=self.timeout_reason(timeout))
+            else:
+                document = _http_json("GET", self.api_base + "/cgi-bin/token",
+                                      params=credentials, timeout=timeout, what="token",
+                                      limit=self.timeout_reason(timeout))
+            errcode = _errcode(document)
+            if self._metrics is not None:
+                self._metrics.count("wxgate_token_fetches_total", app=self.name)
+                if errcode:
+                    self._metrics.count("wxgate_token_errors_total", app=self.name,
+                                        errcode=errcode)
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
+                    self.can_wait(BUSY_BACKOFF[attempt]):
+                self._sleep(BUSY_BACKOFF[attempt])
+                continue
+            break
+        if errcode in CREDENTIAL_ERRCODES:
+            raise WeChatAPIError(errcode, f"the token endpoint refused app {self.name!r} "
+                                 f"(appid {self.appid}): check its appid and appsecret "
+                                 f"({document.get('errmsg', '')})")
+        if errcode:
+            raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
+        token = document.get("access_token")
+        if not isinstance(token, str) or not token or " " in token:
+            raise WeChatConnectionError("token endpoint answered without an access_token")
+        try:
+            expires_in = float(document.get("expires_in", 7200))
+        except (TypeError, ValueError):
+            expires_in = 7200.0
+        logger.info("app %s: fetched a new access_token (%s, expires in %d s)",
+                    self.name, self.grant, expires_in)
+        return token, max(expires_in, 1.0)
+
+
+###############################################################################
+# WeChat API client ###########################################################
+###############################################################################
+
+# Magic numbers (offset, bytes) of the formats WeChat takes as temporary media, to name and
+# type bytes handed over without a file name, or a name without an extension: WeChat judges
+# an upload by its name's extension (community reports: 40004 / 40113 for a bare name).
+_MEDIA_MAGIC = ((0, b"\xff\xd8\xff", "jpg", "image/jpeg"),
+                (0, b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+                (0, b"GIF87a", "gif", "image/gif"), (0, b"GIF89a", "gif", "image/gif"),
+                (0, b"#!AMR\n", "amr", "audio/amr"),
+                (4, b"ftyp", "mp4", "video/mp4"))  # ISO base media: a box size, then ftyp
+
+
+def _guess_media(data, filename):
+    """``(filename, content_type)`` for an upload: from the name, else from the bytes.
+
+    A name without an extension gets the bytes' own (``poster`` → ``poster.png``).
+    """
+    for offset, magic, extension, content_type in _MEDIA_MAGIC:
+        if data.startswith(magic, offset):
+            break
+    else:
+        extension, content_type = "", "application/octet-stream"
+    if not filename:
+        return f"media.{extension or 'bin'}", content_type
+    if extension and not os.path.splitext(filename)[1]:
+        filename = f"{filename}.{extension}"
+    guessed = mimetypes.guess_type(filename)[0]
+    return filename, guessed or content_type
+
+
+def _sidecar_hint(path):
+    """What to do when Cloud Hosting's 开放接口服务 does not pass a call to ``path``."""
+    return (f"{path} did not pass Cloud Hosting's 开放接口服务: turn the service's 开放接口服务 "
+            f"switch on and add {path} to its API whitelist (云托管 console → 服务设置 → "
+            "云调用), then rebuild and publish a new version (the settings reach only "
+            "versions built after them)")
+
+
+class WeChatClient:
+    """Calls to WeChat's backend API for one app, with its token injected.
+
+    A call rejected for its token (40001, 40014, 42001) gets one replacement token and one
+    retry, then the error: never a loop. ``-1`` (busy) gets a short bounded backoff.
+    Handlers reach it as ``message.client``; other code as ``app.client(name)``.
+
+    :param tokens: the app's :class:`TokenManager`.
+    """
+
+    def __init__(self, tokens: TokenManager, *,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
+        self.tokens = tokens
+        self._sleep = sleep
+
+    def __repr__(self):
+        return f"<WeChatClient {self.tokens.name}>"
+
+    def call(self, method: str, path: str, params: Mapping[str, Any] | None = None,
+             json: Any = None) -> dict[str, Any]:
+        """Call ``path`` (e.g. ``/cgi-bin/message/custom/send``) and return the JSON answer.
+
+        With ``token_grant = cloud`` the call goes to ``api_base`` (Cloud Hosting's
+        ``http://api.weixin.qq.com``) with no ``access_token``: the 开放接口服务 sidecar adds
+        the credential, and no token is ever fetched.
+
+        :param method: ``"GET"`` or ``"POST"``.
+        :param params: extra query parameters; ``access_token`` is added.
+        :param json: the JSON body, for POST.
+        :raises WeChatAPIError: WeChat answered a non-zero errcode (after the one retry, for
+            token errors); with ``token_grant = cloud``, 41001 or 502 for an API the
+            sidecar does not pass, explained.
+        :raises WeChatConnectionError: WeChat could not be reached within ``api_timeout``.
+        """
+        if self.tokens.grant == "cloud":
+            return self._call_through_sidecar(method, path, params, json)
+        token = self.tokens.get_token()
+        try:
+            return self._call_with(token, method, path, params, json)
+        except WeChatAPIError as exc:
+            if exc.errcode not in TOKEN_REJECTED_ERRCODES:
+                raise
+            replacement = self.tokens.replacement_for(token)
+            if replacement is None:
+                raise
+            logger.warning("app %s: %s rejected the access_token (%s); retrying once with "
+                           "a new one", self.tokens.name, path, exc.errcode)
+            return self._call_with(replacement, method, path, params, json)
+
+    def _call_through_sidecar(self, method, path, params, body):
+        # Cloud Hosting's 开放接口服务 takes calls over http with no access_token and adds
+        # the credential. Its FAQ: "access_token missing" (41001) while the switch is off or
+        # in a version built before it was turned on, and HTTP 502 for an API that is not on
+        # the service's whitelist. Neither is a token to replace: one call.
+        # https://developers.weixin.qq.com/miniprogram/dev/wxcloudrun/src/guide/weixin/open.html
+        try:
+            return self._request(method, path, dict(params or {}), body)
+        except WeChatAPIError as exc:
+            if exc.errcode != 41001:
+                raise
+            raise WeChatAPIError(41001, f"access_token missing: {_sidecar_hint(path)}") \
+                from None
+        except WeChatConnectionError as exc:
+            if exc.http_status != 502:
+                raise
+            raise WeChatAPIError(502, f"HTTP 502 from 开放接口服务: {_sidecar_hint(path)}") \
+                from None
+
+    def _call_with(self, token, method, path, params, body):
+        query = dict(params or {})
+        query["access_token"] = token
+        return self._request(method, path, query, body)
+
+    def _request(self, method, path, query, body):
+        for attempt in range(len(BUSY_BACKOFF) + 1):
+            timeout = self.tokens.time_left()
+            document = _http_json(method, self.tokens.api_base + path, params=query, body=body,
+                                  timeout=timeout, what=path,
+                                  limit=self.tokens.timeout_reason(timeout))
+            errcode = _errcode(document)
+            if errcode == BUSY_ERRCODE and attempt < len(BUSY_BACKOFF) and \
+                    self.tokens.can_wait(BUSY_BACKOFF[attempt]):
+                self._sleep(BUSY_BACKOFF[attempt])
+                continue
+            if errcode:
+                raise WeChatAPIError(errcode, str(document.get("errmsg", "")))
+            return document
+
+    def code2session(self, js_code: str) -> dict[str, Any]:
+        """Exchange a ``wx.login`` code for ``openid``, ``session_key`` (and ``unionid``).
+
+        Never send ``session_key`` to the client.
+        https://developers.weixin.qq.com/miniprogram/dev/server/API/user-login/api_code2session
+        """
+        if not self.tokens.has_appsecret:
+            raise WxgateError(f"app {self.tokens.name!r} has no appsecret: set appsecret in "
+                              f"its [app:{self.tokens.name}] section to call code2session",
+                              status=500)
+        document = self._request("GET", "/sns/jscode2session",
+                                 self.tokens.session_query(js_code), None)
+        if "openid" not in document:
+            raise WeChatConnectionError("jscode2session answered without an openid")
+        return document
+
+    def send_customer_message(self, openid: str, msgtype: str, payload: dict[str, Any]
+                              ) -> dict[str, Any]:
+        """Send a customer-service message: ``{"touser", "msgtype", msgtype: payload}``."""
+        return self.call("POST", "/cgi-bin/message/custom/send",
+                         json={"touser": openid, "msgtype": msgtype, msgtype: payload})
+
+    def send_text(self, openid: str, text: str) -> dict[str, Any]:
+        """Send a text customer-service message."""
+        return self.send_customer_message(openid, "text", {"content": text})
+
+    def send_image(self, openid: str, media_id: str) -> dict[str, Any]:
+        """Send an image customer-service message (an uploaded temporary media id)."""
+        return self.send_customer_message(openid, "image", {"media_id": media_id})
+
+    def send_link(self, openid: str, title: str, description: str, url: str, thumb_url: str
+                  ) -> dict[str, Any]:
+        """Send a link card."""
+        return self.send_customer_message(openid, "link", {
+            "title": title, "description": description, "url": url, "thumb_url": thumb_url})
+
+    def send_miniprogrampage(self, openid: str, title: str, pagepath: str,
+                             thumb_media_id: str) -> dict[str, Any]:
+        """Send a mini program page card."""
+        return self.send_customer_message(openid, "miniprogrampage", {
+            "title": title, "pagepath": pagepath, "thumb_media_id": thumb_media_id})
+
+    def upload_temp_media(self, file: str | os.PathLike[str] | bytes | BinaryIO,
+                          media_type: str = "image", *, filename: str | None = None,
+                          content_type: str | None = None) -> str:
+        """Upload a temporary media file (kept 3 days) and return its ``media_id``.
+
+        customerServiceMessage.uploadTempMedia: ``POST /cgi-bin/media/upload?type=image``
+        with the file as the multipart field ``media``. Mini programs may upload images
+        only; the ``media_id`` is what :meth:`send_image` and :meth:`send_miniprogrampage`
+        take.
+        https://developers.weixin.qq.com/miniprogram/en/dev/api-backend/open-api/
+        customer-message/customerServiceMessage.uploadTempMedia.html
+
+        :param file: a path, the file's bytes, or a binary file object.
+        :param media_type: WeChat's ``type``; ``"image"`` is the only one mini programs have.
+        :param filename: the name WeChat sees; by default the file's own, or ``media.jpg``
+            (or ``.png``, ``.gif``) after the bytes' format. A name without an extension
+            gets the one of the bytes' format (JPEG, PNG, GIF, AMR, MP4), as WeChat types
+            an upload by its name.
+        :param content_type: by default guessed from the name, then from the bytes.
+        :raises WeChatAPIError: e.g. 40004 (not a media type WeChat accepts).
+        :raises WeChatConnectionError: WeChat could not be reached, or sent no media_id.
+        :raises OSError: the file cannot be read.
+        """
+        if not isinstance(media_type, str) or not re.fullmatch(r"[a-z]{1,16}", media_type):
+            raise ValueError(f"media_type must be a word such as 'image', got {media_type!r}")
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            data = bytes(file)
+        elif isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as opened:
+                data = opened.read()
+            filename = filename or os.path.basename(os.fspath(file))
+        else:
+            data = file.read()
+            name = getattr(file, "name", None)
+            filename = filename or (os.path.basename(name) if isinstance(name, str) else None)
+        filename, guessed = _guess_media(data, filename)
+        files = {"media": (filename, data, content_type or guessed)}
+        boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
+        while b"--" + boundary.encode("ascii") in data:  # one file in 2**128: draw again
+            boundary = os.urandom(MULTIPART_BOUNDARY_BYTES).hex()
+        body = _encode_multipart({}, files, boundary)
+        # call() hands its body to _http_json, which sends a _Multipart as it is: the upload
+        # gets the token, the one retry on a rejected token and the busy backoff of JSON calls.
+        document = self.call("POST", "/cgi-bin/media/upload", params={"type": media_type},
+                             json=body)
+        media_id = document.get("media_id")
+        if not isinstance(media_id, str) or not media_id:
+            raise WeChatConnectionError("media/upload answered without a media_id")
+        return media_id
+
+    def send_subscribe_message(self, openid: str, template_id: str, data: Mapping[str, Any],
+                               page: str | None = None, miniprogram_state: str | None = None,
+                               lang: str | None = None) -> dict[str, Any]:
+        """Send a subscribe message; ``data`` maps keywords to values or ``{"value": ...}``."""
+        body = {"touser": openid, "template_id": template_id,
+                "data": {name: value if isinstance(value, dict) else {"value": value}
+                         for name, value in data.items()}}
+        for name, value in (("page", page), ("miniprogram_state", miniprogram_state),
+                            ("lang", lang)):
+            if value is not None:
+                body[name] = value
+        return self.call("POST", "/cgi-bin/message/subscribe/send", json=body)
+
+    def set_typing(self, openid: str, on: bool = True) -> dict[str, Any]:
+        """Show (or hide) "typing..." in the user's chat."""
+        return self.call("POST", "/cgi-bin/message/custom/typing",
+                         json={"touser": openid, "command": "Typing" if on else "CancelTyping"})
+
+
+def _app_client(config, app, store, *, clock, sleep, metrics):
+    """The :class:`WeChatClient` of ``app``, with its :class:`TokenManager` on ``store``:
+    what ``Gateway.client`` makes on first use."""
+    return WeChatClient(TokenManager(
+        app.appid, app.appsecret, store=store, api_base=config.api_base,
+        api_timeout=config.api_timeout, grant=app.token_grant,
+        refresh_margin=app.token_refresh_margin, name=app.name, prefix=config.store_prefix,
+        clock=clock, sleep=sleep, metrics=metrics), sleep=sleep)
+
+
+###############################################################################
+# Router ######################################################################
+###############################################################################
+
+# A routed function, as registered: the decorators hand it back with its own type.
+_Routed = TypeVar("_Routed", bound=Callable[..., Any])
+
+
+class Router:
+    """A handler that calls one function per message type or event name.
+
+    ::
+
+        router = wxgate.Router()
+
+        @router.message("text")
+        def on_text(message): ...
+
+        @router.event("user_enter_tempsession")
+        def on_enter(message): ...
+
+    Point ``handler = shopbot:router`` at it. An event goes to the function registered for
+    its ``Event``, else to the one for ``router.message("event")``; any other push to the one
+    for its ``MsgType``; what matches nothing goes to ``router.default``, or is answered
+    ``success``. The routed function's return value is the reply, as a handler's is.
+    Registering a type or an event twice raises ``ValueError`` when the module is imported,
+    so one function cannot silently replace another.
+    """
+
+    def __init__(self) -> None:
+        self._messages: dict[str, Callable[[Message], Any]] = {}
+        self._events: dict[str, Callable[[Message], Any]] = {}
+        self._default: Callable[[Message], Any] | None = None
+
+    def __repr__(self) -> str:
+        routes = [f"message:{name}" for name in self._messages]
+        routes += [f"event:{name}" for name in self._events]
+        routes += ["default"] if self._default is not None else []
+        return f"<Router {' '.join(routes) or '(empty)'}>"
+
+    def message(self, *types: str) -> Callable[[_Routed], _Routed]:
+        """Route pushes whose ``MsgType`` is one of ``types`` (``"text"``, ``"image"``...)."""
+        return self._register(self._messages, "message", types)
+
+    def event(self, *names: str) -> Callable[[_Routed], _Routed]:
+        """Route events whose ``Event`` is one of ``names`` (``"user_enter_tempsession"``...)."""
+        return self._register(self._events, "event", names)
+
+    def default(self, function: _Routed) -> _Routed:
+        """Route what nothing else matches; without one, those pushes get ``success``."""
+        if not callable(function):
+            raise TypeError("use @router.default on a function, without parentheses")
+        if self._default is not None:
+            raise ValueError(f"router.default is already {_function_name(self._default)}; "
+                             f"cannot also route to {_function_name(function)}")
+        self._default = function
+        return function
+
+    def _register(self, table, kind, names):
+        # Mistakes raise here, when the handler's module is imported (so at load_config, and
+        # in `wxgate check`), not at the first push of the kind.
+        if not names:
+            example = "text" if kind == "message" else "user_enter_tempsession"
+            raise TypeError(f"router.{kind}() needs at least one name, e.g. "
+                            f"@router.{kind}({example!r})")
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"router.{kind}() takes names as strings, got {name!r}: "
+                                f"write @router.{kind}('...') with the name in parentheses")
+        if len(set(names)) != len(names):
+            raise ValueError(f"router.{kind}() got the same name twice: {names!r}")
+
+        def decorator(function):
+            if not callable(function):
+                raise TypeError(f"@router.{kind}(...) decorates a function, got "
+                                f"{type(function).__name__}")
+            for name in names:  # all checked before any is registered: no half routing
+                if name in table:
+                    raise ValueError(f"{kind} {name!r} is already routed to "
+                                     f"{_function_name(table[name])}; cannot also route it "
+                                     f"to {_function_name(function)}")
+            for name in names:
+                table[name] = function
+            return function
+
+        return decorator
+
+    def __call__(self, message: Message) -> Any:
+        """Handle ``message`` with the function routed to it; return that function's reply."""
+        function = None
+        kind = message.msg_type
+        # From a hostile JSON push MsgType and Event may be objects or lists, which are not
+        # names (and not hashable): they match nothing.
+        if kind == "event" and isinstance(message.event, str):
+            function = self._events.get(message.event)
+        if function is None and isinstance(kind, str):
+            function = self._messages.get(kind)
+        if function is None:
+            function = self._default
+        if function is None:
+            return "success"
+        return function(message)
+
+
+def _function_name(function):
+    """``module.qualname`` of a routed function, for the message of a duplicate route."""
+    module = getattr(function, "__module__", None)
+    name = getattr(function, "__qualname__", None) or repr(function)
+    return f"{module}.{name}" if module else name
+
+
+###############################################################################
+# Durable queue ###############################################################
+###############################################################################
+
+class _Queue:
+    """A durable queue of pushes in a shared store, in order per partition (app + user).
+
+    Only the oldest message of a partition can be claimed, so one user's messages reach the
+    business code in order of arrival. A claim hides its message for ``visibility`` seconds;
+    a worker that dies before acknowledging lets it reappear.
+    """
+
+    def push(self, partition, payload, now, marker=None):
+        """Queue ``payload``; return its id.
+
+        ``marker`` is ``(key, value, ttl)``, a push's dedup key in the store: the insert and
+        setting ``key`` to ``value`` are one transaction, and a key already done (a value
+        starting with "d") means the push is already queued: nothing is inserted and the
+        result is None. So "queued" is never recorded for a message that is not in the
+        queue, and a message is never queued twice under one key.
+        """
+        raise NotImplementedError
+
+    def claim(self, now, visibility):
+        """``(id, payload, attempt, claim, cut_offs)`` of a message due for delivery, or None.
+
+        ``attempt`` is this attempt's number: one more than the attempts that ended (in
+        :meth:`retry` or :meth:`bury`). An attempt cut off by a kill never ended, so it is
+        not counted: it is noted in the message's errors, and counted in ``cut_offs`` (see
+        ``MAX_CUT_OFFS``).
+        """
+        raise NotImplementedError
+
+    def ack(self, item_id, claim, now):
+        raise NotImplementedError
+
+    def extend(self, item_id, claim, until):
+        """Keep a claim hidden until ``until`` while its delivery still runs."""
+        raise NotImplementedError
+
+    def retry(self, item_id, claim, available_at, error, now):
+        """End a failed attempt: count it, add ``error`` to the message's errors."""
+        raise NotImplementedError
+
+    def bury(self, item_id, claim, error, now):
+        """End the last attempt: count it, and move the message to the dead letters."""
+        raise NotImplementedError
+
+    def stats(self, now):
+        raise NotImplementedError
+
+    def dead(self, limit=100):
+        raise NotImplementedError
+
+    def revive(self, ids, now):
+        """Put dead letters (all when ``ids`` is empty) back in the queue; return the count."""
+        raise NotImplementedError
+
+    def purge_dead(self):
+        raise NotImplementedError
+
+
+class _SqliteQueue(_Queue):
+    """The queue as a table beside the store's key-value table."""
+
+    def __init__(self, store):
+        # Its own connection with synchronous=FULL: a push answered "success" must survive
+        # a power cut, which WAL with synchronous=NORMAL (fine for dedup) does not promise.
+        # Its tables are made by each new connection: a database file deleted while
+        # serving is made anew, and the queue must be in the new one too.
+        self.store = store.reopen(synchronous="FULL", schema=(
+            "CREATE TABLE IF NOT EXISTS wxgate_queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " partition TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL"
+            " DEFAULT 0, available_at REAL NOT NULL, claim TEXT, dead INTEGER NOT NULL"
+            " DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL, cut_offs INTEGER NOT NULL"
+            " DEFAULT 0)",
+            "CREATE INDEX IF NOT EXISTS wxgate_queue_head ON wxgate_queue (dead, partition, id)"))
+        columns = {row[1] for row in self.store.query("PRAGMA table_info(wxgate_queue)", ())}
+        if "cut_offs" not in columns:  # a queue made before the column: add it in place
+            try:
+                self.store.execute("ALTER TABLE wxgate_queue ADD COLUMN cut_offs INTEGER NOT"
+                                    " NULL DEFAULT 0")
+            except sqlite3.OperationalError:  # another process added it first
+                pass
+
+    def _execute(self, sql, parameters=()):
+        """``(rowcount, lastrowid)`` of one statement in autocommit mode."""
+        return self.store.execute(sql, parameters)
+
+    def push(self, partition, payload, now, marker=None):
+        # One transaction: durable (WAL, synchronous=FULL) once COMMIT returns. The marker
+        # lives in the key-value table of the same file, so it commits with the row or not
+        # at all; a duplicate's transaction waits for this one's write lock.
+        return self.store.using(lambda connection: self._push(connection, partition,
+                                                               payload, now, marker))
+
+    def _push(self, connection, partition, payload, now, marker):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if marker is not None:
+                key, value, ttl = marker
+                row = connection.execute("SELECT value FROM wxgate_kv WHERE key = ? AND"
+                                         " expires_at > ?", (key, now)).fetchone()
+                if row is not None and row[0].startswith("d"):
+                    connection.execute("COMMIT")
+                    return None
+            item_id = connection.execute(
+                "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
+                " VALUES (?, ?, ?, ?)", (partition, payload, now, now)).lastrowid
+            if marker is not None:
+                connection.execute("INSERT OR REPLACE INTO wxgate_kv VALUES (?, ?, ?)",
+                                   (key, value, now + ttl))
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+        return item_id
+
+    def claim(self, now, visibility):
+        claim = uuid.uuid4().hex
+        for _ in range(3):
+            # Read first, without the write lock, so idle polling never queues behind the
+            # pushes. The head of each partition is its lowest live id; ids only grow, so a
+            # head stays the head until it is settled.
+            rows = self.store.query(
+                "SELECT q.id, q.payload, q.attempts, q.cut_offs, q.claim FROM wxgate_queue q"
+                " JOIN (SELECT MIN(id) AS head FROM wxgate_queue WHERE dead = 0 GROUP BY"
+                " partition) h ON q.id = h.head WHERE q.available_at <= ? ORDER BY q.id"
+                " LIMIT 1", (now,))
+            if not rows:
+                return None
+            item_id, payload, attempts, cut_offs, previous = rows[0]
+            # A claim moves available_at into the future, which hides the message; the
+            # condition makes two workers racing for it agree on one winner, and on the
+            # claim it replaces. A claim still set is one whose attempt never ended (its
+            # worker was killed): noted and counted apart, not as an attempt, since the
+            # backend may well have taken the message.
+            cut_off = previous is not None
+            if self._execute(
+                    "UPDATE wxgate_queue SET available_at = ?, error = CASE WHEN claim IS NULL"
+                    " THEN error ELSE COALESCE(error || char(10), '') || ? END, cut_offs ="
+                    " cut_offs + ?, claim = ? WHERE id = ? AND available_at <= ? AND dead = 0"
+                    " AND claim IS ?", (now + visibility, _CUT_OFF, int(cut_off), claim,
+                                        item_id, now, previous))[0] == 1:
+                return item_id, payload, attempts + 1, claim, cut_offs + cut_off
+        return None
+
+    def ack(self, item_id, claim, now):
+        return self._execute("DELETE FROM wxgate_queue WHERE id = ? AND claim = ?",
+                             (item_id, claim))[0] == 1
+
+    def extend(self, item_id, claim, until):
+        self._execute("UPDATE wxgate_queue SET available_at = ? WHERE id = ? AND claim = ?",
+                      (until, item_id, claim))
+
+    def retry(self, item_id, claim, available_at, error, now):
+        self._execute("UPDATE wxgate_queue SET available_at = ?, claim = NULL, attempts ="
+                      " attempts + 1, error = COALESCE(error || char(10), '') || 'attempt '"
+                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
+                      (available_at, error, item_id, claim))
+
+    def bury(self, item_id, claim, error, now):
+        self._execute("UPDATE wxgate_queue SET dead = 1, claim = NULL, attempts = attempts"
+                      " + 1, error = COALESCE(error || char(10), '') || 'attempt '"
+                      " || (attempts + 1) || ': ' || ? WHERE id = ? AND claim = ?",
+                      (error, item_id, claim))
+
+    def stats(self, now):
+        ((pending, in_flight, dead),) = self.store.query(
+            "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 0 AND claim IS NOT NULL"
+            " AND available_at > ?), 0), COALESCE(SUM(dead = 1), 0) FROM wxgate_queue",
+            (now,))
+        return {"pending": pending, "in_flight": in_flight, "dead": dead}
+
+    def dead(self, limit=100):
+        rows = self.store.query("SELECT id, partition, payload, attempts, error FROM"
+                                " wxgate_queue WHERE dead = 1 ORDER BY id LIMIT ?", (limit,))
+        return [_dead_letter(*row) for row in rows]
+
+    def revive(self, ids, now):
+        return self.store.using(lambda connection: self._revive(connection, ids, now))
+
+    def _revive(self, connection, ids, now):
+        where = "dead = 1" + (f" AND id IN ({','.join('?' * len(ids))})" if ids else "")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-inserted with a new id: a revived message goes after what is queued for its
+            # user now, as it would in Redis.
+            rows = connection.execute(f"SELECT id, partition, payload FROM wxgate_queue"
+                                      f" WHERE {where}", [int(i) for i in ids]).fetchall()
+            for item_id, partition, payload in rows:
+                connection.execute("DELETE FROM wxgate_queue WHERE id = ?", (item_id,))
+                connection.execute(
+                    "INSERT INTO wxgate_queue (partition, payload, available_at, enqueued_at)"
+                    " VALUES (?, ?, ?, ?)", (partition, payload, now, now))
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+        return len(rows)
+
+    def purge_dead(self):
+        return self._execute("DELETE FROM wxgate_queue WHERE dead = 1")[0]
+
+
+# Noted in a message's errors when a claim on it expired before its attempt ended.
+_CUT_OFF = "an attempt was cut off (its worker stopped, or its claim expired): not counted"
+
+
+def _dead_letter(item_id, partition, payload, attempts, error):
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        document = {}
+    errors = (error or "").split("\n") if error else []
+    return {"id": int(item_id), "partition": partition, "app": document.get("app"),
+            "dedup_key": document.get("dedup_key"), "attempts": int(attempts),
+            "error": errors[-1] if errors else None, "errors": errors}
+
+
+class _RedisQueue(_Queue):
+    """The queue in Redis: a list of ids per partition, a sorted set of partitions whose head
+    is due, a sorted set of claimed ids by deadline, a hash per message, and a dead list.
+
+    Every step is one Lua script, so it is atomic on the server however many gateways call.
+    """
+
+    _PUSH = """
+local p = ARGV[1]
+if ARGV[5] ~= '' then
+  local done = redis.call('GET', ARGV[5])
+  if done and string.sub(done, 1, 1) == 'd' then return false end
+end
+local id = redis.call('INCR', p .. ':q:seq')
+redis.call('HSET', p .. ':q:msg:' .. id, 'partition', ARGV[2], 'payload', ARGV[3],
+           'attempts', 0)
+if redis.call('RPUSH', p .. ':q:part:' .. ARGV[2], id) == 1 then
+  redis.call('ZADD', p .. ':q:ready', ARGV[4], ARGV[2])
+end
+redis.call('INCR', p .. ':q:pending')
+if ARGV[5] ~= '' then redis.call('SET', ARGV[5], ARGV[6], 'PX', ARGV[7]) end
+return id
+"""
+    _CLAIM = """
+local p, now = ARGV[1], tonumber(ARGV[2])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':q:inflight', '-inf', now,
+                               'LIMIT', 0, 100)) do
+  redis.call('ZREM', p .. ':q:inflight', id)
+  local part = redis.call('HGET', p .. ':q:msg:' .. id, 'partition')
+  if part then redis.call('ZADD', p .. ':q:ready', now, part) end
+end
+local heads = redis.call('ZRANGEBYSCORE', p .. ':q:ready', '-inf', now, 'LIMIT', 0, 1)
+if #heads == 0 then return false end
+redis.call('ZREM', p .. ':q:ready', heads[1])
+local id = redis.call('LINDEX', p .. ':q:part:' .. heads[1], 0)
+if not id then return false end
+local key = p .. ':q:msg:' .. id
+local attempts = tonumber(redis.call('HGET', key, 'attempts') or 0) + 1
+local cut_offs = tonumber(redis.call('HGET', key, 'cut_offs') or 0)
+if redis.call('HEXISTS', key, 'claim') == 1 then
+  local errors = redis.call('HGET', key, 'error')
+  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. ARGV[5])
+  cut_offs = redis.call('HINCRBY', key, 'cut_offs', 1)
+end
+redis.call('HSET', key, 'claim', ARGV[4])
+redis.call('ZADD', p .. ':q:inflight', now + tonumber(ARGV[3]), id)
+return {id, redis.call('HGET', key, 'payload'), attempts, cut_offs}
+"""
+    # ARGV: prefix, id, claim, now, action ('ack', 'retry', 'bury'), available_at, error
+    _SETTLE = """
+local p, id = ARGV[1], ARGV[2]
+local key = p .. ':q:msg:' .. id
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+local part = redis.call('HGET', key, 'partition')
+local list = p .. ':q:part:' .. part
+redis.call('ZREM', p .. ':q:inflight', id)
+redis.call('HDEL', key, 'claim')
+if ARGV[5] ~= 'ack' then
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  local errors = redis.call('HGET', key, 'error')
+  redis.call('HSET', key, 'error', (errors and errors .. '\\n' or '') .. 'attempt ' ..
+             attempts .. ': ' .. ARGV[7])
+end
+if ARGV[5] == 'retry' then
+  redis.call('ZADD', p .. ':q:ready', ARGV[6], part)
+  return 1
+end
+redis.call('LREM', list, 1, id)
+redis.call('DECR', p .. ':q:pending')
+if ARGV[5] == 'bury' then
+  redis.call('RPUSH', p .. ':q:dead', id)
+else
+  redis.call('DEL', key)
+end
+if redis.call('LLEN', list) > 0 then redis.call('ZADD', p .. ':q:ready', ARGV[4], part) end
+return 1
+"""
+    _EXTEND = """
+local key = ARGV[1] .. ':q:msg:' .. ARGV[2]
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+return redis.call('ZADD', ARGV[1] .. ':q:inflight', 'XX', ARGV[4], ARGV[2])
+"""
+    _PURGE = """
+local p = ARGV[1]
+local ids = redis.call('LRANGE', p .. ':q:dead', 0, -1)
+for _, id in ipairs(ids) do redis.call('DEL', p .. ':q:msg:' .. id) end
+redis.call('DEL', p .. ':q:dead')
+return #ids
+"""
+    _REVIVE = """
+local p, now = ARGV[1], ARGV[2]
+local ids = {}
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ids == 0 then ids = redis.call('LRANGE', p .. ':q:dead', 0, -1) end
+local count = 0
+for _, id in ipairs(ids) do
+  local key = p .. ':q:msg:' .. id
+  local part = redis.call('HGET', key, 'partition')
+  if part and redis.call('LREM', p .. ':q:dead', 1, id) > 0 then
+    redis.call('HSET', key, 'attempts', 0)
+    redis.call('HDEL', key, 'error', 'claim', 'cut_offs')
+    if redis.call('RPUSH', p .. ':q:part:' .. part, id) == 1 then
+      redis.call('ZADD', p .. ':q:ready', now, part)
+    end
+    redis.call('INCR', p .. ':q:pending')
+    count = count + 1
+  end
+end
+return count
+"""
+
+    def __init__(self, store, prefix):
+        self.redis, self.prefix = store.client, prefix
+        self._push = self.redis.register_script(self._PUSH)
+        self._claim = self.redis.register_script(self._CLAIM)
+        self._settle = self.redis.register_script(self._SETTLE)
+        self._revive = self.redis.register_script(self._REVIVE)
+        self._extend = self.redis.register_script(self._EXTEND)
+        self._purge = self.redis.register_script(self._PURGE)
+
+    def push(self, partition, payload, now, marker=None):
+        key, value, ttl = marker or ("", "", 0)
+        item_id = self._push(args=[self.prefix, partition, payload, repr(now), key, value,
+                                   max(1, int(ttl * 1000))])
+        return None if item_id is None else int(item_id)
+
+    def claim(self, now, visibility):
+        claim = uuid.uuid4().hex
+        row = self._claim(args=[self.prefix, repr(now), repr(visibility), claim, _CUT_OFF])
+        if not row:
+            return None
+        return int(row[0]), _text(row[1]), int(row[2]), claim, int(row[3])
+
+    def ack(self, item_id, claim, now):
+        return bool(self._settle(args=[self.prefix, item_id, claim, repr(now), "ack", 0, ""]))
+
+    def extend(self, item_id, claim, until):
+        self._extend(args=[self.prefix, item_id, claim, repr(until)])
+
+    def retry(self, item_id, claim, available_at, error, now):
+        self._settle(args=[self.prefix, item_id, claim, repr(now), "retry", repr(available_at),
+                           error])
+
+    def bury(self, item_id, claim, error, now):
+        self._settle(args=[self.prefix, item_id, claim, repr(now), "bury", 0, error])
+
+    def stats(self, now):
+        return {"pending": int(self.redis.get(f"{self.prefix}:q:pending") or 0),
+                "in_flight": self.redis.zcard(f"{self.prefix}:q:inflight"),
+                "dead": self.redis.llen(f"{self.prefix}:q:dead")}
+
+    def dead(self, limit=100):
+        letters = []
+        for item_id in self.redis.lrange(f"{self.prefix}:q:dead", 0, limit - 1):
+            fields = {_text(k): _text(v) for k, v in
+                      self.redis.hgetall(f"{self.prefix}:q:msg:{_text(item_id)}").items()}
+            letters.append(_dead_letter(_text(item_id), fields.get("partition"),
+                                        fields.get("payload", "{}"),
+                                        fields.get("attempts", 0), fields.get("error")))
+        return letters
+
+    def revive(self, ids, now):
+        return int(self._revive(args=[self.prefix, repr(now), *[str(i) for i in ids]]))
+
+    def purge_dead(self):
+        return int(self._purge(args=[self.prefix]))
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _open_queue(store, prefix):
+    """The durable queue living in ``store`` (sqlite or Redis)."""
+    primary = getattr(store, "primary", store)
+    if isinstance(primary, SqliteStore):
+        return _SqliteQueue(primary)
+    if isinstance(primary, RedisStore):
+        return _RedisQueue(primary, prefix)
+    raise ConfigError("delivery = queue needs a durable store: set [wxgate] store to "
+                      "sqlite:///path/to/wxgate.db or redis://host:port/db")
+
+
+###############################################################################
+# Delivery worker #############################################################
+###############################################################################
+
+class _DeliveryWorker:
+    """Takes queued pushes and hands them to business code, with retries and dead letters.
+
+    Runs as threads inside each gateway process, or alone as ``wxgate worker CONFIG``. Each
+    message is delivered at least once. While a delivery runs, a keeper thread renews its
+    claim, so a slow handler is never given to a second worker; a worker that dies stops
+    renewing, and its message reappears after ``queue_visibility_timeout``. A Python
+    handler's completed dedup keys are kept in the store, so a message re-delivered after a
+    crash skips the handler; a forward backend gets the same ``dedup_key`` again and can
+    drop the repeat.
+    """
+
+    def __init__(self, gateway, queue, *, threads=1, idle_sleep=0.05, random=None):
+        import random as random_module
+        self.gateway, self.queue, self.threads = gateway, queue, threads
+        self.idle_sleep = idle_sleep
+        self._random = random or random_module.random
+        self._stop = threading.Event()
+        self._threads = []
+        self._working = {}  # item id -> claim, for the keeper
+        self._working_lock = threading.Lock()
+        self._raw_noted = set()  # apps whose RawReply we said was not sent
+
+    def start(self):
+        for index in range(self.threads):
+            thread = threading.Thread(target=self.run, name=f"wxgate-delivery-{index}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        keeper = threading.Thread(target=self._keep_claims, name="wxgate-delivery-claims",
+                                  daemon=True)
+        keeper.start()
+        self._threads.append(keeper)
+
+    def stop(self, timeout=5.0):
+        """Stop claiming, and let the deliveries running now finish for up to ``timeout``
+        seconds in all (not per thread). One still running then is cut off: the process
+        may exit under it, and its message reappears after ``queue_visibility_timeout``."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._working_lock:
+            running = sorted(self._working)
+        if running:
+            logger.warning("delivery stopped with %d delivery(ies) still running after %g s "
+                           "(messages %s): cut off, they are delivered again after "
+                           "queue_visibility_timeout", len(running), timeout,
+                           ", ".join(map(str, running)))
+
+    def run(self):
+        """Deliver until stopped; a failing store only makes the loop wait and try again."""
+        idle = self.idle_sleep
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:
+                logger.exception("delivery loop error; retrying in 1 s")
+                busy, idle = False, 1.0
+            if busy:
+                idle = self.idle_sleep
+            else:
+                self._stop.wait(idle)
+                idle = min(idle * 2, 0.5)
+
+    def _keep_claims(self):
+        visibility = self.gateway.config.queue_visibility_timeout
+        while not self._stop.wait(visibility / 3):
+            with self._working_lock:
+                working = list(self._working.items())
+            for item_id, claim in working:
+                try:
+                    self.queue.extend(item_id, claim, self.gateway.now() + visibility)
+                except Exception:
+                    logger.exception("could not renew the claim on queued message %s", item_id)
+
+    def run_once(self):
+        """Claim and deliver one message; return whether there was one."""
+        gateway = self.gateway
+        item = self.queue.claim(gateway.now(), gateway.config.queue_visibility_timeout)
+        if item is None:
+            return False
+        item_id, payload, attempts, claim, cut_offs = item
+        with self._working_lock:
+            self._working[item_id] = claim
+        try:
+            self._deliver(item_id, payload, attempts, claim, cut_offs)
+        finally:
+            with self._working_lock:
+                self._working.pop(item_id, None)
+        return True
+
+    def _deliver(self, item_id, payload, attempts, claim, cut_offs=0):
+        gateway = self.gateway
+        try:
+            document = json.loads(payload)
+            app = gateway.config.apps[document["app"]]
+            message = _queued_message(document, functools.partial(gateway.client, app.name))
+        except Exception as exc:  # unreadable, or an app no longer configured: never retried
+            self.queue.bury(item_id, claim, f"cannot read the queued message: "
+                            f"{type(exc).__name__}", gateway.now())
+            logger.error("queued message %s cannot be read (%s); moved to the dead letters",
+                         item_id, type(exc).__name__)
+            return
+        if cut_offs >= MAX_CUT_OFFS:
+            error = (f"cut off {cut_offs} times: probably a worker crash or kill while "
+                     "delivering it (a handler that exhausts memory?); not delivered again")
+            self.queue.bury(item_id, claim, error, gateway.now())
+            logger.error("app=%s message %s (key %s) %s; moved to the dead letters",
+                         app.name, item_id, _loggable(message.dedup_key), error)
+            gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
+            return
+        key = _store_key(message) if message.dedup_key else item_id
+        done_key = f"{gateway.config.store_prefix}:done:{key}"
+        started = time.monotonic()
+        try:
+            if gateway.store.get(done_key) is None:
+                reply = _business_reply(app, message, timestamp=gateway.now())
+                gateway.store.set(done_key, "1", DONE_TTL)
+                if isinstance(reply, RawReply) and app.name not in self._raw_noted:
+                    # WeChat was answered success when the push was queued: a fixed body
+                    # such as virtual payment's needs delivery = sync.
+                    self._raw_noted.add(app.name)
+                    logger.warning("app=%s delivery = queue: the RawReply was not sent (the "
+                                   "push was answered success when queued); pushes that "
+                                   "need a fixed reply need delivery = sync", app.name)
+                outcome = "delivered"
+            else:
+                outcome = "already-delivered"
+        except Exception as exc:
+            # One line: the attempts' errors are stored one per line (list-dead splits
+            # them), and many are several (pydantic's ValidationError, a client library's).
+            error = " | ".join(line.strip() for line in
+                               f"{type(exc).__name__}: {exc}".splitlines() if line.strip())
+            error = error[:500]
+            if attempts >= app.queue_max_attempts:
+                self.queue.bury(item_id, claim, error, gateway.now())
+                logger.error("app=%s message %s (key %s) failed %d times, moved to the "
+                             "dead letters: %s", app.name, item_id,
+                             _loggable(message.dedup_key), attempts, _loggable(error))
+                gateway.metrics.count("wxgate_queue_dead_letters_total", app=app.name)
+                return
+            # Exponential backoff with jitter (0.5x to 1.5x), so a recovering backend is not
+            # hit in lockstep; the exponent is capped before it can overflow.
+            delay = min(app.queue_retry_max, app.queue_retry_base * 2 ** min(attempts - 1, 30))
+            delay *= 0.5 + self._random()
+            self.queue.retry(item_id, claim, gateway.now() + delay, error, gateway.now())
+            logger.warning("app=%s message %s (key %s) attempt %d failed, retrying in %.1f s: "
+                           "%s", app.name, item_id, _loggable(message.dedup_key), attempts,
+                           delay, _loggable(error))
+            return
+        if not self.queue.ack(item_id, claim, gateway.now()):
+            logger.warning("app=%s message %s (key %s): claim lost before the ack; another "
+                           "worker will find it done", app.name, item_id,
+                           _loggable(message.dedup_key))
+        gateway.metrics.observe("wxgate_handler_seconds", time.monotonic() - started,
+                                app=app.name)
+        logger.info("queue app=%s type=%s key=%s outcome=%s attempt=%d ms=%.1f", app.name,
+                    _loggable(message.event or message.msg_type), _loggable(message.dedup_key),
+                    outcome, attempts, (time.monotonic() - started) * 1000)
 
 
 ###############################################################################
@@ -5470,7 +5725,8 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
 # (gh_ and 12 hex digits in real life), which the ini does not know.
 SIMULATED_GH_ID = "gh_wxgatedemo"
 SIMULATED_OPENID = "o_wxgate_demo_user"
-# A passive reply is addressed and typed, or it is the four-field envelope (PROTOCOL.md §4).
+# A passive reply is addressed and typed, or it is the four-field envelope.
+# https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
 _REPLY_ADDRESS = ("ToUserName", "FromUserName", "CreateTime", "MsgType")
 _ENVELOPE_FIELDS = frozenset({"Encrypt", "MsgSignature", "TimeStamp", "Nonce"})
 # Some pushes are answered with a fixed JSON body instead: virtual payment's
@@ -5607,7 +5863,7 @@ class Simulator:
                                   "FromUserName": SIMULATED_OPENID, "CreateTime": now}
         filled.update(fields)
         if filled.get("MsgType") not in (None, "event") and "MsgId" not in filled:
-            # MsgId is a 64-bit number, sent as text (PROTOCOL.md §6).
+            # MsgId is a 64-bit number, sent as text.
             filled["MsgId"] = str(int.from_bytes(self._random_bytes(8), "big") >> 1)
         dump = _dump_json if fmt == "json" else _dump_xml
         try:
@@ -5689,6 +5945,14 @@ class Simulator:
             return text
         return self._reply_fields(text)
 
+    def reply_text(self, body: bytes | str) -> str:
+        """Verify a reply as :meth:`open_reply` does; return its text, decrypted (what
+        ``wxgate push`` shows)."""
+        text = self._reply_text(body)
+        if text not in ("success", ""):
+            self._reply_fields(text)  # addressed and typed, or it raises
+        return text
+
     def _reply_text(self, body):
         """Verify a reply and return its text: decrypted when it was encrypted."""
         app = self.app
@@ -5725,7 +5989,7 @@ class Simulator:
                                  f"Encrypt under app {app.name!r}'s token") from None
         text = decrypt_message(fields["Encrypt"], app.aes_key, app.appid)
         if text in ("success", ""):
-            # PROTOCOL.md §4: success and the empty reply are never encrypted, in any mode.
+            # success and the empty reply are never encrypted, in any mode.
             raise MessageError(f"reply is an encrypted {text!r}; WeChat takes success and the "
                                "empty reply only in the clear", code=None)
         return text
@@ -5733,15 +5997,15 @@ class Simulator:
     def _parse_reply(self, data, what):
         try:
             fmt = _sniff_format(data)
-            if self.app.format != "auto" and fmt != self.app.format:
-                raise MessageError(f"is {fmt}, but app {self.app.name!r} has format = "
-                                   f"{self.app.format}", code=None)
+            _check_format(self.app.format, fmt, what)
             return _parse_body(data, fmt)
         except MessageError as exc:
             # Our codes (-40002) are for pushes; "body is ..." reads "reply is ..." here.
             reason = exc.message.split(" (WeChat")[0]
-            reason = reason[len("body "):] if reason.startswith("body ") else reason
-            raise MessageError(f"{what} {reason}", code=None) from None
+            if exc.status != 415:  # the format check names what it read itself
+                reason = reason[len("body "):] if reason.startswith("body ") else reason
+                reason = f"{what} {reason}"
+            raise MessageError(reason, code=None) from None
 
     def _reply_fields(self, text):
         """The fields of a (decrypted) reply, which must be addressed and typed."""
@@ -5765,7 +6029,6 @@ class Simulator:
 ###############################################################################
 # Fake WeChat API #############################################################
 ###############################################################################
-
 
 def _has_media_file(content_type, data):
     """Whether a request body is ``multipart/form-data`` with a file part named ``media``."""
@@ -5827,7 +6090,7 @@ class FakeAPI:
         """Listen on a free port of 127.0.0.1, in a daemon thread; return self."""
         import http.server
 
-        fake = self
+        handle = self._handle
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
@@ -5839,8 +6102,8 @@ class FakeAPI:
             def _answer(self, method):
                 length = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(length) if length else b""
-                document = fake._handle(method, self.path, self.headers.get("Content-Type", ""),
-                                        data)
+                document = handle(method, self.path, self.headers.get("Content-Type", ""),
+                                  data)
                 raw = json.dumps(document, ensure_ascii=False).encode("utf-8")
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json; encoding=utf-8")
@@ -5928,9 +6191,8 @@ class FakeAPI:
 
 
 ###############################################################################
-# Command line ################################################################
+# Dev server and demo handler #################################################
 ###############################################################################
-
 
 class _DeadlineReader(io.RawIOBase):
     """A socket's input that ends in TimeoutError once ``seconds`` have passed in all."""
@@ -6026,6 +6288,286 @@ def _serve(args):
         app.close()
     return 0
 
+
+# WeChat's message-push page ends with this bot: each message a user sends gets "收到"
+# through customerServiceMessage.send, and the push itself is answered success.
+_DEMO_ACKNOWLEDGEMENT = "收到"
+_USER_MESSAGE_TYPES = frozenset({"text", "image", "miniprogrampage"})
+
+
+def demo_handler(message: Message) -> dict[str, Any] | None:
+    """The demo handler of ``example.ini``: log each push, hand "人工"/"kf" chats to an agent.
+
+    When the app has an AppSecret (or ``token_grant = cloud``) it is also the bot of
+    WeChat's message-push page: every message a user sends (text, image, mini program card)
+    is answered "收到" through customerServiceMessage.send. A failed send is logged, not
+    raised: the 500 would make WeChat retry the push, and the retry only repeat a "收到" the
+    user may already have.
+    """
+    logger.info("demo handler got %s from %s: %s", _loggable(message.event or message.msg_type),
+                _loggable(message.from_user), dict(message))
+    try:
+        client: WeChatClient | None = message.client
+    except WxgateError:  # a Message built by hand, without a client
+        client = None
+    if message.msg_type in _USER_MESSAGE_TYPES and message.from_user and client is not None \
+            and (client.tokens.has_appsecret or client.tokens.grant == "cloud"):
+        try:
+            client.send_text(message.from_user, _DEMO_ACKNOWLEDGEMENT)
+        except WxgateError as exc:
+            logger.warning("demo handler could not send %r to %s: %s", _DEMO_ACKNOWLEDGEMENT,
+                           _loggable(message.from_user), _loggable(exc.message))
+    if message.msg_type == "text" and any(
+            word in str(message.get("Content", "")).lower() for word in ("人工", "kf")):
+        return {"MsgType": "transfer_customer_service"}
+    return None
+
+
+###############################################################################
+# Command line: acting as WeChat ##############################################
+###############################################################################
+
+def _push_fields(args):
+    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest."""
+    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
+        if path:
+            try:
+                with open(path, "rb") as file:
+                    return parse(file.read())
+            except OSError as exc:
+                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
+    fields = {"FromUserName": args.openid}
+    if args.text is not None:
+        fields.update(MsgType="text", Content=args.text)
+    else:
+        fields.update(MsgType="event", Event=args.event)
+        for pair in args.field or ():
+            name, _, value = pair.partition("=")
+            fields[name] = value
+    return fields
+
+
+def _with_query(url, query_string):
+    """``url`` with ``query_string`` added: after ``?``, or after ``&`` when it has a query.
+
+    A proxy or a host may route on a query parameter of its own (``/wechat?x=1``): WeChat
+    keeps it and appends its parameters, and so do we.
+    """
+    if not query_string:  # a cloud push: nothing to add
+        return url
+    base, _, fragment = url.partition("#")
+    joiner = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
+    return f"{base}{joiner}{query_string}" + (f"#{fragment}" if fragment else "")
+
+
+def _call_gateway(url, body=None, headers=None):
+    """One request to a gateway, as WeChat makes it (a GET without ``body``): ``(status,
+    body)``, whatever the status.
+
+    :raises OSError: the gateway cannot be reached; the message names the URL redacted.
+    :raises ValueError: the URL cannot be sent to at all (a bad port, say).
+    """
+    shown = _redact_url(url)
+    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=REPLY_DEADLINE) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise OSError(f"cannot reach {shown}: {getattr(exc, 'reason', exc)}") from None
+    except (ValueError, http.client.HTTPException) as exc:
+        # http.client's InvalidURL quotes the URL, password included: its class only.
+        raise ValueError(f"cannot send to {shown}: {type(exc).__name__} (is --url a whole "
+                         "URL, with any password percent-encoded?)") from None
+
+
+def _push(args):
+    """``wxgate push CONFIG``: act as WeChat, send a push, and print the decrypted reply."""
+    config = _load_config(args.config, unset=[])  # it needs the token and key only
+    app = _pick_app(config, args.app)
+    wechat = Simulator(config, app.name)
+    host, port = _parse_listen(config.listen)
+    url = args.url or f"http://{host}:{port}{app.path}"
+    push = wechat.push(_push_fields(args), format=args.format)
+    fields = push.fields
+    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}): {fields.get('MsgType')}"
+          f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
+    failed = False
+    # --repeat sends the very same request, as WeChat's retries do: one signed query, one
+    # body, which the gateway's query binds accept and its dedup answers from memory.
+    for attempt in range(1, args.repeat + 1):
+        started = time.monotonic()
+        try:
+            status, reply = _call_gateway(_with_query(url, push.query_string), push.body,
+                                          push.headers)
+        except OSError as exc:
+            print(f"wxgate: {exc} (is `wxgate serve` running?)", file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"wxgate: {exc}", file=sys.stderr)
+            return 1
+        elapsed = (time.monotonic() - started) * 1000
+        try:
+            if status == 200:
+                shown = wechat.reply_text(reply)
+            else:
+                shown = reply.decode("utf-8", "replace")
+        except WxgateError as exc:
+            shown = f"reply does not verify: {exc.message}"
+            failed = True
+        failed = failed or status != 200
+        print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
+    return 1 if failed else 0
+
+
+def _handshake_command(args):
+    """``wxgate handshake CONFIG``: the URL check of WeChat's console, with a plain verdict.
+
+    ``--token`` signs with the console's value instead of the ini's, which is how a token
+    that differs between the two shows up: the console's check fails, and so does ours.
+    """
+    config = _load_config(args.config, unset=[])  # it needs the token only
+    app = _pick_app(config, args.app)
+    host, port = _parse_listen(config.listen)
+    url = args.url or f"http://{host}:{port}{app.path}"
+    check = Simulator(config, app.name).handshake(token=args.token)
+    shown = _redact_url(url)
+    try:
+        status, body = _call_gateway(_with_query(url, check.query_string))
+    except (OSError, ValueError) as exc:
+        print(f"FAIL: {exc}")
+        return 1
+    if status == 200 and body == check.expected:
+        refused = _console_refuses(url)
+        verdict = (f"but the console itself would refuse this URL ({refused}): it takes "
+                   "http:// on port 80 or https:// on port 443, at a public address" if refused
+                   else "WeChat's console would accept it")
+        print(f"PASS: {shown} echoed echostr exactly; {verdict}")
+        return 0
+    print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
+          f"{check.echostr!r}: {_handshake_hint(status, app, args.token)}")
+    return 1
+
+
+def _console_refuses(url):
+    """Why WeChat's console would not take ``url`` as the push URL (a short reason), or "".
+
+    The console's form: "必须以http://或https://开头，分别支持80端口和443端口", and WeChat's
+    servers must reach the host, which a loopback or private address is not.
+    """
+    import ipaddress
+    split = urllib.parse.urlsplit(url)
+    try:
+        port = split.port
+    except ValueError:
+        port = -1
+    default = {"http": 80, "https": 443}.get(split.scheme)
+    if default is None or port not in (None, default):
+        return f"{split.scheme}:// on port {port or default}"
+    if split.hostname in (None, "localhost"):
+        return "a loopback name"
+    try:
+        address = ipaddress.ip_address(split.hostname)
+    except ValueError:
+        return ""  # a name: whether it is public, only DNS knows
+    return "" if address.is_global else "a private or loopback address"
+
+
+def _handshake_hint(status, app, console_token):
+    """What a failed handshake's status points at, for app ``app``."""
+    where = f"[app:{app.name}]"
+    if status == 404:
+        return (f"nothing answers at this path: the URL's path must be the ini's {where} path "
+                f"{app.path!r} (behind a proxy, check that it passes the path unchanged)")
+    if status in (500, 502, 503, 504):
+        return "the server failed: its log (wxgate serve's output, or the WSGI server's " \
+               "error log) says why"
+    if status == 403 and console_token is not None and console_token != app.token:
+        return (f"the console's token (given with --token) is not the one in the ini's {where}: "
+                f"copy the console's Token(令牌) into {where} token, or enter the ini's in the "
+                "console (开发管理 → 开发设置 → 消息推送) and press 提交")
+    if status == 403:
+        return (f"the signature was refused: check that the token in the console and in "
+                f"{where} are the same (try --token), or a clock far off (NTP)")
+    return f"check the URL, and the token in the console and in {where}"
+
+
+def _decrypt_command(args):
+    """``wxgate decrypt CONFIG BODY_OR_FILE ...``: verify and decrypt a captured push."""
+    config = _load_config(args.config, unset=[])  # it needs the token and key only
+    app = _pick_app(config, args.app)
+    if app.aes_key is None:
+        raise WxgateError(f"app {app.name!r} has mode = {app.mode} and no encoding_aes_key: "
+                          "there is nothing to decrypt with")
+    body = args.body
+    if os.path.isfile(body):
+        try:
+            with open(body, "rb") as file:
+                raw = file.read()
+        except OSError as exc:
+            print(f"wxgate: cannot decrypt: cannot read {body}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
+        what = "the file"
+    elif _looks_like_a_path(body):
+        print(f"wxgate: cannot decrypt: no such file: {body}", file=sys.stderr)
+        return 2
+    else:
+        raw = body.encode("utf-8", "surrogateescape")
+        what = "the argument"
+    try:
+        if raw.strip()[:1] in (b"<", b"{"):
+            fields = _parse_body(raw, _sniff_format(raw))
+            encrypt = fields.get("Encrypt")
+            if not isinstance(encrypt, str):
+                raise MessageError("the body has no Encrypt field: it is not encrypted",
+                                   code=None)
+        else:
+            try:
+                encrypt = raw.decode("utf-8").strip()  # the bare Encrypt value
+            except UnicodeDecodeError:
+                print(f"wxgate: cannot decrypt: {what} is not UTF-8, so neither a push body "
+                      "nor an Encrypt value", file=sys.stderr)
+                return 2
+        if args.msg_signature:
+            check_signature(args.msg_signature, app.token, args.timestamp, args.nonce, encrypt)
+            print(f"msg_signature ok for app {app.name}", file=sys.stderr)
+        else:
+            print("no --msg-signature given: signature not checked", file=sys.stderr)
+        # The gateway's rule: the previous key, during a rotation, and for the same failures.
+        text, key = _open_encrypt(encrypt, app.aes_key, app.previous_aes_key, app.appid)
+        if app.previous_aes_key is not None:
+            option = "encoding_aes_key" if key == app.aes_key else "previous_encoding_aes_key"
+            print(f"decrypted with {option}", file=sys.stderr)
+        print(text)
+    except WxgateError as exc:
+        print(f"wxgate: cannot decrypt: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _looks_like_a_path(text):
+    """Whether a BODY_OR_FILE that is not a file was meant as one (a path, not a value).
+
+    An ``Encrypt`` value is Base64, whose alphabet has ``/`` too: only text that is not
+    Base64 and has a path's shape (a separator, or a file extension) counts.
+    """
+    stripped = text.strip()
+    if stripped[:1] in ("<", "{"):
+        return False
+    try:
+        _strict_b64decode(stripped)
+        return False
+    except (binascii.Error, ValueError):
+        pass
+    return os.sep in stripped or bool(re.search(r"\.[A-Za-z0-9]{1,5}$", stripped))
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
 
 def _genkey(args):
     """``wxgate genkey``: a fresh EncodingAESKey and Token for the console."""
@@ -6123,256 +6665,6 @@ def _token(args):
     gateway = make_app(args.config)
     print(gateway.client(_pick_app(gateway.config, args.app).name).tokens.get_token())
     return 0
-
-
-def _push_fields(args):
-    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest."""
-    for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
-        if path:
-            try:
-                with open(path, "rb") as file:
-                    return parse(file.read())
-            except OSError as exc:
-                raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
-    fields = {"FromUserName": args.openid}
-    if args.text is not None:
-        fields.update(MsgType="text", Content=args.text)
-    else:
-        fields.update(MsgType="event", Event=args.event)
-        for pair in args.field or ():
-            name, _, value = pair.partition("=")
-            fields[name] = value
-    return fields
-
-
-def _with_query(url, query_string):
-    """``url`` with ``query_string`` added: after ``?``, or after ``&`` when it has a query.
-
-    A proxy or a host may route on a query parameter of its own (``/wechat?x=1``): WeChat
-    keeps it and appends its parameters, and so do we.
-    """
-    if not query_string:  # a cloud push: nothing to add
-        return url
-    base, _, fragment = url.partition("#")
-    joiner = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
-    return f"{base}{joiner}{query_string}" + (f"#{fragment}" if fragment else "")
-
-
-def _call_gateway(url, body=None, headers=None):
-    """One request to a gateway, as WeChat makes it (a GET without ``body``): ``(status,
-    body)``, whatever the status.
-
-    :raises OSError: the gateway cannot be reached; the message names the URL redacted.
-    :raises ValueError: the URL cannot be sent to at all (a bad port, say).
-    """
-    shown = _redact_url(url)
-    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
-                                     headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=REPLY_DEADLINE) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        raise OSError(f"cannot reach {shown}: {getattr(exc, 'reason', exc)}") from None
-    except (ValueError, http.client.HTTPException) as exc:
-        # http.client's InvalidURL quotes the URL, password included: its class only.
-        raise ValueError(f"cannot send to {shown}: {type(exc).__name__} (is --url a whole "
-                         "URL, with any password percent-encoded?)") from None
-
-
-def _push(args):
-    """``wxgate push CONFIG``: act as WeChat, send a push, and print the decrypted reply."""
-    config = _load_config(args.config, unset=[])  # it needs the token and key only
-    app = _pick_app(config, args.app)
-    wechat = Simulator(config, app.name)
-    host, port = _parse_listen(config.listen)
-    url = args.url or f"http://{host}:{port}{app.path}"
-    push = wechat.push(_push_fields(args), format=args.format)
-    fields = push.fields
-    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}): {fields.get('MsgType')}"
-          f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
-    failed = False
-    # --repeat sends the very same request, as WeChat's retries do: one signed query, one
-    # body, which the gateway's query binds accept and its dedup answers from memory.
-    for attempt in range(1, args.repeat + 1):
-        started = time.monotonic()
-        try:
-            status, reply = _call_gateway(_with_query(url, push.query_string), push.body,
-                                          push.headers)
-        except OSError as exc:
-            print(f"wxgate: {exc} (is `wxgate serve` running?)", file=sys.stderr)
-            return 1
-        except ValueError as exc:
-            print(f"wxgate: {exc}", file=sys.stderr)
-            return 1
-        elapsed = (time.monotonic() - started) * 1000
-        try:
-            if status == 200:
-                shown = wechat._reply_text(reply)
-                if shown not in ("success", ""):
-                    wechat._reply_fields(shown)  # addressed and typed, or it raises
-            else:
-                shown = reply.decode("utf-8", "replace")
-        except WxgateError as exc:
-            shown = f"reply does not verify: {exc.message}"
-            failed = True
-        failed = failed or status != 200
-        print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
-    return 1 if failed else 0
-
-
-def _handshake_command(args):
-    """``wxgate handshake CONFIG``: the URL check of WeChat's console, with a plain verdict.
-
-    ``--token`` signs with the console's value instead of the ini's, which is how a token
-    that differs between the two shows up: the console's check fails, and so does ours.
-    """
-    config = _load_config(args.config, unset=[])  # it needs the token only
-    app = _pick_app(config, args.app)
-    host, port = _parse_listen(config.listen)
-    url = args.url or f"http://{host}:{port}{app.path}"
-    check = Simulator(config, app.name).handshake(token=args.token)
-    shown = _redact_url(url)
-    try:
-        status, body = _call_gateway(_with_query(url, check.query_string))
-    except (OSError, ValueError) as exc:
-        print(f"FAIL: {exc}")
-        return 1
-    if status == 200 and body == check.expected:
-        refused = _console_refuses(url)
-        verdict = (f"but the console itself would refuse this URL ({refused}): it takes "
-                   "http:// on port 80 or https:// on port 443, at a public address" if refused
-                   else "WeChat's console would accept it")
-        print(f"PASS: {shown} echoed echostr exactly; {verdict}")
-        return 0
-    print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
-          f"{check.echostr!r}: {_handshake_hint(status, app, args.token)}")
-    return 1
-
-
-def _console_refuses(url):
-    """Why WeChat's console would not take ``url`` as the push URL (a short reason), or "".
-
-    The console's form: "必须以http://或https://开头，分别支持80端口和443端口", and WeChat's
-    servers must reach the host, which a loopback or private address is not.
-    """
-    import ipaddress
-    split = urllib.parse.urlsplit(url)
-    try:
-        port = split.port
-    except ValueError:
-        port = -1
-    default = {"http": 80, "https": 443}.get(split.scheme)
-    if default is None or port not in (None, default):
-        return f"{split.scheme}:// on port {port or default}"
-    if split.hostname in (None, "localhost"):
-        return "a loopback name"
-    try:
-        address = ipaddress.ip_address(split.hostname)
-    except ValueError:
-        return ""  # a name: whether it is public, only DNS knows
-    return "" if address.is_global else "a private or loopback address"
-
-
-def _handshake_hint(status, app, console_token):
-    """What a failed handshake's status points at, for app ``app``."""
-    where = f"[app:{app.name}]"
-    if status == 404:
-        return (f"nothing answers at this path: the URL's path must be the ini's {where} path "
-                f"{app.path!r} (behind a proxy, check that it passes the path unchanged)")
-    if status in (500, 502, 503, 504):
-        return "the server failed: its log (wxgate serve's output, or the WSGI server's " \
-               "error log) says why"
-    if status == 403 and console_token is not None and console_token != app.token:
-        return (f"the console's token (given with --token) is not the one in the ini's {where}: "
-                f"copy the console's Token(令牌) into {where} token, or enter the ini's in the "
-                "console (开发管理 → 开发设置 → 消息推送) and press 提交")
-    if status == 403:
-        return (f"the signature was refused: check that the token in the console and in "
-                f"{where} are the same (try --token), or a clock far off (NTP)")
-    return f"check the URL, and the token in the console and in {where}"
-
-
-def _decrypt_command(args):
-    """``wxgate decrypt CONFIG BODY_OR_FILE ...``: verify and decrypt a captured push."""
-    config = _load_config(args.config, unset=[])  # it needs the token and key only
-    app = _pick_app(config, args.app)
-    if app.aes_key is None:
-        raise WxgateError(f"app {app.name!r} has mode = {app.mode} and no encoding_aes_key: "
-                          "there is nothing to decrypt with")
-    keys = [("encoding_aes_key", app.aes_key)]
-    if app.previous_aes_key is not None:  # a key rotation under way: the old key too
-        keys.append(("previous_encoding_aes_key", app.previous_aes_key))
-    body = args.body
-    if os.path.isfile(body):
-        try:
-            with open(body, "rb") as file:
-                raw = file.read()
-        except OSError as exc:
-            print(f"wxgate: cannot decrypt: cannot read {body}: {exc.strerror}",
-                  file=sys.stderr)
-            return 2
-        what = "the file"
-    elif _looks_like_a_path(body):
-        print(f"wxgate: cannot decrypt: no such file: {body}", file=sys.stderr)
-        return 2
-    else:
-        raw = body.encode("utf-8", "surrogateescape")
-        what = "the argument"
-    try:
-        if raw.strip()[:1] in (b"<", b"{"):
-            fields = _parse_body(raw, _sniff_format(raw))
-            encrypt = fields.get("Encrypt")
-            if not isinstance(encrypt, str):
-                raise MessageError("the body has no Encrypt field: it is not encrypted",
-                                   code=None)
-        else:
-            try:
-                encrypt = raw.decode("utf-8").strip()  # the bare Encrypt value
-            except UnicodeDecodeError:
-                print(f"wxgate: cannot decrypt: {what} is not UTF-8, so neither a push body "
-                      "nor an Encrypt value", file=sys.stderr)
-                return 2
-        if args.msg_signature:
-            check_signature(args.msg_signature, app.token, args.timestamp, args.nonce, encrypt)
-            print(f"msg_signature ok for app {app.name}", file=sys.stderr)
-        else:
-            print("no --msg-signature given: signature not checked", file=sys.stderr)
-        failure = None
-        for option, key in keys:
-            try:
-                text = decrypt_message(encrypt, key, app.appid)
-            except DecryptError as exc:
-                failure = failure or exc  # what the current key said, as the gateway logs
-                continue
-            if len(keys) > 1:
-                print(f"decrypted with {option}", file=sys.stderr)
-            print(text)
-            break
-        else:
-            raise failure
-    except WxgateError as exc:
-        print(f"wxgate: cannot decrypt: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _looks_like_a_path(text):
-    """Whether a BODY_OR_FILE that is not a file was meant as one (a path, not a value).
-
-    An ``Encrypt`` value is Base64, whose alphabet has ``/`` too: only text that is not
-    Base64 and has a path's shape (a separator, or a file extension) counts.
-    """
-    stripped = text.strip()
-    if stripped[:1] in ("<", "{"):
-        return False
-    try:
-        _strict_b64decode(stripped)
-        return False
-    except (binascii.Error, ValueError):
-        pass
-    return os.sep in stripped or bool(re.search(r"\.[A-Za-z0-9]{1,5}$", stripped))
 
 
 def _worker_command(args):

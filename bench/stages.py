@@ -3,7 +3,7 @@
     python bench/stages.py            # about 20 s
     python bench/stages.py --quick    # a few seconds, rougher figures
 
-Each stage is one of the calls ``App._read_push`` / ``App._push`` make, timed alone in a hot
+Each stage is one of the calls ``_verify_push`` / ``Gateway._push`` make, timed alone in a hot
 loop on the pushes ``pipeline.py`` builds (10000 distinct safe-mode XML texts), with the
 arguments the app would pass it; stateful stages (the query bind, the dedup claim) get a
 fresh app per repeat so every key is new. Best of the repeats. The whole push through the
@@ -48,13 +48,13 @@ WHY = {
     "query bind (sha1 id + sha256 body + store add)": "query bind",
     "outer XML parse (_sniff_format + _parse_body)": "floor",
     "msg_signature (sha1, check_signature)": "floor",
-    "base64 + AES + unpad + appid (_decrypt)": "floor",
+    "base64 + AES + unpad + appid (_open_encrypt)": "floor",
     "inner XML parse (encode + sniff + _parse_body)": "floor",
     "Message(...)": "gateway",
-    "_remember_for (ttl)": "query bind and dedup",
+    "remember_for (ttl)": "query bind and dedup",
     "dedup claim + answer (store add, recent memory, set)": "dedup",
     "handler call + metrics + reply (_deliver)": "gateway",
-    "push metric, log line off (_log_push)": "gateway",
+    "push metric, log line off (_record_push)": "gateway",
 }
 
 
@@ -86,15 +86,19 @@ def main(argv=None):
 
     gateway = new_gateway()
     app = gateway.config.apps["bench"]
+
+    def open_encrypt(encrypt):  # the key-rotation rule, with no previous key
+        return wxgate._open_encrypt(encrypt, app.aes_key, app.previous_aes_key, app.appid)
+
     limit = gateway.config.max_body_bytes
     envs = [dict(pipeline.ENVIRON, PATH_INFO="/wechat", REQUEST_METHOD="POST",
                  QUERY_STRING=p.query_string, CONTENT_LENGTH=p.content_length) for p in pushes]
     queries = [wxgate._query(e) for e in envs]
     outer = [wxgate._parse_body(p.body, "xml")["Encrypt"] for p in pushes]
-    texts = [gateway._decrypt(app, enc)[0] for enc in outer]
-    key = gateway._aes_keys[app.name]
+    texts = [open_encrypt(enc)[0] for enc in outer]
+    key = app.aes_key
     fields = [wxgate._parse_body(t.encode(), "xml") for t in texts]
-    client = gateway._clients[app.name]
+    client = gateway.client(app.name)
     messages = [wxgate.Message(f, app=app.name, format="xml", encrypted=True, client=client)
                 for f in fields]
     store_keys = [wxgate._store_key(m) for m in messages]
@@ -113,7 +117,7 @@ def main(argv=None):
             read(e, limit)
 
     def s_bind(items, gw):
-        bind = gw._bind_query
+        bind = gw._query_binds.bind
         for q, p in items:
             bind(app, q["timestamp"], q["nonce"], p.body)
 
@@ -128,9 +132,9 @@ def main(argv=None):
             check(q["msg_signature"], app.token, q["timestamp"], q["nonce"], enc)
 
     def s_decrypt(items, _):
-        dec = gateway._decrypt
+        dec = open_encrypt
         for enc in items:
-            dec(app, enc)
+            dec(enc)
 
     def s_inner(items, _):
         sniff, parse = wxgate._sniff_format, wxgate._parse_body
@@ -144,7 +148,7 @@ def main(argv=None):
             M(f, app=app.name, format="xml", encrypted=True, client=client)
 
     def s_remember(items, _):
-        rem = gateway._remember_for
+        rem = gateway._query_binds.remember_for
         for q in items:
             rem(app, q["timestamp"])
 
@@ -164,7 +168,7 @@ def main(argv=None):
             deliver(app, m, q["nonce"], deadline, key)
 
     def s_log(items, _):
-        log, started = gateway._log_push, now()
+        log, started = gateway._record_push, now()
         for m, e in items:
             log(app, m, "handled", started, e)
 
@@ -176,15 +180,16 @@ def main(argv=None):
          list(zip(queries, pushes)), new_gateway),
         ("outer XML parse (_sniff_format + _parse_body)", s_outer, pushes, None),
         ("msg_signature (sha1, check_signature)", s_msgsig, list(zip(queries, outer)), None),
-        ("base64 + AES + unpad + appid (_decrypt)", s_decrypt, outer, None),
+        ("base64 + AES + unpad + appid (_open_encrypt)", s_decrypt, outer, None),
         ("inner XML parse (encode + sniff + _parse_body)", s_inner, texts, None),
         ("Message(...)", s_message, fields, None),
-        ("_remember_for (ttl)", s_remember, queries, None),
+        ("remember_for (ttl)", s_remember, queries, None),
         ("dedup claim + answer (store add, recent memory, set)", s_dedup, store_keys,
          new_gateway),
         ("handler call + metrics + reply (_deliver)", s_deliver, list(zip(messages, queries)),
          None),
-        ("push metric, log line off (_log_push)", s_log, list(zip(messages, envs)), None),
+        ("push metric, log line off (_record_push)", s_log, list(zip(messages, envs)),
+         None),
     ]
 
     # The whole push, as pipeline.py calls it (a fresh app per repeat: every key new).
@@ -229,7 +234,7 @@ def main(argv=None):
     whole = best(s_whole, pushes, repeats, new_gateway)
     floor = {
         "outer XML parse (_sniff_format + _parse_body)": best(f_outer, pushes, repeats),
-        "base64 + AES + unpad + appid (_decrypt)": best(f_aes, outer, repeats),
+        "base64 + AES + unpad + appid (_open_encrypt)": best(f_aes, outer, repeats),
         "msg_signature (sha1, check_signature)": best(f_sig, list(zip(queries, outer)),
                                                       repeats),
         "inner XML parse (encode + sniff + _parse_body)": best(f_inner, texts, repeats),

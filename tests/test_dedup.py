@@ -257,7 +257,7 @@ def store_keys(app, kind):
             list(app.store._entries)
     primary = app.store.primary
     if kind == "sqlite":
-        return [key for (key,) in primary._read("SELECT key FROM wxgate_kv")]
+        return [key for (key,) in primary.query("SELECT key FROM wxgate_kv")]
     return [key.decode() for key in primary._redis.keys("*")]
 
 

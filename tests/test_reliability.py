@@ -133,7 +133,7 @@ def queued_keys(app):
     """The dedup keys of every message in the queue, live or dead."""
     queue = app.queue
     if isinstance(queue, wxgate._SqliteQueue):
-        rows = queue.store._read("SELECT payload FROM wxgate_queue")
+        rows = queue.store.query("SELECT payload FROM wxgate_queue")
         return [json.loads(payload)["dedup_key"] for (payload,) in rows]
     keys = []
     for name in queue.redis.scan_iter(f"{queue.prefix}:q:msg:*"):

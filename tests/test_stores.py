@@ -99,7 +99,7 @@ def test_sqlite_file_and_directory_are_owner_only(tmp_path):
     store.set("k", "v", 60)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
-    assert store._read("PRAGMA journal_mode")[0][0] == "wal"
+    assert store.query("PRAGMA journal_mode")[0][0] == "wal"
     store.close()
 
 
@@ -110,7 +110,7 @@ def test_sqlite_cleans_expired_rows_as_it_goes(tmp_path, clock):
     clock.advance(11)
     for index in range(300):
         store.set(f"new{index}", "v", 10)
-    rows = store._read("SELECT COUNT(*) FROM wxgate_kv")[0][0]
+    rows = store.query("SELECT COUNT(*) FROM wxgate_kv")[0][0]
     assert rows < 600
     store.close()
 
@@ -282,7 +282,7 @@ def test_a_connection_left_in_a_transaction_is_not_pooled(tmp_path):
         raise sqlite3.OperationalError("disk I/O error (and so did the ROLLBACK)")
 
     with pytest.raises(sqlite3.OperationalError):
-        store._using(fails_inside_a_transaction)
+        store.using(fails_inside_a_transaction)
     store.set("next", "2", 60)  # the store's next write runs in a transaction of its own
     other.set("from-other", "3", 60)  # and no process waits on the old one's lock
     assert [other.get(key) for key in ("lost", "next")] == [None, "2"]
@@ -404,7 +404,7 @@ def test_a_new_sqlite_file_opens_while_another_process_writes_to_it(tmp_path):
         timer.join()
     store.set("key", "value", 60)
     assert store.get("key") == "value"
-    assert store._read("PRAGMA journal_mode") == [("wal",)]
+    assert store.query("PRAGMA journal_mode") == [("wal",)]
     store.close()
 
 
