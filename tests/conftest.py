@@ -77,6 +77,13 @@ def load_ini(source, text, handler=None):
     return config
 
 
+def with_handler(config, handler):
+    """``config`` with ``handler`` (a closure of the test) as every app's handler."""
+    apps = {name: dataclasses.replace(app, handler=handler, handler_spec="test:handler")
+            for name, app in config.apps.items()}
+    return dataclasses.replace(config, apps=apps)
+
+
 class Recorder:
     """A handler that records each message and returns a chosen reply (or raises)."""
 

@@ -13,8 +13,8 @@ import webtest
 
 import wxgate
 from backend import Backend
-from conftest import (APPID, GH_ID, OPENID, REPO, Recorder, build_push, event_message,
-                      free_port, ini_text, make_config, open_reply, text_message)
+from conftest import (APPID, GH_ID, OPENID, REPO, Clock, Recorder, build_push, event_message,
+                      free_port, ini_text, make_config, open_reply, text_message, with_handler)
 
 SECRET = "forward-secret-for-tests"
 
@@ -335,8 +335,8 @@ def test_gateway_killed_mid_delivery_loses_nothing(tmp_path, backend, queue_stor
         assert delivered_before_restart < 500, "the kill came too late to prove anything"
         process = start_gateway(source, port)
         assert wait_for_port(port)
-        # No request after the restart: `wxgate serve` starts its delivery threads at once
-        # (issue 15: they used to wait for the first request).
+        # No request after the restart: `wxgate serve` starts its delivery threads at once,
+        # not on the first request (which may never come while WeChat waits for nothing).
         assert wait_for(lambda: len(set(backend.keys())) == 500, 60), len(backend.received)
     finally:
         process.kill()
@@ -351,8 +351,8 @@ def test_gateway_killed_mid_delivery_loses_nothing(tmp_path, backend, queue_stor
 
 def test_worker_with_delivery_threads_0_delivers_and_stops_on_sigterm(tmp_path, backend,
                                                                       queue_store):
-    # Issue 15: the README's advice, delivery_threads = 0 plus `wxgate worker`, delivered
-    # nothing ("started with 0 thread(s)"); and SIGTERM killed the worker without a word.
+    # The README's advice, delivery_threads = 0 plus `wxgate worker`: the worker delivers
+    # with its own thread (never "started with 0 thread(s)"), and stops on SIGTERM saying so.
     source = tmp_path / "queue.ini"
     source.write_text(ini_text(
         extra_gateway=f"timestamp_window = 0\nstore = {queue_store}\ndelivery_threads = 0",
@@ -409,3 +409,77 @@ def test_memory_store_under_cgi_warns_once(tmp_path, caplog):
             testapp.post(f"/wechat?{query}", body, content_type="text/xml")
     warnings = [r.getMessage() for r in caplog.records if "under CGI" in r.getMessage()]
     assert len(warnings) == 1 and "store = sqlite" in warnings[0]
+
+
+# -- `wxgate worker` and SIGTERM, and dead letters with multi-line errors -------------------
+
+
+def queue_ini(tmp_path, store, backend):
+    """An ini that forwards through the queue on ``store``, with no handler; its path."""
+    text = ini_text(extra_gateway=f"timestamp_window = 0\nstore = {store}\n",
+                    extra_app=f"forward = {backend.url}\nforward_secret = {SECRET}\n"
+                              f"delivery = queue\nqueue_retry_base = 0.01\n"
+                              f"queue_retry_max = 0.1\n")
+    source = tmp_path / "queue.ini"
+    source.write_text(text.replace("handler = wxgate:demo_handler", ""))
+    return source
+
+
+def test_worker_sigterm_lets_the_running_delivery_finish(tmp_path, backend, queue_store):
+    # SIGTERM must stop the worker's own delivery threads and let the running delivery end,
+    # as the README says ("letting running deliveries finish for up to 5 s"): closing the
+    # store under them, or exiting at once, cuts the delivery off.
+    source = queue_ini(tmp_path, queue_store, backend)
+    app = wxgate.make_app(str(source), start_worker=False)
+    assert post(app, text_message(msg_id="term-1")).body == b"success"
+    taken = threading.Event()
+
+    def slow(body):
+        taken.set()
+        time.sleep(1.5)  # well inside the 5 s the README promises
+        return None
+
+    backend.reply = slow
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as output:
+        worker = subprocess.Popen([sys.executable, "-m", "wxgate", "worker", str(source)],
+                                  cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        assert taken.wait(20), log.read_text()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    finally:
+        worker.kill()
+        worker.wait(10)
+    stats = app.queue.stats(time.time())
+    print(f"\nafter SIGTERM mid-delivery: {stats}\n{log.read_text()}")
+    # The backend answered 204 within 1.5 s: the message must be acknowledged, not left
+    # claimed (to be delivered a second time after queue_visibility_timeout).
+    assert stats["pending"] == 0, "SIGTERM cut the running delivery off"
+    app.close()
+
+
+def test_list_dead_keeps_one_entry_per_attempt_when_an_error_spans_lines(tmp_path,
+                                                                         queue_store):
+    # Attempts' errors are kept one per attempt, though many errors span lines (pydantic's
+    # ValidationError, a traceback-like message from a client library): list-dead must not
+    # show more "attempts" than were made, nor only the last line of the last one.
+    def handler(message):
+        raise ValueError("1 validation error for Order\namount\n  field required")
+
+    config = make_config(tmp_path, extra_gateway=f"timestamp_window = 0\nstore = {queue_store}",
+                         extra_app="delivery = queue\nqueue_max_attempts = 2\n"
+                                   "queue_retry_base = 0.01\nqueue_retry_max = 0.1")
+    clock = Clock(time.time())
+    app = wxgate.make_app(with_handler(config, handler), start_worker=False, clock=clock)
+    assert post(app, text_message(msg_id="multi-line-1")).body == b"success"
+    worker = app.worker()
+    for _ in range(2):
+        assert worker.run_once() is True
+        clock.advance(60)
+    (letter,) = app.queue.dead()
+    print(f"\n{json.dumps(letter, indent=1)}")
+    assert letter["attempts"] == 2
+    assert len(letter["errors"]) == 2, "one attempt's error was split into several"
+    assert letter["error"].startswith("attempt 2: ValueError")
+    app.close()
