@@ -697,3 +697,21 @@ def test_api_calls_from_a_handler_fit_in_the_push_window(tmp_path, fake, clock):
     fake.hang(CUSTOM_SEND_PATH, 0)
     gateway.client("test").send_text(OPENID, "later")
     assert fake.custom_messages[-1]["text"] == {"content": "later"}
+
+
+# -- a host that does not resolve --------------------------------------------------------------
+
+UNRESOLVABLE = "http://no-such-host.invalid"  # .invalid never resolves (RFC 6761)
+
+
+def test_an_api_call_to_a_host_that_does_not_resolve_says_so():
+    with FakeWeChat() as wechat:
+        tokens = wxgate.TokenManager(DEFAULT_APPID, DEFAULT_SECRET, api_base=wechat.url)
+        token = tokens.get_token()  # held in the store: the call below needs no fetch
+    tokens.api_base = UNRESOLVABLE
+    client = wxgate.WeChatClient(tokens)
+    with pytest.raises(wxgate.WeChatConnectionError) as caught:
+        client.send_text("o_user", "pong")
+    message = caught.value.message
+    assert f"cannot resolve the host of {UNRESOLVABLE}{CUSTOM_SEND_PATH}" in message, message
+    assert "gaierror" not in message and token not in message and DEFAULT_SECRET not in message
