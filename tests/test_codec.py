@@ -8,8 +8,8 @@ Decisions pinned here:
   (a clean MessageError, -40002, hence a 400), never guessed at.
 * XML leaves stay strings whatever they look like (``<CreateTime>1</CreateTime>`` is ``"1"``):
   XML has no types, and MsgId must never go through a number.
-* Small attributes are ignored (WeChat sends none); huge or numerous ones are refused, as the
-  issue's attack corpus asks, and entity expansion needs a DOCTYPE, which is refused too.
+* Small attributes are ignored (WeChat sends none); huge or numerous ones are refused, as an
+  attack corpus would send them, and entity expansion needs a DOCTYPE, which is refused too.
 """
 
 import builtins

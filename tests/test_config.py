@@ -274,9 +274,9 @@ def test_dollar_and_percent_elsewhere_stay_literal(tmp_path, secret):
     pytest.param(f'"{SECRET_TOKEN}"', {}, id="quoted-value"),
 ])
 def test_a_token_in_quotes_says_to_remove_them(tmp_path, written, environ):
-    # Review of issue 10: `token = "${T}"` with T empty left the 2-character token '""',
-    # which passed the empty-value check. WeChat's tokens are 3-32 letters and digits, so
-    # quotes are refused, and the message says what to do, without the value.
+    # `token = "${T}"` with T empty would leave the 2-character token '""', which passes an
+    # empty-value check. WeChat's tokens are 3-32 letters and digits, so quotes are refused,
+    # and the message says what to do, without the value.
     text = ini(token=written)
     error = config_error(tmp_path, text, environ=environ)
     assert_names(error, tmp_path / "wxgate.ini", "app:a", "token", line_of(text, "token ="))

@@ -1,6 +1,6 @@
-"""The README's issue 12 examples, run as written: the test of "Testing your handler" in a
-fresh directory with pytest in a subprocess, as a user runs it, and the router of "Routing
-pushes" against each push its field table names, in both formats."""
+"""The README's handler-testing and routing examples, run as written: the test of "Testing
+your handler" in a fresh directory with pytest in a subprocess, as a user runs it, and the
+router of "Routing pushes" against each push its field table names, in both formats."""
 
 import logging
 import os
@@ -84,7 +84,7 @@ MEDIA_CHECK = {"MsgType": "event", "Event": "wxa_media_check", "appid": APPID,
 
 def subscription(event, fmt):
     wrapper, items = ITEMS[event]
-    # JSON carries List at the top; XML wraps the repeated List elements (PROTOCOL.md §6).
+    # JSON carries List at the top; XML wraps the repeated List elements.
     if fmt == "json":
         return {"MsgType": "event", "Event": event, "List": items}
     return {"MsgType": "event", "Event": event, wrapper: {"List": items}}

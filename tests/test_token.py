@@ -1,6 +1,6 @@
 """access_token and the WeChat API client, against the real fake WeChat over loopback HTTP.
 
-Nothing patches urllib: :class:`fake_wechat.FakeWeChat` serves PROTOCOL.md section 7 on
+Nothing patches urllib: :class:`fake_wechat.FakeWeChat` serves WeChat's backend API on
 127.0.0.1 and counts every call, so a test can assert exactly how many token fetches and
 business calls happened. The fake, the managers and the stores share one :class:`FakeClock`,
 so expiry is reached by moving time, never by sleeping.
@@ -324,7 +324,7 @@ def test_set_typing_on_and_off(make_client, fake):
 def test_code2session_exchanges_a_code_once(make_client, fake):
     client = make_client()
     code = fake.issue_code(OPENID, session_key="c2Vzc2lvbmtleTEyMzQ1Ng==", unionid="oUNION")
-    # Success carries no errcode at all (PROTOCOL.md 7.7): still a success.
+    # code2Session's success carries no errcode at all: still a success.
     assert client.code2session(code) == {"openid": OPENID,
                                          "session_key": "c2Vzc2lvbmtleTEyMzQ1Ng==",
                                          "unionid": "oUNION"}
