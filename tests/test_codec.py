@@ -496,7 +496,9 @@ def bait_server():
     """A loopback HTTP server that records every request an entity or DTD might make."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
     server.hits = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits for the serve loop (0.5 s by default).
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     yield server
     server.shutdown()
