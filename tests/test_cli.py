@@ -879,43 +879,6 @@ def test_token_fetch_that_cannot_connect_names_the_url(tmp_path):
     assert_failed(result, f"127.0.0.1:{port}/cgi-bin/stable_token")
 
 
-HANDLER_SENDS = '''
-ERRORS = {errors!r}
-
-
-def handle(message):
-    try:
-        message.client.send_text(message["FromUserName"], "pong")
-    # Any exception: the test reads whatever the send raised, expected or not.
-    except Exception as exc:
-        with open(ERRORS, "a", encoding="utf-8") as file:
-            file.write(getattr(exc, "message", repr(exc)) + "\\n")
-    return None
-'''
-
-
-def test_a_send_cut_by_the_push_window_does_not_blame_api_timeout(tmp_path):
-    module = f"sends_{uuid.uuid4().hex[:12]}"
-    errors = tmp_path / "errors.txt"
-    (tmp_path / f"{module}.py").write_text(HANDLER_SENDS.format(errors=str(errors)), "utf-8")
-    port = free_port()
-    with FakeWeChat() as wechat:
-        # api_timeout alone would wait 30 s: the push window (5 s) is what cuts the send.
-        source = write_ini(
-            tmp_path / "wxgate.ini",
-            gateway=f"listen = 127.0.0.1:{port}\napi_base = {wechat.url}\napi_timeout = 30",
-            apps=[app_section("main", appid=DEFAULT_APPID, handler=f"{module}:handle",
-                              extra=f"appsecret = {DEFAULT_SECRET}")])
-        wechat.hang(CUSTOM_SEND_PATH, 8)
-        with serving(source, port) as log:
-            result = run("push", source, "--text", "ping")
-        served_log = log.read_text("utf-8")
-    assert [status for _, status, _, _ in replies(result.stdout)] == [200], served_log
-    (message,) = errors.read_text("utf-8").splitlines()
-    assert "api_timeout" not in message, message
-    assert "push window" in message, message
-
-
 def test_a_forward_answering_401_logs_one_line_with_a_hint(tmp_path):
     port = free_port()
     with answering(401) as backend:

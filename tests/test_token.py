@@ -715,3 +715,33 @@ def test_an_api_call_to_a_host_that_does_not_resolve_says_so():
     message = caught.value.message
     assert f"cannot resolve the host of {UNRESOLVABLE}{CUSTOM_SEND_PATH}" in message, message
     assert "gaierror" not in message and token not in message and DEFAULT_SECRET not in message
+
+
+# -- a send cut by the push window ------------------------------------------------------------
+
+
+def test_a_send_cut_by_the_push_window_does_not_blame_api_timeout(tmp_path, fake, clock):
+    # api_timeout alone would wait 30 s: the push window (WeChat's 5 s, shortened here to
+    # 1 s) is what cuts the send, and the error a handler logs must say so.
+    errors = []
+
+    def handler(message):
+        try:
+            message.client.send_text(message["FromUserName"], "pong")
+        # Any exception: the test reads whatever the send raised, expected or not.
+        except Exception as exc:
+            errors.append(getattr(exc, "message", repr(exc)))
+        return None
+
+    config = make_config(tmp_path, handler, mode="plain",
+                         extra_gateway=f"api_base = {fake.url}\napi_timeout = 30",
+                         extra_app=f"appsecret = {DEFAULT_SECRET}")
+    gateway = wxgate.make_app(config, clock=clock, reply_deadline=1.0)
+    fake.hang(CUSTOM_SEND_PATH, 8)
+    testapp = webtest.TestApp(gateway, lint=True)
+    query, body = build_push(text_message("ping"), mode="plain")
+    assert testapp.post(f"/wechat?{query}", body, content_type="text/xml").body == b"success"
+    gateway.close()
+    (message,) = errors
+    assert "api_timeout" not in message, message
+    assert "push window" in message, message
