@@ -123,8 +123,8 @@ QUEUE_APP = (f"delivery = queue\nqueue_retry_base = 0.01\nqueue_retry_max = 0.1\
              f"forward_secret = {SECRET}\n")
 
 
-def queue_app(tmp_path, backend, store, **options):
-    source = write_ini(tmp_path, store=store,
+def queue_app(tmp_path, backend, store_url, **options):
+    source = write_ini(tmp_path, store=store_url,
                        extra_app=f"forward = {backend.url}\n{QUEUE_APP}")
     return wxgate.make_app(str(source), start_worker=False, **options), source
 
@@ -170,10 +170,13 @@ def test_success_only_once_durably_queued_sqlite_locked(tmp_path, backend):
     # Another program holds the database's write lock: the first copy's marker and insert
     # each wait the busy timeout, then fail ("database is locked"); a duplicate arriving
     # meanwhile must not be told success for a message that is not in the queue.
-    app, _ = queue_app(tmp_path, backend, f"sqlite://{tmp_path}/queue.db")
+    # A short busy timeout (2 s by default; the copies 0.1 s apart instead of 0.3 s): how
+    # long each write waits is not what is tested.
+    store = wxgate.SqliteStore(str(tmp_path / "queue.db"), busy_timeout=0.4)
+    app, _ = queue_app(tmp_path, backend, f"sqlite://{tmp_path}/queue.db", store=store)
     fields = text_message(msg_id="locked-1")
     with sqlite_locked(tmp_path / "queue.db"):
-        results = concurrent_pushes(app, fields)
+        results = concurrent_pushes(app, fields, stagger=0.1)
     queued = queued_keys(app)
     statuses = [status for status, _ in results]
     print(f"\nstatuses while locked: {statuses}; queued afterwards: {queued}")
@@ -186,7 +189,9 @@ def test_success_only_once_durably_queued_sqlite_locked(tmp_path, backend):
     app.close()
 
 
-def test_success_only_once_durably_queued_redis_paused(tmp_path, backend):
+def test_success_only_once_durably_queued_redis_paused(tmp_path, backend, monkeypatch):
+    # The gateway goes back to Redis sooner than STORE_RETRY_AFTER's 2 s: when is not tested.
+    monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.3)
     with RedisServer(tmp_path) as server:
         app, _ = queue_app(tmp_path, backend, server.url)
         fields = text_message(msg_id="paused-1")
@@ -263,7 +268,9 @@ def count_reruns(app, handler, batch):
     return handler.calls - before
 
 
-def test_redis_outage_runs_nothing_twice_on_one_process(tmp_path):
+def test_redis_outage_runs_nothing_twice_on_one_process(tmp_path, monkeypatch):
+    # The gateway goes back to Redis sooner than STORE_RETRY_AFTER's 2 s: when is not tested.
+    monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.3)
     handler = Recorder()
     with RedisServer(tmp_path) as server:
         config = make_config(tmp_path, handler, extra_gateway=f"timestamp_window = 0\n"
