@@ -722,7 +722,7 @@ def test_serve_that_cannot_bind_delivers_nothing(tmp_path, backend, queue_store)
     app = wxgate.make_app(str(source), start_worker=False)
     for index in range(3):
         assert post(app, text_message(msg_id=f"bind-{index}")).body == b"success"
-    backend.delay = 1.0  # a backend that takes a moment, as real ones do
+    backend.delay = 0.3  # a backend that takes a moment, as real ones do
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -730,7 +730,7 @@ def test_serve_that_cannot_bind_delivers_nothing(tmp_path, backend, queue_store)
         result = subprocess.run([sys.executable, "-m", "wxgate", "serve", str(source),
                                  "--port", str(port)], cwd=REPO, capture_output=True,
                                 text=True, timeout=30)
-    time.sleep(1.5)  # what the backend was handed meanwhile has arrived
+    time.sleep(0.8)  # what the backend was handed meanwhile has arrived (after its delay)
     stats = app.queue.stats(time.time())
     print(f"\nserve on a taken port: exit {result.returncode}; backend got "
           f"{len(backend.received)}; queue {stats}")
