@@ -1,6 +1,7 @@
 """Delivery to business code: HTTP forwarding (sync) and the durable queue (sqlite, Redis)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -485,3 +486,28 @@ def test_list_dead_keeps_one_entry_per_attempt_when_an_error_spans_lines(tmp_pat
     assert len(letter["errors"]) == 2, "one attempt's error was split into several"
     assert letter["error"].startswith("attempt 2: ValueError")
     app.close()
+
+
+# -- closing a gateway with a queue ------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.xfail(strict=True, reason="XXX: Gateway.close() leaves the sqlite queue's own "
+                   "store open; once it closes it, remove this mark and setup.cfg's "
+                   "'unclosed database' filter")
+def test_close_releases_the_sqlite_queue_connections(tmp_path, backend):
+    # The queue keeps its own sqlite connections (synchronous=FULL): close() must release
+    # them as it does the store's, or each gateway made and closed (a test, a reload) keeps
+    # 3 descriptors (db, -wal, -shm) per idle connection until the garbage collector runs,
+    # and Python 3.13 warns then ("unclosed database").
+    def open_descriptors():
+        return len(os.listdir("/proc/self/fd"))
+
+    config = forward_config(tmp_path, backend, extra_app=QUEUE_APP,
+                            extra_gateway=f"store = sqlite://{tmp_path}/close.db")
+    before = open_descriptors()
+    app = wxgate.make_app(config, start_worker=False)
+    post(app, pushes(1)[0])
+    assert app.queue.stats(time.time())["pending"] == 1
+    app.close()
+    assert open_descriptors() <= before

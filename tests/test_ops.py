@@ -199,8 +199,10 @@ def test_healthz_reads_the_queue_only_for_callers_who_see_it(tmp_path, clock):
                            extra_gateway=f"store = sqlite://{tmp_path}/q.db",
                            extra_app="delivery = queue")
     try:
+        import contextlib
         import sqlite3
-        with sqlite3.connect(tmp_path / "q.db") as connection:
+        # closing(): sqlite3's own context manager commits but leaves the connection open.
+        with contextlib.closing(sqlite3.connect(tmp_path / "q.db")) as connection:
             connection.execute("ALTER TABLE wxgate_queue RENAME TO wxgate_queue_gone")
         assert testapp.get("/_wxgate/healthz", extra_environ=REMOTE).json == {"status": "ok"}
         response = testapp.get("/_wxgate/healthz", extra_environ=LOOPBACK, status=503)
