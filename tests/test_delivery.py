@@ -500,14 +500,24 @@ def test_close_releases_the_sqlite_queue_connections(tmp_path, backend):
     # them as it does the store's, or each gateway made and closed (a test, a reload) keeps
     # 3 descriptors (db, -wal, -shm) per idle connection until the garbage collector runs,
     # and Python 3.13 warns then ("unclosed database").
-    def open_descriptors():
-        return len(os.listdir("/proc/self/fd"))
+    database = tmp_path / "close.db"
+
+    def descriptors_on_the_database():
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+                continue
+            if target.startswith(str(database)):
+                found.append(target)
+        return found
 
     config = forward_config(tmp_path, backend, extra_app=QUEUE_APP,
-                            extra_gateway=f"store = sqlite://{tmp_path}/close.db")
-    before = open_descriptors()
+                            extra_gateway=f"store = sqlite://{database}")
     app = wxgate.make_app(config, start_worker=False)
     post(app, pushes(1)[0])
     assert app.queue.stats(time.time())["pending"] == 1
+    assert descriptors_on_the_database()  # the gateway has the file open
     app.close()
-    assert open_descriptors() <= before
+    assert descriptors_on_the_database() == []
