@@ -77,6 +77,13 @@ def load_ini(source, text, handler=None):
     return config
 
 
+def with_handler(config, handler):
+    """``config`` with ``handler`` (a closure of the test) as every app's handler."""
+    apps = {name: dataclasses.replace(app, handler=handler, handler_spec="test:handler")
+            for name, app in config.apps.items()}
+    return dataclasses.replace(config, apps=apps)
+
+
 class Recorder:
     """A handler that records each message and returns a chosen reply (or raises)."""
 
@@ -307,3 +314,127 @@ def pytest_configure(config):
     # test_fuzz.py sizes its @settings when it is imported, after this hook.
     if config.getoption("--fuzz-long", default=False):
         os.environ["WXGATE_FUZZ_LONG"] = "1"
+
+
+# -- slow tests ------------------------------------------------------------------------------
+# `python -m pytest -m "not slow"` runs the suite less the tests marked slow here: those that
+# start a process or a server (gunicorn, redis-server, Apache, nginx, node, a `wxgate` command,
+# mypy, a second Python) and those that take more than about a second. CI runs them all.
+
+import sys  # noqa: E402
+
+# Modules whose every test starts servers or processes.
+SLOW_MODULES = {"test_cgi.py", "test_cli.py", "test_deploy.py", "test_scaling.py",
+                "test_storm.py", "test_types.py"}
+# Fixtures that start one (some once for the module or the session).
+SLOW_FIXTURES = {"redis_server", "serve", "gunicorn", "env_served", "served_main",
+                 "installed", "checked"}
+# Fixtures whose "redis" parameter starts redis-server.
+REDIS_PARAMETERS = {"store_factory", "queue_store", "shared_store"}
+# The other tests that start a process, or take more than about a second, by file and name.
+SLOW_TESTS = {
+    "test_cloud.py": {"test_cli_check_explains_a_cloud_app",
+                      "test_cli_check_online_fetches_no_token_for_token_grant_cloud",
+                      "test_cli_handshake_on_a_cloud_app_says_why_not",
+                      "test_cli_push_sends_the_cloud_headers", "test_under_real_gunicorn"},
+    "test_config.py": {"test_a_quoted_encoding_aes_key_says_remove_the_quotes",
+                       "test_a_token_wechat_would_not_take_is_refused",
+                       "test_an_appid_of_the_wrong_shape_is_refused",
+                       "test_an_encoding_aes_key_in_quotes_or_with_a_space_is_refused",
+                       "test_an_ini_starting_with_a_bom_loads",
+                       "test_plaintext_mode_works_without_pycryptodome"},
+    "test_delivery.py": {"test_500_pushes_acknowledged_while_down_then_delivered_once_in_order",
+                         "test_failing_message_goes_to_dead_letters_and_retry_dead_delivers_it",
+                         "test_gateway_killed_mid_delivery_loses_nothing",
+                         "test_worker_sigterm_lets_the_running_delivery_finish",
+                         "test_worker_with_delivery_threads_0_delivers_and_stops_on_sigterm"},
+    "test_fuzz.py": {"test_any_request_gets_a_documented_answer",
+                     "test_bit_flip_in_ciphertext_with_valid_signature",
+                     "test_every_non_canonical_pad_is_40008",
+                     "test_hostile_documents_with_valid_signatures",
+                     "test_mutated_base64_with_valid_signature",
+                     "test_mutated_ciphertext_with_valid_signature",
+                     "test_mutated_pushes_get_a_documented_answer"},
+    "test_ops.py": {"test_application_under_wxgate_config_logs_json_lines"},
+    "test_handler_docs.py": {"test_the_example_catches_a_broken_bot",
+                               "test_the_testing_example_passes_as_written"},
+    "test_recipes.py": {"test_backend_accepts_a_fresh_forward",
+                        "test_backend_answers_400_to_a_signed_body_that_is_not_json_and_keeps_"
+                        "serving",
+                        "test_backend_keeps_serving_while_a_client_stalls_mid_body",
+                        "test_backend_refuses_hostile_requests_and_keeps_serving",
+                        "test_backend_refuses_to_start_without_a_secret",
+                        "test_backend_rejects_a_stale_forward",
+                        "test_handler_example_logs_a_failed_send_and_still_answers_success"},
+    "test_reliability.py": {"test_attempt_cut_off_by_a_kill_does_not_count",
+                            "test_full_disk_log_names_the_real_cause",
+                            "test_full_disk_runs_nothing_twice_on_one_process",
+                            "test_gateway_killed_during_the_insert_loses_nothing_sqlite",
+                            "test_healthz_is_not_200_while_the_disk_is_full",
+                            "test_list_dead_shows_the_error_of_each_attempt",
+                            "test_memory_store_under_several_workers_warns_at_start",
+                            "test_redis_dies_while_a_handler_runs_and_its_retry_on_this_"
+                            "process_waits",
+                            "test_redis_outage_runs_nothing_twice_on_one_process",
+                            "test_serve_that_cannot_bind_delivers_nothing",
+                            "test_success_only_once_durably_queued_redis_paused",
+                            "test_success_only_once_durably_queued_sqlite_locked",
+                            "test_takeover_after_the_deadline_is_refused"},
+    "test_rotation.py": {"test_cli_check_shows_the_previous_key_redacted",
+                         "test_cli_decrypt_knows_both_keys",
+                         "test_cli_decrypt_says_which_key_opened_it",
+                         "test_cli_decrypt_with_a_third_key_fails"},
+    "test_security.py": {"test_cli_url_with_a_password_is_one_line_without_the_password",
+                         "test_decrypt_on_a_non_utf8_file_is_one_line_and_exit_2"},
+    "test_cloud_identity.py": {"test_under_gunicorn", "test_under_wxgate_serve"},
+    "test_costs.py": {"test_modules_import_wxgate_loads", "test_a_push_does_not_load"},
+    "test_log_escaping.py": {"test_gunicorn_writes_one_line_per_record",
+                             "test_wxgate_serve_writes_one_line_per_record"},
+    "test_stores.py": {"test_redis_store_without_the_package_names_the_extra",
+                       "test_a_redis_that_evicts_keys_is_named_once",
+                       "test_redis_flushed_is_noticed_on_the_way_of_the_next_push",
+                       "test_redis_restarted_empty_is_noticed_at_the_next_health_check",
+                       "test_sqlite_add_is_atomic_across_processes",
+                       "test_two_stores_on_one_file_in_each_process_stay_consistent"},
+}
+
+
+def _is_slow(item):
+    module = item.path.name
+    if module in SLOW_MODULES or item.originalname in SLOW_TESTS.get(module, ()):
+        return True
+    if SLOW_FIXTURES.intersection(item.fixturenames):
+        return True
+    parameters = getattr(getattr(item, "callspec", None), "params", {})
+    return any(parameters.get(name) == "redis" for name in REDIS_PARAMETERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+# A test not marked slow must start no process: `-m "not slow"` runs where no server is
+# installed (CI's runs on other Pythons), and stays quick. An audit hook sees every
+# subprocess.Popen and fork, whoever calls it, and refuses it while such a test runs.
+_RUNNING_FAST_TEST = [None]
+_PROCESS_EVENTS = {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.system"}
+
+
+def _refuse_processes_in_fast_tests(event, arguments):
+    if event in _PROCESS_EVENTS and _RUNNING_FAST_TEST[0] is not None:
+        raise RuntimeError(f"{_RUNNING_FAST_TEST[0]} starts a process ({event}) but is not "
+                           "marked slow: add it to SLOW_TESTS in tests/conftest.py")
+
+
+sys.addaudithook(_refuse_processes_in_fast_tests)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING_FAST_TEST[0] = None if item.get_closest_marker("slow") else item.nodeid
+    try:
+        yield
+    finally:
+        _RUNNING_FAST_TEST[0] = None

@@ -2,8 +2,9 @@
 
 Tests point wxgate's ``api_base`` at :attr:`FakeWeChat.url` and talk to it over real sockets,
 so the client's URL building, JSON encoding, timeouts and retries are all exercised; nothing
-patches ``urllib``. The fake follows PROTOCOL.md section 7 and keeps the quirks a client must
-cope with:
+patches ``urllib``. The fake follows WeChat's backend API docs (access_token, stable_token,
+code2Session, customer-service and subscribe messages) and keeps the quirks a client must cope
+with:
 
 - ``GET /cgi-bin/token`` mints a new token on every call; the previous one keeps working for a
   grace period (5 minutes), then dies.
@@ -17,8 +18,8 @@ cope with:
 - ``POST /cgi-bin/media/upload`` reads its ``multipart/form-data`` body strictly, as a server
   that honours RFC 7578 would (boundary from the header, CRLF delimiters, the ``media`` part's
   file name, content type and bytes), and answers a ``media_id`` that ``image`` messages accept.
-- As Cloud Hosting's 开放接口服务 sidecar (:meth:`FakeWeChat.act_as_cloud_sidecar`, PROTOCOL.md
-  11.1), it takes calls with no ``access_token`` and adds the credential itself; a path off its
+- As Cloud Hosting's 开放接口服务 sidecar (:meth:`FakeWeChat.act_as_cloud_sidecar`), it takes
+  calls with no ``access_token`` and adds the credential itself; a path off its
   whitelist gets HTTP 502, every call gets 41001 "access_token missing" while the switch is off
   (or the version was not rebuilt), and a successful call carries an ``x-openapi-seqid`` header.
 
@@ -66,13 +67,15 @@ MEDIA_UPLOAD_PATH = "/cgi-bin/media/upload"
 # endpoint of an Official Account also takes voice, video and thumb.
 MEDIA_TYPES = ("image",)
 
-# What the 开放接口服务 sidecar adds to each answer it proxied successfully. [O] CLOUD-OPEN
+# What the 开放接口服务 sidecar adds to each answer it proxied successfully (its guide).
+# https://developers.weixin.qq.com/miniprogram/dev/wxcloudrun/src/guide/weixin/open.html
 SEQID_HEADER = "x-openapi-seqid"
 # The sidecar's answer to a path that is not on its whitelist: a proxy's error page, not JSON.
-# [O] CLOUD-OPEN FAQ says 502; the body is our guess.
+# The sidecar's FAQ says 502; the body is our guess.
 SIDECAR_REFUSED_BODY = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
-# Fields each customer-service msgtype must carry in the object named after it. [O] KF-SEND
+# Fields each customer-service msgtype must carry in the object named after it.
+# https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/customer-message/send.html
 CUSTOM_MSGTYPES = {
     "text": ("content",),
     "image": ("media_id",),
@@ -85,7 +88,7 @@ LANGS = ("zh_CN", "en_US", "zh_HK", "zh_TW")
 
 # WeChat's wording, so a client that logs errmsg shows what production would show. The
 # messages on the token endpoints differ from the business ones on purpose: there, 40001
-# means a wrong AppSecret, not a bad token (PROTOCOL.md 7.1).
+# means a wrong AppSecret, not a bad token.
 ERRMSGS = {
     -1: "system error",
     0: "ok",
@@ -709,8 +712,8 @@ class FakeWeChat:
         return None
 
     def _mint(self, appid: str, kind: str, now: float) -> _Token:
-        # Real tokens are long opaque strings of letters, digits, "_" and "-" (PROTOCOL.md 7.1
-        # says keep room for 512); 128 such characters catch a client that truncates.
+        # Real tokens are long opaque strings of letters, digits, "_" and "-" (WeChat says to
+        # keep room for 512); 128 such characters catch a client that truncates.
         record = _Token(secrets.token_urlsafe(96), appid, kind, now, now + self.expires_in)
         self._tokens[record.value] = record
         self._issued.append(record)
@@ -742,7 +745,7 @@ class FakeWeChat:
         if error is not None:
             return error
         # "The previous access_token stays valid for 5 minutes after a new one is fetched."
-        # [O] TOKEN
+        # https://mp.weixin.qq.com/debug/minigame/dev/api-backend/auth.getAccessToken.html
         now = self.clock()
         previous = self._classic.get(appid)
         if previous is not None:

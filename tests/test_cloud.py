@@ -1,9 +1,10 @@
-"""WeChat Cloud Hosting (微信云托管): ``mode = cloud``, ``token_grant = cloud`` (issue 11, part 1).
+"""WeChat Cloud Hosting (微信云托管): ``mode = cloud`` and ``token_grant = cloud``.
 
 Cloud Hosting delivers pushes over WeChat's internal network with no signature and no
 encryption; ``X-WX-SOURCE`` marks traffic that came through its gateway, and the console's
 path check (``CheckContainerPath``) must get 200 ``success``. API calls go through the
-开放接口服务 sidecar, which adds the credential itself (PROTOCOL.md 11.1).
+开放接口服务 sidecar, which adds the credential itself.
+https://developers.weixin.qq.com/miniprogram/dev/wxcloudservice/wxcloudrun/src/guide/weixin/push.md
 """
 
 import dataclasses
@@ -21,15 +22,16 @@ import pytest
 import webtest
 
 import wxgate
-from conftest import (APPID, load_ini, NOW, OPENID, REPO, Recorder, build_push, event_message, make_config,
-                      render, text_message)
+from conftest import (APPID, NOW, OPENID, REPO, Recorder, build_push, event_message, load_ini,
+                      make_config, render, text_message)
 from fake_wechat import SEQID_HEADER, FakeWeChat
 
 CUSTOM_SEND = "/cgi-bin/message/custom/send"
 SUBSCRIBE_SEND = "/cgi-bin/message/subscribe/send"
 ENV_ID = "prod-7g3k2x1a9c0b4d5e"
 UNIONID = "oUnion_8f3a2b1c0d9e"
-# What Cloud Hosting's gateway adds to a request it passes to the container. [O] CLOUD-HDR
+# What Cloud Hosting's gateway adds to a request it passes to the container (its guide to
+# WeChat's open abilities lists X-WX-SOURCE, X-WX-OPENID, X-WX-APPID, X-WX-ENV, X-WX-UNIONID).
 HEADERS = {"X-WX-SOURCE": "wechat-push", "X-WX-OPENID": OPENID, "X-WX-APPID": APPID,
            "X-WX-ENV": ENV_ID, "X-WX-UNIONID": UNIONID}
 EXPOSED = {"X-WX-OPENID": OPENID, "X-WX-APPID": APPID, "X-WX-ENV": ENV_ID,
@@ -266,7 +268,7 @@ def test_handler_error_is_500_and_the_retry_runs_it_again(make_cloud):
 
 @pytest.mark.parametrize("fmt", ["json", "xml"])
 def test_dict_reply_is_dropped_with_one_log_line_and_success(make_cloud, records, fmt):
-    # Passive replies work only for Official Accounts on Cloud Hosting. [O] CLOUD-PUSH
+    # Passive replies work only for Official Accounts on Cloud Hosting (the push guide above).
     handler = Recorder(reply={"MsgType": "transfer_customer_service"})
     _, testapp = make_cloud(handler)
     for msg_id in ("1", "2", "3"):
@@ -463,7 +465,9 @@ class HeaderRecorder:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # A short poll interval: shutdown() waits for the serve loop (0.5 s by default).
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -619,3 +623,28 @@ def test_cli_handshake_on_a_cloud_app_says_why_not(tmp_path):
     result = run("handshake", source, "--url", "http://127.0.0.1:9/wechat")
     assert result.returncode == 1 and "no URL handshake" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the X-WX-SOURCE check and the console's path check, at their edges ------------------------
+
+
+def test_empty_x_wx_source_is_refused_like_a_missing_one(make_cloud):
+    # A request without X-WX-SOURCE is refused; a present-but-empty header carries no
+    # source at all, so it is refused too rather than passed to the handler.
+    handler = Recorder()
+    _, testapp = make_cloud(handler)
+    headers = dict(HEADERS, **{"X-WX-SOURCE": ""})
+    push(testapp, text_message(msg_id="empty-source"), headers=headers, status=403)
+    assert handler.calls == 0
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_a_push_carrying_an_action_field_is_not_swallowed_as_the_path_check(make_cloud, fmt):
+    # The console's probe is exactly {"action":"CheckContainerPath"}. A real message that
+    # also has MsgType/MsgId (or any extra field) must be handled and deduplicated, not
+    # answered success as the probe: the path check matches the probe's shape, not one field.
+    handler = Recorder()
+    _, testapp = make_cloud(handler)
+    fields = dict(text_message(msg_id="77"), action="CheckContainerPath")
+    push(testapp, fields, fmt)
+    assert handler.calls == 1

@@ -8,8 +8,8 @@ Decisions pinned here:
   (a clean MessageError, -40002, hence a 400), never guessed at.
 * XML leaves stay strings whatever they look like (``<CreateTime>1</CreateTime>`` is ``"1"``):
   XML has no types, and MsgId must never go through a number.
-* Small attributes are ignored (WeChat sends none); huge or numerous ones are refused, as the
-  issue's attack corpus asks, and entity expansion needs a DOCTYPE, which is refused too.
+* Small attributes are ignored (WeChat sends none); huge or numerous ones are refused, as an
+  attack corpus would send them, and entity expansion needs a DOCTYPE, which is refused too.
 """
 
 import builtins
@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wxgate
-from conftest import GH_ID, OPENID, event_message, text_message
+from conftest import APPID, GH_ID, OPENID, event_message, text_message
 
 MAX_BODY = wxgate.DEFAULT_MAX_BODY_BYTES
 
@@ -583,7 +583,9 @@ def bait_server():
     """A loopback HTTP server that records every request an entity or DTD might make."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
     server.hits = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits for the serve loop (0.5 s by default).
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     yield server
     server.shutdown()
@@ -786,3 +788,28 @@ def test_flat_fast_path_takes_the_usual_pushes():
                   b"<xml><a><b>1</b></a></xml>", b"<xml><a>&amp;</a></xml>",
                   b'<?xml version="1.0"?><xml><a>1</a></xml>', b"<xml></xml>"):
         assert wxgate._parse_flat_xml(other) is None
+
+
+# -- Message's attributes hold what their annotations say ------------------------------------
+
+
+@pytest.mark.parametrize("value", [["o_user"], {"id": "o_user"}, 12345],
+                         ids=["list", "object", "number"])
+def test_message_attributes_hold_what_their_annotations_say(value):
+    # Message.msg_type, .event and .from_user are annotated `str | None`, and typed handlers
+    # (and the Router, and demo_handler) trust that; a JSON push may hold any JSON value
+    # there.
+    message = wxgate.Message({"MsgType": value, "Event": value, "FromUserName": value})
+    assert message.msg_type is None or isinstance(message.msg_type, str)
+    assert message.from_user is None or isinstance(message.from_user, str)
+    event_push = wxgate.Message({"MsgType": "event", "Event": value})
+    assert event_push.event is None or isinstance(event_push.event, str)
+
+
+def test_message_client_is_a_client_or_a_clear_error():
+    # `client` is typed WeChatClient, so a handler calls it without a None check; a Message
+    # built by hand without one says how to give it instead of AttributeError on None.
+    with pytest.raises(wxgate.WxgateError, match=r"without a client: pass client=\.\.\."):
+        wxgate.Message({"MsgType": "text"}).client
+    client = wxgate.WeChatClient(wxgate.TokenManager(APPID, "s"))
+    assert wxgate.Message({"MsgType": "text"}, client=client).client is client

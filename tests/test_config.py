@@ -7,6 +7,7 @@ Error tests check the four attributes configparser's errors carry (``source``, `
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,11 @@ import webtest
 
 import wxgate
 from conftest import AES_KEY, APPID, NOW, REPO, TOKEN, sha1_sign
+from readme import pages
+from test_cli import AES_KEY as CLI_AES_KEY
+from test_cli import TOKEN as CLI_TOKEN
+from test_cli import app_section, assert_failed, output, write_ini
+from test_cli import run as run_cli
 
 EXAMPLE = REPO / "example.ini"
 
@@ -271,9 +277,9 @@ def test_dollar_and_percent_elsewhere_stay_literal(tmp_path, secret):
     pytest.param(f'"{SECRET_TOKEN}"', {}, id="quoted-value"),
 ])
 def test_a_token_in_quotes_says_to_remove_them(tmp_path, written, environ):
-    # Review of issue 10: `token = "${T}"` with T empty left the 2-character token '""',
-    # which passed the empty-value check. WeChat's tokens are 3-32 letters and digits, so
-    # quotes are refused, and the message says what to do, without the value.
+    # `token = "${T}"` with T empty would leave the 2-character token '""', which passes an
+    # empty-value check. WeChat's tokens are 3-32 letters and digits, so quotes are refused,
+    # and the message says what to do, without the value.
     text = ini(token=written)
     error = config_error(tmp_path, text, environ=environ)
     assert_names(error, tmp_path / "wxgate.ini", "app:a", "token", line_of(text, "token ="))
@@ -784,3 +790,82 @@ def test_plaintext_mode_works_without_pycryptodome(tmp_path):
         assert mode in message and section == "app:a" and option == "mode"
         assert AES_KEY not in message
     assert "pip install pycryptodome" in out["encrypt"]
+
+
+# -- values WeChat's console would not give, as `wxgate check` reports them --------------------
+
+
+def test_an_ini_starting_with_a_bom_loads(tmp_path):
+    source = tmp_path / "bom.ini"
+    source.write_bytes(b"\xef\xbb\xbf" + write_ini(
+        tmp_path / "plain.ini", apps=[app_section("main")]).read_bytes())
+    result = run_cli("check", source)
+    assert result.returncode == 0, output(result)
+    assert "[app:main] /wechat" in result.stdout
+
+
+@pytest.mark.parametrize("written, value", [
+    pytest.param(f'"{CLI_TOKEN}"', CLI_TOKEN, id="double-quotes"),
+    pytest.param(f"'{CLI_TOKEN}'", CLI_TOKEN, id="single-quotes"),
+    pytest.param("cliToken SecretValue7f3a", "SecretValue7f3a", id="space-inside"),
+    pytest.param("cliToken-SecretValue7f3a", "SecretValue7f3a", id="dash-inside"),
+    pytest.param("cliTokenSecretValue7f3a0123456789", CLI_TOKEN, id="33-characters"),
+    pytest.param("ab", None, id="2-characters"),
+])
+def test_a_token_wechat_would_not_take_is_refused(tmp_path, written, value):
+    source = write_ini(tmp_path / "wxgate.ini", apps=[app_section("main", token=written)])
+    result = run_cli("check", source)
+    lineno = source.read_text("utf-8").splitlines().index(f"token = {written}") + 1
+    assert_failed(result, f"{source}:{lineno}", "[app:main]", "token:")
+    if value is not None:  # never echo the token, or a part of it
+        assert value not in output(result)
+
+
+@pytest.mark.parametrize("written", [
+    pytest.param(f'"{CLI_AES_KEY}"', id="double-quotes"),
+    pytest.param(f"{CLI_AES_KEY[:20]} {CLI_AES_KEY[21:]}", id="space-inside"),
+])
+def test_an_encoding_aes_key_in_quotes_or_with_a_space_is_refused(tmp_path, written):
+    # Refused for its length or alphabet, like a token in quotes or with a space.
+    source = write_ini(tmp_path / "wxgate.ini", apps=[app_section("main", key=written)])
+    result = run_cli("check", source)
+    assert_failed(result, str(source), "[app:main]", "encoding_aes_key:")
+    assert CLI_AES_KEY[21:] not in output(result)
+
+
+@pytest.mark.parametrize("appid, quoted", [
+    ("wx12", False),
+    ("wx2c2769f8efd9abc", False),  # one digit lost in the paste
+    ("wx2c2769f8efd9abc20", False),
+    ("WX2C2769F8EFD9ABC2", False),
+    ("wx2c2769f8efd9abcg", False),
+    ("gh_10f6c3c3ac5a", False),  # the original id, not the AppID
+    ('"wx2c2769f8efd9abc2"', True),
+])
+def test_an_appid_of_the_wrong_shape_is_refused(tmp_path, appid, quoted):
+    source = write_ini(tmp_path / "wxgate.ini", apps=[app_section("main", appid=appid)])
+    lineno = source.read_text("utf-8").splitlines().index(f"appid = {appid}") + 1
+    result = run_cli("check", source)
+    # The value is shown: an AppID is public (it is in every mini program's URL).
+    assert_failed(result, f"{source}:{lineno}", "[app:main]", "appid:", repr(appid),
+                  "16 lowercase hex digits")
+    assert ("remove the quotes" in result.stderr) == quoted, result.stderr
+
+
+def test_every_appid_of_the_docs_and_example_ini_has_the_consoles_shape():
+    # What a user copies must load, so every appid they may copy fits the rule.
+    found = []
+    for path in (*pages(), REPO / "example.ini"):
+        found += re.findall(r"^appid = (\S+)$", path.read_text("utf-8"), re.M)
+    assert found
+    for appid in found:
+        assert re.fullmatch(r"wx[0-9a-f]{16}", appid), appid
+
+
+def test_a_quoted_encoding_aes_key_says_remove_the_quotes(tmp_path):
+    source = write_ini(tmp_path / "wxgate.ini",
+                       apps=[app_section("main", key=f'"{CLI_AES_KEY}"')])
+    result = run_cli("check", source)
+    # Not "expected 43 characters, got 45", with no word about the quotes.
+    assert_failed(result, "[app:main]", "encoding_aes_key:", "remove them", "-40004")
+    assert "got 45" not in result.stderr, result.stderr

@@ -1,8 +1,10 @@
-"""Signatures and the AES envelope (PROTOCOL.md sections 1 and 3).
+"""Signatures and the AES envelope, as WeChat's message-push doc defines them.
+https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
 
-The module opens with the published known-answer vectors (tests/vectors/), then hand-derived vectors and negatives
-that we build here with pycryptodome directly (never with wxgate), then the key rules, and only
-then round trips. Each negative asserts the exception type and WeChat's code.
+The module opens with the published known-answer vectors (tests/vectors/), then hand-derived
+vectors and negatives that we build here with pycryptodome directly (never with wxgate), then
+the key rules, and only then round trips. Each negative asserts the exception type and
+WeChat's code.
 """
 
 import base64
@@ -40,7 +42,7 @@ MSG_SIGNED_CASES = [
 ]
 
 
-# Independent helpers: the scheme of PROTOCOL.md section 3 written with pycryptodome only.
+# Independent helpers: WeChat's AES scheme written with pycryptodome only.
 
 def _raw_key(encoding_aes_key):
     return base64.b64decode(encoding_aes_key + "=")
@@ -104,7 +106,7 @@ def test_url_signature_covers_the_query_only(case):
 
 def test_handshake_vector_is_the_documented_example():
     case = _vector("mp_doc_handshake")
-    # PROTOCOL.md section 1: the three strings sort to 1514711492, 1714036504, AAAAA.
+    # Sorted as strings, the three sort to 1514711492, 1714036504, AAAAA.
     assert sorted([case["token"], case["timestamp"], case["nonce"]]) == [
         "1514711492", "1714036504", "AAAAA"]
     assert case["echostr"] == "4375120948345356249"
@@ -267,7 +269,7 @@ def test_check_signature_rejects(signature, token, timestamp, nonce, encrypt):
 
 
 def test_sign_sorts_as_strings_not_numbers():
-    # Numerically 99 < 1714036504; as strings "1714036504" < "99". PROTOCOL.md section 1.
+    # Numerically 99 < 1714036504; as strings "1714036504" < "99", and WeChat sorts strings.
     expected = hashlib.sha1(b"1714036504" + b"99" + b"AAAAA").hexdigest()
     assert wxgate.sign("AAAAA", "1714036504", "99") == expected
     assert wxgate.sign("AAAAA", "1714036504", "99") != hashlib.sha1(
@@ -471,7 +473,7 @@ def test_decode_aes_key(encoding_aes_key, key_hex):
 
 
 def test_key_with_unused_bits_does_not_round_trip():
-    # Why wxgate must never validate a key by re-encoding it (PROTOCOL.md section 3).
+    # Why wxgate must never validate a key by re-encoding it: the unused bits may be set.
     reencoded = base64.b64encode(bytes.fromhex(KEY_VECTORS[1].values[1])).decode("ascii")
     assert reencoded[:43] != KEY_TEXT
     assert reencoded[:42] == KEY_TEXT[:42]

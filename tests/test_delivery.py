@@ -1,6 +1,7 @@
 """Delivery to business code: HTTP forwarding (sync) and the durable queue (sqlite, Redis)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import webtest
 
 import wxgate
 from backend import Backend
-from conftest import (APPID, GH_ID, OPENID, REPO, Recorder, build_push, event_message,
-                      free_port, ini_text, make_config, open_reply, text_message)
+from conftest import (APPID, GH_ID, OPENID, REPO, Clock, Recorder, build_push, event_message,
+                      free_port, ini_text, make_config, open_reply, text_message, with_handler)
 
 SECRET = "forward-secret-for-tests"
 
@@ -315,44 +316,46 @@ def test_gateway_killed_mid_delivery_loses_nothing(tmp_path, backend, queue_stor
     source = tmp_path / "queue.ini"
     source.write_text(ini_text(
         extra_gateway=f"timestamp_window = 0\nstore = {queue_store}\nlisten = 127.0.0.1:{port}\n"
-        "queue_visibility_timeout = 5\ndelivery_threads = 2",
+        "queue_visibility_timeout = 2\ndelivery_threads = 2",
         extra_app=f"forward = {backend.url}\nforward_secret = {SECRET}\n" + QUEUE_APP
-        + "forward_timeout = 2").replace("handler = wxgate:demo_handler", ""))
+        + "forward_timeout = 1").replace("handler = wxgate:demo_handler", ""))
+    # The deliveries in flight at the kill reappear after queue_visibility_timeout: the
+    # shortest the ini allows (above forward_timeout), so the test waits 2 s for them, not 5.
     process = start_gateway(source, port)
     try:
         assert wait_for_port(port)
-        sent = pushes(500)
+        sent = pushes(200)  # enough that most are still queued when the kill lands
         for fields in sent:
             query, body = build_push(fields)
             request = urllib.request.Request(f"http://127.0.0.1:{port}/wechat?{query}",
                                              data=body, method="POST")
             with urllib.request.urlopen(request, timeout=5) as response:
                 assert response.read() == b"success"
-        assert wait_for(lambda: len(backend.received) >= 50, 30)
+        assert wait_for(lambda: len(backend.received) >= 20, 30)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         delivered_before_restart = len(backend.received)
-        assert delivered_before_restart < 500, "the kill came too late to prove anything"
+        assert delivered_before_restart < 200, "the kill came too late to prove anything"
         process = start_gateway(source, port)
         assert wait_for_port(port)
-        # No request after the restart: `wxgate serve` starts its delivery threads at once
-        # (issue 15: they used to wait for the first request).
-        assert wait_for(lambda: len(set(backend.keys())) == 500, 60), len(backend.received)
+        # No request after the restart: `wxgate serve` starts its delivery threads at once,
+        # not on the first request (which may never come while WeChat waits for nothing).
+        assert wait_for(lambda: len(set(backend.keys())) == 200, 60), len(backend.received)
     finally:
         process.kill()
         process.wait(10)
     keys = backend.keys()
     repeats = len(keys) - len(set(keys))
-    print(f"\nkilled after {delivered_before_restart} deliveries; 500 delivered, "
+    print(f"\nkilled after {delivered_before_restart} deliveries; 200 delivered, "
           f"{repeats} repeated (in flight at the kill, same dedup_key)")
-    assert set(keys) == {f"test:m:{10_000 + i}" for i in range(500)}
+    assert set(keys) == {f"test:m:{10_000 + i}" for i in range(200)}
     assert repeats <= 2  # at most one per delivery thread in flight at the kill
 
 
 def test_worker_with_delivery_threads_0_delivers_and_stops_on_sigterm(tmp_path, backend,
                                                                       queue_store):
-    # Issue 15: the README's advice, delivery_threads = 0 plus `wxgate worker`, delivered
-    # nothing ("started with 0 thread(s)"); and SIGTERM killed the worker without a word.
+    # The README's advice, delivery_threads = 0 plus `wxgate worker`: the worker delivers
+    # with its own thread (never "started with 0 thread(s)"), and stops on SIGTERM saying so.
     source = tmp_path / "queue.ini"
     source.write_text(ini_text(
         extra_gateway=f"timestamp_window = 0\nstore = {queue_store}\ndelivery_threads = 0",
@@ -409,3 +412,112 @@ def test_memory_store_under_cgi_warns_once(tmp_path, caplog):
             testapp.post(f"/wechat?{query}", body, content_type="text/xml")
     warnings = [r.getMessage() for r in caplog.records if "under CGI" in r.getMessage()]
     assert len(warnings) == 1 and "store = sqlite" in warnings[0]
+
+
+# -- `wxgate worker` and SIGTERM, and dead letters with multi-line errors -------------------
+
+
+def queue_ini(tmp_path, store, backend):
+    """An ini that forwards through the queue on ``store``, with no handler; its path."""
+    text = ini_text(extra_gateway=f"timestamp_window = 0\nstore = {store}\n",
+                    extra_app=f"forward = {backend.url}\nforward_secret = {SECRET}\n"
+                              f"delivery = queue\nqueue_retry_base = 0.01\n"
+                              f"queue_retry_max = 0.1\n")
+    source = tmp_path / "queue.ini"
+    source.write_text(text.replace("handler = wxgate:demo_handler", ""))
+    return source
+
+
+def test_worker_sigterm_lets_the_running_delivery_finish(tmp_path, backend, queue_store):
+    # SIGTERM must stop the worker's own delivery threads and let the running delivery end,
+    # as the README says ("letting running deliveries finish for up to 5 s"): closing the
+    # store under them, or exiting at once, cuts the delivery off.
+    source = queue_ini(tmp_path, queue_store, backend)
+    app = wxgate.make_app(str(source), start_worker=False)
+    assert post(app, text_message(msg_id="term-1")).body == b"success"
+    taken = threading.Event()
+
+    def slow(body):
+        taken.set()
+        time.sleep(0.5)  # well inside the 5 s the README promises
+        return None
+
+    backend.reply = slow
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as output:
+        worker = subprocess.Popen([sys.executable, "-m", "wxgate", "worker", str(source)],
+                                  cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        assert taken.wait(20), log.read_text()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    finally:
+        worker.kill()
+        worker.wait(10)
+    stats = app.queue.stats(time.time())
+    print(f"\nafter SIGTERM mid-delivery: {stats}\n{log.read_text()}")
+    # The backend answered 204 within 0.5 s: the message must be acknowledged, not left
+    # claimed (to be delivered a second time after queue_visibility_timeout).
+    assert stats["pending"] == 0, "SIGTERM cut the running delivery off"
+    app.close()
+
+
+def test_list_dead_keeps_one_entry_per_attempt_when_an_error_spans_lines(tmp_path,
+                                                                         queue_store):
+    # Attempts' errors are kept one per attempt, though many errors span lines (pydantic's
+    # ValidationError, a traceback-like message from a client library): list-dead must not
+    # show more "attempts" than were made, nor only the last line of the last one.
+    def handler(message):
+        raise ValueError("1 validation error for Order\namount\n  field required")
+
+    config = make_config(tmp_path, extra_gateway=f"timestamp_window = 0\nstore = {queue_store}",
+                         extra_app="delivery = queue\nqueue_max_attempts = 2\n"
+                                   "queue_retry_base = 0.01\nqueue_retry_max = 0.1")
+    clock = Clock(time.time())
+    app = wxgate.make_app(with_handler(config, handler), start_worker=False, clock=clock)
+    assert post(app, text_message(msg_id="multi-line-1")).body == b"success"
+    worker = app.worker()
+    for _ in range(2):
+        assert worker.run_once() is True
+        clock.advance(60)
+    (letter,) = app.queue.dead()
+    print(f"\n{json.dumps(letter, indent=1)}")
+    assert letter["attempts"] == 2
+    assert len(letter["errors"]) == 2, "one attempt's error was split into several"
+    assert letter["error"].startswith("attempt 2: ValueError")
+    app.close()
+
+
+# -- closing a gateway with a queue ------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.xfail(strict=True, reason="XXX: Gateway.close() leaves the sqlite queue's own "
+                   "store open; once it closes it, remove this mark and setup.cfg's "
+                   "'unclosed database' filter")
+def test_close_releases_the_sqlite_queue_connections(tmp_path, backend):
+    # The queue keeps its own sqlite connections (synchronous=FULL): close() must release
+    # them as it does the store's, or each gateway made and closed (a test, a reload) keeps
+    # 3 descriptors (db, -wal, -shm) per idle connection until the garbage collector runs,
+    # and Python 3.13 warns then ("unclosed database").
+    database = tmp_path / "close.db"
+
+    def descriptors_on_the_database():
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+                continue
+            if target.startswith(str(database)):
+                found.append(target)
+        return found
+
+    config = forward_config(tmp_path, backend, extra_app=QUEUE_APP,
+                            extra_gateway=f"store = sqlite://{database}")
+    app = wxgate.make_app(config, start_worker=False)
+    post(app, pushes(1)[0])
+    assert app.queue.stats(time.time())["pending"] == 1
+    assert descriptors_on_the_database()  # the gateway has the file open
+    app.close()
+    assert descriptors_on_the_database() == []

@@ -1,7 +1,7 @@
 """Tests of the fake WeChat itself, over real HTTP with urllib.
 
-wxgate's token and client tests trust the fake to behave as WeChat does (PROTOCOL.md section 7),
-so each rule it imitates is pinned here first: if the fake drifted, those tests would pass
+wxgate's token and client tests trust the fake to behave as WeChat's backend API does, so
+each rule it imitates is pinned here first: if the fake drifted, those tests would pass
 against a WeChat that does not exist.
 """
 

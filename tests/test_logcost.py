@@ -1,8 +1,8 @@
 """What one push costs in logging, counted rather than timed, so the guard cannot flake.
 
-Issue 13: the per-push INFO line cost more server CPU than all of wxgate's own work. Timing
-belongs in bench/ (bench/logcost.py breaks the cost down), but the work that made it slow
-can be counted, and counts are the same on a busy CI machine as on an idle one:
+A per-push INFO line can cost more server CPU than all of wxgate's own work. Timing belongs
+in bench/ (bench/logcost.py breaks the cost down), but the work that makes it slow can be
+counted, and counts are the same on a busy CI machine as on an idle one:
 
 - LogRecords made per push (through the record factory, so a user's factory still applies):
   exactly one, at INFO, in text and JSON; none when the logger is at WARNING;
@@ -32,8 +32,8 @@ import webtest
 import wxgate
 from conftest import NOW, build_push, make_config, text_message
 
-# The counts per push since the cheaper push line (issue 13); before it they were 1, 10, 1
-# and 1.
+# The counts per push of the cheap push line; a line made the usual way (a Logger call,
+# strftime per record, a flush per write, uuid4) costs 1, 10, 1 and 1.
 FIND_CALLER_PER_PUSH = 0      # the line is made with makeRecord + handle
 STRFTIME_PER_10_PUSHES = 1    # wxgate's own formatter caches the second's text
 FLUSHES_PER_PUSH = 0          # wxgate's handler leaves a line-buffered stream alone
@@ -218,7 +218,7 @@ def make_record(message="push app=test key=%s", args=("k",), created=PINNED, ext
 
 
 def the_json_dumps_line(record, formatter):
-    """What the JSON formatter wrote before issue 13: a dict through json.dumps."""
+    """The usual JSON formatter's line: a dict through json.dumps."""
     document = {"time": logging.Formatter.formatTime(formatter, record),
                 "level": record.levelname, "logger": record.name,
                 "message": record.getMessage()}

@@ -1,14 +1,16 @@
-"""uploadTempMedia (issue 12): a multipart upload with the standard library, parsed by the
+"""uploadTempMedia: a multipart upload with the standard library, parsed by the
 fake WeChat as a strict RFC 7578 server would, and its media_id sent back as an image."""
 
 import email.parser
 import email.policy
 import io
+import os
+import tempfile
 
 import pytest
 
 import wxgate
-from conftest import OPENID
+from conftest import APPID, OPENID
 from fake_wechat import (DEFAULT_APPID, DEFAULT_SECRET, MEDIA_UPLOAD_PATH, FakeWeChat,
                          MultipartError, parse_multipart)
 from wxgate import _encode_multipart as encode_multipart
@@ -185,3 +187,63 @@ def test_a_bare_path_is_uploaded_with_its_bytes_extension(fake, client, tmp_path
     client.upload_temp_media(bare)
     assert [(u["filename"], u["content_type"]) for u in fake.uploads] == [
         ("poster.png", "image/png")]
+
+
+# -- file names WeChat judges the type by, and FakeAPI's refusals ----------------------------
+
+
+def uploaded_part(call):
+    """The multipart part ``media`` of an upload FakeAPI recorded, parsed as a server would."""
+    head = f"Content-Type: {call_content_type(call)}\r\n\r\n".encode("ascii")
+    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + call.data)
+    parts = [part for part in parsed.iter_parts() if part.get_param(
+        "name", header="content-disposition") == "media"]
+    assert len(parts) == 1
+    return parts[0]
+
+
+def call_content_type(call):
+    # FakeAPI keeps the body, not the headers: the boundary is the body's first line.
+    boundary = call.data.split(b"\r\n", 1)[0][2:].decode("ascii")
+    return f"multipart/form-data; boundary={boundary}"
+
+
+def test_an_upload_named_without_an_extension_gets_the_extension_of_its_bytes(tmp_path):
+    # WeChat judges an upload's type by its file name's extension (community reports: 40004 /
+    # 40113 "unsupported file type" for a name without one). A PNG from a temporary file or a
+    # path without a suffix must be sent with the .png its bytes say, not as "tmpab12cd".
+    with wxgate.FakeAPI() as api:
+        client = wxgate.WeChatClient(wxgate.TokenManager(APPID, "s", api_base=api.url))
+        with tempfile.NamedTemporaryFile(dir=tmp_path) as file:
+            file.write(PNG)
+            file.flush()
+            file.seek(0)
+            client.upload_temp_media(file)
+        bare = tmp_path / "poster"
+        bare.write_bytes(PNG)
+        client.upload_temp_media(bare)
+        names = [uploaded_part(call).get_filename() for call in api.calls]
+    assert [os.path.splitext(name)[1] for name in names] == [".png", ".png"], names
+
+
+def test_fake_api_refuses_an_upload_without_a_media_file():
+    # WeChat answers 41005 (media data missing) to an upload without the multipart field
+    # `media`; were FakeAPI to hand out a media_id for any body, a user's test would pass with
+    # an upload production refuses.
+    with wxgate.FakeAPI() as api:
+        client = wxgate.WeChatClient(wxgate.TokenManager(APPID, "s", api_base=api.url))
+        for body in ({"media": "not a file"}, None):
+            with pytest.raises(wxgate.WeChatAPIError):
+                client.call("POST", "/cgi-bin/media/upload", params={"type": "image"},
+                            json=body)
+
+
+def test_fake_api_refuses_a_media_part_without_a_file_name():
+    # What a client that forgot filename= would send: WeChat wants a file, not a field.
+    with wxgate.FakeAPI() as api:
+        client = wxgate.WeChatClient(wxgate.TokenManager(APPID, "s", api_base=api.url))
+        body = wxgate._encode_multipart({"media": "abc"}, {}, "b1")
+        with pytest.raises(wxgate.WeChatAPIError) as caught:
+            client.call("POST", "/cgi-bin/media/upload", params={"type": "image"}, json=body)
+        assert caught.value.errcode == 41005
+        assert client.upload_temp_media(PNG).startswith("fake-media-")  # a real one passes

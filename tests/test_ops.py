@@ -115,7 +115,7 @@ def test_healthz_is_ok_without_a_secret_and_shows_only_the_status(ops):
     response = ops.get("/_wxgate/healthz", extra_environ=REMOTE)
     assert response.status_int == 200
     assert response.content_type == "application/json"
-    assert response.json == {"status": "ok"}  # no app names, version or counts (issue 10)
+    assert response.json == {"status": "ok"}  # no app names, version or counts: anyone asks
 
 
 @pytest.mark.parametrize("how", ["secret", "loopback"])
@@ -191,16 +191,18 @@ def test_healthz_reports_the_queue_when_there_is_one(tmp_path, clock):
 
 
 def test_healthz_reads_the_queue_only_for_callers_who_see_it(tmp_path, clock):
-    # Review of issue 10: the open /healthz ran queue.stats() (a scan of the queue) for every
-    # anonymous probe, then threw the counts away. Its status is the store's write; the
+    # The open /healthz must not run queue.stats() (a scan of the queue) for every anonymous
+    # probe only to throw the counts away. Its status is the store's write; the
     # queue is read for the admin secret or loopback only. A queue table that cannot be read
     # shows which callers read it.
     app, testapp = gateway(tmp_path, clock, start_worker=False,
                            extra_gateway=f"store = sqlite://{tmp_path}/q.db",
                            extra_app="delivery = queue")
     try:
+        import contextlib
         import sqlite3
-        with sqlite3.connect(tmp_path / "q.db") as connection:
+        # closing(): sqlite3's own context manager commits but leaves the connection open.
+        with contextlib.closing(sqlite3.connect(tmp_path / "q.db")) as connection:
             connection.execute("ALTER TABLE wxgate_queue RENAME TO wxgate_queue_gone")
         assert testapp.get("/_wxgate/healthz", extra_environ=REMOTE).json == {"status": "ok"}
         response = testapp.get("/_wxgate/healthz", extra_environ=LOOPBACK, status=503)
@@ -613,3 +615,34 @@ def test_application_under_wxgate_config_logs_json_lines(tmp_path):
         assert document["level"] == "INFO"
     for secret in SECRETS:
         assert secret not in result.stderr + result.stdout
+
+
+# -- the health check's write ----------------------------------------------------------------
+
+
+class CountingWrites(wxgate.SqliteStore):
+    """A real sqlite store that counts its write transactions."""
+
+    writes = 0
+
+    def _write(self, statements):
+        CountingWrites.writes += 1
+        return super()._write(statements)
+
+
+def test_unauthenticated_health_checks_do_not_each_take_the_write_lock(tmp_path):
+    # healthz needs no secret, and proves the store writable by a write. Were each anonymous
+    # GET to take sqlite's write lock (BEGIN IMMEDIATE ... COMMIT) that every push needs for
+    # its claim, a flood of health checks from anywhere would compete with pushes for it
+    # (busy_timeout 2 s, then "database is locked" and 500s), and during a Redis outage each
+    # would wait out a connect timeout. One write per interval (a second) proves as much.
+    store = CountingWrites(str(tmp_path / "health.db"))
+    app = wxgate.make_app(make_config(tmp_path, extra_gateway="timestamp_window = 0"),
+                          store=store)
+    test = webtest.TestApp(app, lint=True)
+    CountingWrites.writes = 0
+    for _ in range(50):
+        test.get("/_wxgate/healthz", extra_environ={"REMOTE_ADDR": "203.0.113.7"})
+    print(f"\n50 anonymous health checks: {CountingWrites.writes} write transactions")
+    assert CountingWrites.writes <= 5
+    app.close()

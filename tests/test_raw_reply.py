@@ -1,9 +1,10 @@
 """Replies sent exactly as given: ``wxgate.RawReply``, ``X-Wxgate-Reply: raw`` and a per-app
-``dedup_ttl`` (issue 11, part 3).
+``dedup_ttl``.
 
 Virtual payment pushes (``xpay_goods_deliver_notify`` ...) must be answered
-``{"ErrCode":0,"ErrMsg":"success"}``, not encrypted even in safe mode [O XPAY-MG], and are
-pushed again for hours until they are (PROTOCOL.md 11.3).
+``{"ErrCode":0,"ErrMsg":"success"}``, not encrypted even in safe mode, and are pushed again
+for hours until they are.
+https://developers.weixin.qq.com/minigame/dev/guide/open-ability/virtual-payment/message-push.md
 """
 
 import dataclasses
@@ -190,7 +191,9 @@ class RawBackend:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/wechat"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # A short poll interval: shutdown() waits for the serve loop (0.5 s by default).
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -272,7 +275,8 @@ def test_backend_raw_body_not_utf8_is_a_failed_delivery(forward_gateway, raw_bac
 
 # -- per-app dedup_ttl -----------------------------------------------------------------------
 
-# WeChat's retry schedule for an unacknowledged virtual-payment push. [O XPAY-GOODS]
+# WeChat's retry schedule for an unacknowledged virtual-payment push.
+# https://developers.weixin.qq.com/minigame/introduction/commercialization/virtual-payment/goods.html
 XPAY_RETRIES = (15, 15, 30, 180, 600, 1200, 1800, 1800, 1800, 3600, 10800, 10800, 10800,
                 21600, 21600)
 

@@ -1,7 +1,7 @@
-"""EncodingAESKey rotation: ``previous_encoding_aes_key`` (issue 11, part 2).
+"""EncodingAESKey rotation: ``previous_encoding_aes_key``.
 
 WeChat's guidance: keep the current and the previous key; when the current one fails, try
-the previous one; encrypt the reply with the key that decrypted the push (PROTOCOL.md 11.2).
+the previous one; encrypt the reply with the key that decrypted the push.
 Pushes are built by conftest's builder (pycryptodome directly), never by wxgate.
 """
 
@@ -150,7 +150,7 @@ def test_push_under_the_current_key_is_answered_under_it_only(gateway, mode, fmt
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_third_key_is_refused(gateway, caplog, fmt):
-    # Issue 10's sealed refusal still holds: failing under both keys is answered exactly as
+    # The sealed refusal still holds: failing under both keys is answered exactly as
     # any other failure past msg_signature (here: the current key, another appid).
     caplog.set_level(logging.INFO, logger="wxgate")
     handler = Recorder()

@@ -1,4 +1,4 @@
-"""Router: one function per message type or event, itself a handler (issue 12)."""
+"""Router: one function per message type or event, itself a handler."""
 
 import uuid
 

@@ -95,18 +95,18 @@ def shared_store(request, tmp_path):
 def test_four_workers_run_each_message_once_with_a_shared_store(tmp_path, shared_store):
     base_url, process, record = gateway(tmp_path, shared_store)
     try:
-        sent = messages(200)
+        sent = messages(100)  # 600 requests, 300 of them racing copies of one message
         results = storm(base_url, sent)
     finally:
         stop(process)
-    assert len(results) == 1200
+    assert len(results) == 600
     for fields, status, body in results:
         assert status == 200, body
         reply, _, _ = open_reply(body, "xml")
         # The right reply: addressed to this message's sender, not another's.
         assert f"<ToUserName><![CDATA[{fields['FromUserName']}]]></ToUserName>" in reply
     runs = handler_runs(record)
-    assert set(runs) == {f"test:m:{90_000 + i}" for i in range(200)}
+    assert set(runs) == {f"test:m:{90_000 + i}" for i in range(100)}
     assert set(runs.values()) == {1}
 
 
@@ -136,7 +136,7 @@ def test_redis_killed_mid_run_no_request_fails_and_service_recovers(tmp_path):
     base_url, process, record = gateway(tmp_path, f"redis://127.0.0.1:{port}/0", workers=2)
     statuses = []
     try:
-        batches = [messages(150)[i:i + 50] for i in (0, 50, 100)]
+        batches = [messages(75)[i:i + 25] for i in (0, 25, 50)]
         for index, batch in enumerate(batches):
             if index == 1:
                 redis_process.kill()
@@ -153,11 +153,11 @@ def test_redis_killed_mid_run_no_request_fails_and_service_recovers(tmp_path):
         stop(process)
         redis_process.kill()
         redis_process.wait()
-    assert statuses == [200] * 300
+    assert statuses == [200] * 150
     runs = handler_runs(record)
-    assert len(runs) == 150  # every message reached the handler
+    assert len(runs) == 75  # every message reached the handler
     # Before the kill and after the restart, the shared store deduplicated every retry.
-    for index in list(range(50)) + list(range(100, 150)):
+    for index in list(range(25)) + list(range(50, 75)):
         assert runs[f"test:m:{90_000 + index}"] == 1
     log = process.log_path.read_text()
     assert "continuing without cross-process dedup" in log

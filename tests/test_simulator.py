@@ -1,10 +1,11 @@
-"""Simulator (issue 12): pushes and handshakes as WeChat sends them, replies read as WeChat
+"""Simulator: pushes and handshakes as WeChat sends them, replies read as WeChat
 reads them; FakeAPI for what a handler sends; the "收到" demo; wxgate push/handshake on it."""
 
 import argparse
 import dataclasses
 import json
 import logging
+import re
 import threading
 import xml.etree.ElementTree as ET
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -445,3 +446,134 @@ def test_handshake_command_passes_and_fails(served, tmp_path, capsys):
     assert handshake_command(argparse.Namespace(**dict(vars(args), config=str(wrong)))) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL:") and " 403 " in out and "notTheToken" not in out
+
+
+# -- the "收到" demo on pushes whose fields are not strings -----------------------------------
+
+
+def demo_gateway(tmp_path, api, appsecret):
+    extra = "appsecret = any-secret-works" if appsecret else ""
+    config = make_config(tmp_path, mode="safe", fmt="json", extra_app=extra)
+    app = dataclasses.replace(config.apps["test"], handler_spec="wxgate:demo_handler",
+                              handler=wxgate._resolve_handler("wxgate:demo_handler", "."))
+    return api.configure(dataclasses.replace(config, apps={"test": app}))
+
+
+@pytest.mark.parametrize("appsecret", [True, False], ids=["appsecret", "no-appsecret"])
+@pytest.mark.parametrize("msg_type", [["text"], {"a": 1}], ids=["list", "object"])
+def test_demo_handler_answers_success_when_msgtype_is_not_a_string(tmp_path, caplog,
+                                                                     appsecret, msg_type):
+    # Without an AppSecret the demo answers such a push 200 "success", and so it must with
+    # one: a lookup of an unhashable MsgType in a set would raise TypeError, a 500 and a
+    # traceback in the log, and WeChat's retries would run it again.
+    with wxgate.FakeAPI() as api:
+        config = demo_gateway(tmp_path, api, appsecret)
+        gateway = wxgate.make_app(config)
+        wechat = wxgate.Simulator(config, "test")
+        push = wechat.push({"MsgType": msg_type, "FromUserName": "o_user"})
+        try:
+            with caplog.at_level(logging.INFO, logger="wxgate"):
+                response = webtest.TestApp(gateway).post(push.url, push.body,
+                                                         headers=push.headers,
+                                                         expect_errors=True)
+        finally:
+            gateway.close()
+    assert response.status_int == 200, response.status
+    assert wechat.open_reply(response.body) == "success"
+    assert "Traceback" not in caplog.text
+
+
+def test_demo_handler_never_sends_to_an_openid_that_is_not_a_string(tmp_path):
+    # A JSON push whose FromUserName is an object must not make the demo POST
+    # {"touser": {...}} to customerServiceMessage.send.
+    with wxgate.FakeAPI() as api:
+        config = demo_gateway(tmp_path, api, appsecret=True)
+        gateway = wxgate.make_app(config)
+        wechat = wxgate.Simulator(config, "test")
+        app = webtest.TestApp(gateway)
+        try:
+            for sender in ({"id": "o_user"}, ["o_user"], 12345):
+                push = wechat.push({"MsgType": "text", "Content": "hi", "FromUserName": sender})
+                app.post(push.url, push.body, headers=push.headers)
+        finally:
+            gateway.close()
+        assert [sent["touser"] for sent in api.sent
+                if not isinstance(sent["touser"], str)] == []
+
+
+# -- open_reply: replies WeChat would refuse, and replies it takes ---------------------------
+
+
+def sealed_reply(plaintext, timestamp="1714000000", nonce="415670741"):
+    """A JSON reply envelope around ``plaintext``, sealed with conftest's own AES."""
+    encrypt = aes_encrypt(plaintext)
+    return json.dumps({"Encrypt": encrypt, "MsgSignature": sha1_sign(TOKEN, timestamp, nonce,
+                                                                       encrypt),
+                       "TimeStamp": timestamp, "Nonce": nonce}).encode("utf-8")
+
+
+ADDRESSED = {"ToUserName": "o_user", "FromUserName": "gh_1", "CreateTime": 1714000000}
+
+
+@pytest.mark.parametrize("body", [
+    # "success" and the empty reply are never encrypted, in any mode (WeChat reads them as
+    # they are).
+    pytest.param(sealed_reply("success"), id="encrypted success"),
+    pytest.param(sealed_reply(""), id="encrypted empty"),
+    # str.isdigit() takes Arabic-Indic and superscript digits as a TimeStamp.
+    pytest.param(sealed_reply(json.dumps(dict(ADDRESSED, MsgType="transfer_customer_service")),
+                              timestamp="١٧١٤٠٠٠٠٠٠"), id="non-ASCII TimeStamp digits"),
+    # The reply must be typed: a MsgType that is an object or a CreateTime that is not a
+    # number of seconds is no reply WeChat reads.
+    pytest.param(sealed_reply(json.dumps(dict(ADDRESSED, MsgType={"a": 1}))),
+                 id="MsgType an object"),
+    pytest.param(sealed_reply(json.dumps(dict(ADDRESSED, CreateTime="soon",
+                                              MsgType="transfer_customer_service"))),
+                 id="CreateTime not a number"),
+])
+def test_open_reply_refuses_what_wechat_would_refuse(tmp_path, body):
+    config = make_config(tmp_path, mode="safe", fmt="json")
+    with pytest.raises(wxgate.WxgateError):
+        wxgate.Simulator(config, "test").open_reply(body)
+
+
+@pytest.mark.parametrize("fmt", ["xml", "json"])
+def test_open_reply_still_takes_a_well_typed_reply(tmp_path, fmt):
+    # XML carries CreateTime as text of digits, JSON as a number: both are whole seconds.
+    config = make_config(tmp_path, mode="plain", fmt=fmt)
+    wechat = wxgate.Simulator(config, "test")
+    reply = dict(ADDRESSED, MsgType="transfer_customer_service")
+    body = wxgate._dump_xml(reply) if fmt == "xml" else json.dumps(reply)
+    assert wechat.open_reply(body)["MsgType"] == "transfer_customer_service"
+
+
+# -- push: errors about the push, and MsgIds that never collide ------------------------------
+
+
+def test_a_push_with_a_bad_field_name_is_a_value_error_about_the_push(tmp_path):
+    # push({"bad name": 1}) is the test's push, not a reply, and no WeChat code applies: a
+    # ValueError, as for a bad `format`, never a WxgateError about "reply field ... -40011".
+    wechat = wxgate.Simulator(make_config(tmp_path, mode="safe", fmt="xml"), "test")
+    with pytest.raises(ValueError) as caught:
+        wechat.push({"MsgType": "text", "bad name": 1})
+    assert "reply" not in str(caught.value)
+
+
+def test_pushes_in_one_second_get_distinct_msgids_and_are_all_handled(tmp_path):
+    # `wxgate push` builds its push with the Simulator. MsgIds made as now * 1000 plus a
+    # number below 1000 would collide for sure within 1001 pushes of one second (and once in
+    # 1000 for two): the second push would then be answered as a duplicate, its handler
+    # never run.
+    clock = Clock()
+    recorder = Recorder()
+    config = make_config(tmp_path, recorder)
+    wechat = wxgate.Simulator(config, "test", clock=clock)
+    ids = [wechat.push({"MsgType": "text", "Content": str(i)}).fields["MsgId"]
+           for i in range(1001)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9]{1,19}", msg_id) for msg_id in ids)  # WeChat's shape
+    testapp = webtest.TestApp(wxgate.make_app(config, clock=clock), lint=True)
+    for content in ("kf please", "hi"):
+        push = wechat.push({"MsgType": "text", "Content": content})
+        assert testapp.post(push.url, push.body, headers=push.headers).body == b"success"
+    assert [message["Content"] for message in recorder.messages] == ["kf please", "hi"]

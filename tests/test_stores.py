@@ -294,8 +294,8 @@ def test_a_connection_left_in_a_transaction_is_not_pooled(tmp_path):
 def test_a_failed_store_is_left_alone_for_a_while(monkeypatch):
     # A blackholed Redis costs a connect timeout per call: after one failure, calls go to the
     # local fallback without touching the shared store until STORE_RETRY_AFTER has passed.
-    # A failed write is followed by one read (a full disk still reads, issue 14); once that
-    # fails too, neither is tried again for a while.
+    # A failed write is followed by one read (a full disk still reads); once that fails
+    # too, neither is tried again for a while.
     monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.3)
     calls = []
 
@@ -333,8 +333,8 @@ def test_an_unreachable_store_costs_one_call_per_outage(monkeypatch):
 
 
 def test_keys_set_during_an_outage_are_written_back_when_it_ends(monkeypatch):
-    # Issue 14: a message handled while the store failed ran again after recovery, on every
-    # other process. What was set meanwhile is now written back once a write succeeds.
+    # A message handled while the store failed must not run again after recovery on any
+    # other process: what was set meanwhile is written back once a write succeeds.
     monkeypatch.setattr(wxgate, "STORE_RETRY_AFTER", 0.1)
     primary = BrokenStore()
     primary.inner.set("kept", "from-the-store", 60)

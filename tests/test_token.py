@@ -1,6 +1,6 @@
 """access_token and the WeChat API client, against the real fake WeChat over loopback HTTP.
 
-Nothing patches urllib: :class:`fake_wechat.FakeWeChat` serves PROTOCOL.md section 7 on
+Nothing patches urllib: :class:`fake_wechat.FakeWeChat` serves WeChat's backend API on
 127.0.0.1 and counts every call, so a test can assert exactly how many token fetches and
 business calls happened. The fake, the managers and the stores share one :class:`FakeClock`,
 so expiry is reached by moving time, never by sleeping.
@@ -324,7 +324,7 @@ def test_set_typing_on_and_off(make_client, fake):
 def test_code2session_exchanges_a_code_once(make_client, fake):
     client = make_client()
     code = fake.issue_code(OPENID, session_key="c2Vzc2lvbmtleTEyMzQ1Ng==", unionid="oUNION")
-    # Success carries no errcode at all (PROTOCOL.md 7.7): still a success.
+    # code2Session's success carries no errcode at all: still a success.
     assert client.code2session(code) == {"openid": OPENID,
                                          "session_key": "c2Vzc2lvbmtleTEyMzQ1Ng==",
                                          "unionid": "oUNION"}
@@ -697,3 +697,51 @@ def test_api_calls_from_a_handler_fit_in_the_push_window(tmp_path, fake, clock):
     fake.hang(CUSTOM_SEND_PATH, 0)
     gateway.client("test").send_text(OPENID, "later")
     assert fake.custom_messages[-1]["text"] == {"content": "later"}
+
+
+# -- a host that does not resolve --------------------------------------------------------------
+
+UNRESOLVABLE = "http://no-such-host.invalid"  # .invalid never resolves (RFC 6761)
+
+
+def test_an_api_call_to_a_host_that_does_not_resolve_says_so():
+    with FakeWeChat() as wechat:
+        tokens = wxgate.TokenManager(DEFAULT_APPID, DEFAULT_SECRET, api_base=wechat.url)
+        token = tokens.get_token()  # held in the store: the call below needs no fetch
+    tokens.api_base = UNRESOLVABLE
+    client = wxgate.WeChatClient(tokens)
+    with pytest.raises(wxgate.WeChatConnectionError) as caught:
+        client.send_text("o_user", "pong")
+    message = caught.value.message
+    assert f"cannot resolve the host of {UNRESOLVABLE}{CUSTOM_SEND_PATH}" in message, message
+    assert "gaierror" not in message and token not in message and DEFAULT_SECRET not in message
+
+
+# -- a send cut by the push window ------------------------------------------------------------
+
+
+def test_a_send_cut_by_the_push_window_does_not_blame_api_timeout(tmp_path, fake, clock):
+    # api_timeout alone would wait 30 s: the push window (WeChat's 5 s, shortened here to
+    # 1 s) is what cuts the send, and the error a handler logs must say so.
+    errors = []
+
+    def handler(message):
+        try:
+            message.client.send_text(message["FromUserName"], "pong")
+        # Any exception: the test reads whatever the send raised, expected or not.
+        except Exception as exc:
+            errors.append(getattr(exc, "message", repr(exc)))
+        return None
+
+    config = make_config(tmp_path, handler, mode="plain",
+                         extra_gateway=f"api_base = {fake.url}\napi_timeout = 30",
+                         extra_app=f"appsecret = {DEFAULT_SECRET}")
+    gateway = wxgate.make_app(config, clock=clock, reply_deadline=1.0)
+    fake.hang(CUSTOM_SEND_PATH, 8)
+    testapp = webtest.TestApp(gateway, lint=True)
+    query, body = build_push(text_message("ping"), mode="plain")
+    assert testapp.post(f"/wechat?{query}", body, content_type="text/xml").body == b"success"
+    gateway.close()
+    (message,) = errors
+    assert "api_timeout" not in message, message
+    assert "push window" in message, message
