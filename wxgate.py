@@ -4088,6 +4088,8 @@ class Gateway:
         self._lifecycle.stop()
         for dedup in self._dedups.values():
             dedup.close()
+        if self.queue is not None:
+            self.queue.close()
         self.store.close()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
@@ -5209,6 +5211,9 @@ class _Queue:
     def purge_dead(self):
         raise NotImplementedError
 
+    def close(self):
+        """Release connections the queue opened itself (the shared store's stay open)."""
+
 
 class _SqliteQueue(_Queue):
     """The queue as a table beside the store's key-value table."""
@@ -5232,6 +5237,9 @@ class _SqliteQueue(_Queue):
                                     " NULL DEFAULT 0")
             except sqlite3.OperationalError:  # another process added it first
                 pass
+
+    def close(self):
+        self.store.close()
 
     def _execute(self, sql, parameters=()):
         """``(rowcount, lastrowid)`` of one statement in autocommit mode."""

@@ -492,9 +492,6 @@ def test_list_dead_keeps_one_entry_per_attempt_when_an_error_spans_lines(tmp_pat
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-@pytest.mark.xfail(strict=True, reason="XXX: Gateway.close() leaves the sqlite queue's own "
-                   "store open; once it closes it, remove this mark and setup.cfg's "
-                   "'unclosed database' filter")
 def test_close_releases_the_sqlite_queue_connections(tmp_path, backend):
     # The queue keeps its own sqlite connections (synchronous=FULL): close() must release
     # them as it does the store's, or each gateway made and closed (a test, a reload) keeps
