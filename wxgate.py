@@ -753,7 +753,11 @@ class _SectionReader:
     def check_known(self, known):
         for option in self.values:
             if option not in known:
-                raise self.error(option, f"unknown option; expected one of {sorted(known)}")
+                import difflib
+                close = difflib.get_close_matches(option, sorted(known), n=1)
+                guess = f" did you mean {close[0]!r}?" if close else ""
+                raise self.error(option, f"unknown option;{guess} the options of "
+                                 f"[{self.section}] are {', '.join(sorted(known))}")
 
     def text(self, option, default=None, *, required=False):
         raw = self.values.get(option)
@@ -926,8 +930,12 @@ def _parse_app(reader, base_dir):
             try:
                 _decode_aes_key(value)
             except WxgateError as exc:
-                raise reader.error(option, exc.message.split(" (WeChat")[0],
-                                   code=ILLEGAL_AES_KEY) from None
+                reason = exc.message.split(" (WeChat")[0]
+                if len(value) == ENCODING_AES_KEY_LENGTH + 1 and value.endswith("="):
+                    # 32 bytes in Base64 are 44 characters, the last a "=" pad; the console
+                    # shows the key without it, but a copy from another tool may keep it.
+                    reason += ": the console's EncodingAESKey has no trailing '=' (drop it)"
+                raise reader.error(option, reason, code=ILLEGAL_AES_KEY) from None
     if previous and not key:
         raise reader.error("previous_encoding_aes_key", "is set without encoding_aes_key: "
                            "the previous key only helps beside a current one")
