@@ -6231,6 +6231,22 @@ class _DeadlineReader(io.RawIOBase):
             self._sock.settimeout(self._seconds)  # for writing the response
 
 
+def _listen_hint(error, host, source):
+    """What to change after a failed bind, by its cause (empty when we cannot tell)."""
+    import errno
+    if error.errno == errno.EADDRINUSE:
+        return ("; another process holds this port (another `wxgate serve`?): choose a free "
+                f"one with --port, or change [wxgate] listen in {source} (wxgate push and "
+                "handshake send to listen: after --port, give them --url)")
+    if error.errno == errno.EACCES:
+        return ("; ports below 1024 need root: choose one above with --port, or change "
+                f"[wxgate] listen in {source}, and put a proxy on 80 or 443")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (f"; {host} is not an address of this host: choose one with --host, or change "
+                f"[wxgate] listen in {source}")
+    return ""
+
+
 def _serve(args):
     """``wxgate serve CONFIG``: a threaded stdlib server, for development and the demo."""
     import socketserver
@@ -6278,8 +6294,8 @@ def _serve(args):
     _logging_before_handlers(level)
     config = load_config(args.config)
     _setup_logging(config.log_format, level, root=True)
-    host, port = _parse_listen(config.listen)
-    host, port = args.host or host, args.port or port
+    listen = _parse_listen(config.listen)
+    host, port = args.host or listen[0], args.port or listen[1]
     if not 0 <= port < 65536:
         print(f"wxgate: cannot listen on port {port}: a port is 1 to 65535", file=sys.stderr)
         return 2
@@ -6289,12 +6305,20 @@ def _serve(args):
                              handler_class=QuietHandler)
     except OSError as exc:  # in use, not an address of this host, or a privileged port
         app.close()
-        print(f"wxgate: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"wxgate: cannot listen on {host}:{port}: {exc.strerror or exc}"
+              f"{_listen_hint(exc, host, config.source)}", file=sys.stderr)
         return 2
     app.start_delivery()  # now, not on the first request: queued messages wait for nobody
     for item in app.config.apps.values():
         logger.info("serving app %s (%s mode, %s) on http://%s:%d%s", item.name, item.mode,
                     item.format, host, server.server_port, item.path)
+    if (host, server.server_port) != listen:
+        # push and handshake read the ini, not this process: without --url they would
+        # knock at listen, where another gateway (or nothing) answers.
+        paths = [item.path for item in app.config.apps.values()]
+        logger.info("not on [wxgate] listen (%s): give wxgate push and handshake --url %s",
+                    config.listen, f"http://{host}:{server.server_port}{paths[0]}"
+                    if len(paths) == 1 else "and the app's URL above")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1201,3 +1201,25 @@ def test_the_wrong_token_hint_names_the_consoles_page_and_button(served_main):
     # Not "click the console's button", naming neither; the README says "Press 提交".
     assert "消息推送" in result.stdout and "提交" in result.stdout, result.stdout
     assert "[app:main] token" in result.stdout, result.stdout
+
+
+# -- serve on a busy port, and push or handshake to a gateway that is not this ini's -----------
+
+
+@pytest.mark.parametrize("given_port", [False, True], ids=["listen", "--port"])
+def test_serve_on_a_busy_port_names_port_and_listen_as_the_fix(tmp_path, given_port):
+    import socket
+    with socket.socket() as holder:  # another server on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        source = write_ini(tmp_path / "busy.ini", gateway=f"listen = 127.0.0.1:{port}",
+                           apps=[app_section("only")])
+        result = run("serve", source, *(("--port", port) if given_port else ()))
+    # Before: "wxgate: cannot listen on 127.0.0.1:PORT: Address already in use", no more.
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    for needle in (f"127.0.0.1:{port}", "Address already in use", "--port",
+                   f"[wxgate] listen in {source}", "--url"):
+        assert needle in result.stderr, (needle, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
