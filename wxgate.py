@@ -3649,6 +3649,11 @@ def _setup_logging(log_format, level=logging.INFO, *, root=False):
 # Admin endpoints #############################################################
 ###############################################################################
 
+# The body of the 404 for a path that is neither an app's nor an admin endpoint. wxgate push
+# and handshake tell a wxgate gateway that holds no app at a path by it.
+_NO_APP_BODY = b"no wxgate app at this path"
+
+
 def _from_loopback(environ):
     # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
     return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
@@ -3686,7 +3691,7 @@ class _Admin:
             return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
                 self.gateway.metrics.render(self._gauges()).encode("utf-8")
         if not self.config.admin_secret or not subpath.startswith("/token/"):
-            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+            return 404, [("Content-Type", _TEXT)], _NO_APP_BODY
         if not self._authorized(environ):
             allowed = self._refusal_lines.allow(None)
             if allowed is not None:
@@ -4131,7 +4136,7 @@ class Gateway:
             admin = self.config.admin_path + "/"
             if full_path.startswith(admin):
                 return self._admin.respond(environ, full_path[len(admin) - 1:])
-            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+            return 404, [("Content-Type", _TEXT)], _NO_APP_BODY
         method = environ.get("REQUEST_METHOD", "")
         try:
             if method == "POST":
