@@ -6437,8 +6437,9 @@ def _push(args):
     url = args.url or f"http://{host}:{port}{app.path}"
     push = wechat.push(_push_fields(args), format=args.format)
     fields = push.fields
-    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}): {fields.get('MsgType')}"
-          f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
+    origin = "" if args.url else "; the ini's listen and path"
+    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}{origin}): "
+          f"{fields.get('MsgType')}{'/' + str(fields['Event']) if fields.get('Event') else ''}")
     failed = False
     # --repeat sends the very same request, as WeChat's retries do: one signed query, one
     # body, which the gateway's query binds accept and its dedup answers from memory.
@@ -6464,6 +6465,9 @@ def _push(args):
             failed = True
         failed = failed or status != 200
         print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
+    hint = _refusal_hint(status, reply, app, url, config.source, from_listen=not args.url)
+    if hint:
+        print(f"wxgate: {hint}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -6479,6 +6483,10 @@ def _handshake_command(args):
     url = args.url or f"http://{host}:{port}{app.path}"
     check = Simulator(config, app.name).handshake(token=args.token)
     shown = _redact_url(url)
+    # On stderr: stdout is the verdict, which scripts read from its first word.
+    origin = "" if args.url else "; the ini's listen and path"
+    print(f"GET {shown} (the console's URL check of [app:{app.name}]{origin})",
+          file=sys.stderr)
     try:
         status, body = _call_gateway(_with_query(url, check.query_string))
     except (OSError, ValueError) as exc:
@@ -6491,8 +6499,13 @@ def _handshake_command(args):
                    else "WeChat's console would accept it")
         print(f"PASS: {shown} echoed echostr exactly; {verdict}")
         return 0
+    hint = _refusal_hint(status, body, app, url, config.source, from_listen=not args.url,
+                         signed_with=args.token)
+    if status == 200:  # a wxgate gateway serving the app echoes, or refuses with a 4xx
+        hint = (f"what answers there is not a wxgate gateway serving {config.source} "
+                f"[app:{app.name}] ({_elsewhere(url, not args.url)})")
     print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
-          f"{check.echostr!r}: {_handshake_hint(status, app, args.token)}")
+          f"{check.echostr!r}: {hint or _handshake_hint(status, app, args.token)}")
     return 1
 
 
@@ -6518,6 +6531,49 @@ def _console_refuses(url):
     except ValueError:
         return ""  # a name: whether it is public, only DNS knows
     return "" if address.is_global else "a private or loopback address"
+
+
+def _refusal_hint(status, body, app, url, source, *, from_listen, signed_with=None):
+    """What a refusal says about the wxgate gateway at ``url``, or "" when it says nothing.
+
+    push and handshake sign (and seal) with the values of ``source``, so a gateway serving
+    that ini takes them. Three refusals are a wxgate gateway's own and each means that it
+    holds something else at this path: no app (its 404), another token (-40001), or
+    another key or appid (the one body of every failure past msg_signature). Either it
+    serves another ini (another ``wxgate serve`` on the port) or it loaded this one before
+    an edit; the CLI cannot tell which, so the hint names both.
+    """
+    where = f"{source} [app:{app.name}]"
+    split = urllib.parse.urlsplit(url)
+    path = split.path
+    if status == 404 and body == _NO_APP_BODY:
+        if path != app.path:
+            return (f"a wxgate gateway answers there, with no app at {path!r}: the URL's path "
+                    f"must be {where} path {app.path!r}")
+        held = f"has no app at {path!r}"
+        if not from_listen:  # a URL of its own may cross a proxy that rewrites the path
+            held += " (or a proxy in front of it passes another path)"
+    elif (status == 403 and f"(WeChat {VALIDATE_SIGNATURE_ERROR})".encode() in body
+          and signed_with in (None, app.token)):
+        held = f"refuses a signature made with {where} token (it holds another one)"
+    elif status == 400 and body == SEALED_REFUSAL.encode():
+        held = (f"takes the signature, but cannot open a push sealed with {where} "
+                "encoding_aes_key and appid (it holds another key or appid)")
+    else:
+        return ""
+    gateway = f"{split.scheme}://{split.netloc.rpartition('@')[2]}"  # never a password
+    return (f"the wxgate gateway at {gateway} {held}: either it is not the one serving "
+            f"{source} ({_elsewhere(url, from_listen)}), or it loaded {source} before an "
+            "edit (restart it)")
+
+
+def _elsewhere(url, from_listen):
+    """Where else the gateway serving the ini may be, and how to send there."""
+    if not from_listen:
+        return "check --url's host and port: wxgate serve logs each app's URL"
+    port = urllib.parse.urlsplit(url).port
+    return (f"is another `wxgate serve` on [wxgate] listen's port {port}? if yours listens "
+            "elsewhere, as after serve --port, give --url with the URL it logs")
 
 
 def _handshake_hint(status, app, console_token):
