@@ -6372,23 +6372,98 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
 # Command line: acting as WeChat ##############################################
 ###############################################################################
 
-def _push_fields(args):
-    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest."""
+# The subscribe-message events carry their items in List, which XML wraps in an element of
+# its own: the wrapper, and the fields of an item.
+# https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/subscribe-message.html
+_SUBSCRIBE_EVENTS = {
+    "subscribe_msg_popup_event": (
+        "SubscribeMsgPopupEvent", ("TemplateId", "SubscribeStatusString", "PopupScene")),
+    "subscribe_msg_change_event": (
+        "SubscribeMsgChangeEvent", ("TemplateId", "SubscribeStatusString")),
+    "subscribe_msg_sent_event": (
+        "SubscribeMsgSentEvent", ("TemplateId", "MsgID", "ErrorCode", "ErrorStatus")),
+}
+_FIELD_HELP = """\
+fields (--field, repeated as needed):
+  NAME=TEXT     a text field:  --field SessionFrom=contact-button
+  NAME:=JSON    a JSON value (number, object, list):  --field CreateTime:=1714000000
+  The subscribe events (subscribe_msg_popup_event, subscribe_msg_change_event,
+  subscribe_msg_sent_event) carry their items in List, given as JSON:
+    --field 'List:=[{"TemplateId": "T1", "SubscribeStatusString": "accept"}]'
+  In XML, List is wrapped as WeChat does (<SubscribeMsgPopupEvent><List>...). A subscribe
+  event without items is refused, as is an item's field given outside List."""
+
+
+def _push_field(text):
+    """One ``--field``: ``NAME=TEXT`` or ``NAME:=JSON``, as ``(name, value)``.
+
+    :raises ValueError: neither, a dotted name, or JSON that does not parse.
+    """
+    name, equals, value = text.partition("=")
+    as_json = name.endswith(":")
+    name = name[:-1] if as_json else name
+    if not equals or not name:
+        raise ValueError(f"--field takes NAME=TEXT or NAME:=JSON, got {text!r}")
+    if "." in name or "[" in name:
+        # Nested fields are JSON values: a dotted name would go out as an element of that
+        # name, which no handler reads.
+        raise ValueError(
+            f"--field {name!r}: a nested field is a JSON value of its top-level field, e.g. "
+            """'List:=[{"TemplateId": "T1", "SubscribeStatusString": "accept"}]'""")
+    if as_json:
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"--field {name}:= takes JSON, and {value!r} is not "
+                             f"({exc})") from None
+    return name, value
+
+
+def _push_fields(args, fmt):
+    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest.
+
+    :raises ValueError: the options describe a push WeChat never sends (see _FIELD_HELP).
+    """
+    fields = None
     for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
         if path:
             try:
                 with open(path, "rb") as file:
-                    return parse(file.read())
+                    fields = parse(file.read())
             except OSError as exc:
                 raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
-    fields = {"FromUserName": args.openid}
-    if args.text is not None:
-        fields.update(MsgType="text", Content=args.text)
-    else:
-        fields.update(MsgType="event", Event=args.event)
-        for pair in args.field or ():
-            name, _, value = pair.partition("=")
-            fields[name] = value
+    if fields is None:
+        fields = {"FromUserName": args.openid}
+        if args.text is not None:
+            fields.update(MsgType="text", Content=args.text)
+        else:
+            fields.update(MsgType="event", Event=args.event)
+    fields.update(_push_field(text) for text in args.field or ())
+    event = fields.get("Event")
+    wrapper, item_fields = _SUBSCRIBE_EVENTS.get(event if isinstance(event, str) else "",
+                                                 (None, ()))
+    if wrapper is None:
+        return fields
+    stray = {name: fields[name] for name in item_fields if name in fields}
+    if stray:
+        raise ValueError(
+            f"{', '.join(stray)} belong{'s' if len(stray) == 1 else ''} to the items of "
+            f"{event}'s List, not to the push: --field "
+            f"'List:={json.dumps([stray], ensure_ascii=False)}'")
+    items = fields.get("List")
+    if items is None and isinstance(fields.get(wrapper), dict):
+        items = fields[wrapper].get("List")
+    items = [items] if isinstance(items, dict) else items
+    if not items or not isinstance(items, list) or not all(
+            isinstance(item, dict) and item for item in items):
+        # The handler would see message.items_list == [] and do nothing, without a word.
+        raise ValueError(
+            f"{event} carries its items in List, a list of objects with "
+            f"{', '.join(item_fields)}: --field 'List:=[{{\"TemplateId\": \"T1\"}}]' and "
+            "more (see wxgate push --help)")
+    if fmt == "xml" and "List" in fields:
+        fields = dict(fields)
+        fields[wrapper] = {"List": fields.pop("List")}
     return fields
 
 
@@ -6435,7 +6510,12 @@ def _push(args):
     wechat = Simulator(config, app.name)
     host, port = _parse_listen(config.listen)
     url = args.url or f"http://{host}:{port}{app.path}"
-    push = wechat.push(_push_fields(args), format=args.format)
+    fmt = args.format or (app.format if app.format != "auto" else "xml")
+    try:
+        push = wechat.push(_push_fields(args, fmt), format=fmt)
+    except ValueError as exc:
+        print(f"wxgate: cannot build this push: {exc}", file=sys.stderr)
+        return 2
     fields = push.fields
     origin = "" if args.url else "; the ini's listen and path"
     print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}{origin}): "
@@ -6873,7 +6953,9 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--app", help="the app's name (needed when there are several)")
     token.set_defaults(run=_token)
 
-    push = commands.add_parser("push", help="act as WeChat: send a push, show the reply")
+    push = commands.add_parser("push", help="act as WeChat: send a push, show the reply",
+                               epilog=_FIELD_HELP,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     push.add_argument("config")
     push.add_argument("--app", help="the app's name (needed when there are several)")
     push.add_argument("--url", help="default: the app's path on [wxgate] listen")
@@ -6882,7 +6964,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--event", help="an event with this Event name")
     what.add_argument("--json", metavar="FILE", help="the push's fields as a JSON file")
     what.add_argument("--xml", metavar="FILE", help="the push's fields as an XML file")
-    push.add_argument("--field", action="append", metavar="K=V", help="an extra event field")
+    push.add_argument("--field", action="append", metavar="NAME=TEXT",
+                      help="a field to add or replace; NAME:=JSON for a number, object or "
+                      "list (see below)")
     push.add_argument("--format", choices=("xml", "json"), help="default: the app's format")
     push.add_argument("--openid", default="o_wxgate_demo_user", help="the sender")
     push.add_argument("--repeat", type=_positive_int, default=1, metavar="N",

@@ -1370,3 +1370,81 @@ def test_handshake_answered_200_without_the_echo_says_it_is_not_a_gateway_of_thi
     assert result.stdout.startswith(f"FAIL: {other.url} answered 200")
     assert (f"what answers there is not a wxgate gateway serving {source} [app:mine] "
             "(check --url's host and port") in result.stdout, result.stdout
+
+
+# -- push --field: text, JSON values, and the subscribe events' List ---------------------------
+
+
+ITEMS = [{"TemplateId": "T1", "SubscribeStatusString": "accept", "PopupScene": "0"},
+         {"TemplateId": "T2", "SubscribeStatusString": "reject", "PopupScene": "0"}]
+
+
+@pytest.mark.parametrize("app", ["json", "xml"])
+def test_push_builds_a_subscribe_events_list_from_a_json_field(served, app):
+    openid = f"o_sub_{uuid.uuid4().hex[:8]}"
+    result = run("push", served.source, "--app", app, "--event", "subscribe_msg_popup_event",
+                 "--openid", openid, "--field", f"List:={json.dumps(ITEMS)}")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert [line[1] for line in replies(result.stdout)] == [200]
+    (call,) = [c for c in served.calls() if c["FromUserName"] == openid]
+    # As WeChat sends them: a top-level List in JSON, wrapped in XML.
+    if app == "json":
+        assert call["List"] == ITEMS and "SubscribeMsgPopupEvent" not in call
+    else:
+        assert call["SubscribeMsgPopupEvent"] == {"List": ITEMS} and "List" not in call
+    message = wxgate.Message({k: v for k, v in call.items() if k != "_app"}, app=app)
+    assert message.items_list == ITEMS
+
+
+@pytest.mark.parametrize("fields, needles", [
+    (["--field", "TemplateId=T1", "--field", "SubscribeStatusString=accept"],
+     ["TemplateId, SubscribeStatusString belong to the items of subscribe_msg_popup_event's "
+      """List, not to the push: --field 'List:=[{"TemplateId": "T1", """
+      """"SubscribeStatusString": "accept"}]'"""]),
+    ([], ["subscribe_msg_popup_event carries its items in List", "List:=", "--help"]),
+    (["--field", "List:=[]"], ["carries its items in List"]),
+    (["--field", "List:=[1, 2]"], ["a list of objects"]),
+], ids=["item fields at the top", "no List", "empty List", "List of numbers"])
+def test_push_refuses_a_subscribe_event_whose_items_would_be_empty(served, fields, needles):
+    openid = f"o_sub_{uuid.uuid4().hex[:8]}"
+    result = run("push", served.source, "--app", "json", "--event",
+                 "subscribe_msg_popup_event", "--openid", openid, *fields)
+    # Before: 200 'success' with message.items_list == [] in the handler, and no word.
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.startswith("wxgate: cannot build this push: "), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert not [c for c in served.calls() if c["FromUserName"] == openid]
+
+
+@pytest.mark.parametrize("field, needle", [
+    ("TemplateId", "--field takes NAME=TEXT or NAME:=JSON, got 'TemplateId'"),
+    ("List.TemplateId=T1", "a nested field is a JSON value of its top-level field"),
+    ('List:=[{"TemplateId": "T1"', "List:= takes JSON"),
+    ("a b=1", "push field 'a b' is not a valid XML element name"),
+])
+def test_push_refuses_a_field_it_cannot_build_as_a_usage_error(served, field, needle):
+    result = run("push", served.source, "--app", "xml", "--event", "x", "--field", field)
+    # Before: "a b" was a traceback, and the others went out as fields nobody reads.
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr
+    assert replies(result.stdout) == []
+
+
+def test_push_field_applies_to_a_text_and_takes_json_numbers(served):
+    msg_id = str(int(uuid.uuid4().int % 10 ** 18))
+    result = run("push", served.source, "--app", "json", "--text", "with fields",
+                 "--field", f"MsgId={msg_id}", "--field", "CreateTime:=1714000000")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    (call,) = [c for c in served.calls() if c.get("MsgId") == msg_id]
+    # Before: --field was dropped without a word when --text was given.
+    assert call["Content"] == "with fields" and call["CreateTime"] == 1714000000
+
+
+def test_push_help_documents_the_field_syntax():
+    result = run("push", "--help")
+    assert result.returncode == 0, result.stderr
+    for needle in ("NAME=TEXT", "NAME:=JSON", "List:=[{", "subscribe_msg_popup_event",
+                   "<SubscribeMsgPopupEvent>"):
+        assert needle in result.stdout, (needle, result.stdout)
