@@ -753,7 +753,11 @@ class _SectionReader:
     def check_known(self, known):
         for option in self.values:
             if option not in known:
-                raise self.error(option, f"unknown option; expected one of {sorted(known)}")
+                import difflib
+                close = difflib.get_close_matches(option, sorted(known), n=1)
+                guess = f" did you mean {close[0]!r}?" if close else ""
+                raise self.error(option, f"unknown option;{guess} the options of "
+                                 f"[{self.section}] are {', '.join(sorted(known))}")
 
     def text(self, option, default=None, *, required=False):
         raw = self.values.get(option)
@@ -926,8 +930,12 @@ def _parse_app(reader, base_dir):
             try:
                 _decode_aes_key(value)
             except WxgateError as exc:
-                raise reader.error(option, exc.message.split(" (WeChat")[0],
-                                   code=ILLEGAL_AES_KEY) from None
+                reason = exc.message.split(" (WeChat")[0]
+                if len(value) == ENCODING_AES_KEY_LENGTH + 1 and value.endswith("="):
+                    # 32 bytes in Base64 are 44 characters, the last a "=" pad; the console
+                    # shows the key without it, but a copy from another tool may keep it.
+                    reason += ": the console's EncodingAESKey has no trailing '=' (drop it)"
+                raise reader.error(option, reason, code=ILLEGAL_AES_KEY) from None
     if previous and not key:
         raise reader.error("previous_encoding_aes_key", "is set without encoding_aes_key: "
                            "the previous key only helps beside a current one")
@@ -3641,6 +3649,11 @@ def _setup_logging(log_format, level=logging.INFO, *, root=False):
 # Admin endpoints #############################################################
 ###############################################################################
 
+# The body of the 404 for a path that is neither an app's nor an admin endpoint. wxgate push
+# and handshake tell a wxgate gateway that holds no app at a path by it.
+_NO_APP_BODY = b"no wxgate app at this path"
+
+
 def _from_loopback(environ):
     # Behind a proxy every client looks like 127.0.0.1, so a forwarded request never counts.
     return environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1") and \
@@ -3678,7 +3691,7 @@ class _Admin:
             return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
                 self.gateway.metrics.render(self._gauges()).encode("utf-8")
         if not self.config.admin_secret or not subpath.startswith("/token/"):
-            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+            return 404, [("Content-Type", _TEXT)], _NO_APP_BODY
         if not self._authorized(environ):
             allowed = self._refusal_lines.allow(None)
             if allowed is not None:
@@ -4123,7 +4136,7 @@ class Gateway:
             admin = self.config.admin_path + "/"
             if full_path.startswith(admin):
                 return self._admin.respond(environ, full_path[len(admin) - 1:])
-            return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
+            return 404, [("Content-Type", _TEXT)], _NO_APP_BODY
         method = environ.get("REQUEST_METHOD", "")
         try:
             if method == "POST":
@@ -6223,6 +6236,22 @@ class _DeadlineReader(io.RawIOBase):
             self._sock.settimeout(self._seconds)  # for writing the response
 
 
+def _listen_hint(error, host, source):
+    """What to change after a failed bind, by its cause (empty when we cannot tell)."""
+    import errno
+    if error.errno == errno.EADDRINUSE:
+        return ("; another process holds this port (another `wxgate serve`?): choose a free "
+                f"one with --port, or change [wxgate] listen in {source} (wxgate push and "
+                "handshake send to listen: after --port, give them --url)")
+    if error.errno == errno.EACCES:
+        return ("; ports below 1024 need root: choose one above with --port, or change "
+                f"[wxgate] listen in {source}, and put a proxy on 80 or 443")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (f"; {host} is not an address of this host: choose one with --host, or change "
+                f"[wxgate] listen in {source}")
+    return ""
+
+
 def _serve(args):
     """``wxgate serve CONFIG``: a threaded stdlib server, for development and the demo."""
     import socketserver
@@ -6270,8 +6299,8 @@ def _serve(args):
     _logging_before_handlers(level)
     config = load_config(args.config)
     _setup_logging(config.log_format, level, root=True)
-    host, port = _parse_listen(config.listen)
-    host, port = args.host or host, args.port or port
+    listen = _parse_listen(config.listen)
+    host, port = args.host or listen[0], args.port or listen[1]
     if not 0 <= port < 65536:
         print(f"wxgate: cannot listen on port {port}: a port is 1 to 65535", file=sys.stderr)
         return 2
@@ -6281,12 +6310,20 @@ def _serve(args):
                              handler_class=QuietHandler)
     except OSError as exc:  # in use, not an address of this host, or a privileged port
         app.close()
-        print(f"wxgate: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"wxgate: cannot listen on {host}:{port}: {exc.strerror or exc}"
+              f"{_listen_hint(exc, host, config.source)}", file=sys.stderr)
         return 2
     app.start_delivery()  # now, not on the first request: queued messages wait for nobody
     for item in app.config.apps.values():
         logger.info("serving app %s (%s mode, %s) on http://%s:%d%s", item.name, item.mode,
                     item.format, host, server.server_port, item.path)
+    if (host, server.server_port) != listen:
+        # push and handshake read the ini, not this process: without --url they would
+        # knock at listen, where another gateway (or nothing) answers.
+        paths = [item.path for item in app.config.apps.values()]
+        logger.info("not on [wxgate] listen (%s): give wxgate push and handshake --url %s",
+                    config.listen, f"http://{host}:{server.server_port}{paths[0]}"
+                    if len(paths) == 1 else "and the app's URL above")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -6335,23 +6372,98 @@ def demo_handler(message: Message) -> dict[str, Any] | None:
 # Command line: acting as WeChat ##############################################
 ###############################################################################
 
-def _push_fields(args):
-    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest."""
+# The subscribe-message events carry their items in List, which XML wraps in an element of
+# its own: the wrapper, and the fields of an item.
+# https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/subscribe-message.html
+_SUBSCRIBE_EVENTS = {
+    "subscribe_msg_popup_event": (
+        "SubscribeMsgPopupEvent", ("TemplateId", "SubscribeStatusString", "PopupScene")),
+    "subscribe_msg_change_event": (
+        "SubscribeMsgChangeEvent", ("TemplateId", "SubscribeStatusString")),
+    "subscribe_msg_sent_event": (
+        "SubscribeMsgSentEvent", ("TemplateId", "MsgID", "ErrorCode", "ErrorStatus")),
+}
+_FIELD_HELP = """\
+fields (--field, repeated as needed):
+  NAME=TEXT     a text field:  --field SessionFrom=contact-button
+  NAME:=JSON    a JSON value (number, object, list):  --field CreateTime:=1714000000
+  The subscribe events (subscribe_msg_popup_event, subscribe_msg_change_event,
+  subscribe_msg_sent_event) carry their items in List, given as JSON:
+    --field 'List:=[{"TemplateId": "T1", "SubscribeStatusString": "accept"}]'
+  In XML, List is wrapped as WeChat does (<SubscribeMsgPopupEvent><List>...). A subscribe
+  event without items is refused, as is an item's field given outside List."""
+
+
+def _push_field(text):
+    """One ``--field``: ``NAME=TEXT`` or ``NAME:=JSON``, as ``(name, value)``.
+
+    :raises ValueError: neither, a dotted name, or JSON that does not parse.
+    """
+    name, equals, value = text.partition("=")
+    as_json = name.endswith(":")
+    name = name[:-1] if as_json else name
+    if not equals or not name:
+        raise ValueError(f"--field takes NAME=TEXT or NAME:=JSON, got {text!r}")
+    if "." in name or "[" in name:
+        # Nested fields are JSON values: a dotted name would go out as an element of that
+        # name, which no handler reads.
+        raise ValueError(
+            f"--field {name!r}: a nested field is a JSON value of its top-level field, e.g. "
+            """'List:=[{"TemplateId": "T1", "SubscribeStatusString": "accept"}]'""")
+    if as_json:
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"--field {name}:= takes JSON, and {value!r} is not "
+                             f"({exc})") from None
+    return name, value
+
+
+def _push_fields(args, fmt):
+    """The fields ``wxgate push`` sends, from its options; the simulator fills in the rest.
+
+    :raises ValueError: the options describe a push WeChat never sends (see _FIELD_HELP).
+    """
+    fields = None
     for path, parse in ((args.json, _parse_json), (args.xml, _parse_xml)):
         if path:
             try:
                 with open(path, "rb") as file:
-                    return parse(file.read())
+                    fields = parse(file.read())
             except OSError as exc:
                 raise WxgateError(f"cannot read {path}: {exc.strerror}") from None
-    fields = {"FromUserName": args.openid}
-    if args.text is not None:
-        fields.update(MsgType="text", Content=args.text)
-    else:
-        fields.update(MsgType="event", Event=args.event)
-        for pair in args.field or ():
-            name, _, value = pair.partition("=")
-            fields[name] = value
+    if fields is None:
+        fields = {"FromUserName": args.openid}
+        if args.text is not None:
+            fields.update(MsgType="text", Content=args.text)
+        else:
+            fields.update(MsgType="event", Event=args.event)
+    fields.update(_push_field(text) for text in args.field or ())
+    event = fields.get("Event")
+    wrapper, item_fields = _SUBSCRIBE_EVENTS.get(event if isinstance(event, str) else "",
+                                                 (None, ()))
+    if wrapper is None:
+        return fields
+    stray = {name: fields[name] for name in item_fields if name in fields}
+    if stray:
+        raise ValueError(
+            f"{', '.join(stray)} belong{'s' if len(stray) == 1 else ''} to the items of "
+            f"{event}'s List, not to the push: --field "
+            f"'List:={json.dumps([stray], ensure_ascii=False)}'")
+    items = fields.get("List")
+    if items is None and isinstance(fields.get(wrapper), dict):
+        items = fields[wrapper].get("List")
+    items = [items] if isinstance(items, dict) else items
+    if not items or not isinstance(items, list) or not all(
+            isinstance(item, dict) and item for item in items):
+        # The handler would see message.items_list == [] and do nothing, without a word.
+        raise ValueError(
+            f"{event} carries its items in List, a list of objects with "
+            f"{', '.join(item_fields)}: --field 'List:=[{{\"TemplateId\": \"T1\"}}]' and "
+            "more (see wxgate push --help)")
+    if fmt == "xml" and "List" in fields:
+        fields = dict(fields)
+        fields[wrapper] = {"List": fields.pop("List")}
     return fields
 
 
@@ -6398,10 +6510,16 @@ def _push(args):
     wechat = Simulator(config, app.name)
     host, port = _parse_listen(config.listen)
     url = args.url or f"http://{host}:{port}{app.path}"
-    push = wechat.push(_push_fields(args), format=args.format)
+    fmt = args.format or (app.format if app.format != "auto" else "xml")
+    try:
+        push = wechat.push(_push_fields(args, fmt), format=fmt)
+    except ValueError as exc:
+        print(f"wxgate: cannot build this push: {exc}", file=sys.stderr)
+        return 2
     fields = push.fields
-    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}): {fields.get('MsgType')}"
-          f"{'/' + str(fields['Event']) if fields.get('Event') else ''}")
+    origin = "" if args.url else "; the ini's listen and path"
+    print(f"POST {_redact_url(url)} ({app.mode} mode, {push.format}{origin}): "
+          f"{fields.get('MsgType')}{'/' + str(fields['Event']) if fields.get('Event') else ''}")
     failed = False
     # --repeat sends the very same request, as WeChat's retries do: one signed query, one
     # body, which the gateway's query binds accept and its dedup answers from memory.
@@ -6427,6 +6545,9 @@ def _push(args):
             failed = True
         failed = failed or status != 200
         print(f"[{attempt}] {status} in {elapsed:.1f} ms: {shown!r}")
+    hint = _refusal_hint(status, reply, app, url, config.source, from_listen=not args.url)
+    if hint:
+        print(f"wxgate: {hint}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -6442,6 +6563,10 @@ def _handshake_command(args):
     url = args.url or f"http://{host}:{port}{app.path}"
     check = Simulator(config, app.name).handshake(token=args.token)
     shown = _redact_url(url)
+    # On stderr: stdout is the verdict, which scripts read from its first word.
+    origin = "" if args.url else "; the ini's listen and path"
+    print(f"GET {shown} (the console's URL check of [app:{app.name}]{origin})",
+          file=sys.stderr)
     try:
         status, body = _call_gateway(_with_query(url, check.query_string))
     except (OSError, ValueError) as exc:
@@ -6454,8 +6579,13 @@ def _handshake_command(args):
                    else "WeChat's console would accept it")
         print(f"PASS: {shown} echoed echostr exactly; {verdict}")
         return 0
+    hint = _refusal_hint(status, body, app, url, config.source, from_listen=not args.url,
+                         signed_with=args.token)
+    if status == 200:  # a wxgate gateway serving the app echoes, or refuses with a 4xx
+        hint = (f"what answers there is not a wxgate gateway serving {config.source} "
+                f"[app:{app.name}] ({_elsewhere(url, not args.url)})")
     print(f"FAIL: {shown} answered {status} {body[:200]!r}; WeChat expects 200 and exactly "
-          f"{check.echostr!r}: {_handshake_hint(status, app, args.token)}")
+          f"{check.echostr!r}: {hint or _handshake_hint(status, app, args.token)}")
     return 1
 
 
@@ -6481,6 +6611,49 @@ def _console_refuses(url):
     except ValueError:
         return ""  # a name: whether it is public, only DNS knows
     return "" if address.is_global else "a private or loopback address"
+
+
+def _refusal_hint(status, body, app, url, source, *, from_listen, signed_with=None):
+    """What a refusal says about the wxgate gateway at ``url``, or "" when it says nothing.
+
+    push and handshake sign (and seal) with the values of ``source``, so a gateway serving
+    that ini takes them. Three refusals are a wxgate gateway's own and each means that it
+    holds something else at this path: no app (its 404), another token (-40001), or
+    another key or appid (the one body of every failure past msg_signature). Either it
+    serves another ini (another ``wxgate serve`` on the port) or it loaded this one before
+    an edit; the CLI cannot tell which, so the hint names both.
+    """
+    where = f"{source} [app:{app.name}]"
+    split = urllib.parse.urlsplit(url)
+    path = split.path
+    if status == 404 and body == _NO_APP_BODY:
+        if path != app.path:
+            return (f"a wxgate gateway answers there, with no app at {path!r}: the URL's path "
+                    f"must be {where} path {app.path!r}")
+        held = f"has no app at {path!r}"
+        if not from_listen:  # a URL of its own may cross a proxy that rewrites the path
+            held += " (or a proxy in front of it passes another path)"
+    elif (status == 403 and f"(WeChat {VALIDATE_SIGNATURE_ERROR})".encode() in body
+          and signed_with in (None, app.token)):
+        held = f"refuses a signature made with {where} token (it holds another one)"
+    elif status == 400 and body == SEALED_REFUSAL.encode():
+        held = (f"takes the signature, but cannot open a push sealed with {where} "
+                "encoding_aes_key and appid (it holds another key or appid)")
+    else:
+        return ""
+    gateway = f"{split.scheme}://{split.netloc.rpartition('@')[2]}"  # never a password
+    return (f"the wxgate gateway at {gateway} {held}: either it is not the one serving "
+            f"{source} ({_elsewhere(url, from_listen)}), or it loaded {source} before an "
+            "edit (restart it)")
+
+
+def _elsewhere(url, from_listen):
+    """Where else the gateway serving the ini may be, and how to send there."""
+    if not from_listen:
+        return "check --url's host and port: wxgate serve logs each app's URL"
+    port = urllib.parse.urlsplit(url).port
+    return (f"is another `wxgate serve` on [wxgate] listen's port {port}? if yours listens "
+            "elsewhere, as after serve --port, give --url with the URL it logs")
 
 
 def _handshake_hint(status, app, console_token):
@@ -6780,7 +6953,9 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--app", help="the app's name (needed when there are several)")
     token.set_defaults(run=_token)
 
-    push = commands.add_parser("push", help="act as WeChat: send a push, show the reply")
+    push = commands.add_parser("push", help="act as WeChat: send a push, show the reply",
+                               epilog=_FIELD_HELP,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     push.add_argument("config")
     push.add_argument("--app", help="the app's name (needed when there are several)")
     push.add_argument("--url", help="default: the app's path on [wxgate] listen")
@@ -6789,7 +6964,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--event", help="an event with this Event name")
     what.add_argument("--json", metavar="FILE", help="the push's fields as a JSON file")
     what.add_argument("--xml", metavar="FILE", help="the push's fields as an XML file")
-    push.add_argument("--field", action="append", metavar="K=V", help="an extra event field")
+    push.add_argument("--field", action="append", metavar="NAME=TEXT",
+                      help="a field to add or replace; NAME:=JSON for a number, object or "
+                      "list (see below)")
     push.add_argument("--format", choices=("xml", "json"), help="default: the app's format")
     push.add_argument("--openid", default="o_wxgate_demo_user", help="the sender")
     push.add_argument("--repeat", type=_positive_int, default=1, metavar="N",

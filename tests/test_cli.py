@@ -1201,3 +1201,250 @@ def test_the_wrong_token_hint_names_the_consoles_page_and_button(served_main):
     # Not "click the console's button", naming neither; the README says "Press 提交".
     assert "消息推送" in result.stdout and "提交" in result.stdout, result.stdout
     assert "[app:main] token" in result.stdout, result.stdout
+
+
+# -- serve on a busy port, and push or handshake to a gateway that is not this ini's -----------
+
+
+@pytest.mark.parametrize("given_port", [False, True], ids=["listen", "--port"])
+def test_serve_on_a_busy_port_names_port_and_listen_as_the_fix(tmp_path, given_port):
+    import socket
+    with socket.socket() as holder:  # another server on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        source = write_ini(tmp_path / "busy.ini", gateway=f"listen = 127.0.0.1:{port}",
+                           apps=[app_section("only")])
+        result = run("serve", source, *(("--port", port) if given_port else ()))
+    # Before: "wxgate: cannot listen on 127.0.0.1:PORT: Address already in use", no more.
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    for needle in (f"127.0.0.1:{port}", "Address already in use", "--port",
+                   f"[wxgate] listen in {source}", "--url"):
+        assert needle in result.stderr, (needle, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+OTHER_TOKEN = "anotherDemosToken9e1"  # the ini's token; the served gateway holds TOKEN
+OTHER_KEY = "YVxEHWeyPcHcaXNNcNtfdEJtVYvIrdIxOmuubr7QkO2"  # another valid 43-character key
+
+
+def test_push_and_handshake_to_another_gateway_on_listen_say_so(served, tmp_path):
+    # Two demos: `served` holds the ini's listen port with another token for the same path,
+    # and this ini's own gateway was started with --port elsewhere.
+    source = write_ini(tmp_path / "mine.ini", gateway=f"listen = 127.0.0.1:{served.port}",
+                       apps=[app_section("mine", path="/xml", token=OTHER_TOKEN)])
+    own_port = free_port()
+    with open(tmp_path / "own.log", "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "wxgate", "serve", str(source), "--port", str(own_port)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_for_port(own_port, process)
+        listen_url, own_url = (f"http://127.0.0.1:{port}/xml" for port in (served.port,
+                                                                            own_port))
+        log = (tmp_path / "own.log").read_text("utf-8")
+        assert f"give wxgate push and handshake --url {own_url}" in log, log
+
+        push = run("push", source, "--text", "to the wrong demo")
+        # Before: the 403 and its "check the app's token (WeChat -40001)", no more.
+        assert push.returncode == 1, (push.stdout, push.stderr)
+        assert push.stdout.startswith(f"POST {listen_url} (safe mode, xml; the ini's listen")
+        assert [status for _, status, _, _ in replies(push.stdout)] == [403]
+        handshake = run("handshake", source)
+        assert handshake.returncode == 1, (handshake.stdout, handshake.stderr)
+        assert handshake.stderr.startswith(f"GET {listen_url} (the console's URL check")
+        assert handshake.stdout.startswith(f"FAIL: {listen_url} answered 403")
+        for text in (push.stderr, handshake.stdout):
+            for needle in (f"the wxgate gateway at http://127.0.0.1:{served.port} refuses a "
+                           f"signature made with {source} [app:mine] token",
+                           f"is not the one serving {source}", f"listen's port {served.port}",
+                           "--url", "restart it"):
+                assert needle in text, (needle, text)
+            assert "Traceback" not in text and OTHER_TOKEN not in text and TOKEN not in text
+
+        push = run("push", source, "--text", "to my own", "--url", own_url)
+        assert push.returncode == 0, (push.stdout, push.stderr)
+        assert push.stdout.startswith(f"POST {own_url} (safe mode, xml): text")
+        assert push.stderr == ""
+        handshake = run("handshake", source, "--url", own_url)
+        assert handshake.returncode == 0 and handshake.stdout.startswith("PASS")
+        assert handshake.stderr.startswith(f"GET {own_url} ")
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_push_to_a_gateway_with_no_app_at_the_path_says_it_may_not_serve_this_ini(served,
+                                                                                   tmp_path):
+    source = write_ini(tmp_path / "mine.ini", gateway=f"listen = 127.0.0.1:{served.port}",
+                       apps=[app_section("mine", path="/elsewhere")])
+    for command in (("push", "--text", "hi"), ("handshake",)):
+        result = run(command[0], source, *command[1:])
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        text = result.stdout + result.stderr
+        assert "404" in text and "no wxgate app at this path" in text, text
+        assert (f"the wxgate gateway at http://127.0.0.1:{served.port} has no app at "
+                f"'/elsewhere': either it is not the one serving {source}") in text, text
+        assert "--url" in text and "Traceback" not in text
+
+
+def test_push_to_a_wrong_path_given_with_url_names_the_ini_path(served, tmp_path):
+    source = write_ini(tmp_path / "mine.ini", apps=[app_section("mine", path="/xml")])
+    url = f"http://127.0.0.1:{served.port}/xlm"
+    for command in (("push", "--text", "hi"), ("handshake",)):
+        result = run(command[0], source, *command[1:], "--url", url)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        text = result.stdout + result.stderr
+        assert (f"a wxgate gateway answers there, with no app at '/xlm': the URL's path must "
+                f"be {source} [app:mine] path '/xml'") in text, text
+        assert "not the one serving" not in text, text
+
+
+def test_push_sealed_with_another_key_says_the_gateway_holds_another_key(served, tmp_path):
+    source = write_ini(tmp_path / "mine.ini", gateway=f"listen = 127.0.0.1:{served.port}",
+                       apps=[app_section("mine", path="/xml", key=OTHER_KEY)])
+    result = run("push", source, "--text", "hi")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert [status for _, status, _, _ in replies(result.stdout)] == [400]
+    assert (f"takes the signature, but cannot open a push sealed with {source} [app:mine] "
+            "encoding_aes_key and appid (it holds another key or appid): either it is not "
+            f"the one serving {source}") in result.stderr, result.stderr
+    assert OTHER_KEY not in result.stdout + result.stderr
+
+
+class _Answering:
+    """A real HTTP server on loopback answering every request with one status and body:
+    some other program on the port, not a wxgate gateway."""
+
+    def __init__(self, status, body):
+        import http.server
+        import threading
+
+        class Fixed(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fixed)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/wechat"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status, body", [
+    (403, b"Forbidden"),
+    (404, b"Not Found"),
+    (400, b"Bad Request"),
+])
+def test_a_refusal_from_a_server_that_is_not_wxgate_claims_nothing_about_it(tmp_path, status,
+                                                                            body):
+    source = write_ini(tmp_path / "mine.ini", apps=[app_section("mine")])
+    with _Answering(status, body) as other:
+        result = run("push", source, "--text", "hi", "--url", other.url)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert [line[1] for line in replies(result.stdout)] == [status]
+    assert result.stderr == "", result.stderr  # no hint: nothing here says what it holds
+
+
+def test_handshake_answered_200_without_the_echo_says_it_is_not_a_gateway_of_this_ini(tmp_path):
+    source = write_ini(tmp_path / "mine.ini", apps=[app_section("mine")])
+    with _Answering(200, b"hello from another demo") as other:
+        result = run("handshake", source, "--url", other.url)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout.startswith(f"FAIL: {other.url} answered 200")
+    assert (f"what answers there is not a wxgate gateway serving {source} [app:mine] "
+            "(check --url's host and port") in result.stdout, result.stdout
+
+
+# -- push --field: text, JSON values, and the subscribe events' List ---------------------------
+
+
+ITEMS = [{"TemplateId": "T1", "SubscribeStatusString": "accept", "PopupScene": "0"},
+         {"TemplateId": "T2", "SubscribeStatusString": "reject", "PopupScene": "0"}]
+
+
+@pytest.mark.parametrize("app", ["json", "xml"])
+def test_push_builds_a_subscribe_events_list_from_a_json_field(served, app):
+    openid = f"o_sub_{uuid.uuid4().hex[:8]}"
+    result = run("push", served.source, "--app", app, "--event", "subscribe_msg_popup_event",
+                 "--openid", openid, "--field", f"List:={json.dumps(ITEMS)}")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert [line[1] for line in replies(result.stdout)] == [200]
+    (call,) = [c for c in served.calls() if c["FromUserName"] == openid]
+    # As WeChat sends them: a top-level List in JSON, wrapped in XML.
+    if app == "json":
+        assert call["List"] == ITEMS and "SubscribeMsgPopupEvent" not in call
+    else:
+        assert call["SubscribeMsgPopupEvent"] == {"List": ITEMS} and "List" not in call
+    message = wxgate.Message({k: v for k, v in call.items() if k != "_app"}, app=app)
+    assert message.items_list == ITEMS
+
+
+@pytest.mark.parametrize("fields, needles", [
+    (["--field", "TemplateId=T1", "--field", "SubscribeStatusString=accept"],
+     ["TemplateId, SubscribeStatusString belong to the items of subscribe_msg_popup_event's "
+      """List, not to the push: --field 'List:=[{"TemplateId": "T1", """
+      """"SubscribeStatusString": "accept"}]'"""]),
+    ([], ["subscribe_msg_popup_event carries its items in List", "List:=", "--help"]),
+    (["--field", "List:=[]"], ["carries its items in List"]),
+    (["--field", "List:=[1, 2]"], ["a list of objects"]),
+], ids=["item fields at the top", "no List", "empty List", "List of numbers"])
+def test_push_refuses_a_subscribe_event_whose_items_would_be_empty(served, fields, needles):
+    openid = f"o_sub_{uuid.uuid4().hex[:8]}"
+    result = run("push", served.source, "--app", "json", "--event",
+                 "subscribe_msg_popup_event", "--openid", openid, *fields)
+    # Before: 200 'success' with message.items_list == [] in the handler, and no word.
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.startswith("wxgate: cannot build this push: "), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert not [c for c in served.calls() if c["FromUserName"] == openid]
+
+
+@pytest.mark.parametrize("field, needle", [
+    ("TemplateId", "--field takes NAME=TEXT or NAME:=JSON, got 'TemplateId'"),
+    ("List.TemplateId=T1", "a nested field is a JSON value of its top-level field"),
+    ('List:=[{"TemplateId": "T1"', "List:= takes JSON"),
+    ("a b=1", "push field 'a b' is not a valid XML element name"),
+])
+def test_push_refuses_a_field_it_cannot_build_as_a_usage_error(served, field, needle):
+    result = run("push", served.source, "--app", "xml", "--event", "x", "--field", field)
+    # Before: "a b" was a traceback, and the others went out as fields nobody reads.
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr
+    assert replies(result.stdout) == []
+
+
+def test_push_field_applies_to_a_text_and_takes_json_numbers(served):
+    msg_id = str(int(uuid.uuid4().int % 10 ** 18))
+    result = run("push", served.source, "--app", "json", "--text", "with fields",
+                 "--field", f"MsgId={msg_id}", "--field", "CreateTime:=1714000000")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    (call,) = [c for c in served.calls() if c.get("MsgId") == msg_id]
+    # Before: --field was dropped without a word when --text was given.
+    assert call["Content"] == "with fields" and call["CreateTime"] == 1714000000
+
+
+def test_push_help_documents_the_field_syntax():
+    result = run("push", "--help")
+    assert result.returncode == 0, result.stderr
+    for needle in ("NAME=TEXT", "NAME:=JSON", "List:=[{", "subscribe_msg_popup_event",
+                   "<SubscribeMsgPopupEvent>"):
+        assert needle in result.stdout, (needle, result.stdout)

@@ -869,3 +869,46 @@ def test_a_quoted_encoding_aes_key_says_remove_the_quotes(tmp_path):
     # Not "expected 43 characters, got 45", with no word about the quotes.
     assert_failed(result, "[app:main]", "encoding_aes_key:", "remove them", "-40004")
     assert "got 45" not in result.stderr, result.stderr
+
+
+# -- an unknown option, a key with Base64's pad: messages that name the fix -----------------
+
+
+@pytest.mark.parametrize("section, typo, meant", [
+    ("app:a", "hanlder", "handler"),
+    ("app:a", "app_secret", "appsecret"),
+    ("wxgate", "timestamp_windw", "timestamp_window"),
+    ("app:a", "colour", None),  # nothing close: no guess
+])
+def test_unknown_option_guesses_the_close_one_and_lists_every_option(tmp_path, section, typo,
+                                                                     meant):
+    text = ini(f"{typo} = 1") if section == "wxgate" else ini(app=f"{typo} = 1")
+    error = config_error(tmp_path, text)
+    assert_names(error, tmp_path / "wxgate.ini", section, typo, line_of(text, typo))
+    message = str(error)
+    # Before: "unknown option; expected one of [...]", with no guess.
+    guess = f"{typo}: unknown option; did you mean '{meant}'? "
+    assert (guess in message) == (meant is not None), message
+    if meant is None:
+        assert "did you mean" not in message, message
+    known = wxgate._GATEWAY_OPTIONS if section == "wxgate" else wxgate._APP_OPTIONS
+    assert message.endswith(f"the options of [{section}] are {', '.join(sorted(known))}")
+
+
+@pytest.mark.parametrize("option", ["encoding_aes_key", "previous_encoding_aes_key"])
+def test_a_key_with_base64s_trailing_pad_says_to_drop_it(tmp_path, option):
+    other = "Qm9vZ2llV29vZ2llU2VjcmV0S2V5MDEyMzQ1Njc4OWE"
+    extra = f"previous_encoding_aes_key = {other}=" if option != "encoding_aes_key" else ""
+    text = ini(mode="safe", key=AES_KEY + ("=" if not extra else ""), extra=extra)
+    error = config_error(tmp_path, text)
+    assert_names(error, tmp_path / "wxgate.ini", "app:a", option, line_of(text, option + " "))
+    # Before: "expected 43 characters, got 44 (WeChat -40004)", no word of the "=".
+    assert str(error).endswith(f"{option}: expected 43 characters, got 44: the console's "
+                               "EncodingAESKey has no trailing '=' (drop it) (WeChat -40004)")
+    assert error.code == -40004
+    assert AES_KEY not in str(error) and other not in str(error)
+
+
+def test_a_44_character_key_without_the_pad_says_no_word_of_it(tmp_path):
+    error = config_error(tmp_path, ini(mode="safe", key=AES_KEY + "H"))
+    assert str(error).endswith("expected 43 characters, got 44 (WeChat -40004)"), str(error)
