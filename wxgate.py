@@ -6,12 +6,13 @@ compatible, safe), reads and writes XML and JSON, drops WeChat's retried duplica
 handler, and replies inside WeChat's 5-second window. It also owns the access_token and the
 backend API calls that need it.
 
-Two commands on a fresh machine::
+Two commands on a fresh machine, in a checkout (each makes a virtual environment first)::
 
-    pip install . && wxgate serve example.ini               # the demo gateway on :8080
-    pip install '.[test]' && python -m pytest               # the whole test suite
+    python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/wxgate serve example.ini
+    python3 -m venv .venv && .venv/bin/pip install '.[test]' && .venv/bin/python -m pytest
 
-Under a real server::
+Under a real server (several workers share what they remember through ``store = sqlite:///...``
+or ``redis://...`` in the ini; the docs/ pages say more)::
 
     WXGATE_CONFIG=/etc/wxgate.ini gunicorn -w 4 wxgate:application
     # mod_wsgi:  WSGIScriptAlias / /path/to/wxgate.py   and   SetEnv WXGATE_CONFIG /etc/wxgate.ini
