@@ -2162,6 +2162,22 @@ class Store:
     def close(self) -> None:
         """Release connections."""
 
+    def add_counts(self, key: str, deltas: dict[str, float],
+                   batch: tuple[str, int] | None = None) -> None:
+        """Add each of ``deltas`` (series -> amount) to the totals under ``key``: all of
+        them or none, atomically for every process sharing the store.
+
+        ``batch``, ``(writer, number)``, makes sending a batch again safe: the store adds a
+        writer's batch only if its number is above the last one it added for that writer.
+        A write whose answer was lost may have been applied, so a writer sends a failed
+        batch again unchanged, and numbers the next one higher. The metrics use this.
+        """
+        raise NotImplementedError
+
+    def read_counts(self, key: str) -> dict[str, float]:
+        """The totals under ``key`` (series -> total); empty when nothing was added."""
+        raise NotImplementedError
+
 
 class MemoryStore(Store):
     """The in-process default: an LRU bounded by ``max_entries``, with per-entry expiry.
@@ -2253,6 +2269,13 @@ def _rollback(connection):
             connection.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+
+
+def _number_text(value):
+    """A total as the exposition shows it, and an amount as Redis takes it: whole numbers
+    without a fraction."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 class SqliteStore(Store):
@@ -2529,6 +2552,57 @@ class SqliteStore(Store):
         for _, connection in connections:
             connection.close()
 
+    # The metrics' totals, and each writer's last batch. Made on first use rather than with
+    # the other tables, so a file written only by an older wxgate gets them too.
+    _COUNTS_SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS wxgate_counts (key TEXT NOT NULL, series TEXT NOT NULL,"
+        " value REAL NOT NULL, PRIMARY KEY (key, series))",
+        "CREATE TABLE IF NOT EXISTS wxgate_count_batches (writer TEXT PRIMARY KEY,"
+        " number INTEGER NOT NULL, at REAL NOT NULL)",
+    )
+    # A writer's last batch number is kept this long after its last batch: far longer than
+    # a process waits to send a failed batch again.
+    _BATCH_MEMORY = 86400.0
+
+    def add_counts(self, key, deltas, batch=None):
+        now = self._clock()
+
+        def add(connection):
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in self._COUNTS_SCHEMA:
+                    connection.execute(statement)
+                if batch is not None:
+                    writer, number = f"{key}:{batch[0]}", batch[1]
+                    rows = connection.execute("SELECT number FROM wxgate_count_batches WHERE"
+                                              " writer = ?", (writer,)).fetchall()
+                    if rows and rows[0][0] >= number:  # added already: its answer was lost
+                        connection.execute("ROLLBACK")
+                        return
+                    connection.execute("INSERT OR REPLACE INTO wxgate_count_batches VALUES"
+                                       " (?, ?, ?)", (writer, number, now))
+                    if not rows:  # a new writer (a new process): forget those long gone
+                        connection.execute("DELETE FROM wxgate_count_batches WHERE at < ?",
+                                           (now - self._BATCH_MEMORY,))
+                connection.executemany(
+                    "INSERT INTO wxgate_counts VALUES (?, ?, ?) ON CONFLICT (key, series)"
+                    " DO UPDATE SET value = value + excluded.value",
+                    [(key, series, float(value)) for series, value in deltas.items()])
+                connection.execute("COMMIT")
+            except BaseException:
+                _rollback(connection)
+                raise
+        self.using(add)
+
+    def read_counts(self, key):
+        try:
+            rows = self.query("SELECT series, value FROM wxgate_counts WHERE key = ?", (key,))
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return {}  # nothing was ever added to this file
+        return dict(rows)
+
 
 ###############################################################################
 # Redis store #################################################################
@@ -2619,9 +2693,10 @@ class RedisStore(Store):
 
     def _check_eviction_policy(self):
         """Warn, once per process, when a full Redis would evict keys instead of refusing
-        writes: every key wxgate writes but one has an expiry, so volatile-* policies evict
-        dedup records as readily as allkeys-* ones, silently. With noeviction a full Redis
-        refuses writes, which the gateway logs and survives (see _FallbackStore)."""
+        writes: every key wxgate writes but two (the identity, the metrics' totals) has an
+        expiry, so volatile-* policies evict dedup records as readily as allkeys-* ones,
+        silently. With noeviction a full Redis refuses writes, which the gateway logs and
+        survives (see _FallbackStore)."""
         try:
             policy = self._redis.info("memory").get("maxmemory_policy")
         except Exception:  # INFO may be refused (an ACL, a managed Redis): nothing to say
@@ -2639,6 +2714,37 @@ class RedisStore(Store):
 
     def close(self):
         self._redis.close()
+
+    # One script, so that the check of the writer's last batch and the additions are one
+    # atomic step for every client. KEYS: the totals' hash, then the writer's last batch
+    # number (absent without a batch). ARGV: the batch number, how long (ms) to remember
+    # it, then series and amount pairs.
+    _ADD_COUNTS = """
+        if #KEYS > 1 and tonumber(redis.call('get', KEYS[2]) or '0') >= tonumber(ARGV[1]) then
+            return 0
+        end
+        for i = 3, #ARGV, 2 do
+            redis.call('hincrbyfloat', KEYS[1], ARGV[i], ARGV[i + 1])
+        end
+        if #KEYS > 1 then
+            redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
+        end
+        return 1
+    """
+    _BATCH_MEMORY = 86400.0
+
+    def add_counts(self, key, deltas, batch=None):
+        keys, arguments = [key], [0, 0]
+        if batch is not None:
+            keys.append(f"{key}:batch:{batch[0]}")
+            arguments = [batch[1], int(self._BATCH_MEMORY * 1000)]
+        for series, value in deltas.items():
+            arguments += (series, _number_text(value))
+        self._redis.register_script(self._ADD_COUNTS)(keys=keys, args=arguments)
+
+    def read_counts(self, key):
+        return {series.decode("utf-8") if isinstance(series, bytes) else series: float(value)
+                for series, value in self._redis.hgetall(key).items()}
 
 
 def open_store(url: str, *, clock: Callable[[], float] = time.time,
@@ -2913,6 +3019,40 @@ class _FallbackStore(Store):
 
     def close(self):
         self.primary.close()
+
+    def add_counts(self, key, deltas, batch=None):
+        """Add to the shared totals, or raise: unlike a key, a count cannot be kept here
+        for other processes to read, so the caller keeps its batch and sends it again
+        (see :meth:`Store.add_counts`). A failure or a success counts as any write's."""
+        if type(self.primary).add_counts is Store.add_counts:
+            raise NotImplementedError  # a store of the user's own without totals
+        if self._skip(write=True):
+            raise WxgateError(f"store {self.name} failed less than {STORE_RETRY_AFTER:g} s "
+                              "ago", status=503)
+        try:
+            self.primary.add_counts(key, deltas, batch)
+        except NotImplementedError:  # not a failure of the store
+            raise
+        except Exception as exc:
+            self._failed(exc, write=True)
+            raise
+        self._succeeded(write=True)
+
+    def read_counts(self, key):
+        if type(self.primary).read_counts is Store.read_counts:
+            raise NotImplementedError
+        if self._skip(write=False):
+            raise WxgateError(f"store {self.name} failed less than {STORE_RETRY_AFTER:g} s "
+                              "ago", status=503)
+        try:
+            counts = self.primary.read_counts(key)
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            self._failed(exc, write=False)
+            raise
+        self._succeeded(write=False)
+        return counts
 
 
 def _unreachable(exc):
