@@ -4033,8 +4033,12 @@ class _Admin:
             if not (self._authorized(environ) or _from_loopback(environ)):
                 return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
                     b"unauthorized: use the admin secret, or scrape from 127.0.0.1"
+            text = self.gateway.metrics.scrape(self._gauges())
+            if text is None:  # no total to give: a failed scrape, never a lower count
+                return 503, [("Content-Type", _TEXT)], \
+                    b"metrics unavailable: the shared store failed (see the log)"
             return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
-                self.gateway.metrics.render(self._gauges()).encode("utf-8")
+                text.encode("utf-8")
         if not self.config.admin_secret or not subpath.startswith("/token/"):
             return 404, [("Content-Type", _TEXT)], b"no wxgate app at this path"
         if not self._authorized(environ):
@@ -4189,19 +4193,22 @@ def _sibling_processes():
 
 
 class _Lifecycle:
-    """A gateway's process, apart from its requests: the delivery threads it runs, and the
-    warnings about the server it runs under (CGI, several workers with a memory store).
+    """A gateway's process, apart from its requests: the delivery threads it runs, the
+    warnings about the server it runs under (CGI, several workers with a memory store), and
+    the metrics' flush where no thread may do it (CGI).
 
     The one reader of ``sys.argv``, ``os.environ`` and ``/proc`` in the gateway.
 
     :param make_worker: returns a delivery worker, not started (``Gateway.worker``).
+    :param metrics: the gateway's :class:`_Metrics`, told when no thread may flush them.
     :param start_worker: whether this process runs delivery threads.
     :param queued: whether an app has ``delivery = queue`` and the gateway its own threads.
     :param shared: whether the store is shared between processes.
     """
 
-    def __init__(self, make_worker, *, start_worker, queued, shared):
+    def __init__(self, make_worker, metrics, *, start_worker, queued, shared):
         self._make_worker, self.start_worker = make_worker, start_worker
+        self._metrics = metrics
         self._queued, self._shared = queued, shared
         self._worker = None
         self._worker_pid = None
@@ -4223,6 +4230,12 @@ class _Lifecycle:
         elif self.start_worker and self._worker_pid != os.getpid():
             self.start_delivery()
 
+    def on_response(self, environ):
+        """Once a request's answer is made, before it goes out: under CGI, the metrics'
+        flush."""
+        if environ.get("wsgi.run_once"):
+            self._metrics.flush()  # the process ends with this request: add its counts now
+
     def start_delivery(self):
         """Start this process's delivery threads now, if it is to run any (idempotent)."""
         if self.start_worker and self._worker_pid != os.getpid():
@@ -4239,8 +4252,10 @@ class _Lifecycle:
 
     def _under_cgi(self):
         # One process per request (wsgiref's CGIHandler sets wsgi.run_once): nothing may
-        # rely on a thread outliving the response. Said once per process, which here is
-        # once per request, so that it shows in the server's error log.
+        # rely on a thread outliving the response, so the metrics flush at its end.
+        self._metrics.without_thread()
+        # Said once per process, which here is once per request, so that it shows in the
+        # server's error log.
         if self._cgi_warned:
             return
         self._cgi_warned = True
@@ -4363,6 +4378,8 @@ class Gateway:
                                prefix=config.store_prefix)
         self.store = store if not store.shared else _FallbackStore(
             store, clock=clock, max_entries=config.dedup_size, metrics=self.metrics)
+        if self.store.shared:  # every worker's counts add up there, for every scrape
+            self.metrics.share(self.store, f"{config.store_prefix}:metrics")
         # One _Dedup per app, so that no app's traffic evicts another app's records: a
         # memory store gives each app an LRU of dedup_size keys of its own (the store named
         # here keeps the token records), and over a shared store each app's recent answers
@@ -4396,7 +4413,8 @@ class Gateway:
         self.queue = _open_queue(store, config.store_prefix) if queued else None
         self._admin = _Admin(self, self._refusal_lines)
         self._lifecycle = _Lifecycle(
-            self.worker, start_worker=start_worker and queued and config.delivery_threads > 0,
+            self.worker, self.metrics,
+            start_worker=start_worker and queued and config.delivery_threads > 0,
             queued=queued and config.delivery_threads > 0, shared=store.shared)
 
     def now(self) -> float:
@@ -4446,6 +4464,7 @@ class Gateway:
         self._lifecycle.stop()
         for dedup in self._dedups.values():
             dedup.close()
+        self.metrics.close()  # adds this process's last counts to the shared totals
         if self.queue is not None:
             self.queue.close()
         self.store.close()
@@ -4462,6 +4481,7 @@ class Gateway:
         # A raw reply's Content-Type is a backend's or a handler's choice, and refusals quote
         # what the request sent: no client may guess another type from the bytes.
         headers += (("Content-Length", str(len(body))), ("X-Content-Type-Options", "nosniff"))
+        self._lifecycle.on_response(environ)
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         return [body]
 
