@@ -30,7 +30,9 @@ boundary at import time or by a private attribute:
     Message and replies       Message, its dedup key, RawReply, the reply on the wire
     Push verification         query, headers, body and time in; a verified push or a
                               refusal out: every mode, format, bind and sealed refusal
-    Stores, Redis store       the Store interface: memory, sqlite, Redis, open_store
+    Stores                    the Store interface, the memory store, counts' totals
+    Sqlite store              one file that a host's processes share
+    Redis store               shared by every host; open_store picks a store by URL
     Store fallback            a shared store's outage policy
     Duplicate detection       WeChat's retries: claims, waiting, recorded answers
     Delivery                  the handler call, the forward backend, the backend document
@@ -2263,6 +2265,17 @@ class MemoryStore(Store):
         return len(self._entries)
 
 
+def _number_text(value):
+    """A total as the exposition shows it, and an amount as Redis takes it: whole numbers
+    without a fraction."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+###############################################################################
+# Sqlite store ################################################################
+###############################################################################
+
 def _rollback(connection):
     """End a failed transaction without hiding why it failed.
 
@@ -2277,13 +2290,6 @@ def _rollback(connection):
             connection.execute("ROLLBACK")
         except sqlite3.Error:
             pass
-
-
-def _number_text(value):
-    """A total as the exposition shows it, and an amount as Redis takes it: whole numbers
-    without a fraction."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 class SqliteStore(Store):
