@@ -4201,12 +4201,13 @@ def _sibling_processes():
 class _Lifecycle:
     """A gateway's process, apart from its requests: the delivery threads it runs, the
     warnings about the server it runs under (CGI, several workers with a memory store), and
-    the metrics' flush where no thread may do it (CGI).
+    whether the metrics may flush from a thread of their own (not under CGI).
 
     The one reader of ``sys.argv``, ``os.environ`` and ``/proc`` in the gateway.
 
     :param make_worker: returns a delivery worker, not started (``Gateway.worker``).
-    :param metrics: the gateway's :class:`_Metrics`, told when no thread may flush them.
+    :param metrics: the gateway's :class:`_Metrics`, told when no thread may flush them
+        (the gateway flushes them at the end of a CGI request).
     :param start_worker: whether this process runs delivery threads.
     :param queued: whether an app has ``delivery = queue`` and the gateway its own threads.
     :param shared: whether the store is shared between processes.
@@ -4235,12 +4236,6 @@ class _Lifecycle:
             self._under_cgi()
         elif self.start_worker and self._worker_pid != os.getpid():
             self.start_delivery()
-
-    def on_response(self, environ):
-        """Once a request's answer is made, before it goes out: under CGI, the metrics'
-        flush."""
-        if environ.get("wsgi.run_once"):
-            self._metrics.flush()  # the process ends with this request: add its counts now
 
     def start_delivery(self):
         """Start this process's delivery threads now, if it is to run any (idempotent)."""
@@ -4487,7 +4482,8 @@ class Gateway:
         # A raw reply's Content-Type is a backend's or a handler's choice, and refusals quote
         # what the request sent: no client may guess another type from the bytes.
         headers += (("Content-Length", str(len(body))), ("X-Content-Type-Options", "nosniff"))
-        self._lifecycle.on_response(environ)
+        if environ.get("wsgi.run_once"):
+            self.metrics.flush()  # the process ends with this request: add its counts now
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         return [body]
 
