@@ -227,7 +227,7 @@ def test_a_scrape_adds_this_process_counts_first(two_stores):
         first.count(PUSHES, 2, **HANDLED)
         second.count(PUSHES, **HANDLED)
         # The second worker has not flushed yet: its own scrape shows its count, the
-        # first's not yet (its thread adds it within FLUSH_EVERY).
+        # first's not yet (its thread adds it within METRICS_FLUSH_EVERY).
         _, samples = parse_metrics(first.scrape())
         assert value(samples, PUSHES, **HANDLED) == 2
         _, samples = parse_metrics(second.scrape())
