@@ -31,11 +31,15 @@ boundary at import time or by a private attribute:
     Message and replies       Message, its dedup key, RawReply, the reply on the wire
     Push verification         query, headers, body and time in; a verified push or a
                               refusal out: every mode, format, bind and sealed refusal
-    Stores, Redis store       the Store interface: memory, sqlite, Redis, open_store
+    Stores                    the Store interface, the memory store, counts' totals
+    Sqlite store              one file that a host's processes share
+    Redis store               shared by every host; open_store picks a store by URL
     Store fallback            a shared store's outage policy
     Duplicate detection       WeChat's retries: claims, waiting, recorded answers
     Delivery                  the handler call, the forward backend, the backend document
-    Metrics and logs          Prometheus counters, the push line, logging setup
+    Metrics                   Prometheus counters and histograms, added up across
+                              processes in a shared store
+    Logs                      the push line, rate-limited lines, logging setup
     Admin endpoints           healthz, metrics, the admin token endpoint
     Process lifecycle         delivery threads, CGI and several-worker warnings
     Reading requests          the query string and body out of environ
@@ -88,6 +92,7 @@ __all__ = [
     "main",
 ]
 
+import atexit
 import base64
 import binascii
 import bisect
@@ -119,6 +124,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, TypeVar
 from xml.parsers import expat
 
@@ -227,6 +233,10 @@ POLL_INTERVAL = 0.02
 # check). A Redis restarted without persistence, or a database file deleted under the
 # gateway, is then noticed within a second of the next push.
 STORE_VERIFY_EVERY = 1.0
+# With a shared store, each process adds what it counted to the metrics' totals there at most
+# this often, from a thread of its own: how far a scrape may lag behind the pushes answered,
+# and what a process killed outright loses. A push never waits on that write.
+METRICS_FLUSH_EVERY = 1.0
 
 DEFAULT_FORWARD_TIMEOUT = 4.0
 # A forward backend's answer is read up to this size. A longer one is the backend's error,
@@ -2171,6 +2181,22 @@ class Store:
     def close(self) -> None:
         """Release connections."""
 
+    def add_counts(self, key: str, deltas: dict[str, float],
+                   batch: tuple[str, int] | None = None) -> None:
+        """Add each of ``deltas`` (series -> amount) to the totals under ``key``: all of
+        them or none, atomically for every process sharing the store.
+
+        ``batch``, ``(writer, number)``, makes sending a batch again safe: the store adds a
+        writer's batch only if its number is above the last one it added for that writer.
+        A write whose answer was lost may have been applied, so a writer sends a failed
+        batch again unchanged, and numbers the next one higher. The metrics use this.
+        """
+        raise NotImplementedError
+
+    def read_counts(self, key: str) -> dict[str, float]:
+        """The totals under ``key`` (series -> total); empty when nothing was added."""
+        raise NotImplementedError
+
 
 class MemoryStore(Store):
     """The in-process default: an LRU bounded by ``max_entries``, with per-entry expiry.
@@ -2247,6 +2273,17 @@ class MemoryStore(Store):
     def __len__(self):
         return len(self._entries)
 
+
+def _number_text(value):
+    """A total as the exposition shows it, and an amount as Redis takes it: whole numbers
+    without a fraction."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+###############################################################################
+# Sqlite store ################################################################
+###############################################################################
 
 def _rollback(connection):
     """End a failed transaction without hiding why it failed.
@@ -2538,6 +2575,57 @@ class SqliteStore(Store):
         for _, connection in connections:
             connection.close()
 
+    # The metrics' totals, and each writer's last batch. Made on first use rather than with
+    # the other tables, so a file written only by an older wxgate gets them too.
+    _COUNTS_SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS wxgate_counts (key TEXT NOT NULL, series TEXT NOT NULL,"
+        " value REAL NOT NULL, PRIMARY KEY (key, series))",
+        "CREATE TABLE IF NOT EXISTS wxgate_count_batches (writer TEXT PRIMARY KEY,"
+        " number INTEGER NOT NULL, at REAL NOT NULL)",
+    )
+    # A writer's last batch number is kept this long after its last batch: far longer than
+    # a process waits to send a failed batch again.
+    _BATCH_MEMORY = 86400.0
+
+    def add_counts(self, key, deltas, batch=None):
+        now = self._clock()
+
+        def add(connection):
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in self._COUNTS_SCHEMA:
+                    connection.execute(statement)
+                if batch is not None:
+                    writer, number = f"{key}:{batch[0]}", batch[1]
+                    rows = connection.execute("SELECT number FROM wxgate_count_batches WHERE"
+                                              " writer = ?", (writer,)).fetchall()
+                    if rows and rows[0][0] >= number:  # added already: its answer was lost
+                        connection.execute("ROLLBACK")
+                        return
+                    connection.execute("INSERT OR REPLACE INTO wxgate_count_batches VALUES"
+                                       " (?, ?, ?)", (writer, number, now))
+                    if not rows:  # a new writer (a new process): forget those long gone
+                        connection.execute("DELETE FROM wxgate_count_batches WHERE at < ?",
+                                           (now - self._BATCH_MEMORY,))
+                connection.executemany(
+                    "INSERT INTO wxgate_counts VALUES (?, ?, ?) ON CONFLICT (key, series)"
+                    " DO UPDATE SET value = value + excluded.value",
+                    [(key, series, float(value)) for series, value in deltas.items()])
+                connection.execute("COMMIT")
+            except BaseException:
+                _rollback(connection)
+                raise
+        self.using(add)
+
+    def read_counts(self, key):
+        try:
+            rows = self.query("SELECT series, value FROM wxgate_counts WHERE key = ?", (key,))
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return {}  # nothing was ever added to this file
+        return dict(rows)
+
 
 ###############################################################################
 # Redis store #################################################################
@@ -2628,9 +2716,10 @@ class RedisStore(Store):
 
     def _check_eviction_policy(self):
         """Warn, once per process, when a full Redis would evict keys instead of refusing
-        writes: every key wxgate writes but one has an expiry, so volatile-* policies evict
-        dedup records as readily as allkeys-* ones, silently. With noeviction a full Redis
-        refuses writes, which the gateway logs and survives (see _FallbackStore)."""
+        writes: every key wxgate writes but two (the identity, the metrics' totals) has an
+        expiry, so volatile-* policies evict dedup records as readily as allkeys-* ones,
+        silently. With noeviction a full Redis refuses writes, which the gateway logs and
+        survives (see _FallbackStore)."""
         try:
             policy = self._redis.info("memory").get("maxmemory_policy")
         except Exception:  # INFO may be refused (an ACL, a managed Redis): nothing to say
@@ -2648,6 +2737,37 @@ class RedisStore(Store):
 
     def close(self):
         self._redis.close()
+
+    # One script, so that the check of the writer's last batch and the additions are one
+    # atomic step for every client. KEYS: the totals' hash, then the writer's last batch
+    # number (absent without a batch). ARGV: the batch number, how long (ms) to remember
+    # it, then series and amount pairs.
+    _ADD_COUNTS = """
+        if #KEYS > 1 and tonumber(redis.call('get', KEYS[2]) or '0') >= tonumber(ARGV[1]) then
+            return 0
+        end
+        for i = 3, #ARGV, 2 do
+            redis.call('hincrbyfloat', KEYS[1], ARGV[i], ARGV[i + 1])
+        end
+        if #KEYS > 1 then
+            redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
+        end
+        return 1
+    """
+    _BATCH_MEMORY = 86400.0
+
+    def add_counts(self, key, deltas, batch=None):
+        keys, arguments = [key], [0, 0]
+        if batch is not None:
+            keys.append(f"{key}:batch:{batch[0]}")
+            arguments = [batch[1], int(self._BATCH_MEMORY * 1000)]
+        for series, value in deltas.items():
+            arguments += (series, _number_text(value))
+        self._redis.register_script(self._ADD_COUNTS)(keys=keys, args=arguments)
+
+    def read_counts(self, key):
+        return {series.decode("utf-8") if isinstance(series, bytes) else series: float(value)
+                for series, value in self._redis.hgetall(key).items()}
 
 
 def open_store(url: str, *, clock: Callable[[], float] = time.time,
@@ -2922,6 +3042,40 @@ class _FallbackStore(Store):
 
     def close(self):
         self.primary.close()
+
+    def add_counts(self, key, deltas, batch=None):
+        """Add to the shared totals, or raise: unlike a key, a count cannot be kept here
+        for other processes to read, so the caller keeps its batch and sends it again
+        (see :meth:`Store.add_counts`). A failure or a success counts as any write's."""
+        if type(self.primary).add_counts is Store.add_counts:
+            raise NotImplementedError  # a store of the user's own without totals
+        if self._skip(write=True):
+            raise WxgateError(f"store {self.name} failed less than {STORE_RETRY_AFTER:g} s "
+                              "ago", status=503)
+        try:
+            self.primary.add_counts(key, deltas, batch)
+        except NotImplementedError:  # not a failure of the store
+            raise
+        except Exception as exc:
+            self._failed(exc, write=True)
+            raise
+        self._succeeded(write=True)
+
+    def read_counts(self, key):
+        if type(self.primary).read_counts is Store.read_counts:
+            raise NotImplementedError
+        if self._skip(write=False):
+            raise WxgateError(f"store {self.name} failed less than {STORE_RETRY_AFTER:g} s "
+                              "ago", status=503)
+        try:
+            counts = self.primary.read_counts(key)
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            self._failed(exc, write=False)
+            raise
+        self._succeeded(write=False)
+        return counts
 
 
 def _unreachable(exc):
@@ -3297,7 +3451,7 @@ def _business_reply(app, message, *, timestamp):
 
 
 ###############################################################################
-# Metrics and logs ############################################################
+# Metrics #####################################################################
 ###############################################################################
 
 _METRIC_HELP = {
@@ -3310,8 +3464,8 @@ _METRIC_HELP = {
     "wxgate_token_fetches_total": ("counter", "Calls to WeChat's token endpoints."),
     "wxgate_token_errors_total": ("counter", "Token endpoint errors, by errcode."),
     "wxgate_queue_dead_letters_total": ("counter", "Messages moved to the dead letters."),
-    "wxgate_store_lost_total": ("counter", "Times this process found the shared store had "
-                                "lost its data (Redis emptied, sqlite file deleted)."),
+    "wxgate_store_lost_total": ("counter", "Times a gateway process found the shared store "
+                                "had lost its data (Redis emptied, sqlite file deleted)."),
     "wxgate_queue_pending": ("gauge", "Messages waiting in the durable queue."),
     "wxgate_queue_in_flight": ("gauge", "Queued messages being delivered now."),
     "wxgate_queue_dead": ("gauge", "Messages in the dead-letter list."),
@@ -3328,10 +3482,16 @@ def _escape_label(value):
 
 
 class _Metrics:
-    """This process's counters and histograms, rendered in Prometheus' text format.
+    """The counters and histograms of a gateway, rendered in Prometheus' text format.
 
-    Each gunicorn worker counts its own requests (as prometheus_client does without its
-    multiprocess mode); queue gauges are read from the shared store at scrape time.
+    Counting is local: a lock and a dict, no I/O on a push's path. With a shared store
+    (:meth:`share`), each process adds what it counted since its last flush to totals kept
+    in the store, at most once every ``METRICS_FLUSH_EVERY`` seconds (from a thread of its
+    own), at exit, and before it answers a scrape; :meth:`scrape` then shows the totals of
+    every process of the gateway, whichever worker answers it. A worker that exits or is
+    replaced (``--max-requests``) has added its counts first, so no counter goes down; only
+    a process killed outright loses its last second. Queue gauges are read from the shared
+    store at scrape time. :meth:`value` is this process's own count.
     """
 
     def __init__(self):
@@ -3339,6 +3499,19 @@ class _Metrics:
         self._counters = {}
         self._histograms = {}
         self._keys = {}
+        self._store = self._store_key = None
+        self._threaded = True
+        # The process whose counts this object adds to the store (None until it counts).
+        self._pid: int | None = None
+        self._writer, self._number = "", 0  # this process's batches: (writer, number)
+        self._flushed = {}  # series -> this process's value when last added to the store
+        self._pending = None  # (number, deltas, snapshot): a batch not known to be added
+        self._failing = False
+        # Held across a flush and, for a scrape, across the flush and the read after it.
+        self._flush_lock = threading.RLock()
+        self._start_lock = threading.Lock()
+        self._stop: threading.Event | None = None
+        self._at_exit = None
 
     def _key(self, name, labels):
         # Counting is on every push's path: remember each label set's normalised key.
@@ -3358,11 +3531,15 @@ class _Metrics:
         return key
 
     def count(self, name, amount=1, **labels):
+        if self._store is not None and self._pid != os.getpid():
+            self._start()
         key = self._key(name, labels)
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe(self, name, value, **labels):
+        if self._store is not None and self._pid != os.getpid():
+            self._start()
         key = self._key(name, labels)
         with self._lock:
             histogram = self._histograms.get(key)
@@ -3374,41 +3551,228 @@ class _Metrics:
             histogram[-1] += 1
 
     def value(self, name, **labels):
-        """A counter's current value (0 when never counted)."""
+        """A counter's current value in this process (0 when never counted)."""
         return self._counters.get(self._key(name, labels), 0)
 
-    def render(self, gauges=()):
-        """The exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
-        lines, seen = [], set()
-
-        def header(name):
-            if name not in seen:
-                seen.add(name)
-                kind, text = _METRIC_HELP.get(name, ("untyped", name))
-                lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
-
-        with self._lock:
-            counters = sorted(self._counters.items())
-            histograms = sorted((k, list(v)) for k, v in self._histograms.items())
+    @staticmethod
+    def _samples(counters, histograms):
+        """``(family, series, value)`` for each sample line; a series is its exposition
+        text (``name{labels}``), and each bucket, sum and count is one of its own."""
         for (name, labels), value in counters:
-            header(name)
-            lines.append(f"{name}{{{_label_text(labels)}}} {value}")
+            yield name, f"{name}{{{_label_text(labels)}}}", value
         for (name, labels), histogram in histograms:
-            header(name)
             cumulative = 0
             for bound, count in zip(_HISTOGRAM_BUCKETS, histogram):
                 cumulative += count
                 label = _label_text(labels + (("le", repr(bound)),))
-                lines.append(f"{name}_bucket{{{label}}} {cumulative}")
+                yield name, f"{name}_bucket{{{label}}}", cumulative
             label = _label_text(labels + (("le", "+Inf"),))
-            lines.append(f"{name}_bucket{{{label}}} {histogram[-1]}")
-            lines.append(f"{name}_sum{{{_label_text(labels)}}} {histogram[-2]!r}")
-            lines.append(f"{name}_count{{{_label_text(labels)}}} {histogram[-1]}")
-        for name, labels, value in gauges:
-            header(name)
-            lines.append(f"{name}{{{_label_text(tuple(sorted(labels.items())))}}} {value}")
-        return "\n".join(lines) + "\n"
+            yield name, f"{name}_bucket{{{label}}}", histogram[-1]
+            yield name, f"{name}_sum{{{_label_text(labels)}}}", histogram[-2]
+            yield name, f"{name}_count{{{_label_text(labels)}}}", histogram[-1]
 
+    @staticmethod
+    def _lines(samples):
+        lines, seen = [], set()
+        for family, series, value in samples:
+            if family not in seen:
+                seen.add(family)
+                kind, text = _METRIC_HELP.get(family, ("untyped", family))
+                lines.extend((f"# HELP {family} {text}", f"# TYPE {family} {kind}"))
+            lines.append(f"{series} {value}")
+        return lines
+
+    def render(self, gauges=()):
+        """This process's exposition text; ``gauges`` is ``[(name, labels dict, value)]``."""
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = sorted((k, list(v)) for k, v in self._histograms.items())
+        samples = list(self._samples(counters, histograms))
+        samples += [(name, f"{name}{{{_label_text(tuple(sorted(labels.items())))}}}", value)
+                    for name, labels, value in gauges]
+        return "\n".join(self._lines(samples)) + "\n"
+
+    def share(self, store, key):
+        """Add this process's counts to totals under ``key`` in ``store``, a shared store
+        with ``add_counts`` and ``read_counts``; :meth:`scrape` then shows those totals."""
+        self._store, self._store_key = store, key
+
+    def without_thread(self):
+        """Flush only when asked (:meth:`flush`, a scrape, exit): under CGI the process
+        ends with its one request, and no thread may outlive the response."""
+        self._threaded = False
+
+    def _start(self):
+        """Start adding this process's counts to the store: on its first count."""
+        with self._start_lock:
+            pid = os.getpid()
+            if self._pid == pid or self._store is None:
+                return
+            with self._flush_lock, self._lock:
+                if self._pid is not None:
+                    # A forked child (gunicorn --preload): what the parent counted before
+                    # the fork is the parent's to add, never each child's again.
+                    self._flushed = dict(self._series())
+                    self._pending = None
+                # A writer per process, so a batch sent again is known by the store.
+                self._writer, self._number = os.urandom(8).hex(), 0
+                self._pid = pid
+            if self._at_exit is None:  # inherited by forked children, which flush their own
+                self._at_exit = functools.partial(self._flush_now, weakref.ref(self))
+                atexit.register(self._at_exit)
+            if self._threaded:
+                self._stop = threading.Event()
+                # The thread holds a weak reference: a gateway dropped without close()
+                # ends it, and is not kept alive by it.
+                threading.Thread(target=self._flush_every, name="wxgate-metrics", daemon=True,
+                                 args=(weakref.ref(self), self._stop, METRICS_FLUSH_EVERY)
+                                 ).start()
+
+    @staticmethod
+    def _flush_every(reference, stop, seconds):
+        while not stop.wait(seconds):
+            metrics = reference()
+            if metrics is None:
+                return
+            metrics.flush()
+            del metrics
+
+    @staticmethod
+    def _flush_now(reference):
+        metrics = reference()
+        if metrics is not None:
+            metrics.flush(final=True)
+
+    def _series(self):
+        """``(series, value)`` of every sample this process counted; hold ``_lock``."""
+        for _, series, value in self._samples(self._counters.items(),
+                                              self._histograms.items()):
+            yield series, value
+
+    def flush(self, final=False):
+        """Add what this process counted since its last flush to the store's totals;
+        return whether everything it counted until now is there (``final``: the last
+        chance, at exit or close, so a failure loses the counts).
+
+        A batch is numbered, and one that failed is sent again unchanged before any
+        other: a write whose answer was lost (a Redis timeout) may have been applied, and
+        the store adds each writer's batch once. So a count is never lost while the
+        process lives, nor added twice.
+        """
+        with self._flush_lock:
+            store = self._store
+            if store is None or self._pid != os.getpid():
+                return True  # nothing counted here yet, or only what a parent counted
+            for _ in range(2):  # a batch sent again, then what was counted since
+                if self._pending is None:
+                    with self._lock:
+                        snapshot = dict(self._series())
+                    flushed = self._flushed
+                    deltas = {series: value - flushed.get(series, 0)
+                              for series, value in snapshot.items()
+                              if series not in flushed or value != flushed[series]}
+                    if not deltas:
+                        return True
+                    self._number += 1
+                    self._pending = (self._number, deltas, snapshot)
+                number, deltas, snapshot = self._pending
+                try:
+                    store.add_counts(self._store_key, deltas, batch=(self._writer, number))
+                except NotImplementedError:
+                    self._unshare(store)
+                    return True
+                except Exception as exc:
+                    if final:
+                        logger.error("metrics: cannot add this process's last counts to "
+                                     "store %s (%s: %s); they are lost", store.name,
+                                     type(exc).__name__, exc)
+                    elif not self._failing:
+                        logger.warning("metrics: cannot add this process's counts to store "
+                                       "%s (%s: %s); keeping them until it can",
+                                       store.name, type(exc).__name__, exc)
+                    self._failing = True
+                    return False
+                self._flushed, self._pending, self._failing = snapshot, None, False
+            return True
+
+    def _unshare(self, store):
+        logger.warning("metrics: store %s keeps no totals (add_counts, read_counts): each "
+                       "process shows its own counts", store.name)
+        self._store = None
+
+    def scrape(self, gauges=()):
+        """The exposition text a scrape gets, or None when the store cannot give it.
+
+        With a shared store, the totals of every process: this process adds its counts,
+        then reads the totals, under the flush lock, so that its own flusher cannot move
+        counts between the two. Every scrape, from any process, shows a total read after
+        the previous scrape's, so no counter goes down. When the store cannot take this
+        process's counts or give the totals, there is no true answer: None (the endpoint
+        answers 503, which Prometheus records as a failed scrape, not a counter reset).
+        """
+        store = self._store
+        if store is None:
+            return self.render(gauges)
+        with self._flush_lock:
+            try:
+                if not self.flush():
+                    return None
+                if self._store is None:
+                    return self.render(gauges)
+                totals = store.read_counts(self._store_key)
+            except NotImplementedError:
+                self._unshare(store)
+                return self.render(gauges)
+            except Exception as exc:
+                logger.error("metrics: cannot read every process's totals from store %s "
+                             "(%s: %s)", store.name, type(exc).__name__, exc)
+                return None
+        samples = [(_series_family(series), series, _number_text(value))
+                   for series, value in sorted(totals.items(),
+                                               key=lambda item: _series_order(item[0]))]
+        samples += [(name, f"{name}{{{_label_text(tuple(sorted(labels.items())))}}}", value)
+                    for name, labels, value in gauges]
+        return "\n".join(self._lines(samples)) + "\n"
+
+    def close(self):
+        """Stop this process's flushing thread and add what it counted to the totals."""
+        if self._stop is not None:
+            self._stop.set()
+        with self._flush_lock:
+            self.flush(final=True)
+            self._store = None  # what is counted from now on stays in this process
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
+
+
+def _series_family(series):
+    """The metric family of a series' exposition text (a bucket's is its histogram's)."""
+    name = series.partition("{")[0]
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and \
+                _METRIC_HELP.get(name[:-len(suffix)], ("",))[0] == "histogram":
+            return name[:-len(suffix)]
+    return name
+
+
+def _series_order(series):
+    """Counters first, then histograms, by family and labels; each histogram's buckets by
+    bound, then its sum and count, as :meth:`_Metrics.render` lists them."""
+    name, _, labels = series.partition("{")
+    family = _series_family(series)
+    part, bound = 0, 0.0
+    if family != name:
+        part = ("_bucket", "_sum", "_count").index(name[len(family):])
+        if part == 0:  # the bound is the last label: render() appends it
+            labels, _, bound_text = labels.rpartition('le="')
+            bound = float(bound_text.rstrip('"}'))
+    return family != name, family, labels.rstrip(",}"), part, bound
+
+
+###############################################################################
+# Logs ########################################################################
+###############################################################################
 
 class _LineLimit:
     """At most ``burst`` log lines per key in each ``window`` seconds of ``clock``.
@@ -3689,8 +4053,12 @@ class _Admin:
             if not (self._authorized(environ) or _from_loopback(environ)):
                 return 401, [("Content-Type", _TEXT), ("WWW-Authenticate", "Bearer")], \
                     b"unauthorized: use the admin secret, or scrape from 127.0.0.1"
+            text = self.gateway.metrics.scrape(self._gauges())
+            if text is None:  # no total to give: a failed scrape, never a lower count
+                return 503, [("Content-Type", _TEXT)], \
+                    b"metrics unavailable: the shared store failed (see the log)"
             return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], \
-                self.gateway.metrics.render(self._gauges()).encode("utf-8")
+                text.encode("utf-8")
         if not self.config.admin_secret or not subpath.startswith("/token/"):
             return 404, [("Content-Type", _TEXT)], _NO_APP_BODY
         if not self._authorized(environ):
@@ -3845,19 +4213,23 @@ def _sibling_processes():
 
 
 class _Lifecycle:
-    """A gateway's process, apart from its requests: the delivery threads it runs, and the
-    warnings about the server it runs under (CGI, several workers with a memory store).
+    """A gateway's process, apart from its requests: the delivery threads it runs, the
+    warnings about the server it runs under (CGI, several workers with a memory store), and
+    whether the metrics may flush from a thread of their own (not under CGI).
 
     The one reader of ``sys.argv``, ``os.environ`` and ``/proc`` in the gateway.
 
     :param make_worker: returns a delivery worker, not started (``Gateway.worker``).
+    :param metrics: the gateway's :class:`_Metrics`, told when no thread may flush them
+        (the gateway flushes them at the end of a CGI request).
     :param start_worker: whether this process runs delivery threads.
     :param queued: whether an app has ``delivery = queue`` and the gateway its own threads.
     :param shared: whether the store is shared between processes.
     """
 
-    def __init__(self, make_worker, *, start_worker, queued, shared):
+    def __init__(self, make_worker, metrics, *, start_worker, queued, shared):
         self._make_worker, self.start_worker = make_worker, start_worker
+        self._metrics = metrics
         self._queued, self._shared = queued, shared
         self._worker = None
         self._worker_pid = None
@@ -3895,8 +4267,10 @@ class _Lifecycle:
 
     def _under_cgi(self):
         # One process per request (wsgiref's CGIHandler sets wsgi.run_once): nothing may
-        # rely on a thread outliving the response. Said once per process, which here is
-        # once per request, so that it shows in the server's error log.
+        # rely on a thread outliving the response, so the metrics flush at its end.
+        self._metrics.without_thread()
+        # Said once per process, which here is once per request, so that it shows in the
+        # server's error log.
         if self._cgi_warned:
             return
         self._cgi_warned = True
@@ -4019,6 +4393,8 @@ class Gateway:
                                prefix=config.store_prefix)
         self.store = store if not store.shared else _FallbackStore(
             store, clock=clock, max_entries=config.dedup_size, metrics=self.metrics)
+        if self.store.shared:  # every worker's counts add up there, for every scrape
+            self.metrics.share(self.store, f"{config.store_prefix}:metrics")
         # One _Dedup per app, so that no app's traffic evicts another app's records: a
         # memory store gives each app an LRU of dedup_size keys of its own (the store named
         # here keeps the token records), and over a shared store each app's recent answers
@@ -4052,7 +4428,8 @@ class Gateway:
         self.queue = _open_queue(store, config.store_prefix) if queued else None
         self._admin = _Admin(self, self._refusal_lines)
         self._lifecycle = _Lifecycle(
-            self.worker, start_worker=start_worker and queued and config.delivery_threads > 0,
+            self.worker, self.metrics,
+            start_worker=start_worker and queued and config.delivery_threads > 0,
             queued=queued and config.delivery_threads > 0, shared=store.shared)
 
     def now(self) -> float:
@@ -4102,6 +4479,7 @@ class Gateway:
         self._lifecycle.stop()
         for dedup in self._dedups.values():
             dedup.close()
+        self.metrics.close()  # adds this process's last counts to the shared totals
         if self.queue is not None:
             self.queue.close()
         self.store.close()
@@ -4118,6 +4496,8 @@ class Gateway:
         # A raw reply's Content-Type is a backend's or a handler's choice, and refusals quote
         # what the request sent: no client may guess another type from the bytes.
         headers += (("Content-Length", str(len(body))), ("X-Content-Type-Options", "nosniff"))
+        if environ.get("wsgi.run_once"):
+            self.metrics.flush()  # the process ends with this request: add its counts now
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         return [body]
 

@@ -330,7 +330,7 @@ SLOW_MODULES = {"test_cgi.py", "test_cli.py", "test_deploy.py", "test_scaling.py
 SLOW_FIXTURES = {"redis_server", "serve", "gunicorn", "env_served", "served_main",
                  "installed", "checked"}
 # Fixtures whose "redis" parameter starts redis-server.
-REDIS_PARAMETERS = {"store_factory", "queue_store", "shared_store"}
+REDIS_PARAMETERS = {"store_factory", "queue_store", "shared_store", "two_stores"}
 # The other tests that start a process, or take more than about a second, by file and name.
 SLOW_TESTS = {
     "test_cloud.py": {"test_cli_check_explains_a_cloud_app",
@@ -356,6 +356,12 @@ SLOW_TESTS = {
                      "test_mutated_ciphertext_with_valid_signature",
                      "test_mutated_pushes_get_a_documented_answer"},
     "test_ops.py": {"test_application_under_wxgate_config_logs_json_lines"},
+    "test_metrics_workers.py": {"test_a_forked_child_adds_only_its_own_counts_and_exit_adds_"
+                                "the_rest",
+                                "test_cgi_processes_add_up",
+                                "test_counters_add_up_across_replaced_gunicorn_workers",
+                                "test_counts_made_while_the_store_is_down_are_added_once_it_"
+                                "is_back"},
     "test_handler_docs.py": {"test_the_example_catches_a_broken_bot",
                                "test_the_testing_example_passes_as_written"},
     "test_recipes.py": {"test_backend_accepts_a_fresh_forward",

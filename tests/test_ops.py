@@ -174,6 +174,7 @@ def test_healthz_is_503_when_the_store_fails(tmp_path, clock):
     # Pushes still flow on the in-process fallback meanwhile.
     assert push(testapp, text_message()).body != b""
     testapp.get("/_wxgate/healthz", extra_environ=REMOTE, status=503)
+    app.close()
 
 
 def test_healthz_reports_the_queue_when_there_is_one(tmp_path, clock):

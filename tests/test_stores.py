@@ -243,6 +243,7 @@ def test_failing_store_falls_back_and_recovers(tmp_path, clock, caplog, monkeypa
     assert send("2").body == b"success"
     assert broken.inner.get("wxgate:dedup:test:m:2").startswith("d")
     assert testapp.get("/_wxgate/healthz").json["status"] == "ok"
+    app.close()
 
 
 def test_two_stores_on_one_file_in_each_process_stay_consistent(tmp_path):
@@ -476,6 +477,8 @@ def test_redis_restarted_empty_is_noticed_at_the_next_health_check(tmp_path, cap
             push(second, text_message(msg_id="lost-1"))  # WeChat's retry of the first
             health = second.get("/_wxgate/healthz", extra_environ=LOOPBACK).json
         metric = lost_metric(second, "redis")
+        for testapp in (first, second):
+            testapp.app.close()  # while Redis still runs: their last counts go to it
     lines = [r.getMessage() for r in caplog.records if "lost its data" in r.getMessage()]
     print(f"\nhandler runs for lost-1: {[m['MsgId'] for m in handler.messages].count('lost-1')}"
           f"; loss lines {len(lines)}, metric {metric}, healthz {health}")
@@ -506,11 +509,16 @@ def test_redis_flushed_is_noticed_on_the_way_of_the_next_push(tmp_path, caplog,
         with caplog.at_level("ERROR", "wxgate"):
             push(second, text_message(msg_id="flushed-1"))
             push(first, text_message(msg_id="flushed-3"))
-        counts = lost_metric(first, "redis"), lost_metric(second, "redis")
+        counts = tuple(testapp.app.metrics.value("wxgate_store_lost_total", store="redis")
+                       for testapp in (first, second))
+        for testapp in (first, second):
+            testapp.app.metrics.flush()  # what each worker's thread does within a second
+        scraped = lost_metric(first, "redis"), lost_metric(second, "redis")
     lines = [r.getMessage() for r in caplog.records if "lost its data" in r.getMessage()]
     assert len(lines) == 2, caplog.text  # each worker that had seen the old data, once
     assert "is gone" in lines[0] and "another process found the data lost" in lines[1]
     assert counts == (1, 1)
+    assert scraped == (2, 2)  # a scrape adds up the workers of the gateway
 
 
 def test_sqlite_file_deleted_while_serving_is_left_for_the_configured_path(tmp_path, caplog,
@@ -599,6 +607,7 @@ def test_a_redis_that_evicts_keys_is_named_once(tmp_path, caplog, policy, warned
         with caplog.at_level("WARNING", "wxgate"):
             push(testapp, text_message(msg_id="evict-1"))
             push(testapp, text_message(msg_id="evict-2"))
+        testapp.app.close()
     lines = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
     assert len(lines) == (1 if warned else 0), lines
     if warned:
