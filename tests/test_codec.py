@@ -786,3 +786,16 @@ def test_flat_fast_path_takes_the_usual_pushes():
                   b"<xml><a><b>1</b></a></xml>", b"<xml><a>&amp;</a></xml>",
                   b'<?xml version="1.0"?><xml><a>1</a></xml>', b"<xml></xml>"):
         assert wxgate._parse_flat_xml(other) is None
+
+
+def test_a_reply_value_keeps_exactly_the_characters_xml_allows():
+    # XML 1.0's Char production, https://www.w3.org/TR/xml/#charsets, over every code point:
+    # those it allows stay in the reply, the others are dropped.
+    def allowed(point):
+        return point in (0x9, 0xA, 0xD) or 0x20 <= point <= 0xD7FF or \
+            0xE000 <= point <= 0xFFFD or 0x10000 <= point <= 0x10FFFF
+
+    every = "".join(map(chr, range(0x110000)))
+    kept = "".join(char for char in every if allowed(ord(char)))
+    assert wxgate._cdata(every) == "<![CDATA[" + kept.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    assert len(every) - len(kept) == 2079  # C0 controls but tab, LF, CR; surrogates; FFFE-F
