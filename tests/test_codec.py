@@ -797,5 +797,6 @@ def test_a_reply_value_keeps_exactly_the_characters_xml_allows():
 
     every = "".join(map(chr, range(0x110000)))
     kept = "".join(char for char in every if allowed(ord(char)))
-    assert wxgate._cdata(every) == "<![CDATA[" + kept.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    expected = "<![CDATA[" + kept.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    assert wxgate._cdata(every) == expected
     assert len(every) - len(kept) == 2079  # C0 controls but tab, LF, CR; surrogates; FFFE-F
