@@ -439,9 +439,9 @@ _REQUIRED = object()  # a record field without a default
 class _DataclassFields:
     """A record's ``__dataclass_fields__``, made on first use from its ``_defaults``.
 
-    The records were frozen dataclasses, and ``dataclasses.replace``, ``fields`` and
-    ``asdict`` still take them; but the dataclasses module imports ``inspect``, and every
-    CGI push would pay for both at import for what only tests and tools use.
+    Tests and tools call ``dataclasses.replace``, ``fields`` and ``asdict`` on the records;
+    but the dataclasses module imports ``inspect``, and every CGI push would pay for both at
+    import for what only they use.
     """
 
     def __get__(self, instance, cls):

@@ -784,3 +784,28 @@ def test_plaintext_mode_works_without_pycryptodome(tmp_path):
         assert mode in message and section == "app:a" and option == "mode"
         assert AES_KEY not in message
     assert "pip install pycryptodome" in out["encrypt"]
+
+
+def test_config_records_behave_as_frozen_dataclasses():
+    import copy
+    import dataclasses
+    import pickle
+
+    app = wxgate.AppConfig(name="a", path="/a", appid="wx0123456789abcdef", token="t0k3n")
+    config = wxgate.Config(apps={"a": app})
+    assert dataclasses.is_dataclass(config) and dataclasses.is_dataclass(app)
+    assert [field.name for field in dataclasses.fields(app)][:4] == ["name", "path", "appid",
+                                                                   "token"]
+    moved = dataclasses.replace(app, path="/b")
+    assert (moved.path, moved.name, app.path) == ("/b", "a", "/a") and moved != app
+    assert dataclasses.replace(config, apps={"a": moved}).apps["a"] is moved
+    assert dataclasses.asdict(config)["apps"]["a"]["path"] == "/a"
+    assert pickle.loads(pickle.dumps(config)) == config == copy.deepcopy(config)
+    assert hash(app) == hash(copy.copy(app)) and wxgate.Config().apps == {}
+    assert wxgate.Config().apps is not wxgate.Config().apps  # a dict default is not shared
+    with pytest.raises(AttributeError):
+        app.path = "/c"
+    with pytest.raises(TypeError):
+        wxgate.AppConfig(name="a", path="/a", appid="wx0123456789abcdef")  # no token
+    with pytest.raises(TypeError):
+        wxgate.Config(apps={}, dedup_sise=1)
