@@ -1,4 +1,4 @@
-"""Issue 14 at scale: store outages, a full disk, memory-store workers, queue kills, and the
+"""Reliability at scale: store outages, a full disk, memory-store workers, queue kills, and the
 queue's ack before insert. Counts, not speed: each case prints how many messages were lost or
 ran again. tests/test_reliability.py runs each fault once and asserts the requirement.
 

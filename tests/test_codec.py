@@ -813,3 +813,17 @@ def test_message_client_is_a_client_or_a_clear_error():
         wxgate.Message({"MsgType": "text"}).client
     client = wxgate.WeChatClient(wxgate.TokenManager(APPID, "s"))
     assert wxgate.Message({"MsgType": "text"}, client=client).client is client
+
+
+def test_a_reply_value_keeps_exactly_the_characters_xml_allows():
+    # XML 1.0's Char production, https://www.w3.org/TR/xml/#charsets, over every code point:
+    # those it allows stay in the reply, the others are dropped.
+    def allowed(point):
+        return point in (0x9, 0xA, 0xD) or 0x20 <= point <= 0xD7FF or \
+            0xE000 <= point <= 0xFFFD or 0x10000 <= point <= 0x10FFFF
+
+    every = "".join(map(chr, range(0x110000)))
+    kept = "".join(char for char in every if allowed(ord(char)))
+    expected = "<![CDATA[" + kept.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    assert wxgate._cdata(every) == expected
+    assert len(every) - len(kept) == 2079  # C0 controls but tab, LF, CR; surrogates; FFFE-F

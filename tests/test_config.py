@@ -912,3 +912,28 @@ def test_a_key_with_base64s_trailing_pad_says_to_drop_it(tmp_path, option):
 def test_a_44_character_key_without_the_pad_says_no_word_of_it(tmp_path):
     error = config_error(tmp_path, ini(mode="safe", key=AES_KEY + "H"))
     assert str(error).endswith("expected 43 characters, got 44 (WeChat -40004)"), str(error)
+
+
+def test_config_records_behave_as_frozen_dataclasses():
+    import copy
+    import dataclasses
+    import pickle
+
+    app = wxgate.AppConfig(name="a", path="/a", appid="wx0123456789abcdef", token="t0k3n")
+    config = wxgate.Config(apps={"a": app})
+    assert dataclasses.is_dataclass(config) and dataclasses.is_dataclass(app)
+    assert [field.name for field in dataclasses.fields(app)][:4] == ["name", "path", "appid",
+                                                                   "token"]
+    moved = dataclasses.replace(app, path="/b")
+    assert (moved.path, moved.name, app.path) == ("/b", "a", "/a") and moved != app
+    assert dataclasses.replace(config, apps={"a": moved}).apps["a"] is moved
+    assert dataclasses.asdict(config)["apps"]["a"]["path"] == "/a"
+    assert pickle.loads(pickle.dumps(config)) == config == copy.deepcopy(config)
+    assert hash(app) == hash(copy.copy(app)) and wxgate.Config().apps == {}
+    assert wxgate.Config().apps is not wxgate.Config().apps  # a dict default is not shared
+    with pytest.raises(AttributeError):
+        app.path = "/c"
+    with pytest.raises(TypeError):
+        wxgate.AppConfig(name="a", path="/a", appid="wx0123456789abcdef")  # no token
+    with pytest.raises(TypeError):
+        wxgate.Config(apps={}, dedup_sise=1)
