@@ -271,6 +271,17 @@ def redis_server():
     process.wait()
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_store(request, tmp_path):
+    """The URL of a store several processes share: a new sqlite file, or an emptied Redis."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/shared.db"
+    server = request.getfixturevalue("redis_server")
+    import redis
+    redis.Redis.from_url(server["url"]).flushdb()
+    return server["url"]
+
+
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 def store_factory(request, tmp_path, clock):
     """Build stores of one kind (memory, sqlite, redis) on the test's clock.

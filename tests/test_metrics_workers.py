@@ -33,16 +33,6 @@ HANDLED = {"app": "test", "type": "text", "outcome": "handled"}
 LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_store(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/shared.db"
-    server = request.getfixturevalue("redis_server")
-    import redis
-    redis.Redis.from_url(server["url"]).flushdb()
-    return server["url"]
-
-
 def request(base_url, method, target, body=None):
     """One request over a fresh connection (gunicorn's sync workers close it anyway)."""
     connection = http.client.HTTPConnection(urllib.parse.urlsplit(base_url).netloc, timeout=10)

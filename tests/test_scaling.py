@@ -82,16 +82,6 @@ def messages(count):
                          FromUserName=f"user-{index}") for index in range(count)]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_store(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/shared.db"
-    server = request.getfixturevalue("redis_server")
-    import redis
-    redis.Redis.from_url(server["url"]).flushdb()
-    return server["url"]
-
-
 def test_four_workers_run_each_message_once_with_a_shared_store(tmp_path, shared_store):
     base_url, process, record = gateway(tmp_path, shared_store)
     try:
