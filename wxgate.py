@@ -3658,9 +3658,11 @@ class _Metrics:
         self._stop: threading.Event | None = None
         self._at_exit = None
 
-    def _key(self, name, labels):
-        # Counting is on every push's path: remember each label set's normalised key.
-        raw = (name, *labels.items())
+    def _key(self, name, labels, raw=None):
+        # Counting is on every push's path: remember each label set's normalised key
+        # (count and observe look ``raw`` up themselves and call this on a miss).
+        if raw is None:
+            raw = (name, *labels.items())
         try:
             key = self._keys.get(raw)
         except TypeError:  # an unhashable label value (a MsgType that is a list)
@@ -3678,14 +3680,22 @@ class _Metrics:
     def count(self, name, amount=1, **labels):
         if self._store is not None and self._pid != os.getpid():
             self._start()
-        key = self._key(name, labels)
+        raw = (name, *labels.items())
+        try:
+            key = self._keys.get(raw) or self._key(name, labels, raw)
+        except TypeError:  # an unhashable label value: _key makes its key afresh
+            key = self._key(name, labels)
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe(self, name, value, **labels):
         if self._store is not None and self._pid != os.getpid():
             self._start()
-        key = self._key(name, labels)
+        raw = (name, *labels.items())
+        try:
+            key = self._keys.get(raw) or self._key(name, labels, raw)
+        except TypeError:  # an unhashable label value: _key makes its key afresh
+            key = self._key(name, labels)
         with self._lock:
             histogram = self._histograms.get(key)
             if histogram is None:
