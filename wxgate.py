@@ -2063,13 +2063,13 @@ class _VerifiedPush:
     """
 
     __slots__ = ("fields", "format", "encrypted", "nonce", "timestamp", "aes_key",
-                 "previous_key", "cloud")
+                 "previous_key", "cloud", "ttl")
 
     def __init__(self, fields, fmt, *, encrypted=False, nonce="", timestamp=None,
-                 aes_key=None, previous_key=False, cloud=None):
+                 aes_key=None, previous_key=False, cloud=None, ttl=None):
         self.fields, self.format, self.encrypted = fields, fmt, encrypted
         self.nonce, self.timestamp, self.aes_key = nonce, timestamp, aes_key
-        self.previous_key, self.cloud = previous_key, cloud
+        self.previous_key, self.cloud, self.ttl = previous_key, cloud, ttl
 
 
 def _verify_handshake(app, query, now, window, bind, admin_path=DEFAULT_ADMIN_PATH):
@@ -2123,7 +2123,7 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
         # The URL signature is all a plain push has, so it binds before any other check:
         # a genuine push refused below (a format the app does not take, a body it
         # cannot parse) still keeps its logged query from carrying another body.
-        bind(app, timestamp, nonce, body)
+        ttl = bind(app, timestamp, nonce, body)
         try:
             fields, fmt = _plain_fields(app, body)
         except WxgateError as exc:
@@ -2131,7 +2131,7 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
             # could carry. Its refusal line is never held back.
             exc.signed = True
             raise
-        return _VerifiedPush(fields, fmt, nonce=nonce, timestamp=timestamp)
+        return _VerifiedPush(fields, fmt, nonce=nonce, timestamp=timestamp, ttl=ttl)
     fields, fmt = _read_fields(body, app.format)
     encrypt = fields.get("Encrypt")
     if encrypt is None:
@@ -2141,7 +2141,7 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
     # msg_signature covers Encrypt: check it before decoding a single byte.
     signature = _required(query, "msg_signature")[0]
     check_signature(signature, app.token, timestamp, nonce, encrypt)
-    bind(app, timestamp, nonce, body)
+    ttl = bind(app, timestamp, nonce, body)
     key = app.aes_key
     try:
         text, aes_key = _open_encrypt(encrypt, key, app.previous_aes_key, app.appid)
@@ -2154,7 +2154,7 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
         # and WeChat's code, never a decrypted byte.
         raise _sealed_refusal(exc) from None
     return _VerifiedPush(fields, fmt, encrypted=True, nonce=nonce, timestamp=timestamp,
-                         aes_key=aes_key, previous_key=aes_key is not key)
+                         aes_key=aes_key, previous_key=aes_key is not key, ttl=ttl)
 
 
 def _plain_fields(app, body):
@@ -2238,17 +2238,19 @@ class _QueryBinds:
         return max(ttl, int(timestamp) + self._window - self._clock() + REMEMBER_MARGIN)
 
     def bind(self, app, timestamp, nonce, body):
-        """Bind the query ``(timestamp, nonce)`` to ``body``; raise if it came with another."""
+        """Bind the query ``(timestamp, nonce)`` to ``body``; raise if it came with another.
+        Return how long the bind is remembered (:meth:`remember_for`), the push's too."""
         query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
             "utf-8", "surrogateescape")).hexdigest()
         key = f"{self._prefix}:query:{app.name}:{query_id}"
         digest = hashlib.sha256(body).hexdigest()
-        if self.store.add(key, digest, self.remember_for(app, timestamp)):
-            return
+        ttl = self.remember_for(app, timestamp)
+        if self.store.add(key, digest, ttl):
+            return ttl
         bound = self.store.get(key)
         if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
                                                 digest.encode("ascii")):
-            return
+            return ttl
         self._metrics.count("wxgate_query_reused_total", app=app.name)
         raise SignatureError("signed query reused with a different body: a forged or altered "
                              "push, refused", code=None)
@@ -3321,8 +3323,10 @@ class _Dedup:
         """The store's value for a key whose answer is ``(content_type, body)``."""
         return f"d{content_type}\n{body}"
 
-    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False, room=0.0):
-        """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
+    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False, room=0.0,
+            args=()):
+        """Return ``(content_type, body, duplicate)``; ``work(*args)`` returns
+        ``(type, body)`` (arguments rather than a closure: a push makes none).
 
         ``deadline`` is on ``time.monotonic()``: it measures WeChat's real 5-second wait,
         whatever the injected clock says. ``ttl`` (default: the dedup ttl) is how long the
@@ -3335,10 +3339,11 @@ class _Dedup:
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``, or
             the work could be taken over only too late to answer in time.
         """
-        store_key = self.store_key(key, kind)
-        answer = self._answered_here(store_key)
-        if answer is not None:
-            return answer
+        store_key = f"{self.prefix}:{kind}:{key}"  # self.store_key(key, kind), on every push
+        if self._recent is not None:
+            answer = self._answered_here(store_key)
+            if answer is not None:
+                return answer
         owned = self._owned.get(store_key)
         if owned is not None:
             # A copy is running in this process right now. Its claim may live only in a
@@ -3375,7 +3380,8 @@ class _Dedup:
                     raise _InFlightTimeout("claimed the message only after the reply "
                                            "deadline, or too close to it to run the "
                                            "handler; left to WeChat's next retry")
-                return self._own(store_key, claim, work, ttl or self.ttl, recorded) + (False,)
+                return self._own(store_key, claim, work, ttl or self.ttl, recorded,
+                                 args) + (False,)
             taken_over = True
             value = self.store.get(store_key)
             if value is None and time.monotonic() < deadline:
@@ -3405,7 +3411,7 @@ class _Dedup:
         content_type, _, body = value[1:].partition("\n")
         return content_type, body, True
 
-    def _own(self, store_key, claim, work, ttl, recorded=False):
+    def _own(self, store_key, claim, work, ttl, recorded=False, args=()):
         event = _Gate()
         with self._owned_lock:
             self._owned[store_key] = (claim, event)
@@ -3413,13 +3419,13 @@ class _Dedup:
             self._start_keeper()
         try:
             try:
-                content_type, body = work()
+                content_type, body = work(*args)
             except BaseException:
                 # Forget the claim so the retry runs the work again; a lost message is worse
                 # than a repeated one.
                 self.store.delete(store_key, claim)
                 raise
-            done = self.done_value(content_type, body)
+            done = f"d{content_type}\n{body}"  # self.done_value(...), on every push
             # This process's memory first: it holds whatever the store does next.
             if self._recent is not None:
                 self._recent.set(store_key, done, ttl)
@@ -4713,7 +4719,7 @@ class Gateway:
     def _push(self, app, environ, started):
         verified = _verify_push(
             app, _query(environ), _cloud_headers(environ) if app.mode == "cloud" else {},
-            lambda: _read_body(environ, self.config.max_body_bytes), self._clock(),
+            functools.partial(_read_body, environ, self.config.max_body_bytes), self._clock(),
             self.config.timestamp_window, self._query_binds.bind)
         if verified is None:
             # Cloud Hosting's path check wants 200 and success (or an empty body).
@@ -4725,21 +4731,20 @@ class Gateway:
         message = Message(verified.fields, app=app.name, format=verified.format,
                           encrypted=verified.encrypted, cloud=verified.cloud,
                           client_factory=functools.partial(self._push_client, app, deadline))
-        ttl = self._query_binds.remember_for(app, verified.timestamp)
+        ttl = verified.ttl  # the bind's, when the push had a signed query to bind
+        if ttl is None:
+            ttl = self._query_binds.remember_for(app, verified.timestamp)
         if app.delivery == "queue":
             return self._enqueue(app, message, environ, started, ttl)
-
-        def work():
-            return self._deliver(app, message, verified.nonce, deadline, verified.aes_key)
-
+        work = (app, message, verified.nonce, deadline, verified.aes_key)  # _deliver's
         key = message.dedup_key
         try:
             if key is None:
-                content_type, reply, duplicate = work() + (False,)
+                content_type, reply, duplicate = self._deliver(*work) + (False,)
             else:
                 content_type, reply, duplicate = self._dedups[app.name].run(
-                    _store_key(message), work, started + self.reply_deadline, ttl,
-                    room=self.reply_deadline * TAKEOVER_ROOM)
+                    _store_key(message), self._deliver, started + self.reply_deadline, ttl,
+                    room=self.reply_deadline * TAKEOVER_ROOM, args=work)
         except _InFlightTimeout as exc:
             self._record_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
