@@ -4655,7 +4655,14 @@ class Gateway:
                  ) -> list[bytes]:
         self._lifecycle.on_request(environ)
         try:
-            status, headers, body = self._respond(environ)
+            app = self._routes.get(environ.get("PATH_INFO") or "/")
+            if app is not None and environ.get("REQUEST_METHOD") == "POST":
+                try:  # a push, on every message's path: routed here, in one call less
+                    status, headers, body = self._push(app, environ, time.monotonic())
+                except WxgateError as exc:
+                    status, headers, body = self._refuse(app, "POST", exc, environ)
+            else:
+                status, headers, body = self._respond(environ, app)
         except Exception:  # a bug of ours: never let it escape to the server
             logger.exception("internal error on %s %s", _loggable(environ.get("REQUEST_METHOD")),
                              _loggable(environ.get("PATH_INFO")))
@@ -4668,9 +4675,9 @@ class Gateway:
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         return [body]
 
-    def _respond(self, environ):
+    def _respond(self, environ, app):
+        """Any request but a POST to an app's own path (``app``, else None)."""
         path = environ.get("PATH_INFO") or "/"
-        app = self._routes.get(path)
         if app is None and environ.get("SCRIPT_NAME"):
             # Mounted below a prefix (mod_wsgi's WSGIScriptAlias /wechat ...): match the
             # whole path, so the ini's path means the same URL under every server.
@@ -4699,26 +4706,28 @@ class Gateway:
             return 405, [("Content-Type", _TEXT), ("Allow", "GET, POST")], \
                 b"method not allowed: WeChat sends GET (handshake) and POST (push)"
         except WxgateError as exc:
-            self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
-                               code=exc.code or "")
-            self._log_refusal(app, method, exc, environ)
-            public = getattr(exc, "public", None) or exc.message
-            return exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
+            return self._refuse(app, method, exc, environ)
 
-    def _log_refusal(self, app, method, exc, environ):
-        """The WARNING line of a refused request, held back past ``REFUSAL_LOG_BURST`` a
-        window for one that proved nothing; a signed push's refusal (``exc.signed``) always
-        goes out: only WeChat, or the one body of a captured query, can cause it."""
+    def _refuse(self, app, method, exc, environ):
+        """Count a refused request and answer it; its WARNING line is held back past
+        ``REFUSAL_LOG_BURST`` a window for one that proved nothing; a signed push's refusal
+        (``exc.signed``) always goes out: only WeChat, or the one body of a captured query,
+        can cause it."""
+        self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
+                           code=exc.code or "")
+        public = getattr(exc, "public", None) or exc.message
+        answer = exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
         note = ""
         if not getattr(exc, "signed", False):
             allowed = self._refusal_lines.allow(app.name)
             if allowed is None:
-                return
+                return answer
             note = _held_back_note(*allowed, f"app={app.name}")
         logger.warning("app=%s %s refused %d rid=%s: %s%s", app.name, method, exc.status,
                        _given_request_id(environ), _loggable(exc.message), note,
                        extra={"app": app.name, "outcome": f"refused-{exc.status}",
                               "request_id": _request_id(environ)})
+        return answer
 
     def _push(self, app, environ, started):
         verified = _verify_push(
