@@ -597,6 +597,14 @@ class AppConfig(_Record):
         except AttributeError:
             return self._decode_keys()[1]
 
+    @property
+    def aes_keys(self) -> tuple[bytes | None, bytes | None]:
+        """``(aes_key, previous_aes_key)``, read at once (a push reads both)."""
+        try:
+            return self._keys
+        except AttributeError:
+            return self._decode_keys()
+
     def _decode_keys(self):
         current, previous = self.encoding_aes_key, self.previous_encoding_aes_key
         keys = (_decode_aes_key(current) if current else None,
@@ -2150,9 +2158,9 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
     signature = query.get("msg_signature") or _required(query, "msg_signature")[0]
     check_signature(signature, app.token, timestamp, nonce, encrypt)
     ttl = bind(app, timestamp, nonce, body)
-    key = app.aes_key
+    key, previous = app.aes_keys
     try:
-        text, aes_key = _open_encrypt(encrypt, key, app.previous_aes_key, app.appid)
+        text, aes_key = _open_encrypt(encrypt, key, previous, app.appid)
         inner = text.encode()
         fmt = _sniff_format(inner)
         if app.format != "auto" and fmt != app.format:
@@ -2384,13 +2392,17 @@ class MemoryStore(Store):
                 entries.popitem(last=False)
             return True
 
-    def get(self, key):
+    def get(self, key):  # twice on a retry (its query's bind, its answer): _live written out
         now = self._clock()
+        entries = self._entries
         with self._lock:
-            entry = self._live(key, now)
+            entry = entries.get(key)
             if entry is None:
                 return None
-            self._entries.move_to_end(key)
+            if entry[1] <= now:
+                del entries[key]
+                return None
+            entries.move_to_end(key)
             return entry[0]
 
     def set(self, key, value, ttl):
@@ -3265,25 +3277,15 @@ class _InFlightTimeout(WxgateError):
     status = 503
 
 
-class _Gate:
-    """A one-shot gate: closed when made, opened once by its owner; waiters pass through.
+def _wait_at(gate, timeout):
+    """Wait up to ``timeout`` seconds for ``gate`` to open.
 
-    A lock acquired at creation: cheaper to make than a threading.Event, and waiting on it
-    is an ``acquire(timeout=...)``.
+    A gate is a bare lock, acquired by the push that owns a dedup key when it claims it and
+    released once its work is over: cheaper to make than a threading.Event, or than an
+    object around the lock, on every push. Waiters pass it and leave it open.
     """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._lock.acquire()
-
-    def wait(self, timeout):
-        if self._lock.acquire(timeout=timeout):
-            self._lock.release()  # let the next waiter through too
-
-    def set(self):
-        self._lock.release()
+    if gate.acquire(timeout=timeout):
+        gate.release()  # let the next waiter through too
 
 
 class _Dedup:
@@ -3315,8 +3317,8 @@ class _Dedup:
         # A store that journals writes through an outage can be told which claim a done
         # value replaces (see _FallbackStore), so the write-back can replace it too.
         self._journalled = isinstance(store, _FallbackStore)
-        # key -> (claim, Event) for work running in this process: waiters here sleep on the
-        # Event instead of polling the store, and the keeper renews the claim.
+        # key -> (claim, gate) for work running in this process: waiters here wait at the
+        # gate (_wait_at) instead of polling the store, and the keeper renews the claim.
         self._owned = {}
         self._owned_lock = threading.Lock()
         self._claims = itertools.count()
@@ -3364,7 +3366,7 @@ class _Dedup:
             # store that has since failed (Redis died under the handler), where our add
             # would fall back to an empty local store and run the work beside it: this
             # process knows better than any store, so wait for that copy here.
-            owned[1].wait(max(0.0, deadline - time.monotonic()))
+            _wait_at(owned[1], max(0.0, deadline - time.monotonic()))
             if self._owned.get(store_key) is owned:
                 raise _InFlightTimeout("a duplicate waited for the first delivery, which is "
                                        "still running at the reply deadline")
@@ -3411,7 +3413,7 @@ class _Dedup:
                                        "still running at the reply deadline")
             owned = self._owned.get(store_key)
             if owned is not None:
-                owned[1].wait(remaining)
+                _wait_at(owned[1], remaining)
             else:
                 self._sleep(min(POLL_INTERVAL, remaining))
 
@@ -3426,7 +3428,8 @@ class _Dedup:
         return content_type, body, True
 
     def _own(self, store_key, claim, work, ttl, recorded=False, args=()):
-        event = _Gate()
+        event = threading.Lock()  # the gate duplicates wait at (_wait_at)
+        event.acquire()
         with self._owned_lock:
             self._owned[store_key] = (claim, event)
         if self._keeper_pid != os.getpid():
@@ -3451,7 +3454,7 @@ class _Dedup:
         finally:
             with self._owned_lock:
                 self._owned.pop(store_key, None)
-            event.set()
+            event.release()
 
     def _start_keeper(self):
         # Started in the process that owns the claims: threads do not survive a fork.
