@@ -4496,11 +4496,12 @@ def _query(environ):
     if text.count("&") >= 64:
         raise MessageError("too many query parameters", code=None)
     query = {}
+    quoted = "%" in text or "+" in text  # WeChat's own queries never are
     for part in text.split("&"):
         if not part:
             continue
         name, _, value = part.partition("=")
-        if "%" in part or "+" in part:  # WeChat's own queries never need it
+        if quoted and ("%" in part or "+" in part):
             import urllib.parse
             name = urllib.parse.unquote_plus(name)
             value = urllib.parse.unquote_plus(value)
