@@ -4770,7 +4770,8 @@ class Gateway:
                 content_type, reply, duplicate = self._deliver(*work) + (False,)
             else:
                 content_type, reply, duplicate = self._dedups[app.name].run(
-                    key if message.encrypted else _store_key(message), self._deliver, started + self.reply_deadline, ttl,
+                    key if message.encrypted else _store_key(message), self._deliver,
+                    started + self.reply_deadline, ttl,
                     room=self.reply_deadline * TAKEOVER_ROOM, args=work)
         except _InFlightTimeout as exc:
             self._record_push(app, message, "in-flight-timeout", started, environ)
