@@ -597,6 +597,14 @@ class AppConfig(_Record):
         except AttributeError:
             return self._decode_keys()[1]
 
+    @property
+    def aes_keys(self) -> tuple[bytes | None, bytes | None]:
+        """``(aes_key, previous_aes_key)``, read at once (a push reads both)."""
+        try:
+            return self._keys
+        except AttributeError:
+            return self._decode_keys()
+
     def _decode_keys(self):
         current, previous = self.encoding_aes_key, self.previous_encoding_aes_key
         keys = (_decode_aes_key(current) if current else None,
@@ -1230,11 +1238,9 @@ def encrypt_message(plaintext: str | bytes, aes_key: str | bytes, appid: str, *,
 
 
 if sys.version_info >= (3, 11):
-    def _strict_b64decode(text):
-        """Standard Base64 with nothing else in it: no spaces, no stray characters."""
-        if isinstance(text, str):
-            text = text.encode("ascii")  # non-ASCII: UnicodeEncodeError, a ValueError
-        return binascii.a2b_base64(text, strict_mode=True)  # b64decode's check, in C
+    # Standard Base64 with nothing else in it: no spaces, no stray characters; b64decode's
+    # check, in C, with no Python call around it (a non-ASCII str raises ValueError).
+    _strict_b64decode = functools.partial(binascii.a2b_base64, strict_mode=True)
 else:
     def _strict_b64decode(text):
         """Standard Base64 with nothing else in it: no spaces, no stray characters."""
@@ -1654,7 +1660,10 @@ def _dedup_key(app_name, fields):
     """
     msg_id = fields.get("MsgId")
     if msg_id not in (None, ""):
-        key = f"{app_name}:m:{_key_part(msg_id)}"
+        # WeChat's own MsgId (a short plain str) is its own key part: no call to say so.
+        part = msg_id if type(msg_id) is str and _VERBATIM_KEY_PART.fullmatch(msg_id) \
+            else _key_part(msg_id)
+        key = f"{app_name}:m:{part}"
         trace = fields.get("trace_id")
         return f"{key}:{_key_part(trace)}" if trace not in (None, "") else key
     sender, created = fields.get("FromUserName"), fields.get("CreateTime")
@@ -2000,8 +2009,13 @@ def _read_fields(body, expected):
     if not body.strip():
         raise MessageError("empty body", code=None)
     fmt = _sniff_format(body)
-    _check_format(expected, fmt)
-    return _parse_body(body, fmt), fmt
+    if expected != "auto" and fmt != expected:
+        _check_format(expected, fmt)
+    # _parse_body's steps, written out: this runs on every push.
+    if fmt == "xml":
+        fields = _parse_flat_xml(body)
+        return fields if fields is not None else _parse_xml(body), fmt
+    return _parse_json(body), fmt
 
 
 def _required(query, *names):
@@ -2063,13 +2077,13 @@ class _VerifiedPush:
     """
 
     __slots__ = ("fields", "format", "encrypted", "nonce", "timestamp", "aes_key",
-                 "previous_key", "cloud")
+                 "previous_key", "cloud", "ttl")
 
     def __init__(self, fields, fmt, *, encrypted=False, nonce="", timestamp=None,
-                 aes_key=None, previous_key=False, cloud=None):
+                 aes_key=None, previous_key=False, cloud=None, ttl=None):
         self.fields, self.format, self.encrypted = fields, fmt, encrypted
         self.nonce, self.timestamp, self.aes_key = nonce, timestamp, aes_key
-        self.previous_key, self.cloud = previous_key, cloud
+        self.previous_key, self.cloud, self.ttl = previous_key, cloud, ttl
 
 
 def _verify_handshake(app, query, now, window, bind, admin_path=DEFAULT_ADMIN_PATH):
@@ -2114,7 +2128,9 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
     """
     if app.mode == "cloud":
         return _verify_cloud_push(app, headers, read_body)
-    timestamp, nonce = _required(query, "timestamp", "nonce")
+    timestamp, nonce = query.get("timestamp"), query.get("nonce")
+    if not (timestamp and nonce):
+        _required(query, "timestamp", "nonce")  # raises, naming what is missing
     _check_timestamp(timestamp, now, window)
     if app.mode == "plain":  # checked before we even read the body
         check_signature(_required(query, "signature")[0], app.token, timestamp, nonce)
@@ -2123,7 +2139,7 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
         # The URL signature is all a plain push has, so it binds before any other check:
         # a genuine push refused below (a format the app does not take, a body it
         # cannot parse) still keeps its logged query from carrying another body.
-        bind(app, timestamp, nonce, body)
+        ttl = bind(app, timestamp, nonce, body)
         try:
             fields, fmt = _plain_fields(app, body)
         except WxgateError as exc:
@@ -2131,7 +2147,7 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
             # could carry. Its refusal line is never held back.
             exc.signed = True
             raise
-        return _VerifiedPush(fields, fmt, nonce=nonce, timestamp=timestamp)
+        return _VerifiedPush(fields, fmt, nonce=nonce, timestamp=timestamp, ttl=ttl)
     fields, fmt = _read_fields(body, app.format)
     encrypt = fields.get("Encrypt")
     if encrypt is None:
@@ -2139,22 +2155,28 @@ def _verify_push(app, query, headers, read_body, now, window, bind):
     if not isinstance(encrypt, str):
         raise MessageError("Encrypt is not a string", code=None)
     # msg_signature covers Encrypt: check it before decoding a single byte.
-    signature = _required(query, "msg_signature")[0]
+    signature = query.get("msg_signature") or _required(query, "msg_signature")[0]
     check_signature(signature, app.token, timestamp, nonce, encrypt)
-    bind(app, timestamp, nonce, body)
-    key = app.aes_key
+    ttl = bind(app, timestamp, nonce, body)
+    key, previous = app.aes_keys
     try:
-        text, aes_key = _open_encrypt(encrypt, key, app.previous_aes_key, app.appid)
+        text, aes_key = _open_encrypt(encrypt, key, previous, app.appid)
         inner = text.encode()
         fmt = _sniff_format(inner)
-        _check_format(app.format, fmt, "decrypted push")
-        fields = _parse_body(inner, fmt)
+        if app.format != "auto" and fmt != app.format:
+            _check_format(app.format, fmt, "decrypted push")
+        if fmt == "xml":  # _parse_body's steps, written out: this runs on every push
+            fields = _parse_flat_xml(inner)
+            if fields is None:
+                fields = _parse_xml(inner)
+        else:
+            fields = _parse_json(inner)
     except WxgateError as exc:
         # One answer for every failure past msg_signature; the log line keeps the kind
         # and WeChat's code, never a decrypted byte.
         raise _sealed_refusal(exc) from None
     return _VerifiedPush(fields, fmt, encrypted=True, nonce=nonce, timestamp=timestamp,
-                         aes_key=aes_key, previous_key=aes_key is not key)
+                         aes_key=aes_key, previous_key=aes_key is not key, ttl=ttl)
 
 
 def _plain_fields(app, body):
@@ -2238,17 +2260,19 @@ class _QueryBinds:
         return max(ttl, int(timestamp) + self._window - self._clock() + REMEMBER_MARGIN)
 
     def bind(self, app, timestamp, nonce, body):
-        """Bind the query ``(timestamp, nonce)`` to ``body``; raise if it came with another."""
+        """Bind the query ``(timestamp, nonce)`` to ``body``; raise if it came with another.
+        Return how long the bind is remembered (:meth:`remember_for`), the push's too."""
         query_id = hashlib.sha1(f"{timestamp}\n{nonce}".encode(
             "utf-8", "surrogateescape")).hexdigest()
         key = f"{self._prefix}:query:{app.name}:{query_id}"
         digest = hashlib.sha256(body).hexdigest()
-        if self.store.add(key, digest, self.remember_for(app, timestamp)):
-            return
+        ttl = self.remember_for(app, timestamp)
+        if self.store.add(key, digest, ttl):
+            return ttl
         bound = self.store.get(key)
         if bound is None or hmac.compare_digest(bound.encode("ascii", "replace"),
                                                 digest.encode("ascii")):
-            return
+            return ttl
         self._metrics.count("wxgate_query_reused_total", app=app.name)
         raise SignatureError("signed query reused with a different body: a forged or altered "
                              "push, refused", code=None)
@@ -2368,13 +2392,17 @@ class MemoryStore(Store):
                 entries.popitem(last=False)
             return True
 
-    def get(self, key):
+    def get(self, key):  # twice on a retry (its query's bind, its answer): _live written out
         now = self._clock()
+        entries = self._entries
         with self._lock:
-            entry = self._live(key, now)
+            entry = entries.get(key)
             if entry is None:
                 return None
-            self._entries.move_to_end(key)
+            if entry[1] <= now:
+                del entries[key]
+                return None
+            entries.move_to_end(key)
             return entry[0]
 
     def set(self, key, value, ttl):
@@ -3249,25 +3277,15 @@ class _InFlightTimeout(WxgateError):
     status = 503
 
 
-class _Gate:
-    """A one-shot gate: closed when made, opened once by its owner; waiters pass through.
+def _wait_at(gate, timeout):
+    """Wait up to ``timeout`` seconds for ``gate`` to open.
 
-    A lock acquired at creation: cheaper to make than a threading.Event, and waiting on it
-    is an ``acquire(timeout=...)``.
+    A gate is a bare lock, acquired by the push that owns a dedup key when it claims it and
+    released once its work is over: cheaper to make than a threading.Event, or than an
+    object around the lock, on every push. Waiters pass it and leave it open.
     """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._lock.acquire()
-
-    def wait(self, timeout):
-        if self._lock.acquire(timeout=timeout):
-            self._lock.release()  # let the next waiter through too
-
-    def set(self):
-        self._lock.release()
+    if gate.acquire(timeout=timeout):
+        gate.release()  # let the next waiter through too
 
 
 class _Dedup:
@@ -3299,8 +3317,8 @@ class _Dedup:
         # A store that journals writes through an outage can be told which claim a done
         # value replaces (see _FallbackStore), so the write-back can replace it too.
         self._journalled = isinstance(store, _FallbackStore)
-        # key -> (claim, Event) for work running in this process: waiters here sleep on the
-        # Event instead of polling the store, and the keeper renews the claim.
+        # key -> (claim, gate) for work running in this process: waiters here wait at the
+        # gate (_wait_at) instead of polling the store, and the keeper renews the claim.
         self._owned = {}
         self._owned_lock = threading.Lock()
         self._claims = itertools.count()
@@ -3321,8 +3339,10 @@ class _Dedup:
         """The store's value for a key whose answer is ``(content_type, body)``."""
         return f"d{content_type}\n{body}"
 
-    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False, room=0.0):
-        """Return ``(content_type, body, duplicate)``; ``work()`` returns ``(type, body)``.
+    def run(self, key, work, deadline, ttl=None, *, kind="dedup", recorded=False, room=0.0,
+            args=()):
+        """Return ``(content_type, body, duplicate)``; ``work(*args)`` returns
+        ``(type, body)`` (arguments rather than a closure: a push makes none).
 
         ``deadline`` is on ``time.monotonic()``: it measures WeChat's real 5-second wait,
         whatever the injected clock says. ``ttl`` (default: the dedup ttl) is how long the
@@ -3335,17 +3355,18 @@ class _Dedup:
         :raises _InFlightTimeout: the first delivery is still running at ``deadline``, or
             the work could be taken over only too late to answer in time.
         """
-        store_key = self.store_key(key, kind)
-        answer = self._answered_here(store_key)
-        if answer is not None:
-            return answer
+        store_key = f"{self.prefix}:{kind}:{key}"  # self.store_key(key, kind), on every push
+        if self._recent is not None:
+            answer = self._answered_here(store_key)
+            if answer is not None:
+                return answer
         owned = self._owned.get(store_key)
         if owned is not None:
             # A copy is running in this process right now. Its claim may live only in a
             # store that has since failed (Redis died under the handler), where our add
             # would fall back to an empty local store and run the work beside it: this
             # process knows better than any store, so wait for that copy here.
-            owned[1].wait(max(0.0, deadline - time.monotonic()))
+            _wait_at(owned[1], max(0.0, deadline - time.monotonic()))
             if self._owned.get(store_key) is owned:
                 raise _InFlightTimeout("a duplicate waited for the first delivery, which is "
                                        "still running at the reply deadline")
@@ -3375,7 +3396,8 @@ class _Dedup:
                     raise _InFlightTimeout("claimed the message only after the reply "
                                            "deadline, or too close to it to run the "
                                            "handler; left to WeChat's next retry")
-                return self._own(store_key, claim, work, ttl or self.ttl, recorded) + (False,)
+                return self._own(store_key, claim, work, ttl or self.ttl, recorded,
+                                 args) + (False,)
             taken_over = True
             value = self.store.get(store_key)
             if value is None and time.monotonic() < deadline:
@@ -3391,7 +3413,7 @@ class _Dedup:
                                        "still running at the reply deadline")
             owned = self._owned.get(store_key)
             if owned is not None:
-                owned[1].wait(remaining)
+                _wait_at(owned[1], remaining)
             else:
                 self._sleep(min(POLL_INTERVAL, remaining))
 
@@ -3405,21 +3427,22 @@ class _Dedup:
         content_type, _, body = value[1:].partition("\n")
         return content_type, body, True
 
-    def _own(self, store_key, claim, work, ttl, recorded=False):
-        event = _Gate()
+    def _own(self, store_key, claim, work, ttl, recorded=False, args=()):
+        event = threading.Lock()  # the gate duplicates wait at (_wait_at)
+        event.acquire()
         with self._owned_lock:
             self._owned[store_key] = (claim, event)
         if self._keeper_pid != os.getpid():
             self._start_keeper()
         try:
             try:
-                content_type, body = work()
+                content_type, body = work(*args)
             except BaseException:
                 # Forget the claim so the retry runs the work again; a lost message is worse
                 # than a repeated one.
                 self.store.delete(store_key, claim)
                 raise
-            done = self.done_value(content_type, body)
+            done = f"d{content_type}\n{body}"  # self.done_value(...), on every push
             # This process's memory first: it holds whatever the store does next.
             if self._recent is not None:
                 self._recent.set(store_key, done, ttl)
@@ -3431,7 +3454,7 @@ class _Dedup:
         finally:
             with self._owned_lock:
                 self._owned.pop(store_key, None)
-            event.set()
+            event.release()
 
     def _start_keeper(self):
         # Started in the process that owns the claims: threads do not survive a fork.
@@ -3658,9 +3681,11 @@ class _Metrics:
         self._stop: threading.Event | None = None
         self._at_exit = None
 
-    def _key(self, name, labels):
-        # Counting is on every push's path: remember each label set's normalised key.
-        raw = (name, *labels.items())
+    def _key(self, name, labels, raw=None):
+        # Counting is on every push's path: remember each label set's normalised key
+        # (count and observe look ``raw`` up themselves and call this on a miss).
+        if raw is None:
+            raw = (name, *labels.items())
         try:
             key = self._keys.get(raw)
         except TypeError:  # an unhashable label value (a MsgType that is a list)
@@ -3678,14 +3703,22 @@ class _Metrics:
     def count(self, name, amount=1, **labels):
         if self._store is not None and self._pid != os.getpid():
             self._start()
-        key = self._key(name, labels)
+        raw = (name, *labels.items())
+        try:
+            key = self._keys.get(raw) or self._key(name, labels, raw)
+        except TypeError:  # an unhashable label value: _key makes its key afresh
+            key = self._key(name, labels)
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe(self, name, value, **labels):
         if self._store is not None and self._pid != os.getpid():
             self._start()
-        key = self._key(name, labels)
+        raw = (name, *labels.items())
+        try:
+            key = self._keys.get(raw) or self._key(name, labels, raw)
+        except TypeError:  # an unhashable label value: _key makes its key afresh
+            key = self._key(name, labels)
         with self._lock:
             histogram = self._histograms.get(key)
             if histogram is None:
@@ -4463,11 +4496,12 @@ def _query(environ):
     if text.count("&") >= 64:
         raise MessageError("too many query parameters", code=None)
     query = {}
+    quoted = "%" in text or "+" in text  # WeChat's own queries never are
     for part in text.split("&"):
         if not part:
             continue
         name, _, value = part.partition("=")
-        if "%" in part or "+" in part:  # WeChat's own queries never need it
+        if quoted and ("%" in part or "+" in part):
             import urllib.parse
             name = urllib.parse.unquote_plus(name)
             value = urllib.parse.unquote_plus(value)
@@ -4635,7 +4669,14 @@ class Gateway:
                  ) -> list[bytes]:
         self._lifecycle.on_request(environ)
         try:
-            status, headers, body = self._respond(environ)
+            app = self._routes.get(environ.get("PATH_INFO") or "/")
+            if app is not None and environ.get("REQUEST_METHOD") == "POST":
+                try:  # a push, on every message's path: routed here, in one call less
+                    status, headers, body = self._push(app, environ, time.monotonic())
+                except WxgateError as exc:
+                    status, headers, body = self._refuse(app, "POST", exc, environ)
+            else:
+                status, headers, body = self._respond(environ, app)
         except Exception:  # a bug of ours: never let it escape to the server
             logger.exception("internal error on %s %s", _loggable(environ.get("REQUEST_METHOD")),
                              _loggable(environ.get("PATH_INFO")))
@@ -4648,9 +4689,9 @@ class Gateway:
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         return [body]
 
-    def _respond(self, environ):
+    def _respond(self, environ, app):
+        """Any request but a POST to an app's own path (``app``, else None)."""
         path = environ.get("PATH_INFO") or "/"
-        app = self._routes.get(path)
         if app is None and environ.get("SCRIPT_NAME"):
             # Mounted below a prefix (mod_wsgi's WSGIScriptAlias /wechat ...): match the
             # whole path, so the ini's path means the same URL under every server.
@@ -4679,31 +4720,33 @@ class Gateway:
             return 405, [("Content-Type", _TEXT), ("Allow", "GET, POST")], \
                 b"method not allowed: WeChat sends GET (handshake) and POST (push)"
         except WxgateError as exc:
-            self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
-                               code=exc.code or "")
-            self._log_refusal(app, method, exc, environ)
-            public = getattr(exc, "public", None) or exc.message
-            return exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
+            return self._refuse(app, method, exc, environ)
 
-    def _log_refusal(self, app, method, exc, environ):
-        """The WARNING line of a refused request, held back past ``REFUSAL_LOG_BURST`` a
-        window for one that proved nothing; a signed push's refusal (``exc.signed``) always
-        goes out: only WeChat, or the one body of a captured query, can cause it."""
+    def _refuse(self, app, method, exc, environ):
+        """Count a refused request and answer it; its WARNING line is held back past
+        ``REFUSAL_LOG_BURST`` a window for one that proved nothing; a signed push's refusal
+        (``exc.signed``) always goes out: only WeChat, or the one body of a captured query,
+        can cause it."""
+        self.metrics.count("wxgate_refused_total", app=app.name, status=exc.status,
+                           code=exc.code or "")
+        public = getattr(exc, "public", None) or exc.message
+        answer = exc.status, [("Content-Type", _TEXT)], public.encode("utf-8")
         note = ""
         if not getattr(exc, "signed", False):
             allowed = self._refusal_lines.allow(app.name)
             if allowed is None:
-                return
+                return answer
             note = _held_back_note(*allowed, f"app={app.name}")
         logger.warning("app=%s %s refused %d rid=%s: %s%s", app.name, method, exc.status,
                        _given_request_id(environ), _loggable(exc.message), note,
                        extra={"app": app.name, "outcome": f"refused-{exc.status}",
                               "request_id": _request_id(environ)})
+        return answer
 
     def _push(self, app, environ, started):
         verified = _verify_push(
             app, _query(environ), _cloud_headers(environ) if app.mode == "cloud" else {},
-            lambda: _read_body(environ, self.config.max_body_bytes), self._clock(),
+            functools.partial(_read_body, environ, self.config.max_body_bytes), self._clock(),
             self.config.timestamp_window, self._query_binds.bind)
         if verified is None:
             # Cloud Hosting's path check wants 200 and success (or an empty body).
@@ -4715,21 +4758,21 @@ class Gateway:
         message = Message(verified.fields, app=app.name, format=verified.format,
                           encrypted=verified.encrypted, cloud=verified.cloud,
                           client_factory=functools.partial(self._push_client, app, deadline))
-        ttl = self._query_binds.remember_for(app, verified.timestamp)
+        ttl = verified.ttl  # the bind's, when the push had a signed query to bind
+        if ttl is None:
+            ttl = self._query_binds.remember_for(app, verified.timestamp)
         if app.delivery == "queue":
             return self._enqueue(app, message, environ, started, ttl)
-
-        def work():
-            return self._deliver(app, message, verified.nonce, deadline, verified.aes_key)
-
+        work = (app, message, verified.nonce, deadline, verified.aes_key)  # _deliver's
         key = message.dedup_key
         try:
             if key is None:
-                content_type, reply, duplicate = work() + (False,)
+                content_type, reply, duplicate = self._deliver(*work) + (False,)
             else:
                 content_type, reply, duplicate = self._dedups[app.name].run(
-                    _store_key(message), work, started + self.reply_deadline, ttl,
-                    room=self.reply_deadline * TAKEOVER_ROOM)
+                    key if message.encrypted else _store_key(message), self._deliver,
+                    started + self.reply_deadline, ttl,
+                    room=self.reply_deadline * TAKEOVER_ROOM, args=work)
         except _InFlightTimeout as exc:
             self._record_push(app, message, "in-flight-timeout", started, environ)
             return exc.status, [("Content-Type", _TEXT)], b""
@@ -4829,7 +4872,10 @@ class Gateway:
         if client is not None:
             client.tokens.set_deadline(deadline)
         try:
-            reply = _business_reply(app, message, timestamp=self._clock())
+            if app.forward or app.handler is None:
+                reply = _business_reply(app, message, timestamp=self._clock())
+            else:  # a handler alone, as most apps: no forward, so no timestamp to take
+                reply = app.handler(message)
         finally:
             client = self._clients.get(app.name)
             if client is not None:

@@ -45,13 +45,12 @@ _spec.loader.exec_module(pipeline)
 WHY = {
     "query string → dict (_query) + _required": "floor + parse_qsl",
     "read body (_read_body, incl. BytesIO)": "floor (given)",
-    "query bind (sha1 id + sha256 body + store add)": "query bind",
+    "query bind (sha1 id + sha256 body + ttl + store add)": "query bind",
     "outer XML parse (_sniff_format + _parse_body)": "floor",
     "msg_signature (sha1, check_signature)": "floor",
     "base64 + AES + unpad + appid (_open_encrypt)": "floor",
     "inner XML parse (encode + sniff + _parse_body)": "floor",
     "Message(...)": "gateway",
-    "remember_for (ttl)": "query bind and dedup",
     "dedup claim + answer (store add, recent memory, set)": "dedup",
     "handler call + metrics + reply (_deliver)": "gateway",
     "push metric, log line off (_record_push)": "gateway",
@@ -147,11 +146,6 @@ def main(argv=None):
         for f in items:
             M(f, app=app.name, format="xml", encrypted=True, client=client)
 
-    def s_remember(items, _):
-        rem = gateway._query_binds.remember_for
-        for q in items:
-            rem(app, q["timestamp"])
-
     answer = (wxgate._TEXT, "success")
 
     def s_dedup(items, gw):
@@ -176,14 +170,13 @@ def main(argv=None):
         ("query string → dict (_query) + _required", s_query, envs, None),
         ("read body (_read_body, incl. BytesIO)", s_body,
          list(zip([dict(e) for e in envs], pushes)), None),
-        ("query bind (sha1 id + sha256 body + store add)", s_bind,
+        ("query bind (sha1 id + sha256 body + ttl + store add)", s_bind,
          list(zip(queries, pushes)), new_gateway),
         ("outer XML parse (_sniff_format + _parse_body)", s_outer, pushes, None),
         ("msg_signature (sha1, check_signature)", s_msgsig, list(zip(queries, outer)), None),
         ("base64 + AES + unpad + appid (_open_encrypt)", s_decrypt, outer, None),
         ("inner XML parse (encode + sniff + _parse_body)", s_inner, texts, None),
         ("Message(...)", s_message, fields, None),
-        ("remember_for (ttl)", s_remember, queries, None),
         ("dedup claim + answer (store add, recent memory, set)", s_dedup, store_keys,
          new_gateway),
         ("handler call + metrics + reply (_deliver)", s_deliver, list(zip(messages, queries)),
