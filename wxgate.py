@@ -39,7 +39,7 @@ boundary at import time or by a private attribute:
     Delivery                  the handler call, the forward backend, the backend document
     Metrics                   Prometheus counters and histograms, added up across
                               processes in a shared store
-    Logs                      the push line, rate-limited lines, logging setup
+    Logs                      the push line, rate-limited lines, one-time notices, logging
     Admin endpoints           healthz, metrics, the admin token endpoint
     Process lifecycle         delivery threads, CGI and several-worker warnings
     Reading requests          the query string and body out of environ
@@ -4189,6 +4189,42 @@ def _setup_logging(log_format, level=logging.INFO, *, root=False):
     (logging.getLogger() if root else logger).addHandler(handler)
 
 
+class _Notices:
+    """Warnings an operator needs once, not once per push: a push the previous key opened
+    (counted every time, said at most once a minute per app), and a cloud app's dict reply
+    turned into success (said once per app and process)."""
+
+    def __init__(self, metrics, clock):
+        self._metrics, self._clock = metrics, clock
+        self._lock = threading.Lock()
+        self._previous_key_warned: dict[str, float] = {}  # app name -> clock time of the last
+        self._dropped_noted: set[str] = set()  # cloud apps whose dropped reply was logged
+
+    def dropped_reply(self, app):
+        """Say once per app and process that a cloud app's dict reply became success."""
+        with self._lock:
+            first = app.name not in self._dropped_noted
+            self._dropped_noted.add(app.name)
+        if first:
+            logger.warning("app=%s mode = cloud: the handler's dict reply was dropped and "
+                           "success sent (Cloud Hosting passes no passive reply to a Mini "
+                           "Program); answer through message.client instead", app.name)
+
+    def previous_key(self, app):
+        """Count a push the previous key opened; warn at most once a minute per app."""
+        self._metrics.count("wxgate_previous_key_total", app=app.name)
+        now = self._clock()
+        with self._lock:  # two threads at the minute's edge: one line, not two
+            last = self._previous_key_warned.get(app.name)
+            warn = last is None or now - last >= PREVIOUS_KEY_WARN_EVERY
+            if warn:
+                self._previous_key_warned[app.name] = now
+        if warn:
+            logger.warning("app=%s a push opened only with previous_encoding_aes_key: WeChat "
+                           "still uses the old key; remove previous_encoding_aes_key once "
+                           "wxgate_previous_key_total stops growing", app.name)
+
+
 ###############################################################################
 # Admin endpoints #############################################################
 ###############################################################################
@@ -4595,12 +4631,9 @@ class Gateway:
                                         ttl=config.dedup_ttl, window=config.timestamp_window,
                                         clock=clock, metrics=self.metrics)
         self._routes = {app.path: app for app in config.apps.values()}
-        self._notes_lock = threading.Lock()
         # Refusal lines of requests that proved nothing, per app (None: the admin token).
         self._refusal_lines = _LineLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW, clock)
-        # app name -> clock time of its latest previous-key warning
-        self._previous_key_warned: dict[str, float] = {}
-        self._dropped_noted: set[str] = set()  # cloud apps whose dropped reply was logged
+        self._notices = _Notices(self.metrics, clock)
         # The API clients (below the boundary) are built on first use: a gateway whose
         # handlers never call the API never makes one.
         self._clients: dict[str, WeChatClient] = {}
@@ -4753,7 +4786,7 @@ class Gateway:
             logger.info("app=%s Cloud Hosting path check answered success", app.name)
             return 200, [("Content-Type", _TEXT)], b"success"
         if verified.previous_key:
-            self._note_previous_key(app)
+            self._notices.previous_key(app)
         deadline = started + self.reply_deadline * 0.9  # API calls must leave time to answer
         message = Message(verified.fields, app=app.name, format=verified.format,
                           encrypted=verified.encrypted, cloud=verified.cloud,
@@ -4885,37 +4918,13 @@ class Gateway:
         if reply is None:  # most handlers answer nothing: success, with no reply to seal
             return _TEXT, "success"
         if _reply_dropped(app, reply):
-            self._note_dropped_reply(app)
+            self._notices.dropped_reply(app)
         content_type, body = _render_reply(
             app, message, reply, nonce=nonce, aes_key=aes_key, now=self._clock(),
             random_prefix=self._random_bytes(8).hex().encode("ascii")
             if message.encrypted else None)
         body.encode("utf-8")  # a reply that cannot be sent fails here, inside the dedup claim
         return content_type, body
-
-    def _note_dropped_reply(self, app):
-        """Say once per app and process that a cloud app's dict reply became success."""
-        with self._notes_lock:
-            first = app.name not in self._dropped_noted
-            self._dropped_noted.add(app.name)
-        if first:
-            logger.warning("app=%s mode = cloud: the handler's dict reply was dropped and "
-                           "success sent (Cloud Hosting passes no passive reply to a Mini "
-                           "Program); answer through message.client instead", app.name)
-
-    def _note_previous_key(self, app):
-        """Count a push the previous key opened; warn at most once a minute per app."""
-        self.metrics.count("wxgate_previous_key_total", app=app.name)
-        now = self._clock()
-        with self._notes_lock:  # two threads at the minute's edge: one line, not two
-            last = self._previous_key_warned.get(app.name)
-            warn = last is None or now - last >= PREVIOUS_KEY_WARN_EVERY
-            if warn:
-                self._previous_key_warned[app.name] = now
-        if warn:
-            logger.warning("app=%s a push opened only with previous_encoding_aes_key: WeChat "
-                           "still uses the old key; remove previous_encoding_aes_key once "
-                           "wxgate_previous_key_total stops growing", app.name)
 
 
 def make_app(config: Config | str | os.PathLike[str], **options: Any) -> Gateway:
