@@ -16,6 +16,7 @@ import webtest
 
 import wxgate
 from conftest import build_push, ini_text, text_message
+from faults import sqlite_rows
 
 
 
@@ -546,11 +547,12 @@ def test_sqlite_file_deleted_while_serving_is_left_for_the_configured_path(tmp_p
     assert runs == 1
     assert len(lines) == 1 and f"sqlite://{database}" in lines[0]
     assert "its file was deleted" in lines[0] and "while in use" in lines[0]
-    assert os.stat(database).st_ino == os.fstat(os.open(database, os.O_RDONLY)).st_ino
-    assert sqlite3.connect(database).execute(
-        "SELECT count(*) FROM wxgate_kv WHERE key LIKE '%after-rm'").fetchone() == (1,)
+    assert sqlite_rows(database, "SELECT count(*) FROM wxgate_kv WHERE key LIKE '%after-rm'"
+                       ) == [(1,)]
     assert lost_metric(old_worker, "sqlite") == 1
     detail = old_worker.get("/_wxgate/healthz", extra_environ=LOOPBACK).json
+    old_worker.app.close()
+    new_worker.app.close()
     assert detail["store_lost"]["count"] == 1 and "reopened" in detail["store_lost"]["last"]
 
 
@@ -570,8 +572,8 @@ def test_sqlite_file_replaced_is_noticed_by_the_health_check(tmp_path, caplog):
     assert "replaced (the path names another file now)" in detail["store_lost"]["last"]
     assert "replaced (the path names another file now)" in caplog.text
     app.store.set("written-after", "1", 60)
-    assert sqlite3.connect(database).execute(
-        "SELECT value FROM wxgate_kv WHERE key = 'written-after'").fetchone() == ("1",)
+    assert sqlite_rows(database, "SELECT value FROM wxgate_kv WHERE key = 'written-after'"
+                       ) == [("1",)]
     app.close()
 
 
@@ -589,7 +591,7 @@ def test_a_queue_whose_file_was_deleted_queues_into_the_new_file(tmp_path, monke
     for path in tmp_path.glob("wx.db*"):
         path.unlink()
     assert push(testapp, text_message(msg_id="queued-after")).body == b"success"
-    rows = sqlite3.connect(database).execute("SELECT payload FROM wxgate_queue").fetchall()
+    rows = sqlite_rows(database, "SELECT payload FROM wxgate_queue")
     assert [json.loads(payload)["dedup_key"] for (payload,) in rows] == ["test:m:queued-after"]
     app.close()
 
